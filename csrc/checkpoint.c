@@ -1,0 +1,159 @@
+/* Checkpoint: a file that says how far a copy got, so that a copy killed at any moment resumes there.
+ *
+ * Layout: two 512-byte header slots at 0 and 512, the chunk digests from 4096 on (16 bytes a chunk).
+ * A save writes the new digests, syncs, then writes the header slot the last save did not use, and
+ * syncs again. A torn header fails its checksum and the other slot, one save older, wins: a crash at
+ * any moment leaves a valid checkpoint that is never ahead of what dst durably holds. */
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <unistd.h>
+
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
+#include "internal.h"
+
+#define CKPT_MAGIC "VOLCOPYC"
+#define CKPT_VERSION 1
+#define CKPT_HEADER_SIZE 512
+#define CKPT_DIGESTS_AT 4096
+
+struct ckpt_header {
+    char magic[8];
+    uint32_t version;
+    uint32_t pad;
+    uint64_t seq;
+    uint64_t fingerprint;
+    uint64_t length;
+    uint64_t watermark;
+    uint64_t checksum; /* XXH64 of everything above */
+};
+
+static uint64_t header_checksum(const struct ckpt_header *h)
+{
+    return XXH64(h, offsetof(struct ckpt_header, checksum), 0);
+}
+
+static bool read_header(int fd, int slot, struct ckpt_header *h)
+{
+    ssize_t n = pread(fd, h, sizeof(*h), (off_t)slot * CKPT_HEADER_SIZE);
+    return n == (ssize_t)sizeof(*h) && memcmp(h->magic, CKPT_MAGIC, 8) == 0 && h->version == CKPT_VERSION &&
+           h->checksum == header_checksum(h);
+}
+
+static int full_pread(int fd, void *buf, size_t len, off_t off)
+{
+    for (size_t done = 0; done < len;) {
+        ssize_t n = pread(fd, (char *)buf + done, len - done, off + (off_t)done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -errno;
+        if (n == 0)
+            return -EIO;
+        done += (size_t)n;
+    }
+    return 0;
+}
+
+static int full_pwrite(int fd, const void *buf, size_t len, off_t off)
+{
+    for (size_t done = 0; done < len;) {
+        ssize_t n = pwrite(fd, (const char *)buf + done, len - done, off + (off_t)done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -errno;
+        done += (size_t)n;
+    }
+    return 0;
+}
+
+int vc_checkpoint_open(struct vc_checkpoint *c, const char *path, uint64_t fingerprint, uint64_t length,
+                       uint8_t *digests, uint64_t *watermark, struct vc_error *error)
+{
+    struct ckpt_header h[2], *best = NULL;
+    int rc;
+
+    memset(c, 0, sizeof(*c));
+    *watermark = 0;
+    c->fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (c->fd < 0)
+        return vc_fail(error, errno, VC_SIDE_CHECKPOINT, VC_OP_CHECKPOINT, 0, "cannot open checkpoint %s: %s",
+                       path, strerror(errno));
+    c->fingerprint = fingerprint;
+    c->length = length;
+    for (int i = 0; i < 2; i++)
+        if (read_header(c->fd, i, &h[i]) && (!best || h[i].seq > best->seq))
+            best = &h[i];
+    if (!best)
+        return 0; /* new, empty, or never saved completely: start from 0 */
+    if (best->fingerprint != fingerprint || best->length != length) {
+        rc = vc_fail(error, ESTALE, VC_SIDE_CHECKPOINT, VC_OP_CHECKPOINT, 0,
+                     "checkpoint %s belongs to another copy (other source, destination, length or extents); "
+                     "remove it to start afresh",
+                     path);
+        close(c->fd);
+        c->fd = -1;
+        return rc;
+    }
+    c->seq = best->seq;
+    uint64_t chunks = best->watermark / VC_CHUNK_SIZE;
+    if (digests && chunks) {
+        rc = full_pread(c->fd, digests, (size_t)(chunks * VC_DIGEST_SIZE), CKPT_DIGESTS_AT);
+        if (rc < 0) {
+            vc_fail(error, -rc, VC_SIDE_CHECKPOINT, VC_OP_CHECKPOINT, 0, "cannot read checkpoint %s: %s", path,
+                    strerror(-rc));
+            close(c->fd);
+            c->fd = -1;
+            return rc;
+        }
+    }
+    c->saved_chunks = chunks;
+    *watermark = best->watermark;
+    return 0;
+}
+
+int vc_checkpoint_save(struct vc_checkpoint *c, uint64_t watermark, const uint8_t *digests)
+{
+    uint64_t chunks = watermark / VC_CHUNK_SIZE;
+    unsigned char slot[CKPT_HEADER_SIZE];
+    struct ckpt_header h;
+    int rc;
+
+    if (digests && chunks > c->saved_chunks) {
+        rc = full_pwrite(c->fd, digests + c->saved_chunks * VC_DIGEST_SIZE,
+                         (size_t)((chunks - c->saved_chunks) * VC_DIGEST_SIZE),
+                         (off_t)(CKPT_DIGESTS_AT + c->saved_chunks * VC_DIGEST_SIZE));
+        if (rc < 0)
+            return rc;
+        if (fdatasync(c->fd) < 0)
+            return -errno;
+    }
+    memset(&h, 0, sizeof(h));
+    memcpy(h.magic, CKPT_MAGIC, 8);
+    h.version = CKPT_VERSION;
+    h.seq = c->seq + 1;
+    h.fingerprint = c->fingerprint;
+    h.length = c->length;
+    h.watermark = watermark;
+    h.checksum = header_checksum(&h);
+    memset(slot, 0, sizeof(slot));
+    memcpy(slot, &h, sizeof(h));
+    rc = full_pwrite(c->fd, slot, sizeof(slot), (off_t)(h.seq % 2) * CKPT_HEADER_SIZE);
+    if (rc < 0)
+        return rc;
+    if (fdatasync(c->fd) < 0)
+        return -errno;
+    c->seq = h.seq;
+    c->saved_chunks = VC_MAX(c->saved_chunks, chunks);
+    return 0;
+}
+
+void vc_checkpoint_close(struct vc_checkpoint *c)
+{
+    if (c->fd >= 0)
+        close(c->fd);
+    c->fd = -1;
+}

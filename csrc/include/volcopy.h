@@ -1,0 +1,127 @@
+/*
+ * volcopy: the one public header of the native copy engine.
+ *
+ * Every function returns 0 (or a count) on success and a negative errno on failure; failure detail
+ * travels in struct vc_error. The library never prints, exits or aborts.
+ *
+ * This file is also the cffi cdef (preprocessor lines are stripped by csrc/build_ffi.py), so it keeps to
+ * plain declarations: enums for constants, fixed-width types, no macros in declarations.
+ */
+#ifndef VOLCOPY_H
+#define VOLCOPY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum {
+    VC_CHUNK_SIZE = 1048576, /* the digest chunk: 1 MiB */
+    VC_DIGEST_SIZE = 16,     /* canonical (big-endian) XXH3-128 */
+    VC_ALIGN = 4096,         /* buffer, offset and zero-detection granule for O_DIRECT */
+    VC_MESSAGE_SIZE = 256
+};
+
+enum vc_engine {
+    VC_ENGINE_AUTO = 0,
+    VC_ENGINE_URING = 1,
+    VC_ENGINE_AIO = 2,
+    VC_ENGINE_SYNC = 3
+};
+
+enum vc_kind {
+    VC_KIND_FILE = 1,
+    VC_KIND_BLOCKDEV = 2
+};
+
+enum vc_side {
+    VC_SIDE_NONE = 0,
+    VC_SIDE_SRC = 1,
+    VC_SIDE_DST = 2,
+    VC_SIDE_CHECKPOINT = 3
+};
+
+enum vc_op {
+    VC_OP_NONE = 0,
+    VC_OP_READ = 1,
+    VC_OP_WRITE = 2,
+    VC_OP_FLUSH = 3,
+    VC_OP_ZERO = 4,
+    VC_OP_SETUP = 5,
+    VC_OP_CHECKPOINT = 6
+};
+
+enum vc_flags {
+    VC_FLAG_SPARSE = 1,      /* skip holes (files) and detect zero blocks */
+    VC_FLAG_DST_IS_ZERO = 2, /* the caller promises dst reads as zeros: never zero it */
+    VC_FLAG_DIGEST = 4       /* fill chunk_digests and the volume digest */
+};
+
+/* One side of a copy. The caller opens the descriptors and keeps ownership of them. */
+struct vc_endpoint {
+    int fd;          /* queued I/O; opened with O_DIRECT when direct is set */
+    int fd_buffered; /* unaligned pieces (and the tail) go through the page cache; == fd when !direct */
+    int kind;        /* enum vc_kind */
+    int direct;
+};
+
+struct vc_copy_params {
+    struct vc_endpoint src;
+    struct vc_endpoint dst;      /* dst.fd < 0: read and hash only (the digest of src) */
+    uint64_t length;             /* bytes from offset 0 */
+    int engine;                  /* enum vc_engine */
+    uint32_t block_size;         /* a multiple of VC_CHUNK_SIZE */
+    uint32_t queue_depth;        /* blocks in flight */
+    uint32_t flags;              /* enum vc_flags */
+    uint64_t rate_limit;         /* bytes read per second, 0 = unlimited */
+    const int64_t *extents;      /* sorted disjoint (offset, length) pairs; NULL = the whole volume */
+    uint64_t n_extents;
+    uint8_t *chunk_digests;      /* VC_DIGEST_SIZE per chunk of length, with VC_FLAG_DIGEST */
+    const char *checkpoint_path; /* NULL: no checkpoint */
+    uint64_t fingerprint;        /* identifies this copy inside its checkpoint */
+    /* called from the copying thread about every 100 ms and at the end; non-zero cancels the copy */
+    int (*progress)(void *ctx, uint64_t done, uint64_t total);
+    void *progress_ctx;
+};
+
+struct vc_copy_result {
+    uint64_t bytes_read;    /* read from src */
+    uint64_t bytes_written; /* written to dst as data */
+    uint64_t bytes_skipped; /* holes of src, never read */
+    uint64_t bytes_zero;    /* read, found zero, not written as data */
+    uint64_t resumed_from;  /* offset a checkpoint let this run start at */
+    int engine;             /* the engine that ran */
+    uint8_t digest[16];     /* with VC_FLAG_DIGEST */
+};
+
+struct vc_error {
+    int err;     /* positive errno */
+    int side;    /* enum vc_side */
+    int op;      /* enum vc_op */
+    uint64_t offset;
+    char message[256];
+};
+
+/* Copy (or, with dst.fd < 0, hash) a volume. -ECANCELED when progress asked to stop. */
+int vc_copy(const struct vc_copy_params *params, struct vc_copy_result *result, struct vc_error *error);
+
+/* 0 when the engine can run here; otherwise -errno and the reason in error->message. */
+int vc_engine_available(int engine, struct vc_error *error);
+
+/* Whether the engine was compiled in at all. */
+int vc_engine_compiled(int engine);
+
+/* Up to cap data extents of fd within [start, end) as (offset, length) pairs; *next is where to ask
+ * again (== end when done). Returns the count or -errno. */
+int vc_extents(int fd, int kind, uint64_t start, uint64_t end, int64_t *out, uint32_t cap, uint64_t *next);
+
+/* The volume digest from chunk digests (XXH3-128 of their concatenation), canonical form. */
+void vc_volume_digest(const uint8_t *chunk_digests, uint64_t n_chunks, uint8_t *out);
+
+/* Canonical XXH3-128 of a buffer. */
+void vc_hash128(const void *buf, size_t len, uint8_t *out);
+
+/* Whether len bytes at buf are all zero, at memory speed. */
+int vc_is_zero(const void *buf, size_t len);
+
+const char *vc_version(void);
+
+#endif

@@ -1,0 +1,160 @@
+/* The io_uring engine (liburing): fixed buffers and fixed files where the kernel lets us register
+ * them, so the kernel neither pins pages nor looks up descriptors for every request. */
+#include "internal.h"
+
+#ifdef VC_HAVE_URING
+#include <errno.h>
+#include <liburing.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+
+struct uring_state {
+    struct io_uring ring;
+    bool fixed_buffers;
+    int fixed_fds[2];
+    unsigned unsubmitted;
+};
+
+static int uring_init(struct vc_io *io, const struct vc_io_setup *setup, struct vc_error *error)
+{
+    struct uring_state *s = calloc(1, sizeof(*s));
+    struct io_uring_params p;
+    unsigned entries = 1;
+    int rc;
+
+    if (!s)
+        return vc_fail(error, ENOMEM, VC_SIDE_NONE, VC_OP_SETUP, 0, "out of memory");
+    while (entries < setup->max_inflight && entries < 4096)
+        entries <<= 1;
+    memset(&p, 0, sizeof(p));
+    /* A completion queue as large as everything we may have in flight: none is ever dropped. */
+    p.flags = IORING_SETUP_CQSIZE;
+    p.cq_entries = VC_MAX(entries, setup->max_inflight) * 2;
+    rc = io_uring_queue_init_params(entries, &s->ring, &p);
+    if (rc < 0) {
+        free(s);
+        return vc_fail(error, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "io_uring_queue_init: %s%s", strerror(-rc),
+                       rc == -EPERM ? " (io_uring is disabled by kernel.io_uring_disabled)" : "");
+    }
+    s->fixed_fds[0] = s->fixed_fds[1] = -1;
+    if (setup->buffers && setup->n_buffers) {
+        struct iovec *iov = calloc(setup->n_buffers, sizeof(*iov));
+        if (iov) {
+            for (unsigned i = 0; i < setup->n_buffers; i++) {
+                iov[i].iov_base = (char *)setup->buffers + (size_t)i * setup->buffer_size;
+                iov[i].iov_len = setup->buffer_size;
+            }
+            /* Fails under a small RLIMIT_MEMLOCK without CAP_IPC_LOCK; plain buffers still work. */
+            s->fixed_buffers = io_uring_register_buffers(&s->ring, iov, setup->n_buffers) == 0;
+            free(iov);
+        }
+    }
+    int fds[2], n = 0;
+    for (int i = 0; i < 2; i++)
+        if (setup->fds[i] >= 0)
+            fds[n++] = setup->fds[i];
+    if (n && io_uring_register_files(&s->ring, fds, (unsigned)n) == 0)
+        for (int i = 0; i < n; i++)
+            s->fixed_fds[i] = fds[i];
+    io->priv = s;
+    return 0;
+}
+
+static int fixed_index(const struct uring_state *s, int fd)
+{
+    for (int i = 0; i < 2; i++)
+        if (s->fixed_fds[i] == fd)
+            return i;
+    return -1;
+}
+
+static int uring_queue(struct vc_io *io, const struct vc_io_request *rq)
+{
+    struct uring_state *s = io->priv;
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&s->ring);
+
+    if (!sqe) { /* the submission queue is full: hand it to the kernel and take a fresh entry */
+        int rc = io_uring_submit(&s->ring);
+        if (rc < 0)
+            return rc;
+        s->unsubmitted = 0;
+        sqe = io_uring_get_sqe(&s->ring);
+        if (!sqe)
+            return -EBUSY;
+    }
+    int fd = rq->fd, fixed = fixed_index(s, rq->fd);
+    if (fixed >= 0)
+        fd = fixed;
+    bool use_fixed_buffer = s->fixed_buffers && rq->buf_index >= 0;
+    if (rq->op == VC_OP_READ) {
+        if (use_fixed_buffer)
+            io_uring_prep_read_fixed(sqe, fd, rq->buf, rq->len, rq->offset, rq->buf_index);
+        else
+            io_uring_prep_read(sqe, fd, rq->buf, rq->len, rq->offset);
+    } else {
+        if (use_fixed_buffer)
+            io_uring_prep_write_fixed(sqe, fd, rq->buf, rq->len, rq->offset, rq->buf_index);
+        else
+            io_uring_prep_write(sqe, fd, rq->buf, rq->len, rq->offset);
+    }
+    if (fixed >= 0)
+        sqe->flags |= IOSQE_FIXED_FILE;
+    io_uring_sqe_set_data64(sqe, rq->tag);
+    s->unsubmitted++;
+    return 0;
+}
+
+static int uring_submit(struct vc_io *io)
+{
+    struct uring_state *s = io->priv;
+    if (!s->unsubmitted)
+        return 0;
+    int rc = io_uring_submit(&s->ring);
+    if (rc < 0)
+        return rc;
+    s->unsubmitted = 0;
+    return 0;
+}
+
+static int uring_reap(struct vc_io *io, struct vc_io_completion *out, unsigned max, unsigned min, int timeout_ms)
+{
+    struct uring_state *s = io->priv;
+    struct io_uring_cqe *cqe;
+    unsigned n = 0;
+
+    if (min) {
+        struct __kernel_timespec ts = {.tv_sec = timeout_ms / 1000, .tv_nsec = (timeout_ms % 1000) * 1000000L};
+        int rc = io_uring_wait_cqe_timeout(&s->ring, &cqe, timeout_ms >= 0 ? &ts : NULL);
+        if (rc < 0 && rc != -ETIME && rc != -EINTR)
+            return rc;
+    }
+    while (n < max && io_uring_peek_cqe(&s->ring, &cqe) == 0) {
+        out[n].tag = io_uring_cqe_get_data64(cqe);
+        out[n].res = cqe->res;
+        n++;
+        io_uring_cqe_seen(&s->ring, cqe);
+    }
+    return (int)n;
+}
+
+static void uring_fini(struct vc_io *io)
+{
+    struct uring_state *s = io->priv;
+    if (s) {
+        io_uring_queue_exit(&s->ring);
+        free(s);
+    }
+    io->priv = NULL;
+}
+
+const struct vc_io_ops vc_io_uring_ops = {
+    .name = "io_uring",
+    .engine = VC_ENGINE_URING,
+    .init = uring_init,
+    .queue = uring_queue,
+    .submit = uring_submit,
+    .reap = uring_reap,
+    .fini = uring_fini,
+};
+#endif

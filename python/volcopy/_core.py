@@ -1,0 +1,223 @@
+"""The boundary to the native engine: the only module that touches cffi's ``ffi`` and ``lib``.
+
+Everything here takes and returns plain Python values; errors come back as volcopy exceptions.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Callable, Optional
+
+import numpy as np
+
+from ._native import ffi, lib
+from .errors import Cancelled, CheckpointError, CopyIOError, EngineUnavailable, InvalidRequest
+
+CHUNK_SIZE = lib.VC_CHUNK_SIZE
+DIGEST_SIZE = lib.VC_DIGEST_SIZE
+ALIGN = lib.VC_ALIGN
+KIND_FILE = lib.VC_KIND_FILE
+KIND_BLOCKDEV = lib.VC_KIND_BLOCKDEV
+
+ENGINES = {
+    "auto": lib.VC_ENGINE_AUTO,
+    "io_uring": lib.VC_ENGINE_URING,
+    "aio": lib.VC_ENGINE_AIO,
+    "sync": lib.VC_ENGINE_SYNC,
+}
+ENGINE_NAMES = {number: name for name, number in ENGINES.items()}
+_OPERATIONS = {
+    lib.VC_OP_READ: "read",
+    lib.VC_OP_WRITE: "write",
+    lib.VC_OP_FLUSH: "flush",
+    lib.VC_OP_ZERO: "zero",
+    lib.VC_OP_SETUP: "setup",
+    lib.VC_OP_CHECKPOINT: "checkpoint",
+}
+
+
+def _check_version() -> None:
+    native = ffi.string(lib.vc_version()).decode()
+    try:
+        package = metadata.version("volcopy")
+    except metadata.PackageNotFoundError:  # running from a build tree
+        return
+    if native != package:
+        raise ImportError(f"volcopy {package} found a native core of version {native}: reinstall volcopy")
+
+
+_check_version()
+
+
+def engine_unavailable_reason(name: str) -> Optional[str]:
+    """None when the engine can run here, otherwise why not."""
+    error = ffi.new("struct vc_error *")
+    if lib.vc_engine_available(ENGINES[name], error) == 0:
+        return None
+    return ffi.string(error.message).decode(errors="replace")
+
+
+def chunk_count(length: int) -> int:
+    return (length + CHUNK_SIZE - 1) // CHUNK_SIZE
+
+
+@dataclass
+class Endpoint:
+    fd: int
+    fd_buffered: int
+    kind: int
+    direct: bool
+    name: str  # for messages
+
+
+@dataclass
+class NativeResult:
+    bytes_read: int
+    bytes_written: int
+    bytes_skipped: int
+    bytes_zero: int
+    resumed_from: int
+    engine: str
+    digest: Optional[str]
+    chunk_digests: Optional[np.ndarray]
+
+
+class _Progress:
+    """Carries the caller's progress function through the engine; an exception it raises cancels the
+    copy and is raised again once the engine has stopped."""
+
+    def __init__(self, callback: Callable[[int, int], bool]):
+        self.callback = callback
+        self.exception: Optional[BaseException] = None
+
+    def __call__(self, done: int, total: int) -> int:
+        try:
+            return 1 if self.callback(done, total) else 0
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            self.exception = exc
+            return 1
+
+
+@ffi.def_extern()
+def _vc_progress_callback(ctx, done, total):
+    return ffi.from_handle(ctx)(done, total)
+
+
+def run(
+    src: Endpoint,
+    dst: Optional[Endpoint],
+    *,
+    length: int,
+    engine: str,
+    block_size: int,
+    queue_depth: int,
+    sparse: bool,
+    dst_is_zero: bool,
+    digest: bool,
+    rate_limit: int,
+    extents: Optional[np.ndarray],
+    checkpoint: Optional[str],
+    fingerprint: int,
+    progress: Optional[Callable[[int, int], bool]],
+) -> NativeResult:
+    """Runs one copy (or, without dst, one digest) in the engine. The GIL is released meanwhile."""
+    p = ffi.new("struct vc_copy_params *")
+    keep = []  # cdata that must outlive the call
+    p.src.fd, p.src.fd_buffered, p.src.kind, p.src.direct = src.fd, src.fd_buffered, src.kind, src.direct
+    if dst is None:
+        p.dst.fd = p.dst.fd_buffered = -1
+    else:
+        p.dst.fd, p.dst.fd_buffered, p.dst.kind, p.dst.direct = dst.fd, dst.fd_buffered, dst.kind, dst.direct
+    p.length = length
+    p.engine = ENGINES[engine]
+    p.block_size = block_size
+    p.queue_depth = queue_depth
+    p.flags = (
+        (lib.VC_FLAG_SPARSE if sparse else 0)
+        | (lib.VC_FLAG_DST_IS_ZERO if dst_is_zero else 0)
+        | (lib.VC_FLAG_DIGEST if digest else 0)
+    )
+    p.rate_limit = rate_limit
+    chunk_digests = None
+    if digest:
+        chunk_digests = np.zeros((chunk_count(length), DIGEST_SIZE), dtype=np.uint8)
+        p.chunk_digests = ffi.from_buffer("uint8_t[]", chunk_digests, require_writable=True)
+        keep.append(p.chunk_digests)
+    if extents is not None:
+        extents = np.ascontiguousarray(extents, dtype=np.int64)
+        buffer = ffi.from_buffer("int64_t[]", extents)
+        keep.append(buffer)
+        p.extents = buffer
+        p.n_extents = len(extents)
+    if checkpoint is not None:
+        path = ffi.new("char[]", checkpoint.encode())
+        keep.append(path)
+        p.checkpoint_path = path
+    p.fingerprint = fingerprint
+    reporter = None
+    if progress is not None:
+        reporter = _Progress(progress)
+        handle = ffi.new_handle(reporter)
+        keep.append(handle)
+        p.progress = lib._vc_progress_callback
+        p.progress_ctx = handle
+
+    result = ffi.new("struct vc_copy_result *")
+    error = ffi.new("struct vc_error *")
+    rc = lib.vc_copy(p, result, error)
+    if reporter is not None and reporter.exception is not None:
+        raise reporter.exception
+    if rc < 0:
+        raise _exception(rc, error, src, dst, checkpoint)
+    return NativeResult(
+        bytes_read=result.bytes_read,
+        bytes_written=result.bytes_written,
+        bytes_skipped=result.bytes_skipped,
+        bytes_zero=result.bytes_zero,
+        resumed_from=result.resumed_from,
+        engine=ENGINE_NAMES[result.engine],
+        digest=bytes(ffi.buffer(result.digest, DIGEST_SIZE)).hex() if digest else None,
+        chunk_digests=chunk_digests,
+    )
+
+
+def _exception(rc: int, error, src: Endpoint, dst: Optional[Endpoint], checkpoint: Optional[str]) -> Exception:
+    err = error.err or -rc
+    message = ffi.string(error.message).decode(errors="replace")
+    if err == errno.ECANCELED:
+        return Cancelled("copy cancelled" + (" (resumable from its checkpoint)" if checkpoint else ""))
+    if error.op == lib.VC_OP_SETUP:
+        if err == errno.EOPNOTSUPP:
+            return EngineUnavailable(message)
+        if err == errno.EINVAL:
+            return InvalidRequest(message)
+    if error.side == lib.VC_SIDE_CHECKPOINT and err == errno.ESTALE:
+        return CheckpointError(message)
+    names = {lib.VC_SIDE_SRC: src.name, lib.VC_SIDE_DST: dst.name if dst else None,
+             lib.VC_SIDE_CHECKPOINT: checkpoint}
+    return CopyIOError(err, message, names.get(error.side), error.offset, _OPERATIONS.get(error.op, "I/O"))
+
+
+def extents_of(fd: int, kind: int, length: int) -> np.ndarray:
+    """The data extents of [0, length) as an (N, 2) int64 array."""
+    cap = 4096
+    out = np.empty((cap, 2), dtype=np.int64)
+    buffer = ffi.from_buffer("int64_t[]", out, require_writable=True)
+    next_offset = ffi.new("uint64_t *")
+    parts, start = [], 0
+    while start < length:
+        n = lib.vc_extents(fd, kind, start, length, buffer, cap, next_offset)
+        if n < 0:
+            raise CopyIOError(-n, "cannot list the extents", None, start, "read")
+        parts.append(out[:n].copy())
+        start = next_offset[0]
+    return np.concatenate(parts) if parts else np.empty((0, 2), dtype=np.int64)
+
+
+def volume_digest(chunk_digests: np.ndarray) -> str:
+    out = ffi.new("uint8_t[16]")
+    data = np.ascontiguousarray(chunk_digests, dtype=np.uint8)
+    lib.vc_volume_digest(ffi.from_buffer("uint8_t[]", data), len(data), out)
+    return bytes(ffi.buffer(out, DIGEST_SIZE)).hex()

@@ -1,0 +1,230 @@
+"""volcopy.copy(): the public entry point of the copy engine."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional, Union
+
+import numpy as np
+
+from . import _core
+from .digest import first_difference, first_difference_in_extents, hash_volume
+from .errors import EngineUnavailable, InvalidRequest, VerifyError
+from .volume import Volume, VolumeSpec, describe, destination_identities, open_destination, open_source
+
+DEFAULT_BLOCK_SIZE = 1 << 20
+DEFAULT_QUEUE_DEPTH = 16
+MAX_BLOCK_SIZE = 64 << 20
+MAX_QUEUE_DEPTH = 1024
+
+ExtentsSpec = Union[np.ndarray, "list[tuple[int, int]]"]
+
+
+@dataclass(frozen=True)
+class CopyResult:
+    size: int  # bytes covered: length
+    bytes_read: int  # read from src
+    bytes_written: int  # written to dst as data
+    bytes_skipped: int  # holes of src, never read
+    bytes_zero: int  # read, found zero, not written as data
+    seconds: float
+    engine: str
+    direct: bool
+    digest: Optional[str]  # the volume digest of src (None when extents were given)
+    chunk_digests: Optional[np.ndarray]  # (chunks, 16) uint8: XXH3-128 of each 1 MiB chunk
+    resumed_from: int = 0  # where a checkpoint let this run start
+    verified: bool = False
+    block_size: int = DEFAULT_BLOCK_SIZE
+    queue_depth: int = DEFAULT_QUEUE_DEPTH
+
+    @property
+    def rate(self) -> float:
+        """Bytes of the volume covered per second."""
+        return (self.size - self.resumed_from) / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        """Everything but the chunk digests, for JSON."""
+        d = asdict(self)
+        d.pop("chunk_digests")
+        return d
+
+
+def _positive_int(value, what: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidRequest(f"{what} must be an integer, not {value!r}")
+    if not low <= int(value) <= high:
+        raise InvalidRequest(f"{what} must be between {low} and {high}, not {value}")
+    return int(value)
+
+
+def check_options(engine: str, block_size, queue_depth, direct, rate_limit, length) -> tuple:
+    if engine not in _core.ENGINES:
+        raise InvalidRequest(f"unknown engine {engine!r}; choose one of {', '.join(_core.ENGINES)}")
+    if engine != "auto":
+        reason = _core.engine_unavailable_reason(engine)
+        if reason:
+            raise EngineUnavailable(f"engine {engine} is not available here: {reason}")
+    block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
+    block_size = _positive_int(block_size, "block_size", _core.CHUNK_SIZE, MAX_BLOCK_SIZE)
+    if block_size % _core.CHUNK_SIZE:
+        raise InvalidRequest(f"block_size must be a multiple of 1 MiB (the digest chunk), not {block_size}")
+    queue_depth = DEFAULT_QUEUE_DEPTH if queue_depth is None else queue_depth
+    queue_depth = _positive_int(queue_depth, "queue_depth", 1, MAX_QUEUE_DEPTH)
+    if direct not in (True, False, "auto"):
+        raise InvalidRequest(f"direct must be True, False or 'auto', not {direct!r}")
+    if rate_limit is not None:
+        rate_limit = _positive_int(rate_limit, "rate_limit", 1, 1 << 50)
+    if length is not None:
+        length = _positive_int(length, "length", 0, 1 << 62)
+    return block_size, queue_depth, rate_limit or 0, length
+
+
+def check_extents(extents: ExtentsSpec, length: int) -> np.ndarray:
+    try:
+        array = np.asarray(extents, dtype=np.int64)
+    except (TypeError, ValueError):
+        raise InvalidRequest("extents must be (offset, length) pairs of integers") from None
+    if array.size == 0:
+        return np.empty((0, 2), dtype=np.int64)
+    if array.ndim != 2 or array.shape[1] != 2:
+        raise InvalidRequest(f"extents must have the shape (N, 2), not {array.shape}")
+    offsets, lengths = array[:, 0], array[:, 1]
+    if (offsets < 0).any() or (lengths <= 0).any():
+        raise InvalidRequest("extents need offsets >= 0 and lengths > 0")
+    ends = offsets + lengths
+    if (offsets[1:] < ends[:-1]).any():
+        raise InvalidRequest("extents must be sorted by offset and must not overlap")
+    if ends[-1] > length:
+        raise InvalidRequest(f"extent ending at {ends[-1]} lies beyond the {length} bytes to copy")
+    return np.ascontiguousarray(array)
+
+
+def _fingerprint(source: Volume, target: Volume, length: int, extents: Optional[np.ndarray]) -> int:
+    """Ties a checkpoint to one copy: which volumes, how much, which extents."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(repr((sorted(source.identities), sorted(target.identities), length)).encode())
+    if extents is not None:
+        h.update(extents.tobytes())
+    return int.from_bytes(h.digest(), "little")
+
+
+def _match_direct(source: Volume, target: Volume, direct) -> None:
+    """With direct="auto", O_DIRECT is used only where both sides accept it."""
+    if direct == "auto" and source.direct != target.direct:
+        for volume in (source, target):
+            if volume.direct:
+                os.close(volume.fd)
+                volume.fd, volume.direct = volume.fd_buffered, False
+
+
+def _progress_reporter(
+    progress: Optional[Callable[[int, int], None]], cancel: Optional[threading.Event]
+) -> Optional[Callable[[int, int], bool]]:
+    if progress is None and cancel is None:
+        return None  # the engine then never takes the GIL back
+
+    def report(done: int, total: int) -> bool:
+        if cancel is not None and cancel.is_set():
+            return True
+        if progress is not None:
+            progress(done, total)
+        return False
+
+    return report
+
+
+def copy(
+    src: VolumeSpec,
+    dst: VolumeSpec,
+    *,
+    length: Optional[int] = None,
+    engine: str = "auto",
+    block_size: Optional[int] = None,
+    queue_depth: Optional[int] = None,
+    direct="auto",
+    sparse: bool = True,
+    dst_is_zero: bool = False,
+    verify: bool = False,
+    rate_limit: Optional[int] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+    cancel: Optional[threading.Event] = None,
+    checkpoint: Optional[Union[str, "os.PathLike[str]"]] = None,
+    extents: Optional[ExtentsSpec] = None,
+) -> CopyResult:
+    """Copies the first ``length`` bytes of src to dst; see the README for every option."""
+    started = time.monotonic()
+    block_size, queue_depth, rate_limit, length = check_options(
+        engine, block_size, queue_depth, direct, rate_limit, length
+    )
+    checkpoint = os.fspath(checkpoint) if checkpoint is not None else None
+    with open_source(src, direct) as source:
+        if length is None:
+            length = source.size
+        elif length > source.size:
+            raise InvalidRequest(f"length {length} lies beyond the end of source {source.name} ({source.size} bytes)")
+        if source.identities & destination_identities(dst):
+            raise InvalidRequest(f"source {source.name} and destination {describe(dst)} are the same volume")
+        extent_array = check_extents(extents, length) if extents is not None else None
+        with open_destination(dst, length, direct) as target:
+            _match_direct(source, target, direct)
+            try:
+                native = _core.run(
+                    source.endpoint(),
+                    target.endpoint(),
+                    length=length,
+                    engine=engine,
+                    block_size=block_size,
+                    queue_depth=queue_depth,
+                    sparse=sparse,
+                    # A file we just created reads as zeros: its holes need no zeroing.
+                    dst_is_zero=dst_is_zero or target.created,
+                    digest=extent_array is None,
+                    rate_limit=rate_limit,
+                    extents=extent_array,
+                    checkpoint=checkpoint,
+                    fingerprint=_fingerprint(source, target, length, extent_array),
+                    progress=_progress_reporter(progress, cancel),
+                )
+            except BaseException:
+                # Without a checkpoint to resume from, a file we created is only a half-written copy.
+                if target.created and checkpoint is None:
+                    os.unlink(os.fspath(dst))
+                raise
+            if checkpoint is not None and os.path.exists(checkpoint):
+                os.unlink(checkpoint)
+            if verify:
+                _verify_copy(source, target, length, native, extent_array, engine=engine,
+                             block_size=block_size, queue_depth=queue_depth)
+            return CopyResult(
+                size=length,
+                bytes_read=native.bytes_read,
+                bytes_written=native.bytes_written,
+                bytes_skipped=native.bytes_skipped,
+                bytes_zero=native.bytes_zero,
+                seconds=time.monotonic() - started,
+                engine=native.engine,
+                direct=source.direct and target.direct,
+                digest=native.digest,
+                chunk_digests=native.chunk_digests,
+                resumed_from=native.resumed_from,
+                verified=verify,
+                block_size=block_size,
+                queue_depth=queue_depth,
+            )
+
+
+def _verify_copy(source: Volume, target: Volume, length: int, native, extents, **engine_options) -> None:
+    """Reads dst back and compares it with src: against the digests the copy computed, or, when only
+    some extents were copied, byte for byte over those extents."""
+    if extents is not None:
+        offset = first_difference_in_extents(source, target, extents)
+    else:
+        readback = hash_volume(target, length, **engine_options)
+        differing = np.flatnonzero((readback.chunk_digests != native.chunk_digests).any(axis=1))
+        offset = first_difference(source, target, int(differing[0]), length) if len(differing) else None
+    if offset is not None:
+        raise VerifyError(f"destination {target.name} differs from source {source.name} at offset {offset}", offset)

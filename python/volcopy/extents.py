@@ -1,0 +1,15 @@
+"""volcopy.extents(): where a volume holds data."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _core
+from .volume import VolumeSpec, open_source
+
+
+def extents(path: VolumeSpec) -> np.ndarray:
+    """The data extents as an (N, 2) int64 array of (offset, length): SEEK_DATA for files, one extent
+    covering a block device."""
+    with open_source(path, direct=False) as volume:
+        return _core.extents_of(volume.fd_buffered, volume.kind, volume.size)

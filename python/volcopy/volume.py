@@ -1,0 +1,229 @@
+"""Opening volumes: a regular file or a block device, given as a path or an open descriptor.
+
+Every check that can refuse a request happens here, before any byte of dst is written.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import Union
+
+from ._core import KIND_BLOCKDEV, KIND_FILE, Endpoint
+from .errors import InvalidRequest
+
+VolumeSpec = Union[str, "os.PathLike[str]", int]
+
+BLKSSZGET = 0x1268  # logical block size of a block device
+
+
+@dataclass
+class Volume:
+    """An opened volume. ``fd`` carries O_DIRECT when ``direct``; ``fd_buffered`` never does."""
+
+    name: str
+    kind: int
+    size: int
+    fd: int
+    fd_buffered: int
+    direct: bool
+    identities: frozenset = field(default_factory=frozenset)  # what makes two volumes the same
+    created: bool = False
+
+    @property
+    def is_blockdev(self) -> bool:
+        return self.kind == KIND_BLOCKDEV
+
+    def endpoint(self) -> Endpoint:
+        return Endpoint(self.fd, self.fd_buffered, self.kind, self.direct, self.name)
+
+    def close(self) -> None:
+        for fd in {self.fd, self.fd_buffered}:
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.fd_buffered = -1
+
+    def __enter__(self) -> "Volume":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def describe(spec: VolumeSpec) -> str:
+    return f"fd {spec}" if isinstance(spec, int) else os.fspath(spec)
+
+
+def _identities(st: os.stat_result) -> frozenset:
+    """A block device is known by its device number, a file by its inode; a loop device is also
+    known by its backing file, so that a file and the loop device over it count as the same."""
+    if stat.S_ISREG(st.st_mode):
+        return frozenset({("inode", st.st_dev, st.st_ino)})
+    ids = {("blockdev", st.st_rdev)}
+    sysfs = f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}/loop/backing_file"
+    try:
+        with open(sysfs) as f:
+            backing = os.stat(f.read().strip())
+        ids.add(("inode", backing.st_dev, backing.st_ino))
+    except OSError:
+        pass
+    return frozenset(ids)
+
+
+def _kind(st: os.stat_result, name: str, role: str) -> int:
+    if stat.S_ISREG(st.st_mode):
+        return KIND_FILE
+    if stat.S_ISBLK(st.st_mode):
+        return KIND_BLOCKDEV
+    what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file or block device"
+    raise InvalidRequest(f"{role} {name} is {what}, not a volume")
+
+
+def _size(fd: int, st: os.stat_result) -> int:
+    return st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(fd, 0, os.SEEK_END)
+
+
+def _logical_block_size(fd: int) -> int:
+    return int.from_bytes(fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4), "little")
+
+
+def _open(path: str, flags: int, name: str, role: str) -> int:
+    try:
+        return os.open(path, flags | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise InvalidRequest(f"{role} {name} does not exist") from None
+    except IsADirectoryError:
+        raise InvalidRequest(f"{role} {name} is a directory, not a volume") from None
+    except PermissionError as exc:
+        raise InvalidRequest(f"{role} {name}: {exc.strerror}") from None
+    except OSError as exc:
+        if exc.errno == errno.EROFS:
+            raise InvalidRequest(f"{role} {name} is read-only") from None
+        if exc.errno == errno.EBUSY:
+            raise InvalidRequest(f"{role} {name} is busy (mounted or held by another program)") from None
+        raise InvalidRequest(f"cannot open {role} {name}: {exc.strerror}") from None
+
+
+def _open_direct(path: str, flags: int, direct, name: str, role: str) -> int:
+    """The O_DIRECT descriptor, or -1 when direct is "auto" and the file system refuses O_DIRECT."""
+    if direct is False:
+        return -1
+    try:
+        return os.open(path, flags | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        if direct == "auto":
+            return -1
+        raise InvalidRequest(
+            f"{role} {name}: its file system refuses O_DIRECT; use direct='auto' or False"
+        ) from None
+
+
+def _path_of(spec: VolumeSpec, role: str) -> str:
+    """Descriptors are reopened through /proc so that we get our own flags (O_DIRECT or not)."""
+    if isinstance(spec, int):
+        if spec < 0:
+            raise InvalidRequest(f"{role} fd {spec} is not a valid descriptor")
+        try:
+            os.fstat(spec)
+        except OSError:
+            raise InvalidRequest(f"{role} fd {spec} is not an open descriptor") from None
+        return f"/proc/self/fd/{spec}"
+    if isinstance(spec, (str, os.PathLike)):
+        return os.fspath(spec)
+    raise InvalidRequest(f"{role} must be a path or an open file descriptor, not {type(spec).__name__}")
+
+
+def open_source(spec: VolumeSpec, direct="auto") -> Volume:
+    name = describe(spec)
+    path = _path_of(spec, "source")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InvalidRequest(f"source {name} does not exist") from None
+    except OSError as exc:
+        raise InvalidRequest(f"cannot open source {name}: {exc.strerror}") from None
+    kind = _kind(st, name, "source")
+    fd_buffered = _open(path, os.O_RDONLY, name, "source")
+    try:
+        fd = _open_direct(path, os.O_RDONLY, direct, name, "source")
+        return Volume(
+            name=name,
+            kind=kind,
+            size=_size(fd_buffered, st),
+            fd=fd if fd >= 0 else fd_buffered,
+            fd_buffered=fd_buffered,
+            direct=fd >= 0,
+            identities=_identities(st),
+        )
+    except BaseException:
+        os.close(fd_buffered)
+        raise
+
+
+def destination_identities(spec: VolumeSpec) -> frozenset:
+    """What dst is, without opening or creating it (empty when it does not exist yet)."""
+    try:
+        return _identities(os.stat(_path_of(spec, "destination")))
+    except FileNotFoundError:
+        return frozenset()
+
+
+def open_destination(spec: VolumeSpec, length: int, direct="auto") -> Volume:
+    """Opens dst for writing; a missing path becomes a new file of ``length`` bytes (reading as zeros),
+    an existing smaller file is extended. Nothing is ever truncated: a resumed copy needs what is there."""
+    name = describe(spec)
+    path = _path_of(spec, "destination")
+    if isinstance(spec, int) and fcntl.fcntl(spec, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+        raise InvalidRequest(f"destination {name} is open read-only")
+    created = False
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if isinstance(spec, int):
+            raise
+        try:
+            fd_buffered = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:
+            raise InvalidRequest(f"destination {name}: its directory does not exist") from None
+        except OSError as exc:
+            raise InvalidRequest(f"cannot create destination {name}: {exc.strerror}") from None
+        created = True
+        st = os.fstat(fd_buffered)
+    kind = _kind(st, name, "destination")
+    if not created:
+        # O_EXCL on a block device refuses one that is mounted or held open exclusively.
+        flags = os.O_RDWR | (os.O_EXCL if kind == KIND_BLOCKDEV else 0)
+        fd_buffered = _open(path, flags, name, "destination")
+    try:
+        size = _size(fd_buffered, st)
+        if kind == KIND_BLOCKDEV:
+            if size < length:
+                raise InvalidRequest(
+                    f"destination {name} holds {size} bytes, less than the {length} bytes to copy"
+                )
+            if _logical_block_size(fd_buffered) > 4096:
+                raise InvalidRequest(f"destination {name}: logical blocks larger than 4096 bytes are not supported")
+        elif size < length:
+            os.ftruncate(fd_buffered, length)
+            size = length
+        fd = _open_direct(path, os.O_RDWR, direct, name, "destination")
+        return Volume(
+            name=name,
+            kind=kind,
+            size=size,
+            fd=fd if fd >= 0 else fd_buffered,
+            fd_buffered=fd_buffered,
+            direct=fd >= 0,
+            identities=_identities(os.fstat(fd_buffered)),
+            created=created,
+        )
+    except BaseException:
+        os.close(fd_buffered)
+        if created:
+            os.unlink(path)
+        raise

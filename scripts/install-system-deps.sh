@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs every Debian package volcopy needs to build, run and be tested, on a fresh Debian 12 as root.
+# Idempotent: a package already present costs nothing but dpkg's check.
+set -euo pipefail
+
+packages=(
+    # build: the native core's dependencies (liburing is linked statically from liburing-dev)
+    gcc make pkg-config liburing-dev libaio-dev libxxhash-dev
+    # run and test: loop devices, file systems, the peers the benchmarks compare against
+    util-linux e2fsprogs fio qemu-utils qemu-system-x86 libnbd-bin nbdkit
+    # the compute handoff and orchestrator tests: a real database server
+    postgresql
+)
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+    exit 0
+fi
+if [ "$(id -u)" != 0 ]; then
+    echo "install-system-deps: need root to install: ${missing[*]}" >&2
+    exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}"
