@@ -8,7 +8,7 @@
 
 from importlib import metadata as _metadata
 
-from .copy import CopyResult, copy
+from .copier import CopyResult, copy
 from .digest import digest, verify
 from .errors import (
     Cancelled,

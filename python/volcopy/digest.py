@@ -39,7 +39,7 @@ def hash_volume(volume: Volume, length: int, *, engine: str = "auto", block_size
 
 
 def _length_for(volume: Volume, length: Optional[int]) -> int:
-    from .copy import check_options  # the one place option checks live
+    from .copier import check_options  # the one place option checks live
 
     length = check_options("auto", None, None, "auto", None, length)[3]
     if length is None:
