@@ -725,12 +725,13 @@ static int setup(struct engine *g)
         return rc;
     }
 
-    /* Throttled, a read is at most 1/64 of a second's worth so that no 2 s window runs over by
-     * more than about 1%. */
+    /* Throttled, a read is at most 1/64 of a second's worth and the bucket holds 50 ms of credit:
+     * no 2 s window runs over by more than 2.5%, and a loop busy for a few milliseconds (a
+     * checkpoint's flush, a progress report) loses no credit. */
     g->io_max = p->block_size;
     if (p->rate_limit)
         g->io_max = VC_MAX((uint64_t)VC_ALIGN, VC_MIN(g->io_max, VC_ROUND_DOWN(p->rate_limit / 64, VC_ALIGN)));
-    vc_throttle_init(&g->throttle, p->rate_limit, g->io_max);
+    vc_throttle_init(&g->throttle, p->rate_limit, VC_MAX(g->io_max, p->rate_limit / 20));
 
     vc_digest_zeros(VC_CHUNK_SIZE, g->zero_digest_chunk);
     vc_digest_zeros(p->length % VC_CHUNK_SIZE, g->zero_digest_tail);

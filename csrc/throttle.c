@@ -1,4 +1,4 @@
-/* Throttle: a token bucket on bytes read. The bucket holds at most one request's worth, so over any
+/* Throttle: a token bucket on bytes read. The bucket holds at most `burst` bytes of credit, so over any
  * window of T seconds at most rate*T + burst bytes go out, whatever happened before it. */
 #include <time.h>
 
