@@ -4,8 +4,9 @@
 set -euo pipefail
 
 packages=(
-    # build: the native core's dependencies (liburing is linked statically from liburing-dev)
-    gcc make pkg-config liburing-dev libaio-dev libxxhash-dev
+    # build: a virtual environment to install into, Python's headers, the native core's libraries
+    # (liburing is linked statically from liburing-dev; libaio1 comes with libaio-dev)
+    python3-venv python3-dev gcc make liburing-dev libaio-dev libxxhash-dev
     # run and test: loop devices, file systems, the peers the benchmarks compare against
     util-linux e2fsprogs fio qemu-utils qemu-system-x86 libnbd-bin nbdkit
     # the compute handoff and orchestrator tests: a real database server

@@ -66,7 +66,7 @@ DESTINATIONS = ["new-file", "garbage-file", pytest.param("loop", marks=needs_roo
 def test_copy_reads_back_identical_and_digest_matches_reference(engine, src_kind, dst_kind, workdir, loops):
     src, content = make_source(src_kind, workdir, loops)
     dst = make_destination(dst_kind, workdir, loops, len(content))
-    beyond = read_all(dst)[len(content):] if dst_kind == "garbage-file" else None
+    beyond = read_all(dst)[len(content) :] if dst_kind == "garbage-file" else None
 
     result = volcopy.copy(src, dst, engine=engine)
 
@@ -76,7 +76,7 @@ def test_copy_reads_back_identical_and_digest_matches_reference(engine, src_kind
     assert result.size == len(content)
     assert result.bytes_read + result.bytes_skipped == len(content)
     if beyond is not None:  # bytes past length are not ours to touch
-        assert read_all(dst)[len(content):] == beyond
+        assert read_all(dst)[len(content) :] == beyond
     if src_kind == "sparse":
         assert result.bytes_skipped > 0, "holes of a sparse file must be skipped without reading"
     if src_kind in ("file", "loop"):
@@ -161,9 +161,13 @@ def test_copy_of_length_copies_a_prefix(workdir):
 
 @pytest.mark.parametrize("block_size,queue_depth", [(MiB, 1), (4 * MiB, 3), (2 * MiB, 64)])
 def test_copy_with_block_sizes_and_queue_depths(block_size, queue_depth, workdir):
-    content = write_layout(workdir / "src.img", 19 * MiB + 512, [(MiB, 3 * MiB), (9 * MiB, 10 * MiB + 512)], seed=10)
+    content = write_layout(
+        workdir / "src.img", 19 * MiB + 512, [(MiB, 3 * MiB), (9 * MiB, 10 * MiB + 512)], seed=10
+    )
 
-    result = volcopy.copy(workdir / "src.img", workdir / "dst.img", block_size=block_size, queue_depth=queue_depth)
+    result = volcopy.copy(
+        workdir / "src.img", workdir / "dst.img", block_size=block_size, queue_depth=queue_depth
+    )
 
     assert read_all(workdir / "dst.img") == content
     assert result.digest == reference_digest(content)

@@ -53,8 +53,20 @@ def checkpoint_watermark(path) -> int:
 
 
 def start_copy(src, dst, checkpoint, *extra) -> subprocess.Popen:
-    args = [sys.executable, "-m", "volcopy.cli", "copy", str(src), str(dst), "--checkpoint", str(checkpoint),
-            "--rate", str(RATE), "--json", *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "volcopy.cli",
+        "copy",
+        str(src),
+        str(dst),
+        "--checkpoint",
+        str(checkpoint),
+        "--rate",
+        str(RATE),
+        "--json",
+        *extra,
+    ]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -193,8 +205,12 @@ def test_rate_limit_holds_within_5_percent_over_any_2_seconds(tmp_path):
     write_layout(tmp_path / "src.img", size, [(0, size)], seed=12)
     samples = []
 
-    result = volcopy.copy(tmp_path / "src.img", tmp_path / "dst.img", rate_limit=rate,
-                          progress=lambda done, total: samples.append((time.monotonic(), done)))
+    result = volcopy.copy(
+        tmp_path / "src.img",
+        tmp_path / "dst.img",
+        rate_limit=rate,
+        progress=lambda done, total: samples.append((time.monotonic(), done)),
+    )
 
     average = size / result.seconds
     print(f"target {rate} B/s, average {average:.0f} B/s ({average / rate:.3f} x)")
@@ -215,11 +231,15 @@ def test_progress_reports_finished_bytes_about_ten_times_a_second(tmp_path):
     write_layout(tmp_path / "src.img", size, [(0, size)], seed=13)
     calls = []
 
-    result = volcopy.copy(tmp_path / "src.img", tmp_path / "dst.img", rate_limit=20 * MiB,
-                          progress=lambda d, t: calls.append((time.monotonic(), d, t, threading.get_ident())))
+    result = volcopy.copy(
+        tmp_path / "src.img",
+        tmp_path / "dst.img",
+        rate_limit=20 * MiB,
+        progress=lambda d, t: calls.append((time.monotonic(), d, t, threading.get_ident())),
+    )
 
     assert calls[-1][1:3] == (size, size), "the last report is the end"
-    assert all(a[1] <= b[1] for a, b in zip(calls, calls[1:])), "done never goes back"
+    assert all(a[1] <= b[1] for a, b in zip(calls, calls[1:], strict=False)), "done never goes back"
     assert all(c[3] == threading.get_ident() for c in calls), "called from the copying thread"
     assert len(calls) <= result.seconds * 10 + 3
     assert len(calls) >= result.seconds * 5
@@ -252,8 +272,12 @@ def test_memory_stays_bounded_by_the_queue(tmp_path, loops):
         "r = volcopy.copy(sys.argv[1], sys.argv[2], block_size=1 << 20, queue_depth=16)\n"
         "print(rss('VmHWM:') - before, r.bytes_zero)\n"
     )
-    out = subprocess.run([sys.executable, "-c", script, device, str(tmp_path / "dst.img")],
-                         check=True, capture_output=True, text=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", script, device, str(tmp_path / "dst.img")],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     growth, zero = int(out[0]), int(out[1])
 
     print(f"peak RSS growth during a 2 GiB copy: {growth / MiB:.1f} MiB")

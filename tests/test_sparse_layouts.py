@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 import volcopy
 from conftest import ENGINES, LoopDevices, MiB, fill_garbage, needs_root_for_loop, read_all, reference_digest
 
-SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 @st.composite
@@ -46,8 +48,12 @@ def write(path, size, extents) -> bytes:
 
 
 @SETTINGS
-@given(layout=layouts(), engine=st.sampled_from(ENGINES), direct=st.sampled_from(["auto", False]),
-       dst_is_zero=st.booleans())
+@given(
+    layout=layouts(),
+    engine=st.sampled_from(ENGINES),
+    direct=st.sampled_from(["auto", False]),
+    dst_is_zero=st.booleans(),
+)
 def test_copy_of_generated_layout_matches_reference(tmp_path, layout, engine, direct, dst_is_zero):
     size, extents = layout
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
@@ -78,7 +84,7 @@ def test_copy_of_explicit_extents_leaves_the_rest_of_dst_alone(tmp_path, layout,
     before = read_all(dst)
     # Any disjoint ranges, aligned or not: incremental catch-up passes whatever changed.
     cuts = sorted(set(data.draw(st.lists(st.integers(0, size), max_size=8))))
-    ranges = [(a, b - a) for a, b in zip(cuts[::2], cuts[1::2]) if b > a]
+    ranges = [(a, b - a) for a, b in zip(cuts[::2], cuts[1::2], strict=False) if b > a]
 
     result = volcopy.copy(src, dst, extents=ranges)
 

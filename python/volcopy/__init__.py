@@ -1,9 +1,9 @@
 """volcopy: fast, safe copying of block volumes.
 
-    volcopy.copy(src, dst, ...)  -> CopyResult
-    volcopy.extents(path)        -> (N, 2) int64 array of data extents
-    volcopy.digest(path)         -> hex volume digest
-    volcopy.verify(src, dst)     -> None, or raises VerifyError
+volcopy.copy(src, dst, ...)  -> CopyResult
+volcopy.extents(path)        -> (N, 2) int64 array of data extents
+volcopy.digest(path)         -> hex volume digest
+volcopy.verify(src, dst)     -> None, or raises VerifyError
 """
 
 from importlib import metadata as _metadata

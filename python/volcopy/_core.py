@@ -6,9 +6,9 @@ Everything here takes and returns plain Python values; errors come back as volco
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -51,7 +51,7 @@ def _check_version() -> None:
 _check_version()
 
 
-def engine_unavailable_reason(name: str) -> Optional[str]:
+def engine_unavailable_reason(name: str) -> str | None:
     """None when the engine can run here, otherwise why not."""
     error = ffi.new("struct vc_error *")
     if lib.vc_engine_available(ENGINES[name], error) == 0:
@@ -80,8 +80,8 @@ class NativeResult:
     bytes_zero: int
     resumed_from: int
     engine: str
-    digest: Optional[str]
-    chunk_digests: Optional[np.ndarray]
+    digest: str | None
+    chunk_digests: np.ndarray | None
 
 
 class _Progress:
@@ -90,7 +90,7 @@ class _Progress:
 
     def __init__(self, callback: Callable[[int, int], bool]):
         self.callback = callback
-        self.exception: Optional[BaseException] = None
+        self.exception: BaseException | None = None
 
     def __call__(self, done: int, total: int) -> int:
         try:
@@ -107,7 +107,7 @@ def _vc_progress_callback(ctx, done, total):
 
 def run(
     src: Endpoint,
-    dst: Optional[Endpoint],
+    dst: Endpoint | None,
     *,
     length: int,
     engine: str,
@@ -117,10 +117,10 @@ def run(
     dst_is_zero: bool,
     digest: bool,
     rate_limit: int,
-    extents: Optional[np.ndarray],
-    checkpoint: Optional[str],
+    extents: np.ndarray | None,
+    checkpoint: str | None,
     fingerprint: int,
-    progress: Optional[Callable[[int, int], bool]],
+    progress: Callable[[int, int], bool] | None,
 ) -> NativeResult:
     """Runs one copy (or, without dst, one digest) in the engine. The GIL is released meanwhile."""
     p = ffi.new("struct vc_copy_params *")
@@ -183,7 +183,7 @@ def run(
     )
 
 
-def _exception(rc: int, error, src: Endpoint, dst: Optional[Endpoint], checkpoint: Optional[str]) -> Exception:
+def _exception(rc: int, error, src: Endpoint, dst: Endpoint | None, checkpoint: str | None) -> Exception:
     err = error.err or -rc
     message = ffi.string(error.message).decode(errors="replace")
     if err == errno.ECANCELED:
@@ -195,8 +195,11 @@ def _exception(rc: int, error, src: Endpoint, dst: Optional[Endpoint], checkpoin
             return InvalidRequest(message)
     if error.side == lib.VC_SIDE_CHECKPOINT and err == errno.ESTALE:
         return CheckpointError(message)
-    names = {lib.VC_SIDE_SRC: src.name, lib.VC_SIDE_DST: dst.name if dst else None,
-             lib.VC_SIDE_CHECKPOINT: checkpoint}
+    names = {
+        lib.VC_SIDE_SRC: src.name,
+        lib.VC_SIDE_DST: dst.name if dst else None,
+        lib.VC_SIDE_CHECKPOINT: checkpoint,
+    }
     return CopyIOError(err, message, names.get(error.side), error.offset, _OPERATIONS.get(error.op, "I/O"))
 
 

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 import threading
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from . import copier
 from .digest import digest, verify
@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="volcopy", description="Fast, safe copying of block volumes.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    c = commands.add_parser("copy", help="copy SRC to DST", description="Copy a volume (file or block device).")
+    c = commands.add_parser(
+        "copy", help="copy SRC to DST", description="Copy a volume (file or block device)."
+    )
     c.add_argument("src")
     c.add_argument("dst", help="a block device, or a file (created when missing)")
     c.add_argument("--engine", default="auto", choices=["auto", "io_uring", "aio", "sync"])
@@ -69,8 +71,11 @@ def _summary(result: copier.CopyResult, src: str, dst: str) -> str:
         ("written", format_size(result.bytes_written)),
         ("holes skipped", format_size(result.bytes_skipped)),
         ("zeros detected", format_size(result.bytes_zero)),
-        ("engine", f"{result.engine}, {'O_DIRECT' if result.direct else 'page cache'}, "
-                   f"{format_size(result.block_size)} x {result.queue_depth}"),
+        (
+            "engine",
+            f"{result.engine}, {'O_DIRECT' if result.direct else 'page cache'}, "
+            f"{format_size(result.block_size)} x {result.queue_depth}",
+        ),
     ]
     if result.resumed_from:
         rows.append(("resumed from", format_size(result.resumed_from)))
@@ -110,7 +115,7 @@ def _copy(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "copy":

@@ -6,8 +6,9 @@ import hashlib
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional, Union
+from typing import Union
 
 import numpy as np
 
@@ -34,8 +35,8 @@ class CopyResult:
     seconds: float
     engine: str
     direct: bool
-    digest: Optional[str]  # the volume digest of src (None when extents were given)
-    chunk_digests: Optional[np.ndarray]  # (chunks, 16) uint8: XXH3-128 of each 1 MiB chunk
+    digest: str | None  # the volume digest of src (None when extents were given)
+    chunk_digests: np.ndarray | None  # (chunks, 16) uint8: XXH3-128 of each 1 MiB chunk
     resumed_from: int = 0  # where a checkpoint let this run start
     verified: bool = False
     block_size: int = DEFAULT_BLOCK_SIZE
@@ -103,7 +104,7 @@ def check_extents(extents: ExtentsSpec, length: int) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _fingerprint(source: Volume, target: Volume, length: int, extents: Optional[np.ndarray]) -> int:
+def _fingerprint(source: Volume, target: Volume, length: int, extents: np.ndarray | None) -> int:
     """Ties a checkpoint to one copy: which volumes, how much, which extents."""
     h = hashlib.blake2b(digest_size=8)
     h.update(repr((sorted(source.identities), sorted(target.identities), length)).encode())
@@ -122,8 +123,8 @@ def _match_direct(source: Volume, target: Volume, direct) -> None:
 
 
 def _progress_reporter(
-    progress: Optional[Callable[[int, int], None]], cancel: Optional[threading.Event]
-) -> Optional[Callable[[int, int], bool]]:
+    progress: Callable[[int, int], None] | None, cancel: threading.Event | None
+) -> Callable[[int, int], bool] | None:
     if progress is None and cancel is None:
         return None  # the engine then never takes the GIL back
 
@@ -141,19 +142,19 @@ def copy(
     src: VolumeSpec,
     dst: VolumeSpec,
     *,
-    length: Optional[int] = None,
+    length: int | None = None,
     engine: str = "auto",
-    block_size: Optional[int] = None,
-    queue_depth: Optional[int] = None,
+    block_size: int | None = None,
+    queue_depth: int | None = None,
     direct="auto",
     sparse: bool = True,
     dst_is_zero: bool = False,
     verify: bool = False,
-    rate_limit: Optional[int] = None,
-    progress: Optional[Callable[[int, int], None]] = None,
-    cancel: Optional[threading.Event] = None,
-    checkpoint: Optional[Union[str, "os.PathLike[str]"]] = None,
-    extents: Optional[ExtentsSpec] = None,
+    rate_limit: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: threading.Event | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    extents: ExtentsSpec | None = None,
 ) -> CopyResult:
     """Copies the first ``length`` bytes of src to dst; see the README for every option."""
     started = time.monotonic()
@@ -165,7 +166,9 @@ def copy(
         if length is None:
             length = source.size
         elif length > source.size:
-            raise InvalidRequest(f"length {length} lies beyond the end of source {source.name} ({source.size} bytes)")
+            raise InvalidRequest(
+                f"length {length} lies beyond the end of source {source.name} ({source.size} bytes)"
+            )
         if source.identities & destination_identities(dst):
             raise InvalidRequest(f"source {source.name} and destination {describe(dst)} are the same volume")
         extent_array = check_extents(extents, length) if extents is not None else None
@@ -197,8 +200,16 @@ def copy(
             if checkpoint is not None and os.path.exists(checkpoint):
                 os.unlink(checkpoint)
             if verify:
-                _verify_copy(source, target, length, native, extent_array, engine=engine,
-                             block_size=block_size, queue_depth=queue_depth)
+                _verify_copy(
+                    source,
+                    target,
+                    length,
+                    native,
+                    extent_array,
+                    engine=engine,
+                    block_size=block_size,
+                    queue_depth=queue_depth,
+                )
             return CopyResult(
                 size=length,
                 bytes_read=native.bytes_read,
@@ -227,4 +238,6 @@ def _verify_copy(source: Volume, target: Volume, length: int, native, extents, *
         differing = np.flatnonzero((readback.chunk_digests != native.chunk_digests).any(axis=1))
         offset = first_difference(source, target, int(differing[0]), length) if len(differing) else None
     if offset is not None:
-        raise VerifyError(f"destination {target.name} differs from source {source.name} at offset {offset}", offset)
+        raise VerifyError(
+            f"destination {target.name} differs from source {source.name} at offset {offset}", offset
+        )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Optional
 
 import numpy as np
 
@@ -17,8 +16,14 @@ from .errors import VerifyError
 from .volume import Volume, VolumeSpec, open_source
 
 
-def hash_volume(volume: Volume, length: int, *, engine: str = "auto", block_size: Optional[int] = None,
-                queue_depth: Optional[int] = None) -> _core.NativeResult:
+def hash_volume(
+    volume: Volume,
+    length: int,
+    *,
+    engine: str = "auto",
+    block_size: int | None = None,
+    queue_depth: int | None = None,
+) -> _core.NativeResult:
     """Reads a volume through the engine (holes cost nothing) and returns its digests."""
     return _core.run(
         volume.endpoint(),
@@ -38,7 +43,7 @@ def hash_volume(volume: Volume, length: int, *, engine: str = "auto", block_size
     )
 
 
-def _length_for(volume: Volume, length: Optional[int]) -> int:
+def _length_for(volume: Volume, length: int | None) -> int:
     from .copier import check_options  # the one place option checks live
 
     length = check_options("auto", None, None, "auto", None, length)[3]
@@ -49,7 +54,7 @@ def _length_for(volume: Volume, length: Optional[int]) -> int:
     return length
 
 
-def digest(path: VolumeSpec, *, length: Optional[int] = None) -> str:
+def digest(path: VolumeSpec, *, length: int | None = None) -> str:
     """The volume digest of the first ``length`` bytes (default: all of it)."""
     with open_source(path) as volume:
         return hash_volume(volume, _length_for(volume, length)).digest
@@ -60,7 +65,7 @@ def _read(volume: Volume, offset: int, size: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8)
 
 
-def _first_byte_difference(src: Volume, dst: Volume, offset: int, size: int) -> Optional[int]:
+def _first_byte_difference(src: Volume, dst: Volume, offset: int, size: int) -> int | None:
     a, b = _read(src, offset, size), _read(dst, offset, size)
     if len(a) != len(b):
         return offset + min(len(a), len(b))
@@ -75,7 +80,7 @@ def first_difference(src: Volume, dst: Volume, chunk: int, length: int) -> int:
     return offset if found is None else found
 
 
-def first_difference_in_extents(src: Volume, dst: Volume, extents: np.ndarray) -> Optional[int]:
+def first_difference_in_extents(src: Volume, dst: Volume, extents: np.ndarray) -> int | None:
     for offset, size in extents:
         for at in range(int(offset), int(offset + size), _core.CHUNK_SIZE):
             found = _first_byte_difference(src, dst, at, min(_core.CHUNK_SIZE, int(offset + size) - at))
@@ -84,7 +89,7 @@ def first_difference_in_extents(src: Volume, dst: Volume, extents: np.ndarray) -
     return None
 
 
-def verify(src: VolumeSpec, dst: VolumeSpec, *, length: Optional[int] = None) -> None:
+def verify(src: VolumeSpec, dst: VolumeSpec, *, length: int | None = None) -> None:
     """Raises VerifyError naming the first differing offset unless dst reads as src over ``length``."""
     with open_source(src) as source, open_source(dst) as target:
         length = _length_for(source, length)

@@ -32,7 +32,9 @@ class CopyIOError(VolcopyError, OSError):
         self.operation = operation
 
     def __str__(self) -> str:
-        return f"{self.strerror} ({self.filename}, {self.operation} at offset {self.offset}, errno {self.errno})"
+        return (
+            f"{self.strerror} ({self.filename}, {self.operation} at offset {self.offset}, errno {self.errno})"
+        )
 
 
 class VerifyError(VolcopyError):

@@ -18,6 +18,7 @@ from .errors import InvalidRequest
 VolumeSpec = Union[str, "os.PathLike[str]", int]
 
 BLKSSZGET = 0x1268  # logical block size of a block device
+BLKROGET = 0x125E  # whether a block device is read-only: it still opens O_RDWR, then fails each write
 
 
 @dataclass
@@ -46,7 +47,7 @@ class Volume:
                 os.close(fd)
         self.fd = self.fd_buffered = -1
 
-    def __enter__(self) -> "Volume":
+    def __enter__(self) -> Volume:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -54,7 +55,9 @@ class Volume:
 
 
 def describe(spec: VolumeSpec) -> str:
-    return f"fd {spec}" if isinstance(spec, int) else os.fspath(spec)
+    if isinstance(spec, int):
+        return f"fd {spec}"
+    return os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else repr(spec)
 
 
 def _identities(st: os.stat_result) -> frozenset:
@@ -86,8 +89,8 @@ def _size(fd: int, st: os.stat_result) -> int:
     return st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(fd, 0, os.SEEK_END)
 
 
-def _logical_block_size(fd: int) -> int:
-    return int.from_bytes(fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4), "little")
+def _ioctl_int(fd: int, request: int) -> int:
+    return int.from_bytes(fcntl.ioctl(fd, request, b"\0" * 4), "little")
 
 
 def _open(path: str, flags: int, name: str, role: str) -> int:
@@ -206,8 +209,12 @@ def open_destination(spec: VolumeSpec, length: int, direct="auto") -> Volume:
                 raise InvalidRequest(
                     f"destination {name} holds {size} bytes, less than the {length} bytes to copy"
                 )
-            if _logical_block_size(fd_buffered) > 4096:
-                raise InvalidRequest(f"destination {name}: logical blocks larger than 4096 bytes are not supported")
+            if _ioctl_int(fd_buffered, BLKROGET):
+                raise InvalidRequest(f"destination {name} is read-only")
+            if _ioctl_int(fd_buffered, BLKSSZGET) > 4096:
+                raise InvalidRequest(
+                    f"destination {name}: logical blocks larger than 4096 bytes are not supported"
+                )
         elif size < length:
             os.ftruncate(fd_buffered, length)
             size = length

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs what testing needs (system packages too) and runs the whole test suite.
+# Needs root for loop devices and mounts; under CI=true a skipped test fails the run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/install-system-deps.sh
+bash scripts/install-python.sh test
+
+.venv/bin/ruff check python tests benchmarks
+
+.venv/bin/python -m pytest -rs "$@"
