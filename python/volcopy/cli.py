@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("src")
     v.add_argument("dst")
     v.add_argument("--length", type=_size)
+
+    a = commands.add_parser("compute-agent", help="run the reference compute side of the migration handoff")
+    a.add_argument("--config", required=True, help="the agent's JSON configuration (see docs/compute-api.md)")
+    a.add_argument("--listen", help="HOST:PORT, overriding the configuration")
     return parser
 
 
@@ -122,6 +126,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _copy(args)
         if args.command == "digest":
             print(digest(args.path, length=args.length))
+            return 0
+        if args.command == "compute-agent":
+            from .compute.agent import main as agent_main
+            from .compute.agent.config import ConfigError
+
+            try:
+                agent_main(args.config, args.listen)
+            except ConfigError as exc:
+                print(f"volcopy: error: {exc}", file=sys.stderr)
+                return EXIT_ERROR
             return 0
         if args.command == "verify":
             verify(args.src, args.dst, length=args.length)

@@ -1,0 +1,19 @@
+"""The compute handoff: the three calls of the migration contract (start, cancel, complete).
+
+``NovaCompute`` is the client the Cinder side uses; ``volcopy.compute.agent`` is the reference
+compute side built on QEMU. docs/compute-api.md is the REST reference.
+"""
+
+from .api import State
+from .client import NovaCompute
+from .errors import ComputeBadRequest, ComputeConflict, ComputeError, ComputeNotFound, ComputeUnauthorized
+
+__all__ = [
+    "NovaCompute",
+    "State",
+    "ComputeError",
+    "ComputeBadRequest",
+    "ComputeUnauthorized",
+    "ComputeNotFound",
+    "ComputeConflict",
+]

@@ -1,0 +1,356 @@
+"""The compute side of the three calls: start (fence), cancel, complete, for the servers the agent owns.
+
+Every step records its intent in the state store before it touches QEMU, and every step that can be
+interrupted is written as "converge": look at the node graph, do what is left. The same code serves a
+request and a restarted agent's recovery.
+
+A server whose QEMU is not running is fenced in the agent's state alone: nothing can write to its
+volume, complete re-points the attachment to dst for the next boot, cancel lifts the fence.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+
+from ...attach import attach
+from ..api import State
+from . import qemu
+from .qemu import QemuError, QemuNotRunning, Qmp
+from .state import Attachment, Migration, StateStore
+
+log = logging.getLogger(__name__)
+
+FENCING = "fencing"  # internal: the fence is being set; the API shows it as "none"
+
+
+class HandoffError(Exception):
+    status = 500
+
+
+class NotFound(HandoffError):
+    status = 404
+
+
+class Conflict(HandoffError):
+    status = 409
+
+
+@dataclass
+class ServerConfig:
+    qmp: str
+    attachments: dict[str, dict]  # attachment id -> {"qdev", "node", "volume"}
+
+
+def _names(m: Migration) -> dict[str, str]:
+    return {
+        "overlay": qemu.short_name("ovl", m.attachment_id, str(m.generation)),
+        "overlay_file": qemu.short_name("ovf", m.attachment_id, str(m.generation)),
+        "job": qemu.short_name("cmt", m.attachment_id, str(m.generation)),
+        "dst": qemu.short_name("dst", m.new_attachment_id or ""),
+    }
+
+
+def _is_block_device(path: str) -> bool:
+    return stat.S_ISBLK(os.stat(path).st_mode)
+
+
+def _fsync_volume(path: str) -> None:
+    """Makes what QEMU wrote to the volume durable, from outside QEMU: a copy may start next."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Handoff:
+    def __init__(self, servers: dict[str, ServerConfig], store: StateStore, overlay_dir: str):
+        self.store = store
+        self.overlay_dir = overlay_dir
+        self.qmp = {server_id: Qmp(cfg.qmp) for server_id, cfg in servers.items()}
+        self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._locks_lock = threading.Lock()
+        self._workers: list[threading.Thread] = []
+        for server_id, cfg in servers.items():
+            for attachment_id, a in cfg.attachments.items():
+                store.add_attachment_if_new(
+                    Attachment(attachment_id, server_id, a["qdev"], a["node"], a["volume"])
+                )
+
+    # ------------------------------------------------------------------ helpers
+
+    def _lock(self, attachment_id: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._locks[attachment_id]
+
+    def _attachment(self, server_id: str, attachment_id: str) -> Attachment:
+        if server_id not in self.qmp:
+            raise NotFound(f"server {server_id} is not known to this compute agent")
+        a = self.store.attachment(attachment_id)
+        if a is None or a.server_id != server_id:
+            raise NotFound(f"attachment {attachment_id} is not attached to server {server_id}")
+        return a
+
+    def _background(self, target, *args) -> None:
+        worker = threading.Thread(target=target, args=args, daemon=True)
+        self._workers = [w for w in self._workers if w.is_alive()] + [worker]
+        worker.start()
+
+    def wait_idle(self, timeout: float | None = None) -> None:
+        for worker in list(self._workers):
+            worker.join(timeout)
+
+    def _fail(self, m: Migration, reason: str) -> None:
+        log.error("migration of attachment %s failed: %s", m.attachment_id, reason)
+        m.state, m.reason = State.FAILED.value, reason
+        self.store.put_migration(m)
+
+    def _written(self, m: Migration, a: Attachment) -> int:
+        try:
+            return max(0, qemu.bytes_written(self.qmp[m.server_id], a.qdev) - m.wr_bytes_at_start)
+        except QemuError:
+            return m.bytes_written
+
+    # ------------------------------------------------------------------ the three calls
+
+    def attachments(self, server_id: str) -> list[dict]:
+        if server_id not in self.qmp:
+            raise NotFound(f"server {server_id} is not known to this compute agent")
+        return [
+            {"id": a.attachment_id, "serverId": a.server_id, "device_path": a.volume_path}
+            for a in self.store.attachments_of(server_id)
+        ]
+
+    def state(self, server_id: str, attachment_id: str) -> Migration:
+        a = self._attachment(server_id, attachment_id)
+        m = self.store.migration(attachment_id) or Migration(attachment_id, server_id)
+        if m.state == FENCING:
+            m.state = State.NONE.value
+        elif m.state == State.FENCED.value and not m.offline:
+            m.bytes_written = self._written(m, a)
+        return m
+
+    def start(self, server_id: str, attachment_id: str) -> Migration:
+        """Reversion: a fence that could not be set entirely is taken down again (overlay nodes
+        deleted, file removed) and the call answers 409; src was never written by it."""
+        a = self._attachment(server_id, attachment_id)
+        with self._lock(attachment_id):
+            m = self.store.migration(attachment_id) or Migration(attachment_id, server_id)
+            if m.state == State.FENCED.value:
+                return m
+            if m.state in (State.COMPLETING.value, State.COMPLETED.value) or a.replaced_by:
+                raise Conflict(f"attachment {attachment_id} was already migrated to {m.new_attachment_id}")
+            if m.state in (State.CANCELLING.value, FENCING):
+                raise Conflict(f"attachment {attachment_id} is still {m.state}; start again once it is done")
+            previous = m.state
+            m.generation += 1
+            m.new_attachment_id = m.dst_path = m.reason = None
+            m.bytes_written = 0
+            qmp = self.qmp[server_id]
+            if not qmp.is_running():
+                m.state, m.offline, m.overlay_path = State.FENCED.value, True, None
+                self.store.put_migration(m)
+                return m
+            m.offline = False
+            m.overlay_path = os.path.join(
+                self.overlay_dir, f"{server_id}-{attachment_id}-{m.generation}.qcow2"
+            )
+            m.state = FENCING
+            self.store.put_migration(m)
+            try:
+                self._fence(m, a)
+            except (QemuError, OSError) as exc:
+                self._unfence_leftovers(m)
+                m.state, m.reason = previous, f"cannot suspend writes: {exc}"
+                self.store.put_migration(m)
+                raise Conflict(m.reason) from None
+            return m
+
+    def _fence(self, m: Migration, a: Attachment) -> None:
+        qmp, names = self.qmp[m.server_id], _names(m)
+        top = qemu.top_node(qmp, a.qdev)
+        if top != a.node:
+            raise QemuError(f"the disk is on node {top}, not on its volume's node {a.node}")
+        busy = qemu.jobs_on(qmp, a.node)
+        if busy:
+            raise QemuError(f"block job(s) {', '.join(busy)} use the volume")
+        size = qemu.nodes(qmp)[a.node]["image"]["virtual-size"]
+        qemu.add_overlay(qmp, m.overlay_path, names["overlay_file"], names["overlay"], size)
+        qemu.snapshot(qmp, a.node, names["overlay"])
+        _fsync_volume(a.volume_path)
+        m.wr_bytes_at_start = qemu.bytes_written(qmp, a.qdev)
+        m.state = State.FENCED.value
+        self.store.put_migration(m)
+
+    def _unfence_leftovers(self, m: Migration) -> None:
+        """Overlay nodes and file that a fence left behind while not in the disk's chain."""
+        names, qmp = _names(m), self.qmp[m.server_id]
+        try:
+            for node in (names["overlay"], names["overlay_file"]):
+                qemu.delete_node(qmp, node)
+        except QemuError as exc:
+            log.warning("could not delete overlay nodes of %s: %s", m.attachment_id, exc)
+        if m.overlay_path and os.path.exists(m.overlay_path):
+            os.unlink(m.overlay_path)
+
+    def cancel(self, server_id: str, attachment_id: str) -> Migration:
+        """Answers at once; the overlay is merged back into src in the background. Reversion: none
+        needed, cancel is the reversion of start; a merge that fails leaves the state failed with
+        QEMU's reason and the guest still running on the overlay, so nothing is lost."""
+        self._attachment(server_id, attachment_id)
+        with self._lock(attachment_id):
+            m = self.store.migration(attachment_id)
+            if m is None or m.state not in (State.FENCED.value, FENCING):
+                return self.state(server_id, attachment_id)  # not running: a no-op
+            if m.offline:
+                m.state = State.CANCELLED.value
+                self.store.put_migration(m)
+                return m
+            m.state = State.CANCELLING.value
+            self.store.put_migration(m)
+        self._background(self._converge_cancel, attachment_id)
+        return m
+
+    def _converge_cancel(self, attachment_id: str) -> None:
+        with self._lock(attachment_id):
+            m = self.store.migration(attachment_id)
+            a = self.store.attachment(attachment_id)
+            qmp, names = self.qmp[m.server_id], _names(m)
+            try:
+                if qemu.top_node(qmp, a.qdev) == names["overlay"]:
+                    qemu.commit_active(qmp, names["job"], names["overlay"])
+                top = qemu.top_node(qmp, a.qdev)
+                if top != a.node:
+                    raise QemuError(f"after the merge the disk is on {top}, not on {a.node}")
+                m.bytes_written = self._written(m, a)
+                self._unfence_leftovers(m)
+            except QemuNotRunning as exc:
+                self._fail(
+                    m,
+                    f"QEMU stopped while fenced ({exc}); the guest's writes since start are in "
+                    f"{m.overlay_path}",
+                )
+                return
+            except QemuError as exc:
+                self._fail(m, f"merging the overlay back into src failed: {exc}")
+                return
+            m.state = State.CANCELLED.value
+            self.store.put_migration(m)
+
+    def complete(
+        self, server_id: str, attachment_id: str, new_attachment_id: str, connection_info: dict
+    ) -> Migration:
+        """Attaches dst, re-points the overlay onto it and releases src before answering; the overlay
+        is merged into dst in the background. Reversion: until the overlay's backing moves to dst the
+        migration stays fenced on src (dst is detached again); after that there is no going back, and
+        a repeated complete (or a restarted agent) finishes the remaining steps."""
+        self._attachment(server_id, attachment_id)
+        with self._lock(attachment_id):
+            m = self.store.migration(attachment_id)
+            state = m.state if m else State.NONE.value
+            if state in (State.COMPLETING.value, State.COMPLETED.value):
+                if m.new_attachment_id != new_attachment_id:
+                    raise Conflict(f"attachment {attachment_id} was completed onto {m.new_attachment_id}")
+                return m
+            if state in (State.CANCELLING.value, State.CANCELLED.value):
+                raise Conflict(f"the migration of attachment {attachment_id} was cancelled")
+            if state != State.FENCED.value:
+                raise Conflict(f"the migration of attachment {attachment_id} was not started ({state})")
+            try:
+                dst = attach(connection_info)
+            except Exception as exc:  # noqa: BLE001 - os-brick raises many kinds
+                raise Conflict(f"cannot attach the new volume: {exc}") from None
+            m.new_attachment_id, m.dst_path = new_attachment_id, dst.path
+            m.state = State.COMPLETING.value
+            self.store.put_migration(m)
+            if m.offline:
+                self._replace_attachment(m)
+                m.state = State.COMPLETED.value
+                self.store.put_migration(m)
+                return m
+            try:
+                self._pivot(m)
+            except QemuError as exc:
+                self._fail(m, f"moving the overlay onto the new volume failed: {exc}")
+                raise Conflict(m.reason) from None
+        self._background(self._converge_complete, attachment_id)
+        return m
+
+    def _replace_attachment(self, m: Migration) -> None:
+        old = self.store.attachment(m.attachment_id)
+        node = _names(m)["dst"]
+        self.store.put_attachment(Attachment(m.new_attachment_id, m.server_id, old.qdev, node, m.dst_path))
+        old.replaced_by = m.new_attachment_id
+        self.store.put_attachment(old)
+
+    def _pivot(self, m: Migration) -> None:
+        """From here on the guest reads through the overlay from dst; src has no user left."""
+        a = self.store.attachment(m.attachment_id)
+        qmp, names = self.qmp[m.server_id], _names(m)
+        backing = qemu.nodes(qmp).get(names["overlay"], {}).get("backing_file")
+        if backing != m.dst_path:
+            qemu.add_raw_volume(qmp, names["dst"], m.dst_path, _is_block_device(m.dst_path))
+            qemu.repoint_backing(qmp, names["overlay"], names["overlay_file"], names["dst"])
+        if a.replaced_by is None:
+            qemu.delete_node(qmp, a.node)
+            self._replace_attachment(m)
+
+    def _converge_complete(self, attachment_id: str) -> None:
+        with self._lock(attachment_id):
+            m = self.store.migration(attachment_id)
+            old = self.store.attachment(attachment_id)
+            qmp, names = self.qmp[m.server_id], _names(m)
+            try:
+                top = qemu.top_node(qmp, old.qdev)
+                if top == names["overlay"]:
+                    self._pivot(m)
+                    qemu.commit_active(qmp, names["job"], names["overlay"])
+                    top = qemu.top_node(qmp, old.qdev)
+                if top != names["dst"]:
+                    raise QemuError(f"after the merge the disk is on {top}, not on {names['dst']}")
+                m.bytes_written = self._written(m, old)
+                self._unfence_leftovers(m)
+            except QemuNotRunning as exc:
+                self._fail(
+                    m,
+                    f"QEMU stopped while completing ({exc}); the guest's writes since start are in "
+                    f"{m.overlay_path} over {m.dst_path}",
+                )
+                return
+            except QemuError as exc:
+                self._fail(m, f"merging the overlay into the new volume failed: {exc}")
+                return
+            m.state = State.COMPLETED.value
+            self.store.put_migration(m)
+
+    # ------------------------------------------------------------------ restart
+
+    def recover(self) -> None:
+        """Finishes or reports what a previous agent left in flight."""
+        for m in self.store.migrations_in([FENCING, State.CANCELLING.value, State.COMPLETING.value]):
+            if m.state == State.CANCELLING.value:
+                self._background(self._converge_cancel, m.attachment_id)
+            elif m.state == State.COMPLETING.value:
+                self._background(self._converge_complete, m.attachment_id)
+            else:
+                self._recover_fencing(m)
+
+    def _recover_fencing(self, m: Migration) -> None:
+        """Killed between intent and fence: fenced if the overlay made it into the chain, else not."""
+        a = self.store.attachment(m.attachment_id)
+        qmp = self.qmp[m.server_id]
+        try:
+            if qemu.top_node(qmp, a.qdev) == _names(m)["overlay"]:
+                _fsync_volume(a.volume_path)
+                m.state = State.FENCED.value
+            else:
+                self._unfence_leftovers(m)
+                m.state, m.reason = State.NONE.value, "the agent restarted before the fence was set"
+        except QemuError as exc:
+            m.state, m.reason = State.NONE.value, f"the agent restarted while fencing: {exc}"
+        self.store.put_migration(m)

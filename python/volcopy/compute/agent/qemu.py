@@ -1,0 +1,197 @@
+"""What the agent does to a running QEMU, over QMP (the qemu.qmp library).
+
+The guest's disk is a device whose BlockBackend sits on a node graph. Fencing puts a local qcow2
+overlay on top (blockdev-snapshot), so the guest keeps writing while src gets nothing; cancel commits
+the overlay back into src; complete re-points the overlay's backing from src to dst (blockdev-reopen)
+and commits it into dst. Each step here is idempotent or checks the graph first, so that a restarted
+agent can run the same step again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import threading
+import time
+
+from qemu.qmp import ExecuteError, QMPError
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+JOB_POLL_SECONDS = 0.02
+
+
+class QemuError(Exception):
+    """QEMU refused or failed a command; the message is QEMU's own."""
+
+
+class QemuNotRunning(QemuError):
+    """The server's QMP socket does not answer: its QEMU is not running."""
+
+
+def short_name(prefix: str, *parts: str) -> str:
+    """Node and job names (QEMU allows 31 characters) derived from ids that may be long UUIDs."""
+    return prefix + hashlib.blake2b("/".join(parts).encode(), digest_size=8).hexdigest()
+
+
+class Qmp:
+    """One QMP connection to one QEMU. The legacy client is synchronous and not thread-safe, so
+    every command holds the lock; the connection is made on first use and again after a failure."""
+
+    def __init__(self, socket_path: str):
+        self.socket_path = socket_path
+        self._lock = threading.Lock()
+        self._client: QEMUMonitorProtocol | None = None
+
+    def _connected(self) -> QEMUMonitorProtocol:
+        if self._client is None:
+            client = QEMUMonitorProtocol(self.socket_path)
+            try:
+                client.connect()
+            except (OSError, QMPError) as exc:
+                client.close()
+                raise QemuNotRunning(f"QEMU is not running (QMP socket {self.socket_path}: {exc})") from None
+            self._client = client
+        return self._client
+
+    def is_running(self) -> bool:
+        try:
+            self.cmd("query-status")
+            return True
+        except QemuNotRunning:
+            return False
+
+    def cmd(self, name: str, **args):
+        with self._lock:
+            client = self._connected()
+            try:
+                result = client.cmd(name, **args)
+            except ExecuteError as exc:
+                raise QemuError(f"{name}: {exc}") from None
+            except (OSError, EOFError, QMPError) as exc:
+                self._drop()
+                raise QemuNotRunning(f"QEMU went away during {name}: {exc}") from None
+            client.clear_events()  # events are not used; do not let them pile up
+            return result
+
+    def _drop(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+            self._client = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+
+def _device(qmp: Qmp, qdev: str) -> dict:
+    for block in qmp.cmd("query-block"):
+        path = block.get("qdev", "")
+        if path == qdev or path.startswith(f"/machine/peripheral/{qdev}/"):
+            return block
+    raise QemuError(f"no disk device {qdev!r} in this QEMU")
+
+
+def top_node(qmp: Qmp, qdev: str) -> str:
+    """The node the device's BlockBackend sits on."""
+    inserted = _device(qmp, qdev).get("inserted")
+    if not inserted:
+        raise QemuError(f"disk device {qdev!r} has no medium")
+    return inserted["node-name"]
+
+
+def nodes(qmp: Qmp) -> dict[str, dict]:
+    return {n["node-name"]: n for n in qmp.cmd("query-named-block-nodes")}
+
+
+def bytes_written(qmp: Qmp, qdev: str) -> int:
+    for entry in qmp.cmd("query-blockstats"):
+        path = entry.get("qdev", "")
+        if path == qdev or path.startswith(f"/machine/peripheral/{qdev}/"):
+            return entry["stats"]["wr_bytes"]
+    raise QemuError(f"no statistics for disk device {qdev!r}")
+
+
+def jobs_on(qmp: Qmp, node: str) -> list[str]:
+    """Block jobs that involve a node, by id (a job writing to src would break the fence)."""
+    return [job["device"] for job in qmp.cmd("query-block-jobs") if job.get("device") == node]
+
+
+def add_overlay(qmp: Qmp, overlay_path: str, file_node: str, node: str, size: int) -> None:
+    """A fresh qcow2 file and its two nodes, not yet in the device's chain."""
+    existing = nodes(qmp)
+    if node in existing:
+        return
+    if file_node not in existing:
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", overlay_path, str(size)],
+            check=True,
+            capture_output=True,
+        )
+        qmp.cmd("blockdev-add", driver="file", **{"node-name": file_node, "filename": overlay_path})
+    qmp.cmd("blockdev-add", driver="qcow2", file=file_node, backing=None, **{"node-name": node})
+
+
+def snapshot(qmp: Qmp, base: str, overlay: str) -> None:
+    """Moves the device onto the overlay; from its return on, nothing writes to base. QEMU drains
+    base's in-flight requests before it switches."""
+    qmp.cmd("blockdev-snapshot", node=base, overlay=overlay)
+
+
+def repoint_backing(qmp: Qmp, overlay: str, overlay_file: str, backing: str) -> None:
+    """blockdev-reopen takes the node's whole option set; these are the ones add_overlay used."""
+    qmp.cmd(
+        "blockdev-reopen",
+        options=[{"driver": "qcow2", "node-name": overlay, "file": overlay_file, "backing": backing}],
+    )
+
+
+def add_raw_volume(qmp: Qmp, node: str, path: str, is_block_device: bool) -> None:
+    if node in nodes(qmp):
+        return
+    qmp.cmd(
+        "blockdev-add",
+        driver="raw",
+        file={
+            "driver": "host_device" if is_block_device else "file",
+            "filename": path,
+            "cache": {"direct": True},
+        },
+        **{"node-name": node},
+    )
+
+
+def delete_node(qmp: Qmp, node: str) -> None:
+    if node in nodes(qmp):
+        qmp.cmd("blockdev-del", **{"node-name": node})
+
+
+def _job(qmp: Qmp, job_id: str) -> dict | None:
+    for job in qmp.cmd("query-jobs"):
+        if job["id"] == job_id:
+            return job
+    return None
+
+
+def commit_active(qmp: Qmp, job_id: str, overlay: str) -> None:
+    """Merges the overlay into its backing node and moves the device down onto that node: an active
+    block-commit, completed once it is ready. Picks up a job a previous agent left running."""
+    if _job(qmp, job_id) is None:
+        qmp.cmd("block-commit", device=overlay, **{"job-id": job_id, "auto-dismiss": False})
+    completed = False
+    while True:
+        job = _job(qmp, job_id)
+        if job is None:
+            return  # dismissed by an earlier run of this step
+        status = job["status"]
+        if status == "ready" and not completed:
+            qmp.cmd("job-complete", id=job_id)
+            completed = True
+        elif status == "concluded":
+            qmp.cmd("job-dismiss", id=job_id)
+            if job.get("error"):
+                raise QemuError(f"block-commit {job_id} failed: {job['error']}")
+            return
+        time.sleep(JOB_POLL_SECONDS)

@@ -1,0 +1,120 @@
+"""The client the Cinder side uses to call the three compute calls (keystoneauth1).
+
+    compute = NovaCompute(endpoint="http://compute:8774", token="...")   # or session=<keystone session>
+    compute.migration_start(server_id, attachment_id)
+    compute.migration_complete(server_id, attachment_id, new_attachment_id, connection_info)
+
+Every call is idempotent by contract (a repeated start or complete answers 200, cancel is always a
+202), so connection failures and 502/503/504 are retried for all of them; 4xx never are.
+"""
+
+from __future__ import annotations
+
+import os
+
+from keystoneauth1 import adapter, exceptions, loading, token_endpoint
+from keystoneauth1 import session as ks_session
+
+from . import api
+from .errors import BY_STATUS, ComputeError
+
+RETRIABLE_STATUSES = [502, 503, 504]
+
+
+def session_from_environment() -> ks_session.Session:
+    """A keystone session from the usual OS_* settings: OS_TOKEN with OS_ENDPOINT, or OS_AUTH_URL
+    with the options of OS_AUTH_TYPE (default: password)."""
+    env = os.environ
+    if env.get("OS_TOKEN") and env.get("OS_ENDPOINT"):
+        return ks_session.Session(auth=token_endpoint.Token(env["OS_ENDPOINT"], env["OS_TOKEN"]))
+    if env.get("OS_AUTH_URL"):
+        loader = loading.get_plugin_loader(env.get("OS_AUTH_TYPE", "password"))
+        options = {}
+        for option in loader.get_options():
+            name = "OS_" + option.dest.upper()
+            if name in env:
+                options[option.dest] = env[name]
+        return ks_session.Session(auth=loader.load_from_options(**options), verify=env.get("OS_CACERT", True))
+    raise ComputeError(
+        "no compute credentials: pass endpoint and token, a session, or set OS_TOKEN and "
+        "OS_ENDPOINT (or OS_AUTH_URL and friends)"
+    )
+
+
+class NovaCompute:
+    def __init__(
+        self,
+        session: ks_session.Session | None = None,
+        *,
+        endpoint: str | None = None,
+        token: str | None = None,
+        region_name: str | None = None,
+        interface: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+    ):
+        if session is None:
+            if endpoint and token:
+                session = ks_session.Session(auth=token_endpoint.Token(endpoint, token))
+            else:
+                session = session_from_environment()
+        self._api = adapter.Adapter(
+            session,
+            service_type="compute",
+            region_name=region_name,
+            interface=interface,
+            default_microversion=api.MICROVERSION,
+            connect_retries=retries,
+            status_code_retries=retries,
+            retriable_status_codes=RETRIABLE_STATUSES,
+            timeout=timeout,
+        )
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+        try:
+            response = self._api.request(path, method, json=body, raise_exc=False)
+        except exceptions.ConnectFailure as exc:
+            raise ComputeError(f"cannot reach the compute service: {exc}") from None
+        except exceptions.ClientException as exc:
+            raise ComputeError(f"compute request failed: {exc}") from None
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = {}
+        if response.status_code < 300:
+            return payload.get("volume_migration", payload)
+        fault = next(iter(payload.values()), {}) if isinstance(payload, dict) and payload else {}
+        message = fault.get("message") if isinstance(fault, dict) else None
+        error = BY_STATUS.get(response.status_code, ComputeError)
+        raise error(message or f"{method} {path}: HTTP {response.status_code}", status=response.status_code)
+
+    def _action(self, server_id: str, action: str, args: dict) -> dict:
+        return self._call("POST", f"/servers/{server_id}/action", {action: args})
+
+    def migration_start(self, server_id: str, attachment_id: str) -> dict:
+        """Returns once nothing writes to the attachment's volume; ComputeConflict if that cannot be."""
+        return self._action(server_id, api.START, {"attachment_id": attachment_id})
+
+    def migration_cancel(self, server_id: str, attachment_id: str) -> dict:
+        """Returns at once; migration_state() shows when the cancel has finished."""
+        return self._action(server_id, api.CANCEL, {"attachment_id": attachment_id})
+
+    def migration_complete(
+        self, server_id: str, attachment_id: str, new_attachment_id: str, connection_info: dict
+    ) -> dict:
+        """Returns once the guest does its I/O on the new volume."""
+        return self._action(
+            server_id,
+            api.COMPLETE,
+            {
+                "attachment_id": attachment_id,
+                "new_attachment_id": new_attachment_id,
+                "connection_info": connection_info,
+            },
+        )
+
+    def migration_state(self, server_id: str, attachment_id: str) -> dict:
+        return self._call("GET", f"/servers/{server_id}/volume-migrations/{attachment_id}")
+
+    def attachments(self, server_id: str) -> list[dict]:
+        return self._call("GET", f"/servers/{server_id}/os-volume_attachments")["volumeAttachments"]
