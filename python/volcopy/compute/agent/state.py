@@ -101,7 +101,7 @@ class StateStore:
             row = self._db.execute(
                 f"SELECT {', '.join(names)} FROM {table} WHERE attachment_id = ?", (key,)
             ).fetchone()
-        return cls(**dict(zip(names, row))) if row else None
+        return cls(**dict(zip(names, row, strict=True))) if row else None
 
     def attachment(self, attachment_id: str) -> Attachment | None:
         return self._get("attachments", Attachment, attachment_id)
