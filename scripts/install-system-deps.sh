@@ -9,8 +9,9 @@ packages=(
     python3-venv python3-dev gcc make liburing-dev libaio-dev libxxhash-dev
     # run and test: loop devices, file systems, the peers the benchmarks compare against
     util-linux e2fsprogs fio qemu-utils qemu-system-x86 libnbd-bin nbdkit
-    # the compute handoff and orchestrator tests: a real database server
-    postgresql
+    # the compute handoff tests: a real guest (a kernel and busybox for its initramfs);
+    # the orchestrator's: a real database server
+    linux-image-cloud-amd64 busybox-static postgresql
 )
 
 missing=()

@@ -55,9 +55,10 @@ class NovaCompute:
     ):
         if session is None:
             if endpoint and token:
-                session = ks_session.Session(auth=token_endpoint.Token(endpoint, token))
+                session = ks_session.Session(auth=token_endpoint.Token(endpoint, token), timeout=timeout)
             else:
                 session = session_from_environment()
+                session.timeout = timeout
         self._api = adapter.Adapter(
             session,
             service_type="compute",
@@ -67,7 +68,6 @@ class NovaCompute:
             connect_retries=retries,
             status_code_retries=retries,
             retriable_status_codes=RETRIABLE_STATUSES,
-            timeout=timeout,
         )
 
     def _call(self, method: str, path: str, body: dict | None = None) -> dict:

@@ -110,9 +110,9 @@ class Handoff:
         m.state, m.reason = State.FAILED.value, reason
         self.store.put_migration(m)
 
-    def _written(self, m: Migration, a: Attachment) -> int:
+    def _written(self, m: Migration) -> int:
         try:
-            return max(0, qemu.bytes_written(self.qmp[m.server_id], a.qdev) - m.wr_bytes_at_start)
+            return qemu.bytes_written(self.qmp[m.server_id], _names(m)["overlay"])
         except QemuError:
             return m.bytes_written
 
@@ -127,12 +127,12 @@ class Handoff:
         ]
 
     def state(self, server_id: str, attachment_id: str) -> Migration:
-        a = self._attachment(server_id, attachment_id)
+        self._attachment(server_id, attachment_id)
         m = self.store.migration(attachment_id) or Migration(attachment_id, server_id)
         if m.state == FENCING:
             m.state = State.NONE.value
         elif m.state == State.FENCED.value and not m.offline:
-            m.bytes_written = self._written(m, a)
+            m.bytes_written = self._written(m)
         return m
 
     def start(self, server_id: str, attachment_id: str) -> Migration:
@@ -176,14 +176,11 @@ class Handoff:
         top = qemu.top_node(qmp, a.qdev)
         if top != a.node:
             raise QemuError(f"the disk is on node {top}, not on its volume's node {a.node}")
-        busy = qemu.jobs_on(qmp, a.node)
-        if busy:
-            raise QemuError(f"block job(s) {', '.join(busy)} use the volume")
         size = qemu.nodes(qmp)[a.node]["image"]["virtual-size"]
         qemu.add_overlay(qmp, m.overlay_path, names["overlay_file"], names["overlay"], size)
+        qemu.track_writes(qmp, names["overlay"])
         qemu.snapshot(qmp, a.node, names["overlay"])
         _fsync_volume(a.volume_path)
-        m.wr_bytes_at_start = qemu.bytes_written(qmp, a.qdev)
         m.state = State.FENCED.value
         self.store.put_migration(m)
 
@@ -227,7 +224,7 @@ class Handoff:
                 top = qemu.top_node(qmp, a.qdev)
                 if top != a.node:
                     raise QemuError(f"after the merge the disk is on {top}, not on {a.node}")
-                m.bytes_written = self._written(m, a)
+                m.bytes_written = self._written(m)
                 self._unfence_leftovers(m)
             except QemuNotRunning as exc:
                 self._fail(
@@ -313,7 +310,7 @@ class Handoff:
                     top = qemu.top_node(qmp, old.qdev)
                 if top != names["dst"]:
                     raise QemuError(f"after the merge the disk is on {top}, not on {names['dst']}")
-                m.bytes_written = self._written(m, old)
+                m.bytes_written = self._written(m)
                 self._unfence_leftovers(m)
             except QemuNotRunning as exc:
                 self._fail(

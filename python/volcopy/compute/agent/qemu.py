@@ -9,13 +9,13 @@ agent can run the same step again.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import subprocess
 import threading
 import time
 
-from qemu.qmp import ExecuteError, QMPError
-from qemu.qmp.legacy import QEMUMonitorProtocol
+from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 JOB_POLL_SECONDS = 0.02
 
@@ -34,24 +34,18 @@ def short_name(prefix: str, *parts: str) -> str:
 
 
 class Qmp:
-    """One QMP connection to one QEMU. The legacy client is synchronous and not thread-safe, so
-    every command holds the lock; the connection is made on first use and again after a failure."""
+    """One QMP connection to one QEMU, owned by a thread of its own that runs the connection's event
+    loop; other threads hand it commands. (The library's synchronous shim runs its loop in whichever
+    thread calls, which a threaded server cannot use safely.) It connects on first use and again
+    after a failure."""
 
-    def __init__(self, socket_path: str):
+    def __init__(self, socket_path: str, timeout: float = 300.0):
         self.socket_path = socket_path
-        self._lock = threading.Lock()
-        self._client: QEMUMonitorProtocol | None = None
-
-    def _connected(self) -> QEMUMonitorProtocol:
-        if self._client is None:
-            client = QEMUMonitorProtocol(self.socket_path)
-            try:
-                client.connect()
-            except (OSError, QMPError) as exc:
-                client.close()
-                raise QemuNotRunning(f"QEMU is not running (QMP socket {self.socket_path}: {exc})") from None
-            self._client = client
-        return self._client
+        self.timeout = timeout
+        self._client: QMPClient | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"qmp {socket_path}", daemon=True)
+        self._thread.start()
 
     def is_running(self) -> bool:
         try:
@@ -60,30 +54,40 @@ class Qmp:
         except QemuNotRunning:
             return False
 
-    def cmd(self, name: str, **args):
-        with self._lock:
-            client = self._connected()
-            try:
-                result = client.cmd(name, **args)
-            except ExecuteError as exc:
-                raise QemuError(f"{name}: {exc}") from None
-            except (OSError, EOFError, QMPError) as exc:
-                self._drop()
-                raise QemuNotRunning(f"QEMU went away during {name}: {exc}") from None
-            client.clear_events()  # events are not used; do not let them pile up
-            return result
+    def cmd(self, command: str, /, **args):
+        future = asyncio.run_coroutine_threadsafe(self._execute(command, args), self._loop)
+        return future.result(self.timeout)
 
-    def _drop(self) -> None:
-        if self._client is not None:
+    async def _execute(self, command: str, args: dict):
+        if self._client is None:
+            client = QMPClient("volcopy-compute-agent")
             try:
-                self._client.close()
+                await client.connect(self.socket_path)
+            except (OSError, QMPError) as exc:
+                raise QemuNotRunning(f"QEMU is not running (QMP socket {self.socket_path}: {exc})") from None
+            self._client = client
+        try:
+            result = await self._client.execute(command, args or None)
+        except ExecuteError as exc:
+            raise QemuError(f"{command}: {exc}") from None
+        except (OSError, EOFError, QMPError) as exc:
+            await self._drop()
+            raise QemuNotRunning(f"QEMU went away during {command}: {exc}") from None
+        self._client.events.clear()  # events are not used; do not let them pile up
+        return result
+
+    async def _drop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await client.disconnect()
             except Exception:  # noqa: BLE001 - closing a broken connection
                 pass
-            self._client = None
 
     def close(self) -> None:
-        with self._lock:
-            self._drop()
+        asyncio.run_coroutine_threadsafe(self._drop(), self._loop).result(self.timeout)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
 
 
 def _device(qmp: Qmp, qdev: str) -> dict:
@@ -106,17 +110,22 @@ def nodes(qmp: Qmp) -> dict[str, dict]:
     return {n["node-name"]: n for n in qmp.cmd("query-named-block-nodes")}
 
 
-def bytes_written(qmp: Qmp, qdev: str) -> int:
-    for entry in qmp.cmd("query-blockstats"):
-        path = entry.get("qdev", "")
-        if path == qdev or path.startswith(f"/machine/peripheral/{qdev}/"):
-            return entry["stats"]["wr_bytes"]
-    raise QemuError(f"no statistics for disk device {qdev!r}")
+WRITTEN_BITMAP = "volcopy-written"
 
 
-def jobs_on(qmp: Qmp, node: str) -> list[str]:
-    """Block jobs that involve a node, by id (a job writing to src would break the fence)."""
-    return [job["device"] for job in qmp.cmd("query-block-jobs") if job.get("device") == node]
+def track_writes(qmp: Qmp, overlay: str) -> None:
+    """A dirty bitmap on the overlay counts what the guest writes while fenced, whatever path the write
+    takes (the device's own statistics miss writes that do not come from the device model)."""
+    if WRITTEN_BITMAP not in {b["name"] for b in nodes(qmp).get(overlay, {}).get("dirty-bitmaps", [])}:
+        qmp.cmd("block-dirty-bitmap-add", node=overlay, name=WRITTEN_BITMAP)
+
+
+def bytes_written(qmp: Qmp, overlay: str) -> int:
+    """Bytes of the disk the guest changed since the fence (in the bitmap's 64 KiB granules)."""
+    for bitmap in nodes(qmp).get(overlay, {}).get("dirty-bitmaps", []):
+        if bitmap["name"] == WRITTEN_BITMAP:
+            return bitmap["count"]
+    raise QemuError(f"overlay {overlay} has no write tracking")
 
 
 def add_overlay(qmp: Qmp, overlay_path: str, file_node: str, node: str, size: int) -> None:

@@ -31,7 +31,6 @@ CREATE TABLE IF NOT EXISTS migrations (
     new_attachment_id TEXT,
     dst_path TEXT,
     overlay_path TEXT,
-    wr_bytes_at_start INTEGER NOT NULL,
     bytes_written INTEGER NOT NULL,
     reason TEXT,
     updated_at REAL NOT NULL
@@ -59,7 +58,6 @@ class Migration:
     new_attachment_id: str | None = None
     dst_path: str | None = None
     overlay_path: str | None = None
-    wr_bytes_at_start: int = 0
     bytes_written: int = 0
     reason: str | None = None
     updated_at: float = 0.0

@@ -1,0 +1,303 @@
+"""The compute handoff on a real QEMU, with a guest writing through its disk all along: start fences
+src, complete moves the guest onto dst with every write, cancel merges the writes back into src; the
+API answers as documented (401, 400, 404, 409, idempotent repeats); a stopped instance and an agent
+restart are handled."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+
+import pytest
+
+import volcopy
+from compute_harness import BUSYBOX, INITIAL, KERNEL, QEMU, TOKEN, Agent, Guest, server_entry, wait_for
+from conftest import MiB, needs_root_for_loop, read_all
+from volcopy.compute import ComputeConflict, ComputeNotFound, ComputeUnauthorized, NovaCompute
+
+SIZE = 64 * MiB
+SERVER, SRC_ATT, DST_ATT = "server-1", "att-src-1", "att-dst-1"
+
+pytestmark = [
+    needs_root_for_loop,
+    pytest.mark.skipif(QEMU is None, reason="needs qemu-system-x86_64 (Debian: qemu-system-x86)"),
+    pytest.mark.skipif(
+        KERNEL is None or BUSYBOX is None,
+        reason="the guest needs a kernel in /boot and busybox (Debian: linux-image-cloud-amd64, "
+        "busybox-static)",
+    ),
+]
+
+
+def fill(path, size: int, byte: int) -> None:
+    with open(path, "wb") as f:
+        for _ in range(size // MiB):
+            f.write(bytes([byte]) * MiB)
+
+
+@pytest.fixture
+def volumes(workdir, loops):
+    fill(workdir / "src-backing.img", SIZE, INITIAL)
+    fill(workdir / "dst-backing.img", SIZE, 0x3C)  # garbage until the copy
+    return loops.attach(workdir / "src-backing.img"), loops.attach(workdir / "dst-backing.img")
+
+
+@pytest.fixture
+def guest(workdir, volumes):
+    g = Guest(workdir, "a", volumes[0], SIZE)
+    g.start()
+    yield g
+    g.stop()
+
+
+@pytest.fixture
+def agent(workdir, guest):
+    a = Agent(workdir, {SERVER: server_entry(guest, SRC_ATT)})
+    a.start()
+    yield a
+    a.stop()
+
+
+@pytest.fixture
+def compute(agent):
+    return NovaCompute(endpoint=agent.url, token=TOKEN)
+
+
+def local(path: str) -> dict:
+    return {"driver_volume_type": "local", "data": {"device_path": path}}
+
+
+def wait_state(compute, state: str, attachment=SRC_ATT, timeout=60) -> dict:
+    return wait_for(
+        lambda: (s := compute.migration_state(SERVER, attachment))["state"] == state and s,
+        timeout=timeout,
+        what=f"state {state}",
+    )
+
+
+def test_complete_moves_the_guest_onto_dst_with_every_write(guest, compute, volumes):
+    src, dst = volumes
+    guest.start_writer()
+    time.sleep(0.3)
+
+    started = compute.migration_start(SERVER, SRC_ATT)
+    assert started["state"] == "fenced"
+    at_start = read_all(src)
+    digest_at_start = volcopy.digest(src)
+    volcopy.copy(src, dst)  # Cinder's copy, while the guest keeps writing
+    time.sleep(0.3)
+    assert volcopy.digest(src) == digest_at_start, "src changed while fenced"
+    assert compute.migration_state(SERVER, SRC_ATT)["bytes_written_since_start"] > 0
+
+    done = compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst))
+    assert done["state"] in ("completing", "completed")
+    time.sleep(0.3)  # more writes, now onto dst
+    guest.stop_writer()
+    wait_state(compute, "completed")
+
+    assert guest.errors == [] and guest.io_status_ok()
+    assert len(guest.writes) > 50
+    guest.check_guest_reads_model()
+    assert [a["id"] for a in compute.attachments(SERVER)] == [DST_ATT]
+    assert read_all(src) == at_start, "src was written after its fence"
+    guest.stop()
+    assert read_all(dst) == guest.model, "dst does not hold src-at-start plus every write"
+
+
+def test_cancel_merges_every_write_back_into_src(guest, compute, volumes):
+    src, dst = volumes
+    guest.start_writer()
+    compute.migration_start(SERVER, SRC_ATT)
+    digest_at_start = volcopy.digest(src)
+    time.sleep(0.5)
+    assert volcopy.digest(src) == digest_at_start
+
+    cancelled = compute.migration_cancel(SERVER, SRC_ATT)
+    assert cancelled["state"] in ("cancelling", "cancelled")
+    wait_state(compute, "cancelled")
+    time.sleep(0.2)  # the guest writes on, to src again
+    guest.stop_writer()
+
+    with pytest.raises(ComputeConflict, match="cancelled"):
+        compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst))
+    assert guest.errors == [] and guest.io_status_ok()
+    guest.check_guest_reads_model()
+    guest.stop()
+    assert read_all(src) == guest.model, "src lacks some of the guest's writes"
+
+
+def test_start_and_complete_repeated_are_idempotent(guest, compute, volumes):
+    src, dst = volumes
+    guest.start_writer()
+    first = compute.migration_start(SERVER, SRC_ATT)
+    again = compute.migration_start(SERVER, SRC_ATT)
+    assert first["state"] == again["state"] == "fenced"
+    volcopy.copy(src, dst)
+
+    compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst))
+    repeated = compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst))
+    assert repeated["state"] in ("completing", "completed")
+    wait_state(compute, "completed")
+    assert compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst))["state"] == "completed"
+    with pytest.raises(ComputeConflict, match="completed onto"):
+        compute.migration_complete(SERVER, SRC_ATT, "att-other", local(dst))
+    guest.stop_writer()
+    guest.stop()
+    assert read_all(dst) == guest.model
+
+
+def test_cancel_of_a_migration_not_running_is_a_no_op(compute):
+    assert compute.migration_cancel(SERVER, SRC_ATT)["state"] == "none"
+    assert compute.migration_state(SERVER, SRC_ATT)["state"] == "none"
+
+
+def test_complete_without_start_is_a_conflict(compute, volumes):
+    with pytest.raises(ComputeConflict, match="not started"):
+        compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(volumes[1]))
+
+
+def test_start_is_refused_when_the_disk_is_not_on_its_volume(guest, compute, workdir):
+    """Something else (a backup, another snapshot) already sits on the disk: 409 with the reason."""
+    os.system(f"qemu-img create -q -f qcow2 {workdir}/other.qcow2 {SIZE}")
+    guest.monitor.cmd(
+        "blockdev-add",
+        driver="qcow2",
+        backing=None,
+        file={"driver": "file", "filename": f"{workdir}/other.qcow2"},
+        **{"node-name": "other"},
+    )
+    guest.monitor.cmd("blockdev-snapshot", node=guest.node, overlay="other")
+
+    with pytest.raises(ComputeConflict, match="cannot suspend writes: .*not on its volume"):
+        compute.migration_start(SERVER, SRC_ATT)
+    assert compute.migration_state(SERVER, SRC_ATT)["state"] == "none"
+    assert not os.listdir(workdir / "overlays"), "a refused fence leaves no overlay behind"
+
+
+def test_unknown_server_or_attachment_is_404(compute):
+    with pytest.raises(ComputeNotFound, match="server"):
+        compute.migration_start("no-such-server", SRC_ATT)
+    with pytest.raises(ComputeNotFound, match="attachment"):
+        compute.migration_start(SERVER, "no-such-attachment")
+    with pytest.raises(ComputeNotFound):
+        compute.migration_state(SERVER, "no-such-attachment")
+
+
+def test_requests_without_a_valid_token_are_401(agent):
+    with pytest.raises(ComputeUnauthorized):
+        NovaCompute(endpoint=agent.url, token="wrong-token-0123456789").migration_start(SERVER, SRC_ATT)
+    status, body = raw(agent, "POST", f"/servers/{SERVER}/action", {"volume-migration-start": {}}, token=None)
+    assert status == 401 and body["unauthorized"]["code"] == 401
+
+
+def raw(agent, method, path, body, token=TOKEN, version="compute 2.97"):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(agent.url + path, data=data if method == "POST" else None, method=method)
+    request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("X-Auth-Token", token)
+    if version:
+        request.add_header("OpenStack-API-Version", version)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        (b"{not json", "not valid JSON"),
+        ([], "exactly one action"),
+        ({"volume-migration-start": {}, "volume-migration-cancel": {}}, "exactly one action"),
+        ({"reboot": {}}, "unknown action"),
+        ({"volume-migration-start": "att"}, "must be an object"),
+        ({"volume-migration-start": {}}, "'attachment_id' must be an id"),
+        ({"volume-migration-start": {"attachment_id": 7}}, "'attachment_id' must be an id"),
+        ({"volume-migration-start": {"attachment_id": "a/b"}}, "'attachment_id' must be an id"),
+        ({"volume-migration-start": {"attachment_id": SRC_ATT, "force": True}}, "unexpected key"),
+        (
+            {"volume-migration-complete": {"attachment_id": SRC_ATT, "new_attachment_id": DST_ATT}},
+            "'connection_info' must be an object",
+        ),
+        (
+            {
+                "volume-migration-complete": {
+                    "attachment_id": SRC_ATT,
+                    "new_attachment_id": SRC_ATT,
+                    "connection_info": {"driver_volume_type": "local", "data": {}},
+                }
+            },
+            "must differ",
+        ),
+    ],
+)
+def test_malformed_bodies_are_400_with_a_reason(agent, body, message):
+    status, reply = raw(agent, "POST", f"/servers/{SERVER}/action", body)
+    assert status == 400
+    assert message in reply["badRequest"]["message"]
+
+
+def test_microversion_is_required(agent):
+    body = {"volume-migration-start": {"attachment_id": SRC_ATT}}
+    status, reply = raw(agent, "POST", f"/servers/{SERVER}/action", body, version=None)
+    assert status == 400 and "microversion 2.97" in reply["badRequest"]["message"]
+    status, reply = raw(agent, "POST", f"/servers/{SERVER}/action", body, version="compute 2.200")
+    assert status == 406
+
+
+def test_stopped_instance_is_fenced_in_state_and_completed_onto_dst(workdir, volumes):
+    src, dst = volumes
+    stopped = {
+        "qmp": str(workdir / "not-running.qmp"),
+        "attachments": {SRC_ATT: {"qdev": "disk-a", "node": "vol-a", "volume": src}},
+    }
+    agent = Agent(workdir, {SERVER: stopped})
+    agent.start()
+    try:
+        compute = NovaCompute(endpoint=agent.url, token=TOKEN)
+        fenced = compute.migration_start(SERVER, SRC_ATT)
+        assert fenced["state"] == "fenced" and fenced["instance_running"] is False
+        volcopy.copy(src, dst)
+
+        done = compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst))
+
+        assert done["state"] == "completed"
+        assert compute.attachments(SERVER) == [{"id": DST_ATT, "serverId": SERVER, "device_path": dst}]
+        assert read_all(dst) == read_all(src)
+    finally:
+        agent.stop()
+
+
+def test_agent_restarted_while_fenced_still_knows_and_completes(workdir, guest, volumes):
+    src, dst = volumes
+    agent = Agent(workdir, {SERVER: server_entry(guest, SRC_ATT)})
+    agent.start()
+    try:
+        compute = NovaCompute(endpoint=agent.url, token=TOKEN)
+        guest.start_writer()
+        compute.migration_start(SERVER, SRC_ATT)
+        digest_at_start = volcopy.digest(src)
+        agent.kill()
+        volcopy.copy(src, dst)
+        agent.start()
+        compute = NovaCompute(endpoint=agent.url, token=TOKEN)
+
+        assert compute.migration_state(SERVER, SRC_ATT)["state"] == "fenced"
+        assert volcopy.digest(src) == digest_at_start
+        compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst))
+        agent.kill()  # killed again, maybe while merging the overlay into dst
+        agent.start()
+        compute = NovaCompute(endpoint=agent.url, token=TOKEN)
+        wait_state(compute, "completed")
+        guest.stop_writer()
+        assert guest.errors == []
+        guest.check_guest_reads_model()
+        guest.stop()
+        assert read_all(dst) == guest.model
+        assert volcopy.digest(src) == digest_at_start, "src was written after its fence"
+    finally:
+        agent.stop()
