@@ -50,7 +50,7 @@ while [ ! -b /dev/vda ]; do sleep 0.05; done
 writer() {
   n=0
   while [ ! -e /tmp/stop ]; do
-    block=$(( RANDOM % BLOCKS )); byte=$(( n % 250 + 1 ))
+    block=$(( (RANDOM * 32768 + RANDOM) % BLOCKS )); byte=$(( n % 250 + 1 ))
     [ $byte -eq 165 ] && byte=251
     if dd if=/patterns/$byte of=/dev/vda bs=4096 seek=$block count=1 oflag=direct conv=notrunc 2>/dev/null
     then echo "W $block $byte"; else echo "ERROR writing block $block"; fi
