@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 BLOCK = 4096
@@ -175,19 +176,35 @@ class Guest:
         ]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
-        wait_for(
-            lambda: os.path.exists(self.console_socket) or self.process.poll() is not None,
-            what="QEMU's sockets",
-        )
-        if self.process.poll() is not None:
-            raise RuntimeError(f"QEMU failed: {self.log.read_text()}")
-        self.console = socket.socket(socket.AF_UNIX)
-        self.console.connect(self.console_socket)
+        # A socket's file appears when QEMU binds it, a moment before it listens: retry until both are up.
+        self.console = wait_for(self._connect_console, what="QEMU's console socket")
         self._reader = threading.Thread(target=self._read_console, daemon=True)
         self._reader.start()
-        self.monitor = QEMUMonitorProtocol(self.test_socket)
-        self.monitor.connect()
+        self.monitor = wait_for(self._connect_monitor, what="QEMU's monitor socket")
         self.wait_line("READY", timeout=120)
+
+    def _exited(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"QEMU failed: {self.log.read_text()}")
+
+    def _connect_console(self) -> socket.socket | None:
+        self._exited()
+        console = socket.socket(socket.AF_UNIX)
+        try:
+            console.connect(self.console_socket)
+            return console
+        except (FileNotFoundError, ConnectionRefusedError):
+            console.close()
+            return None
+
+    def _connect_monitor(self) -> QEMUMonitorProtocol | None:
+        self._exited()
+        monitor = QEMUMonitorProtocol(self.test_socket)
+        try:
+            monitor.connect()
+            return monitor
+        except (OSError, QMPError):
+            return None
 
     def _read_console(self) -> None:
         buffer = b""

@@ -18,6 +18,7 @@ import time
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 JOB_POLL_SECONDS = 0.02
+CONNECT_PATIENCE_SECONDS = 1.0
 
 
 class QemuError(Exception):
@@ -60,12 +61,7 @@ class Qmp:
 
     async def _execute(self, command: str, args: dict):
         if self._client is None:
-            client = QMPClient("volcopy-compute-agent")
-            try:
-                await client.connect(self.socket_path)
-            except (OSError, QMPError) as exc:
-                raise QemuNotRunning(f"QEMU is not running (QMP socket {self.socket_path}: {exc})") from None
-            self._client = client
+            self._client = await self._connect()
         try:
             result = await self._client.execute(command, args or None)
         except ExecuteError as exc:
@@ -75,6 +71,22 @@ class Qmp:
             raise QemuNotRunning(f"QEMU went away during {command}: {exc}") from None
         self._client.events.clear()  # events are not used; do not let them pile up
         return result
+
+    async def _connect(self) -> QMPClient:
+        """A QEMU that is starting refuses connections for a moment after its socket file appears, as
+        does the stale socket of one that died: only a refusal that lasts means "not running"."""
+        deadline = time.monotonic() + CONNECT_PATIENCE_SECONDS
+        while True:
+            client = QMPClient("volcopy-compute-agent")
+            try:
+                await client.connect(self.socket_path)
+                return client
+            except (OSError, QMPError) as exc:
+                if time.monotonic() >= deadline:
+                    raise QemuNotRunning(
+                        f"QEMU is not running (QMP socket {self.socket_path}: {exc})"
+                    ) from None
+            await asyncio.sleep(0.05)
 
     async def _drop(self) -> None:
         client, self._client = self._client, None
