@@ -6,8 +6,7 @@ volcopy.digest(path)         -> hex volume digest
 volcopy.verify(src, dst)     -> None, or raises VerifyError
 """
 
-from importlib import metadata as _metadata
-
+from ._version import version as __version__
 from .copier import CopyResult, copy
 from .digest import digest, verify
 from .errors import (
@@ -20,11 +19,6 @@ from .errors import (
     VolcopyError,
 )
 from .extents import extents
-
-try:
-    __version__ = _metadata.version("volcopy")
-except _metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0+unknown"
 
 __all__ = [
     "copy",

@@ -8,11 +8,11 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 
 import numpy as np
 
 from ._native import ffi, lib
+from ._version import version
 from .errors import Cancelled, CheckpointError, CopyIOError, EngineUnavailable, InvalidRequest
 
 CHUNK_SIZE = lib.VC_CHUNK_SIZE
@@ -40,12 +40,8 @@ _OPERATIONS = {
 
 def _check_version() -> None:
     native = ffi.string(lib.vc_version()).decode()
-    try:
-        package = metadata.version("volcopy")
-    except metadata.PackageNotFoundError:  # running from a build tree
-        return
-    if native != package:
-        raise ImportError(f"volcopy {package} found a native core of version {native}: reinstall volcopy")
+    if native != version:
+        raise ImportError(f"volcopy {version} found a native core of version {native}: reinstall volcopy")
 
 
 _check_version()

@@ -60,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("dst")
     v.add_argument("--length", type=_size)
 
+    commands.add_parser(
+        "bench", help="compare with dd, qemu-img, nbdcopy, cp and the fio limit (see --help)", add_help=False
+    )
+
     a = commands.add_parser("compute-agent", help="run the reference compute side of the migration handoff")
     a.add_argument("--config", required=True, help="the agent's JSON configuration (see docs/compute-api.md)")
     a.add_argument("--listen", help="HOST:PORT, overriding the configuration")

@@ -1,0 +1,1 @@
+"""The benchmark harness behind ``volcopy bench`` and benchmarks/compare.py."""

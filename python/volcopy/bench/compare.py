@@ -1,0 +1,490 @@
+"""volcopy against dd, qemu-img convert, nbdcopy, cp and the fio limit, on the same workloads in one run.
+
+    volcopy bench [--rounds 5] [--scale 1.0] [--only W1,W3] [--workdir DIR]     (root: loop devices)
+
+Every tool runs on every case in interleaved rounds (A B C A B C ...) after a warm-up round, each on a
+freshly reset destination with the page cache dropped; wall time, user+sys CPU and peak RSS come from
+wait4(). Every output is checked against the source's digest: a wrong copy is reported wrong, not fast.
+Writes results/compare.md and results/compare.png under the benchmarks folder (or --results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..digest import digest
+from ..units import format_size
+from .tools import LIMIT, TOOLS, Case, volcopy, volcopy_verify
+from .workloads import make_dense, make_sparse
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+@dataclass
+class Run:
+    seconds: float
+    cpu: float
+    rss: int  # bytes
+    correct: bool | None  # None: not a copy (the fio limit)
+    error: str = ""
+
+
+@dataclass
+class Results:
+    runs: dict[str, dict[str, list[Run]]] = field(default_factory=dict)  # case -> tool -> runs
+    cases: dict[str, Case] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- setting up and resetting
+
+
+def _loop(path: Path, read_only: bool = False) -> str:
+    args = ["losetup", "--direct-io=on", "--find", "--show"] + (["--read-only"] if read_only else [])
+    return subprocess.run(args + [str(path)], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def _garbage(path: str, size: int) -> None:
+    block = np.random.default_rng(7).bytes(64 * MiB)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for at in range(0, size, len(block)):
+            os.pwrite(fd, block[: min(len(block), size - at)], at)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def reset(case: Case) -> None:
+    if case.dst_is_device:
+        if case.garbage:
+            _garbage(case.dst, case.size)
+        else:  # a loop device discards by punching its backing file: it reads as zeros after
+            subprocess.run(["blkdiscard", case.dst], check=True)
+    else:
+        if os.path.exists(case.dst):
+            os.unlink(case.dst)
+        with open(case.dst, "wb") as f:
+            f.truncate(case.size)
+
+
+def drop_caches() -> None:
+    os.sync()
+    if os.geteuid() == 0:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3")
+
+
+class Workbench:
+    """Generates the sources once and owns the loop devices."""
+
+    def __init__(self, workdir: Path, scale: float):
+        self.workdir, self.scale = workdir, scale
+        self.devices: list[str] = []
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    def size(self, nominal: int) -> int:
+        return max(MiB, int(nominal * self.scale) // MiB * MiB)
+
+    def source(
+        self,
+        name: str,
+        size: int,
+        allocated: float | None = None,
+        allocated_bytes: int | None = None,
+        directory: Path | None = None,
+    ) -> tuple[str, int]:
+        path = (directory or self.workdir) / name
+        if allocated is None:
+            if not (path.exists() and path.stat().st_size == size):
+                make_dense(str(path), size)
+            return str(path), size
+        extents = make_sparse(str(path), size, allocated, allocated_bytes=allocated_bytes)
+        return str(path), sum(length for _, length in extents)
+
+    def device(self, backing: str, size: int | None = None, read_only: bool = False) -> str:
+        if size is not None:
+            with open(backing, "wb") as f:
+                f.truncate(size)
+        device = _loop(Path(backing), read_only)
+        self.devices.append(device)
+        return device
+
+    def close(self) -> None:
+        for device in self.devices:
+            subprocess.run(["losetup", "-d", device], check=False)
+
+
+def make_cases(bench: Workbench, only: set[str], tmpfs: Path) -> list[Case]:
+    w, cases = bench.workdir, []
+    if "W1" in only:
+        size = bench.size(4 * GiB)
+        src, _ = bench.source("w1-src.img", size)
+        cases.append(
+            Case(
+                f"W1 dense {format_size(size)} file to file",
+                "W1",
+                src,
+                str(w / "w1-dst.img"),
+                size,
+                size,
+                False,
+                True,
+                False,
+                True,
+            )
+        )
+    sparse_size = bench.size(16 * GiB)
+    if "W2" in only or "W3" in only:
+        src, allocated = bench.source("w2-src.img", sparse_size, allocated=0.05)
+        if "W2" in only:
+            cases.append(
+                Case(
+                    f"W2 sparse {format_size(sparse_size)} (5%) file to file",
+                    "W2",
+                    src,
+                    str(w / "w2-dst.img"),
+                    sparse_size,
+                    allocated,
+                    False,
+                    True,
+                    False,
+                    True,
+                )
+            )
+        if "W3" in only:
+            src_dev = bench.device(src, read_only=True)
+            dst_dev = bench.device(str(w / "w3-dst-backing.img"), sparse_size)
+            for garbage in (False, True):
+                label = "garbage" if garbage else "zeroed"
+                cases.append(
+                    Case(
+                        f"W3 sparse {format_size(sparse_size)} loop to {label} loop",
+                        "W3",
+                        src_dev,
+                        dst_dev,
+                        sparse_size,
+                        allocated,
+                        True,
+                        not garbage,
+                        garbage,
+                        False,
+                    )
+                )
+    if "W4" in only:
+        size = bench.size(2 * GiB)
+        src, _ = bench.source("volcopy-bench-w4-src.img", size, directory=tmpfs)
+        cases.append(
+            Case(
+                f"W4 dense {format_size(size)} tmpfs to tmpfs",
+                "W4",
+                src,
+                str(tmpfs / "volcopy-bench-w4-dst.img"),
+                size,
+                size,
+                False,
+                True,
+                False,
+                True,
+            )
+        )
+    if "W5" in only:
+        allocated_bytes = int(bench.size(16 * GiB) * 0.05)
+        for nominal in (4, 16, 64):
+            size = bench.size(nominal * GiB)
+            src, allocated = bench.source(
+                f"w5-sparse-{nominal}.img", size, allocated_bytes=allocated_bytes, allocated=0.0
+            )
+            cases.append(
+                Case(
+                    f"W5 sparse {format_size(size)} ({format_size(allocated)} data) file to file",
+                    "W5",
+                    src,
+                    str(w / f"w5-sparse-{nominal}-dst.img"),
+                    size,
+                    allocated,
+                    False,
+                    True,
+                    False,
+                    True,
+                )
+            )
+        for nominal in (1, 2, 4):
+            size = bench.size(nominal * GiB)
+            src, _ = bench.source(f"w5-dense-{nominal}.img", size)
+            cases.append(
+                Case(
+                    f"W5 dense {format_size(size)} file to file",
+                    "W5",
+                    src,
+                    str(w / f"w5-dense-{nominal}-dst.img"),
+                    size,
+                    size,
+                    False,
+                    True,
+                    False,
+                    True,
+                )
+            )
+    return cases
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def measure(argv: list[str]) -> tuple[float, float, int, int, str]:
+    """Wall seconds, user+sys CPU seconds, peak RSS bytes, exit status and stderr's end, of one command.
+
+    The peak RSS comes from GNU time, which forks the tool from a small process: a child of this Python
+    would carry Python's own peak into its count (exec keeps the old address space's high-water mark)."""
+    with tempfile.NamedTemporaryFile(prefix="volcopy-bench-rss-") as rss_file:
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            ["/usr/bin/time", "-q", "-f", "%M", "-o", rss_file.name, *argv],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        stderr = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.monotonic() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        rss_kib = int((Path(rss_file.name).read_text().split() or ["0"])[-1])
+    return seconds, usage.ru_utime + usage.ru_stime, rss_kib * 1024, proc.returncode, stderr.decode()[-300:]
+
+
+def run_case(case: Case, tools: dict, rounds: int, results: Results, expected: str) -> None:
+    runs = results.runs.setdefault(case.name, {})
+    results.cases[case.name] = case
+    for round_ in range(rounds + 1):  # round 0 warms up and is not recorded
+        for name, tool in tools.items():
+            argv = tool(case)
+            if argv is None:
+                continue
+            reset(case)
+            drop_caches()
+            seconds, cpu, rss, status, stderr = measure(argv)
+            correct = None
+            if name != LIMIT:
+                correct = status == 0 and digest(case.dst, length=case.size) == expected
+            if round_:
+                runs.setdefault(name, []).append(Run(seconds, cpu, rss, correct, stderr if status else ""))
+        print(f"  {case.name}: round {round_}/{rounds} done", flush=True)
+
+
+def throttle_check(bench: Workbench, results: Results) -> tuple[float, float]:
+    """volcopy at --rate 100M on a dense file: the measured average against the target."""
+    size = bench.size(1 * GiB)
+    src, _ = bench.source("w1-src.img", bench.size(4 * GiB))
+    dst = str(bench.workdir / "throttle-dst.img")
+    case = Case("throttle", "T", src, dst, size, size, False, True, False, True)
+    reset(case)
+    target = 100 * 1000 * 1000
+    argv = volcopy(case, "--rate", str(target), "--length", str(size))
+    seconds, *_ = measure(argv)
+    return size / seconds, target
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _median(runs: list[Run]) -> float:
+    return statistics.median(r.seconds for r in runs)
+
+
+def _fastest_correct_peer(runs: dict[str, list[Run]]) -> tuple[str, float] | None:
+    peers = [
+        (name, _median(rs))
+        for name, rs in runs.items()
+        if name not in ("volcopy", "volcopy --verify", LIMIT) and all(r.correct for r in rs)
+    ]
+    return min(peers, key=lambda p: p[1]) if peers else None
+
+
+def machine() -> str:
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
+    memory = next(
+        int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal")
+    )
+    return f"{cpu}, {os.cpu_count()} CPUs, {format_size(memory)} memory, Linux {platform.release()}"
+
+
+def filesystem(path: Path) -> str:
+    out = subprocess.run(
+        ["findmnt", "-n", "-o", "FSTYPE,SOURCE", "--target", str(path)], capture_output=True, text=True
+    ).stdout.strip()
+    return out or "unknown"
+
+
+def report(results: Results, command: str, workdir: Path, tmpfs: Path, throttle) -> tuple[str, list[str]]:
+    lines = [
+        "# volcopy against its peers",
+        "",
+        f"`{command}` on {time.strftime('%Y-%m-%d %H:%M')} UTC.",
+        "",
+        f"Machine: {machine()}. Files on {filesystem(workdir)} ({workdir}); W4 on {filesystem(tmpfs)}. "
+        "Loop devices with direct I/O. Page cache dropped before every run.",
+        "",
+        "Times are wall seconds (median and min-max over the rounds); CPU is user+sys seconds per GiB of "
+        "volume; RSS is the peak of the process (for volcopy, the Python interpreter included). "
+        "The fio limit moves the allocated bytes only.",
+        "",
+    ]
+    verdicts = []
+    for name, runs in results.runs.items():
+        case = results.cases[name]
+        ours = _median(runs["volcopy"])
+        limit = _median(runs[LIMIT]) if LIMIT in runs else None
+        lines += [
+            f"## {name}",
+            "",
+            "| tool | correct | median s | min-max s | x volcopy | x fio limit | CPU s/GiB | peak RSS |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for tool, rs in runs.items():
+            med = _median(rs)
+            correct = (
+                "n/a" if rs[0].correct is None else ("yes" if all(r.correct for r in rs) else "**WRONG**")
+            )
+            cpu = statistics.median(r.cpu for r in rs) / (case.size / GiB)
+            rss = max(r.rss for r in rs)
+            spread = f"{min(r.seconds for r in rs):.3f}-{max(r.seconds for r in rs):.3f}"
+            versus_limit = f"{med / limit:.2f}" if limit else "-"
+            lines.append(
+                f"| {tool} | {correct} | {med:.3f} | {spread} | {med / ours:.2f} | {versus_limit} | "
+                f"{cpu:.3f} | {format_size(rss)} |"
+            )
+        lines.append("")
+        fastest = _fastest_correct_peer(runs)
+        if case.workload in ("W1", "W2") and limit:
+            verdicts.append((f"{name}: volcopy / fio limit <= 1.10", ours / limit, 1.10))
+            if fastest:
+                verdicts.append(
+                    (
+                        f"{name}: volcopy / fastest correct peer ({fastest[0]}) <= 1.00",
+                        ours / fastest[1],
+                        1.00,
+                    )
+                )
+        if case.workload in ("W3", "W4") and fastest:
+            verdicts.append(
+                (f"{name}: volcopy / fastest correct peer ({fastest[0]}) <= 0.70", ours / fastest[1], 0.70)
+            )
+            if "qemu-img" in runs:
+                cpu_ours = statistics.median(r.cpu for r in runs["volcopy"])
+                cpu_qemu = statistics.median(r.cpu for r in runs["qemu-img"])
+                verdicts.append((f"{name}: volcopy CPU / qemu-img CPU <= 0.60", cpu_ours / cpu_qemu, 0.60))
+        if "volcopy --verify" in runs:
+            verdicts.append(
+                (
+                    f"{name}: volcopy --verify / volcopy <= 1.15",
+                    _median(runs["volcopy --verify"]) / ours,
+                    1.15,
+                )
+            )
+        verdicts.append(
+            (f"{name}: volcopy peak RSS (MiB) <= 64", max(r.rss for r in runs["volcopy"]) / MiB, 64.0)
+        )
+    if throttle:
+        measured, target = throttle
+        verdicts.append(
+            (
+                f"throttled to 100 MB/s: measured {measured / 1e6:.1f} MB/s, |ratio - 1| <= 0.05",
+                abs(measured / target - 1),
+                0.05,
+            )
+        )
+    lines += ["## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
+    missed = []
+    for label, value, bound in verdicts:
+        ok = value <= bound
+        lines.append(f"| {label} | {value:.3f} | {'met' if ok else '**missed**'} |")
+        if not ok:
+            missed.append(f"{label}: {value:.3f}")
+    lines += ["", *results.notes]
+    return "\n".join(lines) + "\n", missed
+
+
+def chart(results: Results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results.runs)
+    tools = sorted({t for runs in results.runs.values() for t in runs}, key=lambda t: (t != "volcopy", t))
+    fig, ax = plt.subplots(figsize=(12, 0.6 * len(names) * max(1, len(tools) / 3) + 2))
+    height = 0.8 / len(tools)
+    for k, tool in enumerate(tools):
+        values = [_median(results.runs[n][tool]) if tool in results.runs[n] else 0 for n in names]
+        ax.barh([i + k * height for i in range(len(names))], values, height, label=tool)
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(names))], names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("median wall seconds (log scale; shorter is better)")
+    ax.legend(fontsize=8)
+    ax.set_title(f"volcopy and its peers ({machine()})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="volcopy bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies every workload's size")
+    parser.add_argument("--only", default="W1,W2,W3,W4,W5", help="workloads to run, e.g. W1,W3")
+    parser.add_argument("--workdir", default="/var/tmp/volcopy-bench", help="on the disk to measure")
+    parser.add_argument("--tmpfs", default="/dev/shm", help="a tmpfs for W4")
+    parser.add_argument("--results", default="benchmarks/results", help="where compare.md and compare.png go")
+    parser.add_argument("--no-throttle", action="store_true", help="skip the 100 MB/s throttle check")
+    parser.add_argument("--keep", action="store_true", help="keep the generated volumes")
+    args = parser.parse_args(argv)
+    only = set(args.only.split(","))
+    workdir, tmpfs, results_dir = Path(args.workdir), Path(args.tmpfs), Path(args.results)
+    tmpfs.mkdir(parents=True, exist_ok=True)
+    bench = Workbench(workdir, args.scale)
+    results = Results()
+    try:
+        for case in make_cases(bench, only, tmpfs):
+            expected = digest(case.src, length=case.size)
+            tools = dict(TOOLS)
+            if case.workload == "W4":
+                tools["volcopy --verify"] = volcopy_verify
+            if case.workload == "W5":  # the scaling question is volcopy's; dd would read every hole
+                tools = {k: v for k, v in tools.items() if k in ("volcopy", "qemu-img", "nbdcopy", LIMIT)}
+            print(f"{case.name}", flush=True)
+            run_case(case, tools, args.rounds, results, expected)
+        throttle = None if args.no_throttle else throttle_check(bench, results)
+    finally:
+        bench.close()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+            for leftover in tmpfs.glob("volcopy-bench-*"):
+                leftover.unlink()
+    command = "volcopy bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    text, missed = report(results, command.strip(), workdir, tmpfs, throttle)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "compare.md").write_text(text)
+    try:
+        chart(results, results_dir / "compare.png")
+    except ImportError:
+        print("matplotlib is not installed: no chart (pip install volcopy[bench])")
+    print(text)
+    return 0
