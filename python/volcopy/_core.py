@@ -215,6 +215,18 @@ def extents_of(fd: int, kind: int, length: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty((0, 2), dtype=np.int64)
 
 
+def is_zero(buffer) -> bool:
+    """The engine's zero detection on a buffer (for the micro-benchmarks and tests)."""
+    return bool(lib.vc_is_zero(ffi.from_buffer(buffer), len(buffer)))
+
+
+def hash128(buffer) -> bytes:
+    """The engine's canonical XXH3-128 of a buffer."""
+    out = ffi.new("uint8_t[16]")
+    lib.vc_hash128(ffi.from_buffer(buffer), len(buffer), out)
+    return bytes(ffi.buffer(out, DIGEST_SIZE))
+
+
 def volume_digest(chunk_digests: np.ndarray) -> str:
     out = ffi.new("uint8_t[16]")
     data = np.ascontiguousarray(chunk_digests, dtype=np.uint8)
