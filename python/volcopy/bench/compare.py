@@ -128,115 +128,111 @@ class Workbench:
             subprocess.run(["losetup", "-d", device], check=False)
 
 
+def _case(
+    name: str,
+    workload: str,
+    src: str,
+    dst: str,
+    size: int,
+    allocated: int,
+    *,
+    device: bool = False,
+    garbage: bool = False,
+) -> Case:
+    return Case(
+        name,
+        workload,
+        src,
+        dst,
+        size,
+        allocated,
+        dst_is_device=device,
+        dst_zero=not garbage,
+        garbage=garbage,
+        file_to_file=not device,
+    )
+
+
 def make_cases(bench: Workbench, only: set[str], tmpfs: Path) -> list[Case]:
     w, cases = bench.workdir, []
     if "W1" in only:
         size = bench.size(4 * GiB)
         src, _ = bench.source("w1-src.img", size)
         cases.append(
-            Case(
-                f"W1 dense {format_size(size)} file to file",
-                "W1",
-                src,
-                str(w / "w1-dst.img"),
-                size,
-                size,
-                False,
-                True,
-                False,
-                True,
-            )
+            _case(f"W1 dense {format_size(size)} file to file", "W1", src, str(w / "w1-dst.img"), size, size)
         )
     sparse_size = bench.size(16 * GiB)
     if "W2" in only or "W3" in only:
         src, allocated = bench.source("w2-src.img", sparse_size, allocated=0.05)
         if "W2" in only:
             cases.append(
-                Case(
+                _case(
                     f"W2 sparse {format_size(sparse_size)} (5%) file to file",
                     "W2",
                     src,
                     str(w / "w2-dst.img"),
                     sparse_size,
                     allocated,
-                    False,
-                    True,
-                    False,
-                    True,
                 )
             )
-        if "W3" in only:
+        if "W3" in only:  # the W2 image behind a loop device: no SEEK_DATA, zero detection decides
             src_dev = bench.device(src, read_only=True)
             dst_dev = bench.device(str(w / "w3-dst-backing.img"), sparse_size)
             for garbage in (False, True):
                 label = "garbage" if garbage else "zeroed"
                 cases.append(
-                    Case(
+                    _case(
                         f"W3 sparse {format_size(sparse_size)} loop to {label} loop",
                         "W3",
                         src_dev,
                         dst_dev,
                         sparse_size,
                         allocated,
-                        True,
-                        not garbage,
-                        garbage,
-                        False,
+                        device=True,
+                        garbage=garbage,
                     )
                 )
     if "W4" in only:
         size = bench.size(2 * GiB)
         src, _ = bench.source("volcopy-bench-w4-src.img", size, directory=tmpfs)
         cases.append(
-            Case(
+            _case(
                 f"W4 dense {format_size(size)} tmpfs to tmpfs",
                 "W4",
                 src,
                 str(tmpfs / "volcopy-bench-w4-dst.img"),
                 size,
                 size,
-                False,
-                True,
-                False,
-                True,
             )
         )
-    if "W5" in only:
+    if "W5" in only:  # time must follow the allocated bytes, not the size
         allocated_bytes = int(bench.size(16 * GiB) * 0.05)
         for nominal in (4, 16, 64):
             size = bench.size(nominal * GiB)
             src, allocated = bench.source(
-                f"w5-sparse-{nominal}.img", size, allocated_bytes=allocated_bytes, allocated=0.0
+                f"w5-sparse-{nominal}.img", size, allocated=0.0, allocated_bytes=allocated_bytes
             )
             cases.append(
-                Case(
+                _case(
                     f"W5 sparse {format_size(size)} ({format_size(allocated)} data) file to file",
                     "W5",
                     src,
                     str(w / f"w5-sparse-{nominal}-dst.img"),
                     size,
                     allocated,
-                    False,
-                    True,
-                    False,
-                    True,
                 )
             )
         for nominal in (1, 2, 4):
             size = bench.size(nominal * GiB)
             src, _ = bench.source(f"w5-dense-{nominal}.img", size)
             cases.append(
-                Case(
+                _case(
                     f"W5 dense {format_size(size)} file to file",
                     "W5",
                     src,
                     str(w / f"w5-dense-{nominal}-dst.img"),
                     size,
                     size,
-                    False,
-                    True,
-                    False,
-                    True,
                 )
             )
     return cases
@@ -284,12 +280,54 @@ def run_case(case: Case, tools: dict, rounds: int, results: Results, expected: s
         print(f"  {case.name}: round {round_}/{rounds} done", flush=True)
 
 
+def sweep(bench: Workbench, tmpfs: Path, rounds: int) -> str:
+    """volcopy alone over queue depths and block sizes, on the disk (W1's file) and on tmpfs (W4's)."""
+    lines = [
+        "# Queue depth and block size sweep",
+        "",
+        f"`volcopy bench --sweep --scale {bench.scale}`, "
+        f"{time.strftime('%Y-%m-%d %H:%M')} UTC, {machine()}. Median wall seconds of {rounds} runs of "
+        "`volcopy copy` (its start-up included), and peak RSS.",
+        "",
+    ]
+    for label, directory in (("disk", bench.workdir), ("tmpfs", tmpfs)):
+        size = bench.size(4 * GiB if label == "disk" else 2 * GiB)
+        src, _ = bench.source(f"volcopy-bench-sweep-{label}.img", size, directory=directory)
+        case = _case(
+            f"sweep {label}", "S", src, str(directory / f"volcopy-bench-sweep-{label}-dst.img"), size, size
+        )
+        lines += [
+            f"## {label}: {format_size(size)} dense",
+            "",
+            "| block size | queue depth | median s | GiB/s | peak RSS |",
+            "|---|---|---|---|---|",
+        ]
+        for block_size in (1, 2, 4):
+            for depth in (4, 8, 16, 32):
+                runs = []
+                for _ in range(rounds):
+                    reset(case)
+                    drop_caches()
+                    runs.append(
+                        measure(volcopy(case, "--block-size", f"{block_size}M", "--queue-depth", str(depth)))
+                    )
+                seconds = statistics.median(r[0] for r in runs)
+                lines.append(
+                    f"| {block_size} MiB | {depth} | {seconds:.3f} | {size / GiB / seconds:.2f} | "
+                    f"{format_size(max(r[2] for r in runs))} |"
+                )
+        lines.append("")
+        os.unlink(src)
+        os.unlink(case.dst)
+    return "\n".join(lines)
+
+
 def throttle_check(bench: Workbench, results: Results) -> tuple[float, float]:
     """volcopy at --rate 100M on a dense file: the measured average against the target."""
     size = bench.size(1 * GiB)
     src, _ = bench.source("w1-src.img", bench.size(4 * GiB))
     dst = str(bench.workdir / "throttle-dst.img")
-    case = Case("throttle", "T", src, dst, size, size, False, True, False, True)
+    case = _case("throttle", "T", src, dst, size, size)
     reset(case)
     target = 100 * 1000 * 1000
     argv = volcopy(case, "--rate", str(target), "--length", str(size))
@@ -455,11 +493,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default="benchmarks/results", help="where compare.md and compare.png go")
     parser.add_argument("--no-throttle", action="store_true", help="skip the 100 MB/s throttle check")
     parser.add_argument("--keep", action="store_true", help="keep the generated volumes")
+    parser.add_argument(
+        "--sweep", action="store_true", help="only sweep volcopy's queue depth and block size"
+    )
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
     workdir, tmpfs, results_dir = Path(args.workdir), Path(args.tmpfs), Path(args.results)
     tmpfs.mkdir(parents=True, exist_ok=True)
     bench = Workbench(workdir, args.scale)
+    if args.sweep:
+        text = sweep(bench, tmpfs, args.rounds)
+        results_dir.mkdir(parents=True, exist_ok=True)
+        (results_dir / "sweep.md").write_text(text)
+        print(text)
+        return 0
     results = Results()
     try:
         for case in make_cases(bench, only, tmpfs):

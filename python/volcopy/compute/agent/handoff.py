@@ -214,29 +214,37 @@ class Handoff:
         return m
 
     def _converge_cancel(self, attachment_id: str) -> None:
+        self._merge_down(attachment_id, State.CANCELLED, "while fenced", "back into src")
+
+    def _merge_down(self, attachment_id: str, final: State, while_: str, into: str) -> None:
+        """Commits the overlay into the node below it, which the device then sits on: src for cancel,
+        dst (after the pivot, done again if a restart cut it short) for complete."""
         with self._lock(attachment_id):
             m = self.store.migration(attachment_id)
-            a = self.store.attachment(attachment_id)
+            disk = self.store.attachment(attachment_id)
             qmp, names = self.qmp[m.server_id], _names(m)
+            target = disk.node if final == State.CANCELLED else names["dst"]
             try:
-                if qemu.top_node(qmp, a.qdev) == names["overlay"]:
+                top = qemu.top_node(qmp, disk.qdev)
+                if top == names["overlay"]:
+                    if final == State.COMPLETED:
+                        self._pivot(m)
                     qemu.commit_active(qmp, names["job"], names["overlay"])
-                top = qemu.top_node(qmp, a.qdev)
-                if top != a.node:
-                    raise QemuError(f"after the merge the disk is on {top}, not on {a.node}")
+                    top = qemu.top_node(qmp, disk.qdev)
+                if top != target:
+                    raise QemuError(f"after the merge the disk is on {top}, not on {target}")
                 m.bytes_written = self._written(m)
                 self._unfence_leftovers(m)
             except QemuNotRunning as exc:
                 self._fail(
                     m,
-                    f"QEMU stopped while fenced ({exc}); the guest's writes since start are in "
-                    f"{m.overlay_path}",
+                    f"QEMU stopped {while_} ({exc}); the guest's writes since start are in {m.overlay_path}",
                 )
                 return
             except QemuError as exc:
-                self._fail(m, f"merging the overlay back into src failed: {exc}")
+                self._fail(m, f"merging the overlay {into} failed: {exc}")
                 return
-            m.state = State.CANCELLED.value
+            m.state = final.value
             self.store.put_migration(m)
 
     def complete(
@@ -298,32 +306,7 @@ class Handoff:
             self._replace_attachment(m)
 
     def _converge_complete(self, attachment_id: str) -> None:
-        with self._lock(attachment_id):
-            m = self.store.migration(attachment_id)
-            old = self.store.attachment(attachment_id)
-            qmp, names = self.qmp[m.server_id], _names(m)
-            try:
-                top = qemu.top_node(qmp, old.qdev)
-                if top == names["overlay"]:
-                    self._pivot(m)
-                    qemu.commit_active(qmp, names["job"], names["overlay"])
-                    top = qemu.top_node(qmp, old.qdev)
-                if top != names["dst"]:
-                    raise QemuError(f"after the merge the disk is on {top}, not on {names['dst']}")
-                m.bytes_written = self._written(m)
-                self._unfence_leftovers(m)
-            except QemuNotRunning as exc:
-                self._fail(
-                    m,
-                    f"QEMU stopped while completing ({exc}); the guest's writes since start are in "
-                    f"{m.overlay_path} over {m.dst_path}",
-                )
-                return
-            except QemuError as exc:
-                self._fail(m, f"merging the overlay into the new volume failed: {exc}")
-                return
-            m.state = State.COMPLETED.value
-            self.store.put_migration(m)
+        self._merge_down(attachment_id, State.COMPLETED, "while completing", "into the new volume")
 
     # ------------------------------------------------------------------ restart
 
