@@ -9,8 +9,6 @@ import errno
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-
 from ._native import ffi, lib
 from ._version import version
 from .errors import Cancelled, CheckpointError, CopyIOError, EngineUnavailable, InvalidRequest
@@ -77,7 +75,7 @@ class NativeResult:
     resumed_from: int
     engine: str
     digest: str | None
-    chunk_digests: np.ndarray | None
+    chunk_digests: bytearray | None  # DIGEST_SIZE bytes per chunk
 
 
 class _Progress:
@@ -113,7 +111,7 @@ def run(
     dst_is_zero: bool,
     digest: bool,
     rate_limit: int,
-    extents: np.ndarray | None,
+    extents,
     checkpoint: str | None,
     fingerprint: int,
     progress: Callable[[int, int], bool] | None,
@@ -138,11 +136,10 @@ def run(
     p.rate_limit = rate_limit
     chunk_digests = None
     if digest:
-        chunk_digests = np.zeros((chunk_count(length), DIGEST_SIZE), dtype=np.uint8)
+        chunk_digests = bytearray(chunk_count(length) * DIGEST_SIZE)
         p.chunk_digests = ffi.from_buffer("uint8_t[]", chunk_digests, require_writable=True)
         keep.append(p.chunk_digests)
     if extents is not None:
-        extents = np.ascontiguousarray(extents, dtype=np.int64)
         buffer = ffi.from_buffer("int64_t[]", extents)
         keep.append(buffer)
         p.extents = buffer
@@ -199,8 +196,10 @@ def _exception(rc: int, error, src: Endpoint, dst: Endpoint | None, checkpoint: 
     return CopyIOError(err, message, names.get(error.side), error.offset, _OPERATIONS.get(error.op, "I/O"))
 
 
-def extents_of(fd: int, kind: int, length: int) -> np.ndarray:
-    """The data extents of [0, length) as an (N, 2) int64 array."""
+def extents_of(fd: int, kind: int, length: int):
+    """The data extents of [0, length) as an (N, 2) int64 numpy array."""
+    import numpy as np  # only here: a copy's start-up need not pay for numpy
+
     cap = 4096
     out = np.empty((cap, 2), dtype=np.int64)
     buffer = ffi.from_buffer("int64_t[]", out, require_writable=True)
@@ -227,8 +226,19 @@ def hash128(buffer) -> bytes:
     return bytes(ffi.buffer(out, DIGEST_SIZE))
 
 
-def volume_digest(chunk_digests: np.ndarray) -> str:
+def volume_digest(chunk_digests) -> str:
+    """The volume digest from chunk digests (bytes-like, DIGEST_SIZE bytes each)."""
     out = ffi.new("uint8_t[16]")
-    data = np.ascontiguousarray(chunk_digests, dtype=np.uint8)
-    lib.vc_volume_digest(ffi.from_buffer("uint8_t[]", data), len(data), out)
+    data = ffi.from_buffer(chunk_digests)
+    lib.vc_volume_digest(data, len(data) // DIGEST_SIZE, out)
     return bytes(ffi.buffer(out, DIGEST_SIZE)).hex()
+
+
+def first_differing_chunk(a, b) -> int | None:
+    """The index of the first chunk whose digests differ, or None."""
+    if a == b:
+        return None
+    return (
+        next(i for i in range(0, len(a), DIGEST_SIZE) if a[i : i + DIGEST_SIZE] != b[i : i + DIGEST_SIZE])
+        // DIGEST_SIZE
+    )

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import operator
 import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Union
-
-import numpy as np
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Union
 
 from . import _core
 from .digest import first_difference, first_difference_in_extents, hash_volume
@@ -22,7 +21,11 @@ DEFAULT_QUEUE_DEPTH = 16
 MAX_BLOCK_SIZE = 64 << 20
 MAX_QUEUE_DEPTH = 1024
 
-ExtentsSpec = Union[np.ndarray, "list[tuple[int, int]]"]
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy is imported where it is needed, not here: it is most of a command's start-up time.
+ExtentsSpec = Union["np.ndarray", "list[tuple[int, int]]"]
 
 
 @dataclass(frozen=True)
@@ -36,11 +39,20 @@ class CopyResult:
     engine: str
     direct: bool
     digest: str | None  # the volume digest of src (None when extents were given)
-    chunk_digests: np.ndarray | None  # (chunks, 16) uint8: XXH3-128 of each 1 MiB chunk
+    chunk_digest_bytes: bytes | None = field(repr=False)  # 16 bytes per chunk
     resumed_from: int = 0  # where a checkpoint let this run start
     verified: bool = False
     block_size: int = DEFAULT_BLOCK_SIZE
     queue_depth: int = DEFAULT_QUEUE_DEPTH
+
+    @property
+    def chunk_digests(self) -> np.ndarray | None:
+        """(chunks, 16) uint8: the canonical XXH3-128 of each 1 MiB chunk, for diffing two volumes."""
+        if self.chunk_digest_bytes is None:
+            return None
+        import numpy as np
+
+        return np.frombuffer(self.chunk_digest_bytes, dtype=np.uint8).reshape(-1, _core.DIGEST_SIZE)
 
     @property
     def rate(self) -> float:
@@ -50,13 +62,17 @@ class CopyResult:
     def as_dict(self) -> dict:
         """Everything but the chunk digests, for JSON."""
         d = asdict(self)
-        d.pop("chunk_digests")
+        d.pop("chunk_digest_bytes")
         return d
 
 
 def _positive_int(value, what: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InvalidRequest(f"{what} must be an integer, not {value!r}")
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)  # int, numpy integers, anything integral
+    except TypeError:
+        raise InvalidRequest(f"{what} must be an integer, not {value!r}") from None
     if not low <= int(value) <= high:
         raise InvalidRequest(f"{what} must be between {low} and {high}, not {value}")
     return int(value)
@@ -85,6 +101,8 @@ def check_options(engine: str, block_size, queue_depth, direct, rate_limit, leng
 
 
 def check_extents(extents: ExtentsSpec, length: int) -> np.ndarray:
+    import numpy as np
+
     try:
         array = np.asarray(extents, dtype=np.int64)
     except (TypeError, ValueError):
@@ -220,7 +238,7 @@ def copy(
                 engine=native.engine,
                 direct=source.direct and target.direct,
                 digest=native.digest,
-                chunk_digests=native.chunk_digests,
+                chunk_digest_bytes=native.chunk_digests,
                 resumed_from=native.resumed_from,
                 verified=verify,
                 block_size=block_size,
@@ -235,8 +253,8 @@ def _verify_copy(source: Volume, target: Volume, length: int, native, extents, *
         offset = first_difference_in_extents(source, target, extents)
     else:
         readback = hash_volume(target, length, **engine_options)
-        differing = np.flatnonzero((readback.chunk_digests != native.chunk_digests).any(axis=1))
-        offset = first_difference(source, target, int(differing[0]), length) if len(differing) else None
+        chunk = _core.first_differing_chunk(readback.chunk_digests, native.chunk_digests)
+        offset = None if chunk is None else first_difference(source, target, chunk, length)
     if offset is not None:
         raise VerifyError(
             f"destination {target.name} differs from source {source.name} at offset {offset}", offset

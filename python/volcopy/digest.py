@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import threading
 
-import numpy as np
-
 from . import _core
 from .errors import VerifyError
 from .volume import Volume, VolumeSpec, open_source
@@ -60,7 +58,9 @@ def digest(path: VolumeSpec, *, length: int | None = None) -> str:
         return hash_volume(volume, _length_for(volume, length)).digest
 
 
-def _read(volume: Volume, offset: int, size: int) -> np.ndarray:
+def _read(volume: Volume, offset: int, size: int):
+    import numpy as np  # only on the way to an error: start-up need not pay for it
+
     data = os.pread(volume.fd_buffered, size, offset)
     return np.frombuffer(data, dtype=np.uint8)
 
@@ -69,7 +69,7 @@ def _first_byte_difference(src: Volume, dst: Volume, offset: int, size: int) -> 
     a, b = _read(src, offset, size), _read(dst, offset, size)
     if len(a) != len(b):
         return offset + min(len(a), len(b))
-    differing = np.flatnonzero(a != b)
+    differing = (a != b).nonzero()[0]
     return offset + int(differing[0]) if len(differing) else None
 
 
@@ -80,7 +80,7 @@ def first_difference(src: Volume, dst: Volume, chunk: int, length: int) -> int:
     return offset if found is None else found
 
 
-def first_difference_in_extents(src: Volume, dst: Volume, extents: np.ndarray) -> int | None:
+def first_difference_in_extents(src: Volume, dst: Volume, extents) -> int | None:
     for offset, size in extents:
         for at in range(int(offset), int(offset + size), _core.CHUNK_SIZE):
             found = _first_byte_difference(src, dst, at, min(_core.CHUNK_SIZE, int(offset + size) - at))
@@ -114,7 +114,7 @@ def verify(src: VolumeSpec, dst: VolumeSpec, *, length: int | None = None) -> No
         for value in results.values():
             if isinstance(value, BaseException):
                 raise value
-        differing = np.flatnonzero((results["src"].chunk_digests != results["dst"].chunk_digests).any(axis=1))
-        if len(differing):
-            offset = first_difference(source, target, int(differing[0]), length)
+        chunk = _core.first_differing_chunk(results["src"].chunk_digests, results["dst"].chunk_digests)
+        if chunk is not None:
+            offset = first_difference(source, target, chunk, length)
             raise VerifyError(f"{target.name} differs from {source.name} at offset {offset}", offset)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
 
 from . import _core
 from .volume import VolumeSpec, open_source
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def extents(path: VolumeSpec) -> np.ndarray:

@@ -365,8 +365,8 @@ def machine() -> str:
 def filesystem(path: Path) -> str:
     out = subprocess.run(
         ["findmnt", "-n", "-o", "FSTYPE,SOURCE", "--target", str(path)], capture_output=True, text=True
-    ).stdout.strip()
-    return out or "unknown"
+    ).stdout.splitlines()
+    return " ".join(out[0].split()) if out else "unknown"  # the first of stacked mounts
 
 
 def report(results: Results, command: str, workdir: Path, tmpfs: Path, throttle) -> tuple[str, list[str]]:
@@ -508,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         return 0
     results = Results()
+    where = f"Files on {filesystem(workdir)} ({workdir}); W4 on {filesystem(tmpfs)} ({tmpfs})"
     try:
         for case in make_cases(bench, only, tmpfs):
             expected = digest(case.src, length=case.size)
@@ -526,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
             for leftover in tmpfs.glob("volcopy-bench-*"):
                 leftover.unlink()
     command = "volcopy bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    text, missed = report(results, command.strip(), workdir, tmpfs, throttle)
+    text, missed = report(results, command.strip(), where, throttle)
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "compare.md").write_text(text)
     try:
