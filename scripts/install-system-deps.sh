@@ -8,10 +8,9 @@ packages=(
     # (liburing is linked statically from liburing-dev; libaio1 comes with libaio-dev)
     python3-venv python3-dev gcc make liburing-dev libaio-dev libxxhash-dev
     # run and test: loop devices, file systems, the peers the benchmarks compare against
-    util-linux e2fsprogs fio qemu-utils qemu-system-x86 libnbd-bin nbdkit time
-    # the compute handoff tests: a real guest (a kernel and busybox for its initramfs);
-    # the orchestrator's: a real database server
-    linux-image-cloud-amd64 busybox-static postgresql
+    util-linux mount fio qemu-utils qemu-system-x86 libnbd-bin time
+    # the compute handoff tests: a real guest (a kernel and busybox for its initramfs)
+    linux-image-cloud-amd64 busybox-static
 )
 
 missing=()
