@@ -15,7 +15,6 @@ from .errors import Cancelled, CheckpointError, CopyIOError, EngineUnavailable, 
 
 CHUNK_SIZE = lib.VC_CHUNK_SIZE
 DIGEST_SIZE = lib.VC_DIGEST_SIZE
-ALIGN = lib.VC_ALIGN
 KIND_FILE = lib.VC_KIND_FILE
 KIND_BLOCKDEV = lib.VC_KIND_BLOCKDEV
 

@@ -34,10 +34,6 @@ class Volume:
     identities: frozenset = field(default_factory=frozenset)  # what makes two volumes the same
     created: bool = False
 
-    @property
-    def is_blockdev(self) -> bool:
-        return self.kind == KIND_BLOCKDEV
-
     def endpoint(self) -> Endpoint:
         return Endpoint(self.fd, self.fd_buffered, self.kind, self.direct, self.name)
 

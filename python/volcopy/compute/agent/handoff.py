@@ -75,7 +75,6 @@ class Handoff:
         self.qmp = {server_id: Qmp(cfg.qmp) for server_id, cfg in servers.items()}
         self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         self._locks_lock = threading.Lock()
-        self._workers: list[threading.Thread] = []
         for server_id, cfg in servers.items():
             for attachment_id, a in cfg.attachments.items():
                 store.add_attachment_if_new(
@@ -97,13 +96,7 @@ class Handoff:
         return a
 
     def _background(self, target, *args) -> None:
-        worker = threading.Thread(target=target, args=args, daemon=True)
-        self._workers = [w for w in self._workers if w.is_alive()] + [worker]
-        worker.start()
-
-    def wait_idle(self, timeout: float | None = None) -> None:
-        for worker in list(self._workers):
-            worker.join(timeout)
+        threading.Thread(target=target, args=args, daemon=True).start()
 
     def _fail(self, m: Migration, reason: str) -> None:
         log.error("migration of attachment %s failed: %s", m.attachment_id, reason)
