@@ -176,12 +176,16 @@ class Guest:
         ]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
-        # A socket's file appears when QEMU binds it, a moment before it listens: retry until both are up.
-        self.console = wait_for(self._connect_console, what="QEMU's console socket")
-        self._reader = threading.Thread(target=self._read_console, daemon=True)
-        self._reader.start()
-        self.monitor = wait_for(self._connect_monitor, what="QEMU's monitor socket")
-        self.wait_line("READY", timeout=120)
+        try:
+            # A socket's file appears when QEMU binds it, a moment before it listens: retry until up.
+            self.console = wait_for(self._connect_console, what="QEMU's console socket")
+            self._reader = threading.Thread(target=self._read_console, daemon=True)
+            self._reader.start()
+            self.monitor = wait_for(self._connect_monitor, what="QEMU's monitor socket")
+            self.wait_line("READY", timeout=120)
+        except BaseException:
+            self.stop()  # a guest that did not come up must not outlive the test
+            raise
 
     def _exited(self) -> None:
         if self.process.poll() is not None:
@@ -272,7 +276,7 @@ class Guest:
         if self.process and self.process.poll() is None:
             try:
                 self.monitor.cmd("quit")
-            except Exception:  # noqa: BLE001 - it is going away
+            except Exception:  # noqa: BLE001 - it is going away, or never answered: killed below
                 pass
             try:
                 self.process.wait(timeout=10)

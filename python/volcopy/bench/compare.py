@@ -369,13 +369,13 @@ def filesystem(path: Path) -> str:
     return " ".join(out[0].split()) if out else "unknown"  # the first of stacked mounts
 
 
-def report(results: Results, command: str, workdir: Path, tmpfs: Path, throttle) -> tuple[str, list[str]]:
+def report(results: Results, command: str, where: str, throttle) -> tuple[str, list[str]]:
     lines = [
         "# volcopy against its peers",
         "",
         f"`{command}` on {time.strftime('%Y-%m-%d %H:%M')} UTC.",
         "",
-        f"Machine: {machine()}. Files on {filesystem(workdir)} ({workdir}); W4 on {filesystem(tmpfs)}. "
+        f"Machine: {machine()}. {where}. "
         "Loop devices with direct I/O. Page cache dropped before every run.",
         "",
         "Times are wall seconds (median and min-max over the rounds); CPU is user+sys seconds per GiB of "
