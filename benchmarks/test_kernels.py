@@ -33,14 +33,6 @@ def test_zero_detection_of_a_zero_buffer(benchmark):
     _throughput(benchmark, BUFFER)
 
 
-def test_zero_detection_of_data_per_4k_block(benchmark):
-    """The common case: data is told apart by its first bytes, block by block."""
-    buffer = np.frombuffer(np.random.default_rng(1).bytes(BUFFER), dtype=np.uint8)
-    blocks = [buffer[i : i + 4096] for i in range(0, 4 * MiB, 4096)]
-    assert not benchmark(lambda: any(_core.is_zero(b) for b in blocks))
-    _throughput(benchmark, 4 * MiB)
-
-
 def test_digest_of_1_mib_chunks(benchmark):
     buffer = np.frombuffer(np.random.default_rng(2).bytes(BUFFER), dtype=np.uint8)
     benchmark(lambda: [_core.hash128(buffer[i : i + MiB]) for i in range(0, BUFFER, MiB)])

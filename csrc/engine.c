@@ -13,6 +13,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/magic.h>
+#include <sys/vfs.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -669,20 +671,34 @@ static int validate(const struct vc_copy_params *p, struct vc_error *e)
     return 0;
 }
 
+/* Files in memory (tmpfs, ramfs): every transfer is a memcpy and there is no device to overlap with, so
+ * io_uring and aio only hand that memcpy to a worker thread, which costs more than it overlaps
+ * (2 GiB tmpfs to tmpfs on 2 CPUs: sync 1.17 s, io_uring 2.86 s, aio 2.85 s, medians of 4). */
+static bool in_memory(int fd)
+{
+    struct statfs fs;
+    return fd < 0 || (fstatfs(fd, &fs) == 0 && (fs.f_type == TMPFS_MAGIC || fs.f_type == RAMFS_MAGIC));
+}
+
+static int auto_engine(const struct vc_copy_params *p)
+{
+    struct vc_error ignored = {0};
+    if (in_memory(p->src.fd) && in_memory(p->dst.fd))
+        return VC_ENGINE_SYNC;
+    if (vc_engine_available(VC_ENGINE_URING, &ignored) == 0)
+        return VC_ENGINE_URING;
+    memset(&ignored, 0, sizeof(ignored));
+    if (vc_engine_available(VC_ENGINE_AIO, &ignored) == 0)
+        return VC_ENGINE_AIO;
+    return VC_ENGINE_SYNC;
+}
+
 static int setup(struct engine *g)
 {
     const struct vc_copy_params *p = g->p;
-    int engine = p->engine;
+    int engine = p->engine == VC_ENGINE_AUTO ? auto_engine(p) : p->engine;
     int rc;
 
-    if (engine == VC_ENGINE_AUTO) {
-        engine = VC_ENGINE_SYNC;
-        struct vc_error ignored = {0};
-        if (vc_engine_available(VC_ENGINE_URING, &ignored) == 0)
-            engine = VC_ENGINE_URING;
-        else if (memset(&ignored, 0, sizeof(ignored)), vc_engine_available(VC_ENGINE_AIO, &ignored) == 0)
-            engine = VC_ENGINE_AIO;
-    }
     g->io.ops = vc_io_backend(engine);
     if (!g->io.ops)
         return vc_engine_available(engine, g->e);
