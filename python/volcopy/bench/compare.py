@@ -375,8 +375,7 @@ def report(results: Results, command: str, where: str, throttle) -> tuple[str, l
         "",
         f"`{command}` on {time.strftime('%Y-%m-%d %H:%M')} UTC.",
         "",
-        f"Machine: {machine()}. {where}. "
-        "Loop devices with direct I/O. Page cache dropped before every run.",
+        f"Machine: {machine()}. {where}. Loop devices with direct I/O. Page cache dropped before every run.",
         "",
         "Times are wall seconds (median and min-max over the rounds); CPU is user+sys seconds per GiB of "
         "volume; RSS is the peak of the process (for volcopy, the Python interpreter included). "
