@@ -680,29 +680,41 @@ static bool in_memory(int fd)
     return fd < 0 || (fstatfs(fd, &fs) == 0 && (fs.f_type == TMPFS_MAGIC || fs.f_type == RAMFS_MAGIC));
 }
 
-static int auto_engine(const struct vc_copy_params *p)
+/* The engine asked for; for auto, the best one whose set-up succeeds here (set up once: no probe). */
+static int start_engine(struct engine *g, const struct vc_io_setup *setup)
 {
-    struct vc_error ignored = {0};
-    if (in_memory(p->src.fd) && in_memory(p->dst.fd))
-        return VC_ENGINE_SYNC;
-    if (vc_engine_available(VC_ENGINE_URING, &ignored) == 0)
-        return VC_ENGINE_URING;
-    memset(&ignored, 0, sizeof(ignored));
-    if (vc_engine_available(VC_ENGINE_AIO, &ignored) == 0)
-        return VC_ENGINE_AIO;
-    return VC_ENGINE_SYNC;
+    static const int preference[] = {VC_ENGINE_URING, VC_ENGINE_AIO, VC_ENGINE_SYNC};
+    const struct vc_copy_params *p = g->p;
+
+    if (p->engine != VC_ENGINE_AUTO) {
+        g->io.ops = vc_io_backend(p->engine);
+        if (!g->io.ops)
+            return vc_engine_available(p->engine, g->e);
+        int rc = g->io.ops->init(&g->io, setup, g->e);
+        if (rc < 0) {
+            g->io.ops = NULL;
+            return rc;
+        }
+        g->r->engine = p->engine;
+        return 0;
+    }
+    bool memory = in_memory(p->src.fd) && in_memory(p->dst.fd);
+    for (unsigned i = memory ? 2 : 0; i < 3; i++) {
+        struct vc_error ignored = {0};
+        g->io.ops = vc_io_backend(preference[i]);
+        if (g->io.ops && g->io.ops->init(&g->io, setup, &ignored) == 0) {
+            g->r->engine = preference[i];
+            return 0;
+        }
+    }
+    g->io.ops = NULL;
+    return vc_fail(g->e, ENOMEM, VC_SIDE_NONE, VC_OP_SETUP, 0, "no I/O engine could be set up");
 }
 
 static int setup(struct engine *g)
 {
     const struct vc_copy_params *p = g->p;
-    int engine = p->engine == VC_ENGINE_AUTO ? auto_engine(p) : p->engine;
     int rc;
-
-    g->io.ops = vc_io_backend(engine);
-    if (!g->io.ops)
-        return vc_engine_available(engine, g->e);
-    g->r->engine = engine;
 
     g->n_slots = p->queue_depth;
     g->n_reqs = p->queue_depth * 8;
@@ -729,11 +741,9 @@ static int setup(struct engine *g)
         .buffer_size = p->block_size,
         .fds = {p->src.fd, g->has_dst ? p->dst.fd : -1},
     };
-    rc = g->io.ops->init(&g->io, &io_setup, g->e);
-    if (rc < 0) {
-        g->io.ops = NULL;
+    rc = start_engine(g, &io_setup);
+    if (rc < 0)
         return rc;
-    }
     g->io_buffered.ops = &vc_io_sync_ops;
     rc = g->io_buffered.ops->init(&g->io_buffered, &io_setup, g->e);
     if (rc < 0) {
