@@ -1,4 +1,4 @@
-"""Errors of the compute handoff, as the client raises them (one per HTTP status it can get)."""
+"""Errors of the compute handoff, one per HTTP status: the agent raises them, the client raises them again."""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from ...attach import attach
 from ..api import State
+from ..errors import ComputeConflict, ComputeNotFound
 from . import qemu
 from .qemu import QemuError, QemuNotRunning, Qmp
 from .state import Attachment, Migration, StateStore
@@ -26,18 +27,6 @@ from .state import Attachment, Migration, StateStore
 log = logging.getLogger(__name__)
 
 FENCING = "fencing"  # internal: the fence is being set; the API shows it as "none"
-
-
-class HandoffError(Exception):
-    status = 500
-
-
-class NotFound(HandoffError):
-    status = 404
-
-
-class Conflict(HandoffError):
-    status = 409
 
 
 @dataclass
@@ -89,10 +78,10 @@ class Handoff:
 
     def _attachment(self, server_id: str, attachment_id: str) -> Attachment:
         if server_id not in self.qmp:
-            raise NotFound(f"server {server_id} is not known to this compute agent")
+            raise ComputeNotFound(f"server {server_id} is not known to this compute agent")
         a = self.store.attachment(attachment_id)
         if a is None or a.server_id != server_id:
-            raise NotFound(f"attachment {attachment_id} is not attached to server {server_id}")
+            raise ComputeNotFound(f"attachment {attachment_id} is not attached to server {server_id}")
         return a
 
     def _background(self, target, *args) -> None:
@@ -113,7 +102,7 @@ class Handoff:
 
     def attachments(self, server_id: str) -> list[dict]:
         if server_id not in self.qmp:
-            raise NotFound(f"server {server_id} is not known to this compute agent")
+            raise ComputeNotFound(f"server {server_id} is not known to this compute agent")
         return [
             {"id": a.attachment_id, "serverId": a.server_id, "device_path": a.volume_path}
             for a in self.store.attachments_of(server_id)
@@ -137,9 +126,13 @@ class Handoff:
             if m.state == State.FENCED.value:
                 return m
             if m.state in (State.COMPLETING.value, State.COMPLETED.value) or a.replaced_by:
-                raise Conflict(f"attachment {attachment_id} was already migrated to {m.new_attachment_id}")
+                raise ComputeConflict(
+                    f"attachment {attachment_id} was already migrated to {m.new_attachment_id}"
+                )
             if m.state in (State.CANCELLING.value, FENCING):
-                raise Conflict(f"attachment {attachment_id} is still {m.state}; start again once it is done")
+                raise ComputeConflict(
+                    f"attachment {attachment_id} is still {m.state}; start again once it is done"
+                )
             previous = m.state
             m.generation += 1
             m.new_attachment_id = m.dst_path = m.reason = None
@@ -161,7 +154,7 @@ class Handoff:
                 self._unfence_leftovers(m)
                 m.state, m.reason = previous, f"cannot suspend writes: {exc}"
                 self.store.put_migration(m)
-                raise Conflict(m.reason) from None
+                raise ComputeConflict(m.reason) from None
             return m
 
     def _fence(self, m: Migration, a: Attachment) -> None:
@@ -253,16 +246,20 @@ class Handoff:
             state = m.state if m else State.NONE.value
             if state in (State.COMPLETING.value, State.COMPLETED.value):
                 if m.new_attachment_id != new_attachment_id:
-                    raise Conflict(f"attachment {attachment_id} was completed onto {m.new_attachment_id}")
+                    raise ComputeConflict(
+                        f"attachment {attachment_id} was completed onto {m.new_attachment_id}"
+                    )
                 return m
             if state in (State.CANCELLING.value, State.CANCELLED.value):
-                raise Conflict(f"the migration of attachment {attachment_id} was cancelled")
+                raise ComputeConflict(f"the migration of attachment {attachment_id} was cancelled")
             if state != State.FENCED.value:
-                raise Conflict(f"the migration of attachment {attachment_id} was not started ({state})")
+                raise ComputeConflict(
+                    f"the migration of attachment {attachment_id} was not started ({state})"
+                )
             try:
                 dst = attach(connection_info)
             except Exception as exc:  # noqa: BLE001 - os-brick raises many kinds
-                raise Conflict(f"cannot attach the new volume: {exc}") from None
+                raise ComputeConflict(f"cannot attach the new volume: {exc}") from None
             m.new_attachment_id, m.dst_path = new_attachment_id, dst.path
             m.state = State.COMPLETING.value
             self.store.put_migration(m)
@@ -275,7 +272,7 @@ class Handoff:
                 self._pivot(m)
             except QemuError as exc:
                 self._fail(m, f"moving the overlay onto the new volume failed: {exc}")
-                raise Conflict(m.reason) from None
+                raise ComputeConflict(m.reason) from None
         self._background(self._converge_complete, attachment_id)
         return m
 

@@ -14,7 +14,8 @@ import re
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from .. import api
-from .handoff import Handoff, HandoffError
+from ..errors import ComputeError
+from .handoff import Handoff
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,8 @@ class Handler(BaseHTTPRequestHandler):
             self._error(exc.status, str(exc))
         except api.BadRequest as exc:
             self._error(400, str(exc))
-        except HandoffError as exc:
-            self._error(exc.status, str(exc))
+        except ComputeError as exc:  # the same errors the client raises for these statuses
+            self._error(exc.status or 500, str(exc))
         except Exception as exc:  # noqa: BLE001 - a fault of ours: 500, logged
             log.exception("request failed")
             self._error(500, f"internal error: {exc}")
