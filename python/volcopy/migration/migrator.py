@@ -1,0 +1,470 @@
+"""The Cinder side of a volume migration: fence, copy, complete, or cancel on any failure.
+
+    migrator = Migrator("sqlite:////var/lib/cinder/volcopy.sqlite", compute=NovaCompute(...))
+    migration = migrator.migrate(src_connection_info, dst_connection_info,
+                                 attachments=[(server_id, src_attachment_id, dst_attachment_id)])
+
+The flow is a state machine in the journal (pending -> fencing -> copying -> completing -> completed,
+or -> cancelling -> cancelled). Each external effect is a step recorded as intended before and done
+after, so recover() in a restarted process finishes or rolls back whatever was running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from .. import copier
+from ..compute.errors import ComputeConflict, ComputeError, ComputeNotFound
+from ..digest import digest
+from ..errors import InvalidRequest, VolcopyError
+from . import journal as j
+from .clone import can_clone, clone_file
+from .errors import JournalError, MigrationCancelled, MigrationConflict, MigrationError
+from .failpoints import failpoint
+from .journal import Journal, Migration
+from .volumes import VolumeRef
+
+log = logging.getLogger(__name__)
+
+COPY_OPTIONS = {"engine", "block_size", "queue_depth", "direct", "sparse", "dst_is_zero", "rate_limit"}
+PROGRESS_INTERVAL = 1.0  # seconds between progress rows in the journal
+CANCEL_WAIT = 300.0  # seconds a restarted fence waits for an earlier cancel to finish
+MAX_ATTEMPTS = 3  # fences set again after a crash while fencing, before giving up
+
+# A compute's answer that will not change if asked again: the fence (or complete) is refused.
+REFUSED = (ComputeConflict, ComputeNotFound)
+
+Attachment = tuple[str, str, str]  # (server_id, src_attachment_id, dst_attachment_id)
+
+
+_RUNNING: set[str] = set()  # ids of the migrations this process is running now
+
+
+@dataclass
+class _Outcome:
+    detail: str | None = None  # what the step found, for the journal
+
+
+class _Abort(Exception):
+    """Inside the flow: stop and cancel every fence, for this reason."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _process_start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]  # field 22, after the command in parentheses
+    except (OSError, IndexError):
+        return None
+
+
+def _this_owner() -> str:
+    """host:pid:start time; the start time tells a live owner from a later process with its pid."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_process_start_time(os.getpid())}"
+
+
+def _owner_alive(owner: str) -> bool:
+    host, pid, started = owner.rsplit(":", 2)
+    if host != socket.gethostname():
+        return True  # we cannot tell; that host's recover() takes it over
+    return _process_start_time(int(pid)) == started
+
+
+def _check_attachments(attachments) -> list[list[str]]:
+    if attachments is None:
+        return []
+    checked = []
+    for attachment in attachments:
+        if (
+            not isinstance(attachment, (tuple, list))
+            or len(attachment) != 3
+            or not all(isinstance(part, str) and part for part in attachment)
+        ):
+            raise InvalidRequest(
+                f"each attachment must be (server_id, src_attachment_id, dst_attachment_id), not {attachment!r}"
+            )
+        checked.append(list(attachment))
+    if len({a[1] for a in checked}) != len(checked):
+        raise InvalidRequest("an attachment of src is listed twice")
+    return checked
+
+
+def _check_copy_options(options: dict) -> None:
+    unknown = set(options) - COPY_OPTIONS
+    if unknown:
+        raise InvalidRequest(
+            f"unknown copy option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(COPY_OPTIONS))}"
+        )
+    copier.check_options(
+        options.get("engine", "auto"),
+        options.get("block_size"),
+        options.get("queue_depth"),
+        options.get("direct", "auto"),
+        options.get("rate_limit"),
+        None,
+    )
+
+
+def default_checkpoint_dir(journal: Journal) -> str:
+    """Beside the journal's file for SQLite; in the state directory for a database server."""
+    url = journal.engine.url
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        return os.path.abspath(url.database) + ".checkpoints"
+    if os.geteuid() == 0:
+        return "/var/lib/volcopy/checkpoints"
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(state, "volcopy", "checkpoints")
+
+
+class Migrator:
+    def __init__(self, journal: str | Journal, compute=None, checkpoint_dir: str | None = None):
+        """journal: a SQLAlchemy URL ("sqlite:///PATH", "postgresql+psycopg://...") or a Journal.
+        compute: a NovaCompute (needed only for attached volumes)."""
+        self.journal = journal if isinstance(journal, Journal) else Journal(journal)
+        self.compute = compute
+        self.checkpoint_dir = checkpoint_dir or default_checkpoint_dir(self.journal)
+        self.owner = _this_owner()
+
+    # ---------------------------------------------------------------- the public calls
+
+    def migrate(
+        self,
+        src,
+        dst,
+        attachments: Sequence[Attachment] | None = None,
+        *,
+        verify: bool = False,
+        clone: Callable[[str, str], bool] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        **copy_options,
+    ) -> Migration:
+        """Moves src onto dst; returns the completed migration or raises MigrationCancelled.
+
+        src, dst: paths or Cinder connection_info. attachments: every attachment of src as
+        (server_id, src_attachment_id, dst_attachment_id); None for a detached volume (no compute
+        call is made). verify: read dst back and compare digests before completing. clone: a
+        driver's own clone, called as clone(src_path, dst_path) -> bool (False: copy instead).
+        progress(done, total) is called about ten times a second during a copy. copy_options go to
+        volcopy.copy (engine, block_size, queue_depth, direct, sparse, dst_is_zero, rate_limit).
+        """
+        src_ref, dst_ref = VolumeRef.of(src, "src"), VolumeRef.of(dst, "dst")
+        checked = _check_attachments(attachments)
+        if checked and self.compute is None:
+            raise InvalidRequest("an attached volume needs a compute to fence it: pass compute=NovaCompute(...)")
+        if src_ref.key == dst_ref.key:
+            raise InvalidRequest(f"src and dst are the same volume ({src_ref})")
+        _check_copy_options(copy_options)
+        migration_id = str(uuid.uuid4())
+        os.makedirs(self.checkpoint_dir, exist_ok=True)
+        m = self.journal.create(
+            Migration(
+                id=migration_id,
+                state=j.PENDING,
+                src_key=src_ref.key,
+                dst_key=dst_ref.key,
+                src=src_ref.to_json(),
+                dst=dst_ref.to_json(),
+                attachments=checked,
+                options=dict(copy_options, verify=bool(verify)),
+                owner=self.owner,
+                checkpoint=os.path.join(self.checkpoint_dir, f"{migration_id}.ckpt"),
+            )
+        )
+        log.info("migration %s: %s -> %s, %d attachment(s)", m.id, src_ref, dst_ref, len(checked))
+        failpoint("after-record")
+        return self._run(m, clone=clone, progress=progress)
+
+    def status(self, migration_id: str) -> Migration:
+        """The migration as the journal has it: state, bytes_done, bytes_total, rate, percent, reason."""
+        return self.journal.get(migration_id)
+
+    def list(self, unfinished_only: bool = False) -> list[Migration]:
+        return self.journal.list(unfinished_only)
+
+    def steps(self, migration_id: str) -> list[j.Step]:
+        self.journal.get(migration_id)
+        return self.journal.steps(migration_id)
+
+    def cancel(self, migration_id: str, wait: float = 0.0) -> Migration:
+        """Cancels a migration that has not reached completing. A migration running in a live process
+        is asked to (it stops within about a second) and waited for up to ``wait`` seconds; one
+        whose process is gone is cancelled here."""
+        m = self.journal.get(migration_id)
+        if m.state == j.CANCELLED:
+            return m
+        if m.state in (j.COMPLETING, j.COMPLETED):
+            raise MigrationConflict(
+                f"migration {m.id} is {m.state}: the guest already uses dst, it cannot be cancelled", m.id
+            )
+        self.journal.update(m.id, cancel_requested=True)
+        if self._running_elsewhere(m):
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and not self.journal.get(m.id).finished:
+                time.sleep(0.1)
+            return self.journal.get(m.id)
+        return self._take_over_and(m, lambda: self._cancel(m, "cancelled on request", raise_after=False))
+
+    def recover(self) -> list[Migration]:
+        """Finishes or rolls back every migration of this host whose process is gone: a copy resumes
+        from its checkpoint, a fence being set is lifted and set again, a complete is repeated, a
+        cancel is finished. Returns those migrations as they ended (a failure is logged and the
+        migration left for the next recover())."""
+        recovered = []
+        for m in self.journal.list(unfinished_only=True):
+            if self._running_elsewhere(m):
+                continue
+            try:
+                self._take_over_and(m, lambda m=m: self._recover_one(m))
+            except MigrationCancelled:
+                pass  # an ending like any other: the reason is in the journal
+            except VolcopyError as exc:
+                log.error("migration %s: recover stopped: %s", m.id, exc)
+            recovered.append(self.journal.get(m.id))
+        return recovered
+
+    # ---------------------------------------------------------------- the flow
+
+    def _take_over_and(self, m: Migration, action: Callable[[], object]) -> Migration:
+        log.info("migration %s: taken over from %s in state %s", m.id, m.owner, m.state)
+        self._set(m, owner=self.owner)
+        action()
+        return self.journal.get(m.id)
+
+    def _recover_one(self, m: Migration) -> None:
+        if m.state == j.CANCELLING or (m.cancel_requested and m.state != j.COMPLETING):
+            self._cancel(m, m.reason or "cancelled on request", raise_after=False)
+        elif m.state == j.FENCING:
+            self._lift_fences(m)  # whichever start may have happened, then fence again
+            if m.attempts >= MAX_ATTEMPTS:
+                self._cancel(m, f"fencing was interrupted {m.attempts} times", raise_after=False)
+                return
+            self._set(m, state=j.PENDING, attempts=m.attempts + 1)
+            self._run(m)
+        else:
+            self._run(m)  # pending starts, copying resumes from its checkpoint, completing repeats
+
+    def _running_elsewhere(self, m: Migration) -> bool:
+        """Whether another thread or process runs this migration now (then it is not ours to take)."""
+        if m.owner == self.owner:
+            return m.id in _RUNNING
+        return _owner_alive(m.owner)
+
+    def _run(self, m: Migration, clone=None, progress=None) -> Migration:
+        _RUNNING.add(m.id)
+        try:
+            if m.state == j.PENDING:
+                self._fence(m)
+            if m.state == j.COPYING:
+                self._copy(m, clone, progress)
+            if m.state == j.COMPLETING:
+                self._complete(m)
+        except _Abort as abort:
+            self._cancel(m, str(abort))
+        except KeyboardInterrupt:
+            self._cancel(m, "interrupted")
+        finally:
+            _RUNNING.discard(m.id)
+        log.info("migration %s: %s", m.id, m.state)
+        return self.journal.get(m.id)
+
+    def _set(self, m: Migration, **fields) -> None:
+        """Writes fields to the journal and to the caller's copy of the row."""
+        self.journal.update(m.id, **fields)
+        for name, value in fields.items():
+            setattr(m, name, value)
+
+    @contextmanager
+    def _step(self, m: Migration, name: str, target: str = "", point: str | None = None) -> Iterator[_Outcome]:
+        step_id = self.journal.step_intended(m.id, name, target)
+        if point:
+            failpoint(f"before-{point}")
+        outcome = _Outcome()
+        try:
+            yield outcome
+        except BaseException as exc:
+            self.journal.step_ended(step_id, j.FAILED, _one_line(exc))
+            raise
+        if point:
+            failpoint(f"after-{point}")
+        self.journal.step_ended(step_id, j.DONE, outcome.detail)
+
+    def _check_cancel_requested(self, m: Migration) -> None:
+        if self.journal.get(m.id).cancel_requested:
+            raise _Abort("cancelled on request")
+
+    def _fence(self, m: Migration) -> None:
+        """Step "start" per attachment. Reverted by "cancel" of every attachment whose start was
+        intended (it may have reached the compute even if the answer never came back)."""
+        self._set(m, state=j.FENCING)
+        for number, (server, src_att, _) in enumerate(m.attachments, 1):
+            self._check_cancel_requested(m)
+            try:
+                with self._step(m, "start", f"{server}/{src_att}", point=f"start-{number}"):
+                    self.compute.migration_start(server, src_att)
+            except ComputeError as exc:
+                raise _Abort(f"the compute refused the fence of {server}/{src_att}: {exc}") from None
+        self._set(m, state=j.COPYING)
+
+    def _copy(self, m: Migration, clone, progress) -> None:
+        """Step "clone" or "copy", then "digest". Never reverted: src is only read; dst is left for
+        the caller and marked invalid by the cancel. A copy interrupted resumes from its checkpoint."""
+        self._check_cancel_requested(m)
+        src_ref, dst_ref = VolumeRef.from_json(m.src), VolumeRef.from_json(m.dst)
+        options = dict(m.options)
+        verify = options.pop("verify", False)
+        try:
+            with src_ref.attached() as src, dst_ref.attached() as dst:
+                path = self._clone(m, clone, src, dst)
+                if path is None:
+                    path = "copy"
+                    # What the engine wrote is what it hashed: the copy gives both digests.
+                    src_digest = dst_digest = self._copy_with_engine(m, src, dst, options, progress)
+                else:
+                    src_digest = dst_digest = digest(src)
+                if verify or path == "driver-clone":  # a driver's clone is not taken on trust
+                    with self._step(m, "verify", str(dst_ref)):
+                        dst_digest = digest(dst, length=_size_of(src))
+                failpoint("after-copy")
+        except JournalError:
+            raise  # nothing can be recorded: recover() goes on from what was
+        except Exception as exc:  # noqa: BLE001 - whatever stopped the copy, the fences are lifted
+            raise _Abort(f"the copy failed: {_one_line(exc)}") from None
+        self._set(m, copy_path=path, src_digest=src_digest, dst_digest=dst_digest)
+        if src_digest != dst_digest:
+            raise _Abort(f"dst differs from src: digest {dst_digest} != {src_digest}")
+        self._set(m, state=j.COMPLETING)
+
+    def _clone(self, m: Migration, clone, src: str, dst: str) -> str | None:
+        """The same-backend fast path: the driver's clone, else FICLONE; None to copy instead."""
+        if clone is not None:
+            with self._step(m, "clone", "driver") as step:
+                if clone(src, dst):
+                    return "driver-clone"
+                step.detail = "the driver's clone declined"
+        if can_clone(src, dst):
+            with self._step(m, "clone", "ficlone") as step:
+                if clone_file(src, dst):
+                    return "clone"
+                step.detail = "the file system cannot share extents"
+        return None
+
+    def _copy_with_engine(self, m: Migration, src: str, dst: str, options: dict, progress) -> str:
+        cancel = threading.Event()
+        last = {"at": time.monotonic(), "done": 0}
+
+        def report(done: int, total: int) -> None:
+            if progress is not None:
+                progress(done, total)
+            now = time.monotonic()
+            if now - last["at"] >= PROGRESS_INTERVAL:
+                rate = (done - last["done"]) / (now - last["at"])
+                last.update(at=now, done=done)
+                try:
+                    if self.journal.report_progress(m.id, done, total, rate):
+                        cancel.set()
+                except MigrationError as exc:  # the journal hiccuped: the copy goes on
+                    log.warning("migration %s: progress not recorded: %s", m.id, exc)
+            if 2 * done >= total:
+                failpoint("mid-copy")
+
+        with self._step(m, "copy", f"{m.src_key} -> {m.dst_key}"):
+            result = copier.copy(src, dst, checkpoint=m.checkpoint, progress=report, cancel=cancel, **options)
+        self._set(
+            m,
+            bytes_done=result.size,
+            bytes_total=result.size,
+            rate=result.rate,
+            resumed_from=result.resumed_from,
+        )
+        return result.digest
+
+    def _complete(self, m: Migration) -> None:
+        """Step "complete" per attachment. Not reverted once one has succeeded (the guest then does its
+        I/O on dst): it is repeated until every attachment is done, as the contract makes it idempotent."""
+        dst_ref = VolumeRef.from_json(m.dst)
+        done = {s.target for s in self.journal.steps(m.id) if s.name == "complete" and s.status == j.DONE}
+        for number, (server, src_att, dst_att) in enumerate(m.attachments, 1):
+            target = f"{server}/{src_att}"
+            if target in done:
+                continue
+            try:
+                with self._step(m, "complete", target, point=f"complete-{number}"):
+                    self.compute.migration_complete(server, src_att, dst_att, dst_ref.for_compute())
+            except REFUSED as exc:
+                if not done:  # no guest uses dst yet: going back to src is still possible
+                    raise _Abort(f"the compute refused to complete {target}: {exc}") from None
+                raise self._left(m, f"complete of {target} refused after others succeeded: {exc}") from None
+            except ComputeError as exc:
+                raise self._left(m, f"complete of {target} failed: {exc}") from None
+            done.add(target)
+        failpoint("before-finish")
+        self._set(m, state=j.COMPLETED, dst_valid=True, reason=None)
+        _remove(m.checkpoint)
+
+    def _left(self, m: Migration, reason: str) -> MigrationError:
+        """A failure that rolls nothing back: the migration stays as it is for recover() to go on."""
+        self._set(m, reason=reason)
+        return MigrationError(f"migration {m.id} stays {m.state}: {reason}; recover() will retry", m.id)
+
+    def _lift_fences(self, m: Migration) -> None:
+        """Step "cancel" for every attachment whose start may have reached the compute."""
+        started = {s.target for s in self.journal.steps(m.id) if s.name == "start"}
+        for number, (server, src_att, _) in enumerate(m.attachments, 1):
+            target = f"{server}/{src_att}"
+            if target not in started:
+                continue
+            try:
+                with self._step(m, "cancel", target, point=f"cancel-{number}"):
+                    self.compute.migration_cancel(server, src_att)
+            except ComputeError as exc:
+                raise self._left(m, f"cancel of {target} failed: {exc}") from None
+        if m.state == j.FENCING:  # a new fence follows: the compute must have finished this cancel
+            for server, src_att, _ in m.attachments:
+                if f"{server}/{src_att}" in started:
+                    self._wait_cancelled(server, src_att)
+
+    def _wait_cancelled(self, server: str, attachment: str) -> None:
+        deadline = time.monotonic() + CANCEL_WAIT
+        while self.compute.migration_state(server, attachment)["state"] not in ("none", "cancelled"):
+            if time.monotonic() > deadline:
+                raise MigrationError(f"the cancel of {server}/{attachment} did not finish in {CANCEL_WAIT:.0f} s")
+            time.sleep(0.2)
+
+    def _cancel(self, m: Migration, reason: str, raise_after: bool = True) -> None:
+        """Lifts every fence, then ends cancelled: src is in use as before, dst is not a valid copy."""
+        log.warning("migration %s: cancelling: %s", m.id, reason)
+        self._set(m, state=j.CANCELLING, reason=reason, dst_valid=False)
+        self._lift_fences(m)
+        failpoint("before-finish")
+        self._set(m, state=j.CANCELLED)
+        _remove(m.checkpoint)
+        if raise_after:
+            raise MigrationCancelled(f"migration {m.id} cancelled: {reason}", m.id, reason)
+
+
+def _size_of(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: str | None) -> None:
+    if path:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
