@@ -128,3 +128,26 @@ def workdir(tmp_path) -> Path:
 
 
 Factory = Callable[..., str]
+
+
+# ---------------------------------------------------------------- journals
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    from postgres_server import BIN, PostgresServer
+
+    if BIN is None:
+        pytest.skip("needs the PostgreSQL server binaries (Debian: postgresql)")
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def journal_url(request, tmp_path) -> str:
+    """A fresh journal, on SQLite and on a real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/journal.sqlite"
+    return request.getfixturevalue("postgres").new_database()

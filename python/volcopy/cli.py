@@ -64,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
         "bench", help="compare with dd, qemu-img, nbdcopy, cp and the fio limit (see --help)", add_help=False
     )
 
+    from .migration.commands import add_parsers as add_migration_parsers
+
+    add_migration_parsers(commands, _size)
+
     a = commands.add_parser("compute-agent", help="run the reference compute side of the migration handoff")
     a.add_argument("--config", required=True, help="the agent's JSON configuration (see docs/compute-api.md)")
     a.add_argument("--listen", help="HOST:PORT, overriding the configuration")
@@ -146,6 +150,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"volcopy: error: {exc}", file=sys.stderr)
                 return EXIT_ERROR
             return 0
+        if args.command in ("migrate", "migrations"):
+            import logging
+
+            from .migration import commands as migration_commands
+
+            logging.basicConfig(level=logging.WARNING, format="volcopy: %(message)s")
+            return getattr(migration_commands, args.command)(args)
         if args.command == "verify":
             verify(args.src, args.dst, length=args.length)
             print(f"{args.dst} reads back identical to {args.src}")

@@ -237,6 +237,8 @@ class Migrator:
     # ---------------------------------------------------------------- the flow
 
     def _take_over_and(self, m: Migration, action: Callable[[], object]) -> Migration:
+        if m.attachments and self.compute is None:
+            raise InvalidRequest(f"migration {m.id} has attachments: a compute is needed to go on with it")
         log.info("migration %s: taken over from %s in state %s", m.id, m.owner, m.state)
         self._set(m, owner=self.owner)
         action()

@@ -1,0 +1,199 @@
+"""The migration commands of the volcopy CLI: ``volcopy migrate`` and ``volcopy migrations ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ..errors import InvalidRequest
+from ..progress_bar import ProgressBar
+from ..units import format_size
+
+JOURNAL_ENVIRONMENT = "VOLCOPY_JOURNAL"
+
+
+def default_journal() -> str:
+    if os.geteuid() == 0:
+        directory = "/var/lib/volcopy"
+    else:
+        directory = os.path.join(
+            os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "volcopy"
+        )
+    return f"sqlite:///{directory}/journal.sqlite"
+
+
+def add_parsers(commands, size_type) -> None:
+    journal_help = f"SQLAlchemy URL of the journal (default: ${JOURNAL_ENVIRONMENT}, else {default_journal()})"
+    m = commands.add_parser(
+        "migrate",
+        help="migrate a volume: fence its attachments, copy, complete (or cancel on failure)",
+        description="Migrate SRC onto DST as Cinder would. A volume is a path or Cinder connection_info "
+        "as JSON ('{...}' or @FILE). The compute is reached at --compute-url with the token in $OS_TOKEN "
+        "(or through OS_AUTH_URL and friends).",
+    )
+    m.add_argument("src")
+    m.add_argument("dst")
+    m.add_argument(
+        "--attach",
+        action="append",
+        default=[],
+        metavar="SERVER:SRC_ATT:DST_ATT",
+        help="an attachment of SRC (repeat for a multi-attached volume); none: SRC is detached",
+    )
+    m.add_argument("--compute-url", help="the compute API endpoint, e.g. http://compute:8774/v2.1")
+    m.add_argument("--journal", help=journal_help)
+    m.add_argument("--verify", action="store_true", help="read DST back and compare digests before completing")
+    m.add_argument("--rate", type=size_type, help="bytes per second, e.g. 200M")
+    m.add_argument("--engine", choices=["auto", "io_uring", "aio", "sync"])
+    m.add_argument("--json", action="store_true", help="print the migration as JSON")
+
+    ms = commands.add_parser("migrations", help="list, show, cancel or recover migrations in the journal")
+    ms.add_argument("--journal", help=journal_help)
+    actions = ms.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("list", help="every migration, newest last").add_argument("--json", action="store_true")
+    show = actions.add_parser("show", help="one migration with its steps")
+    show.add_argument("id")
+    show.add_argument("--json", action="store_true")
+    cancel = actions.add_parser("cancel", help="cancel a migration that has not reached completing")
+    cancel.add_argument("id")
+    cancel.add_argument("--compute-url")
+    cancel.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a running one (60)")
+    recover = actions.add_parser("recover", help="finish or roll back migrations whose process is gone")
+    recover.add_argument("--compute-url")
+
+
+def _volume(text: str):
+    """A path, or connection_info as JSON inline or in @FILE."""
+    if text.startswith("@"):
+        with open(text[1:]) as f:
+            text = f.read()
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise InvalidRequest(f"connection_info is not valid JSON: {exc}") from None
+    return text
+
+
+def _attachment(text: str) -> tuple[str, str, str]:
+    parts = text.split(":")
+    if len(parts) != 3 or not all(parts):
+        raise InvalidRequest(f"--attach wants SERVER:SRC_ATTACHMENT:DST_ATTACHMENT, not {text!r}")
+    return parts[0], parts[1], parts[2]
+
+
+def _compute(url: str | None, needed: bool):
+    if not url and not (needed or os.environ.get("OS_AUTH_URL") or os.environ.get("OS_ENDPOINT")):
+        return None
+    from ..compute import NovaCompute
+    from ..compute.errors import ComputeError
+
+    if url:
+        token = os.environ.get("OS_TOKEN")
+        if not token:
+            raise ComputeError("--compute-url needs a token in $OS_TOKEN")
+        return NovaCompute(endpoint=url, token=token)
+    if not (os.environ.get("OS_AUTH_URL") or os.environ.get("OS_ENDPOINT")):
+        raise ComputeError("an attached volume needs the compute: --compute-url URL (token in $OS_TOKEN)")
+    return NovaCompute()
+
+
+def _migrator(args, compute_needed: bool = False):
+    from .migrator import Migrator
+
+    url = args.journal or os.environ.get(JOURNAL_ENVIRONMENT) or default_journal()
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+        os.makedirs(os.path.dirname(os.path.abspath(url[len("sqlite:///") :])), exist_ok=True)
+    return Migrator(url, compute=_compute(getattr(args, "compute_url", None), compute_needed))
+
+
+def _summary(m) -> str:
+    rows = [
+        ("migration", m.id),
+        ("state", m.state + (f" ({m.reason})" if m.reason else "")),
+        ("src", json.dumps(m.src.get("path") or m.src.get("connection_info"))),
+        ("dst", json.dumps(m.dst.get("path") or m.dst.get("connection_info"))),
+        ("attachments", ", ".join(":".join(a) for a in m.attachments) or "none (detached)"),
+        ("progress", f"{m.percent:.1f}% of {format_size(m.bytes_total)} at {format_size(m.rate)}/s"),
+        ("path", m.copy_path or "-"),
+        ("digest", m.dst_digest or "-"),
+        ("dst valid", "yes" if m.dst_valid else "no"),
+        ("updated", m.updated_at.isoformat(timespec="seconds")),
+    ]
+    if m.resumed_from:
+        rows.insert(6, ("resumed from", format_size(m.resumed_from)))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+def migrate(args) -> int:
+    from .errors import MigrationCancelled
+
+    attachments = [_attachment(a) for a in args.attach]
+    migrator = _migrator(args, compute_needed=bool(attachments))
+    options = {key: value for key, value in (("rate_limit", args.rate), ("engine", args.engine)) if value}
+    bar = ProgressBar() if sys.stderr.isatty() and not args.json else None
+    try:
+        m = migrator.migrate(
+            _volume(args.src),
+            _volume(args.dst),
+            attachments=attachments or None,
+            verify=args.verify,
+            progress=bar,
+            **options,
+        )
+    except MigrationCancelled as exc:
+        if bar:
+            bar.close()
+        print(f"volcopy: {exc}", file=sys.stderr)
+        return 1
+    if bar:
+        bar.close()
+    print(json.dumps(m.as_dict(), indent=2) if args.json else _summary(m))
+    return 0
+
+
+def migrations(args) -> int:
+    migrator = _migrator(args)
+    if args.action == "list":
+        rows = migrator.list()
+        if args.json:
+            print(json.dumps([m.as_dict() for m in rows], indent=2))
+        for m in rows if not args.json else []:
+            print(f"{m.id}  {m.state:<10}  {m.percent:5.1f}%  {m.src_key} -> {m.dst_key}")
+        return 0
+    if args.action == "show":
+        m = migrator.status(args.id)
+        steps = migrator.steps(args.id)
+        if args.json:
+            print(json.dumps(m.as_dict() | {"steps": [_step_dict(s) for s in steps]}, indent=2))
+            return 0
+        print(_summary(m))
+        for s in steps:
+            print(f"    {s.intended_at:%H:%M:%S}  {s.name:<9} {s.status:<9} {s.target}  {s.detail or ''}".rstrip())
+        return 0
+    if args.action == "cancel":
+        m = migrator.cancel(args.id, wait=args.wait)
+        print(f"migration {m.id}: {m.state}" + ("" if m.finished else " (cancel requested)"))
+        return 0
+    if args.action == "recover":
+        recovered = migrator.recover()
+        for m in recovered:
+            print(f"{m.id}  {m.state}" + (f"  ({m.reason})" if m.reason else ""))
+        if not recovered:
+            print("nothing to recover")
+        return 0 if all(m.finished for m in recovered) else 1
+    return 2
+
+
+def _step_dict(step) -> dict:
+    return {
+        "name": step.name,
+        "target": step.target,
+        "status": step.status,
+        "detail": step.detail,
+        "intended_at": step.intended_at.isoformat(),
+        "ended_at": step.ended_at.isoformat() if step.ended_at else None,
+    }
