@@ -41,14 +41,18 @@ class PostgresServer:
     def start(self) -> None:
         self._run(f"{BIN}/initdb", "-D", self.data, "-A", "trust", "-U", USER, "--no-sync")
         options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._run(f"{BIN}/pg_ctl", "-D", self.data, "-o", options, "-l", f"{self.directory}/log", "-w", "start")
+        self._run(
+            f"{BIN}/pg_ctl", "-D", self.data, "-o", options, "-l", f"{self.directory}/log", "-w", "start"
+        )
 
     def new_database(self) -> str:
         """A fresh, empty database; returns its SQLAlchemy URL."""
         import psycopg
 
         name = "journal_" + uuid.uuid4().hex[:12]
-        with psycopg.connect(f"host=127.0.0.1 port={self.port} user={USER} dbname=postgres", autocommit=True) as c:
+        with psycopg.connect(
+            f"host=127.0.0.1 port={self.port} user={USER} dbname=postgres", autocommit=True
+        ) as c:
             c.execute(f"CREATE DATABASE {name}")
         return f"postgresql+psycopg://{USER}@127.0.0.1:{self.port}/{name}"
 

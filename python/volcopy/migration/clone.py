@@ -25,8 +25,10 @@ def can_clone(src: str, dst: str) -> bool:
         dst_stat = os.stat(dst)
     except FileNotFoundError:
         return os.stat(os.path.dirname(os.path.abspath(dst))).st_dev == src_stat.st_dev
-    return stat.S_ISREG(dst_stat.st_mode) and dst_stat.st_dev == src_stat.st_dev and (
-        dst_stat.st_size == src_stat.st_size
+    return (
+        stat.S_ISREG(dst_stat.st_mode)
+        and dst_stat.st_dev == src_stat.st_dev
+        and (dst_stat.st_size == src_stat.st_size)
     )
 
 

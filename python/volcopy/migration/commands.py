@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -25,7 +24,9 @@ def default_journal() -> str:
 
 
 def add_parsers(commands, size_type) -> None:
-    journal_help = f"SQLAlchemy URL of the journal (default: ${JOURNAL_ENVIRONMENT}, else {default_journal()})"
+    journal_help = (
+        f"SQLAlchemy URL of the journal (default: ${JOURNAL_ENVIRONMENT}, else {default_journal()})"
+    )
     m = commands.add_parser(
         "migrate",
         help="migrate a volume: fence its attachments, copy, complete (or cancel on failure)",
@@ -44,7 +45,9 @@ def add_parsers(commands, size_type) -> None:
     )
     m.add_argument("--compute-url", help="the compute API endpoint, e.g. http://compute:8774/v2.1")
     m.add_argument("--journal", help=journal_help)
-    m.add_argument("--verify", action="store_true", help="read DST back and compare digests before completing")
+    m.add_argument(
+        "--verify", action="store_true", help="read DST back and compare digests before completing"
+    )
     m.add_argument("--rate", type=size_type, help="bytes per second, e.g. 200M")
     m.add_argument("--engine", choices=["auto", "io_uring", "aio", "sync"])
     m.add_argument("--json", action="store_true", help="print the migration as JSON")
@@ -52,7 +55,9 @@ def add_parsers(commands, size_type) -> None:
     ms = commands.add_parser("migrations", help="list, show, cancel or recover migrations in the journal")
     ms.add_argument("--journal", help=journal_help)
     actions = ms.add_subparsers(dest="action", required=True, metavar="ACTION")
-    actions.add_parser("list", help="every migration, newest last").add_argument("--json", action="store_true")
+    actions.add_parser("list", help="every migration, newest last").add_argument(
+        "--json", action="store_true"
+    )
     show = actions.add_parser("show", help="one migration with its steps")
     show.add_argument("id")
     show.add_argument("--json", action="store_true")
@@ -172,7 +177,8 @@ def migrations(args) -> int:
             return 0
         print(_summary(m))
         for s in steps:
-            print(f"    {s.intended_at:%H:%M:%S}  {s.name:<9} {s.status:<9} {s.target}  {s.detail or ''}".rstrip())
+            line = f"    {s.intended_at:%H:%M:%S}  {s.name:<9} {s.status:<9} {s.target}  {s.detail or ''}"
+            print(line.rstrip())
         return 0
     if args.action == "cancel":
         m = migrator.cancel(args.id, wait=args.wait)

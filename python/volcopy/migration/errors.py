@@ -22,7 +22,7 @@ class VolumeBusy(MigrationError, InvalidRequest):
 
 
 class MigrationCancelled(MigrationError):
-    """The migration ended cancelled: src is in use as before, dst is not a valid copy. ``reason`` says why."""
+    """The migration ended cancelled: src is in use as before, dst is not a valid copy; ``reason`` is why."""
 
     def __init__(self, message: str, migration_id: str, reason: str):
         super().__init__(message, migration_id)

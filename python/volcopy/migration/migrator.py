@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from .. import copier
 from ..compute.errors import ComputeConflict, ComputeError, ComputeNotFound
 from ..digest import digest
-from ..errors import InvalidRequest, VolcopyError
+from ..errors import Cancelled, InvalidRequest, VolcopyError
 from . import journal as j
 from .clone import can_clone, clone_file
 from .errors import JournalError, MigrationCancelled, MigrationConflict, MigrationError
@@ -93,7 +93,8 @@ def _check_attachments(attachments) -> list[list[str]]:
             or not all(isinstance(part, str) and part for part in attachment)
         ):
             raise InvalidRequest(
-                f"each attachment must be (server_id, src_attachment_id, dst_attachment_id), not {attachment!r}"
+                "each attachment must be (server_id, src_attachment_id, dst_attachment_id), "
+                f"not {attachment!r}"
             )
         checked.append(list(attachment))
     if len({a[1] for a in checked}) != len(checked):
@@ -162,7 +163,9 @@ class Migrator:
         src_ref, dst_ref = VolumeRef.of(src, "src"), VolumeRef.of(dst, "dst")
         checked = _check_attachments(attachments)
         if checked and self.compute is None:
-            raise InvalidRequest("an attached volume needs a compute to fence it: pass compute=NovaCompute(...)")
+            raise InvalidRequest(
+                "an attached volume needs a compute to fence it: pass compute=NovaCompute(...)"
+            )
         if src_ref.key == dst_ref.key:
             raise InvalidRequest(f"src and dst are the same volume ({src_ref})")
         _check_copy_options(copy_options)
@@ -288,7 +291,9 @@ class Migrator:
             setattr(m, name, value)
 
     @contextmanager
-    def _step(self, m: Migration, name: str, target: str = "", point: str | None = None) -> Iterator[_Outcome]:
+    def _step(
+        self, m: Migration, name: str, target: str = "", point: str | None = None
+    ) -> Iterator[_Outcome]:
         step_id = self.journal.step_intended(m.id, name, target)
         if point:
             failpoint(f"before-{point}")
@@ -341,6 +346,8 @@ class Migrator:
                 failpoint("after-copy")
         except JournalError:
             raise  # nothing can be recorded: recover() goes on from what was
+        except Cancelled:
+            raise _Abort("cancelled on request") from None  # only a request in the journal cancels a copy
         except Exception as exc:  # noqa: BLE001 - whatever stopped the copy, the fences are lifted
             raise _Abort(f"the copy failed: {_one_line(exc)}") from None
         self._set(m, copy_path=path, src_digest=src_digest, dst_digest=dst_digest)
@@ -441,7 +448,9 @@ class Migrator:
         deadline = time.monotonic() + CANCEL_WAIT
         while self.compute.migration_state(server, attachment)["state"] not in ("none", "cancelled"):
             if time.monotonic() > deadline:
-                raise MigrationError(f"the cancel of {server}/{attachment} did not finish in {CANCEL_WAIT:.0f} s")
+                raise MigrationError(
+                    f"the cancel of {server}/{attachment} did not finish in {CANCEL_WAIT:.0f} s"
+                )
             time.sleep(0.2)
 
     def _cancel(self, m: Migration, reason: str, raise_after: bool = True) -> None:
