@@ -21,8 +21,11 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from conftest import MiB, needs_root_for_loop
 
 BLOCK = 4096
 INITIAL = 0xA5  # every block of the volume starts with this byte
@@ -31,6 +34,19 @@ QEMU = shutil.which("qemu-system-x86_64")
 BUSYBOX = shutil.which("busybox")
 KERNELS = sorted(glob.glob("/boot/vmlinuz-*"))
 KERNEL = KERNELS[-1] if KERNELS else None
+SIZE = 64 * MiB  # of each test volume
+SERVER, SRC_ATT, DST_ATT = "server-1", "att-src-1", "att-dst-1"
+
+needs_guest = [
+    needs_root_for_loop,
+    pytest.mark.skipif(QEMU is None, reason="needs qemu-system-x86_64 (Debian: qemu-system-x86)"),
+    pytest.mark.skipif(
+        KERNEL is None or BUSYBOX is None,
+        reason="the guest needs a kernel in /boot and busybox (Debian: linux-image-cloud-amd64, "
+        "busybox-static)",
+    ),
+]
+
 GUEST_MODULES = [
     "virtio_ring",
     "virtio",
@@ -348,3 +364,56 @@ def server_entry(guest: Guest, attachment_id: str) -> dict:
         "qmp": guest.agent_socket,
         "attachments": {attachment_id: {"qdev": guest.qdev, "node": guest.node, "volume": guest.volume}},
     }
+
+
+def local(path: str) -> dict:
+    """Cinder's connection_info for a volume that is a local device."""
+    return {"driver_volume_type": "local", "data": {"device_path": path}}
+
+
+def wait_state(compute, state: str, attachment=SRC_ATT, timeout=60, server=SERVER) -> dict:
+    return wait_for(
+        lambda: (s := compute.migration_state(server, attachment))["state"] == state and s,
+        timeout=timeout,
+        what=f"state {state}",
+    )
+
+
+def fill(path, size: int, byte: int) -> None:
+    with open(path, "wb") as f:
+        for _ in range(size // MiB):
+            f.write(bytes([byte]) * MiB)
+
+
+# ---------------------------------------------------------------- fixtures (a pytest plugin of conftest)
+
+
+@pytest.fixture
+def volumes(workdir, loops):
+    """src, every block INITIAL, and dst, garbage until the copy: two loop devices."""
+    fill(workdir / "src-backing.img", SIZE, INITIAL)
+    fill(workdir / "dst-backing.img", SIZE, 0x3C)
+    return loops.attach(workdir / "src-backing.img"), loops.attach(workdir / "dst-backing.img")
+
+
+@pytest.fixture
+def guest(workdir, volumes):
+    g = Guest(workdir, "a", volumes[0], SIZE)
+    g.start()
+    yield g
+    g.stop()
+
+
+@pytest.fixture
+def agent(workdir, guest):
+    a = Agent(workdir, {SERVER: server_entry(guest, SRC_ATT)})
+    a.start()
+    yield a
+    a.stop()
+
+
+@pytest.fixture
+def compute(agent):
+    from volcopy.compute import NovaCompute
+
+    return NovaCompute(endpoint=agent.url, token=TOKEN)

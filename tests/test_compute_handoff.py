@@ -13,68 +13,22 @@ import urllib.request
 import pytest
 
 import volcopy
-from compute_harness import BUSYBOX, INITIAL, KERNEL, QEMU, TOKEN, Agent, Guest, server_entry, wait_for
-from conftest import MiB, needs_root_for_loop, read_all
+from compute_harness import (
+    DST_ATT,
+    SERVER,
+    SIZE,
+    SRC_ATT,
+    TOKEN,
+    Agent,
+    local,
+    needs_guest,
+    server_entry,
+    wait_state,
+)
+from conftest import read_all
 from volcopy.compute import ComputeConflict, ComputeNotFound, ComputeUnauthorized, NovaCompute
 
-SIZE = 64 * MiB
-SERVER, SRC_ATT, DST_ATT = "server-1", "att-src-1", "att-dst-1"
-
-pytestmark = [
-    needs_root_for_loop,
-    pytest.mark.skipif(QEMU is None, reason="needs qemu-system-x86_64 (Debian: qemu-system-x86)"),
-    pytest.mark.skipif(
-        KERNEL is None or BUSYBOX is None,
-        reason="the guest needs a kernel in /boot and busybox (Debian: linux-image-cloud-amd64, "
-        "busybox-static)",
-    ),
-]
-
-
-def fill(path, size: int, byte: int) -> None:
-    with open(path, "wb") as f:
-        for _ in range(size // MiB):
-            f.write(bytes([byte]) * MiB)
-
-
-@pytest.fixture
-def volumes(workdir, loops):
-    fill(workdir / "src-backing.img", SIZE, INITIAL)
-    fill(workdir / "dst-backing.img", SIZE, 0x3C)  # garbage until the copy
-    return loops.attach(workdir / "src-backing.img"), loops.attach(workdir / "dst-backing.img")
-
-
-@pytest.fixture
-def guest(workdir, volumes):
-    g = Guest(workdir, "a", volumes[0], SIZE)
-    g.start()
-    yield g
-    g.stop()
-
-
-@pytest.fixture
-def agent(workdir, guest):
-    a = Agent(workdir, {SERVER: server_entry(guest, SRC_ATT)})
-    a.start()
-    yield a
-    a.stop()
-
-
-@pytest.fixture
-def compute(agent):
-    return NovaCompute(endpoint=agent.url, token=TOKEN)
-
-
-def local(path: str) -> dict:
-    return {"driver_volume_type": "local", "data": {"device_path": path}}
-
-
-def wait_state(compute, state: str, attachment=SRC_ATT, timeout=60) -> dict:
-    return wait_for(
-        lambda: (s := compute.migration_state(SERVER, attachment))["state"] == state and s,
-        timeout=timeout,
-        what=f"state {state}",
-    )
+pytestmark = needs_guest
 
 
 def test_complete_moves_the_guest_onto_dst_with_every_write(guest, compute, volumes):
