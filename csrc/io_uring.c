@@ -142,6 +142,10 @@ static void uring_fini(struct vc_io *io)
 {
     struct uring_state *s = io->priv;
     if (s) {
+        /* The ring's own teardown drops its file references later, in a kernel worker: a caller that
+         * unmounts the file system right after the copy would find it busy. Unregistering waits. */
+        if (s->fixed_fds[0] >= 0)
+            io_uring_unregister_files(&s->ring);
         io_uring_queue_exit(&s->ring);
         free(s);
     }

@@ -133,8 +133,9 @@ class Guest:
     """A real Linux guest in QEMU with one virtio-blk disk on a raw volume. Its writes go through the
     disk's BlockBackend as any guest's do; the test reads them back from its console log."""
 
-    def __init__(self, workdir: Path, name: str, volume: str, size: int):
-        self.workdir, self.name, self.volume, self.size = workdir, name, volume, size
+    def __init__(self, workdir: Path, name: str, volume: str, size: int, shared: bool = False):
+        """shared: the volume is multi-attached (another guest has it too), as Nova sets it up."""
+        self.workdir, self.name, self.volume, self.size, self.shared = workdir, name, volume, size, shared
         self.node, self.qdev = f"vol-{name}", f"disk-{name}"
         self.agent_socket = str(workdir / f"{name}-agent.qmp")
         self.test_socket = str(workdir / f"{name}-test.qmp")
@@ -155,6 +156,10 @@ class Guest:
             "node-name": self.node,
             "file": {"driver": driver, "filename": self.volume, "cache": {"direct": True}},
         }
+        device = f"virtio-blk-pci,drive={self.node},id={self.qdev}"
+        if self.shared:
+            blockdev["file"]["locking"] = "off"
+            device += ",share-rw=on"
         # TCG, not KVM: under nested KVM (as on this project's machines) the guest kernel hangs early
         # in boot, and a guest this small boots in seconds without it.
         args = [
@@ -188,7 +193,7 @@ class Guest:
             "-blockdev",
             json.dumps(blockdev),
             "-device",
-            f"virtio-blk-pci,drive={self.node},id={self.qdev}",
+            device,
         ]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)

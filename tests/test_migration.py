@@ -84,7 +84,7 @@ def xfs(loops, workdir):
     mountpoint.mkdir()
     subprocess.run(["mount", device, str(mountpoint)], check=True)
     yield mountpoint
-    subprocess.run(["umount", str(mountpoint)], check=False)
+    subprocess.run(["umount", str(mountpoint)], check=True)
 
 
 @needs_root

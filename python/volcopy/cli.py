@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             from .migration import commands as migration_commands
 
-            logging.basicConfig(level=logging.WARNING, format="volcopy: %(message)s")
+            logging.basicConfig(level=logging.ERROR, format="volcopy: %(message)s")
             return getattr(migration_commands, args.command)(args)
         if args.command == "verify":
             verify(args.src, args.dst, length=args.length)

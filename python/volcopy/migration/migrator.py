@@ -435,8 +435,11 @@ class Migrator:
             if target not in started:
                 continue
             try:
-                with self._step(m, "cancel", target, point=f"cancel-{number}"):
-                    self.compute.migration_cancel(server, src_att)
+                with self._step(m, "cancel", target, point=f"cancel-{number}") as step:
+                    try:
+                        self.compute.migration_cancel(server, src_att)
+                    except ComputeNotFound:  # its start was refused for the same reason: nothing to lift
+                        step.detail = "the compute does not know the attachment"
             except ComputeError as exc:
                 raise self._left(m, f"cancel of {target} failed: {exc}") from None
         if m.state == j.FENCING:  # a new fence follows: the compute must have finished this cancel

@@ -1,0 +1,247 @@
+"""The migration orchestrator with the real compute agent and a guest writing through its disk all along:
+an attached (and a multi-attached) volume moves onto dst with every write; a refused fence lifts the
+fences already set; and the orchestrator killed with SIGKILL at every failure point is brought to an
+end by recover(), with the guest's data exactly right, src never written after its fence, and no
+completed migration whose dst digest differs from src's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import volcopy
+from compute_harness import (
+    DST_ATT,
+    SERVER,
+    SIZE,
+    SRC_ATT,
+    TOKEN,
+    Agent,
+    Guest,
+    local,
+    needs_guest,
+    server_entry,
+    wait_state,
+)
+from conftest import read_all
+from volcopy.compute import ComputeError, NovaCompute
+from volcopy.migration import Journal, MigrationCancelled, Migrator
+
+pytestmark = needs_guest
+
+ATTACH = f"{SERVER}:{SRC_ATT}:{DST_ATT}"
+UNKNOWN_ATTACH = f"{SERVER}:att-not-here:att-dst-2"
+
+
+class FenceWatcher:
+    """Polls the compute and reads src's digest each time a fence is newly set: what src must still
+    hold at the end of a completed migration if nothing wrote to it after its (last) fence."""
+
+    def __init__(self, compute: NovaCompute, src: str):
+        self.compute, self.src = compute, src
+        self.snapshots: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> FenceWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        state, updated_at, written = None, None, 0
+        while not self._stop.is_set():
+            try:
+                s = self.compute.migration_state(SERVER, SRC_ATT)
+            except ComputeError:
+                s = {"state": "unknown"}  # the agent is busy: ask again
+            if s["state"] == "fenced":
+                # A new fence: seen for the first time, stamped anew, or with its written bytes reset.
+                if (
+                    state != "fenced"
+                    or s["updated_at"] != updated_at
+                    or s["bytes_written_since_start"] < written
+                ):
+                    self.snapshots.append(volcopy.digest(self.src))
+                updated_at, written = s["updated_at"], s["bytes_written_since_start"]
+            state = s["state"]
+            time.sleep(0.02)
+
+
+def check_completed(m, guest, compute, src, dst, watcher) -> None:
+    """The guest runs on dst with every write; src is as it was at its last fence."""
+    assert m.state == "completed" and m.dst_valid
+    time.sleep(0.3)  # more writes, now onto dst
+    guest.stop_writer()
+    wait_state(compute, "completed")
+    assert guest.errors == [] and guest.io_status_ok()
+    guest.check_guest_reads_model()
+    assert [a["id"] for a in compute.attachments(SERVER)] == [DST_ATT]
+    guest.stop()
+    assert read_all(dst) == guest.model, "dst does not hold src-at-start plus every later write"
+    assert watcher.snapshots, "the fence was never seen"
+    assert volcopy.digest(src) == watcher.snapshots[-1], "src was written after its fence"
+    assert m.src_digest == m.dst_digest == watcher.snapshots[-1], "completed onto a dst that differs"
+
+
+def check_cancelled(m, guest, compute, src) -> None:
+    """The guest runs on src again, with every write merged back; dst is marked invalid."""
+    assert m.state == "cancelled" and not m.dst_valid
+    wait_state(compute, "cancelled")
+    time.sleep(0.2)
+    guest.stop_writer()
+    assert guest.errors == [] and guest.io_status_ok()
+    guest.check_guest_reads_model()
+    guest.stop()
+    assert read_all(src) == guest.model, "src lacks some of the guest's writes"
+
+
+def test_an_attached_volume_moves_while_the_guest_writes(journal_url, guest, compute, volumes):
+    src, dst = volumes
+    guest.start_writer()
+    with FenceWatcher(compute, src) as watcher:
+        m = Migrator(journal_url, compute).migrate(
+            local(src), local(dst), attachments=[(SERVER, SRC_ATT, DST_ATT)], verify=True
+        )
+    steps = Migrator(journal_url).steps(m.id)
+    assert [(s.name, s.target, s.status) for s in steps] == [
+        ("start", f"{SERVER}/{SRC_ATT}", "done"),
+        ("copy", f"path:{src} -> path:{dst}", "done"),
+        ("verify", "local volume", "done"),
+        ("complete", f"{SERVER}/{SRC_ATT}", "done"),
+    ]
+    check_completed(m, guest, compute, src, dst, watcher)
+
+
+def test_a_refused_fence_lifts_the_fences_already_set(workdir, guest, agent, compute, volumes):
+    src, dst = volumes
+    guest.start_writer()
+    migrator = Migrator(f"sqlite:///{workdir}/journal.sqlite", compute)
+
+    with pytest.raises(MigrationCancelled, match="refused the fence of server-1/att-not-here") as raised:
+        migrator.migrate(src, dst, attachments=[(SERVER, SRC_ATT, DST_ATT), (SERVER, "att-not-here", "x")])
+
+    steps = migrator.steps(raised.value.migration_id)
+    assert [(s.name, s.target.split("/")[1], s.status) for s in steps] == [
+        ("start", SRC_ATT, "done"),
+        ("start", "att-not-here", "failed"),
+        ("cancel", SRC_ATT, "done"),
+        ("cancel", "att-not-here", "done"),
+    ]
+    env = dict(os.environ, OS_TOKEN=TOKEN)
+    refused = subprocess.run(
+        [sys.executable, "-m", "volcopy.cli", "migrate", src, dst, "--attach", UNKNOWN_ATTACH]
+        + ["--compute-url", agent.url, "--journal", f"sqlite:///{workdir}/journal.sqlite"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert (
+        "refused the fence of server-1/att-not-here: attachment att-not-here is not attached"
+        in refused.stderr
+    )
+    check_cancelled(migrator.status(raised.value.migration_id), guest, compute, src)
+
+
+@pytest.fixture
+def shared_guests(workdir, volumes):
+    """Two guests with src multi-attached; the first writes, the second only has it attached."""
+    guests = [Guest(workdir, name, volumes[0], SIZE, shared=True) for name in ("a", "b")]
+    try:
+        for g in guests:
+            g.start()
+        yield guests
+    finally:
+        for g in guests:
+            g.stop()
+
+
+def test_a_multi_attached_volume_is_fenced_everywhere_before_the_copy(workdir, shared_guests, volumes):
+    src, dst = volumes
+    writer, idle = shared_guests
+    attachments = [("server-a", "att-a", "att-a-dst"), ("server-b", "att-b", "att-b-dst")]
+    agent = Agent(
+        workdir, {"server-a": server_entry(writer, "att-a"), "server-b": server_entry(idle, "att-b")}
+    )
+    agent.start()
+    try:
+        compute = NovaCompute(endpoint=agent.url, token=TOKEN)
+        writer.start_writer()
+        migrator = Migrator(f"sqlite:///{workdir}/journal.sqlite", compute)
+
+        m = migrator.migrate(src, dst, attachments=attachments)
+
+        assert m.state == "completed"
+        assert [(s.name, s.target) for s in migrator.steps(m.id)] == [
+            ("start", "server-a/att-a"),
+            ("start", "server-b/att-b"),
+            ("copy", f"path:{src} -> path:{dst}"),
+            ("complete", "server-a/att-a"),
+            ("complete", "server-b/att-b"),
+        ]
+        time.sleep(0.3)
+        writer.stop_writer()
+        for server, attachment, new in attachments:
+            wait_state(compute, "completed", attachment=attachment, server=server)
+            assert [a["id"] for a in compute.attachments(server)] == [new]
+        assert writer.errors == [] and writer.io_status_ok()
+        writer.check_guest_reads_model()
+        for g in shared_guests:
+            g.stop()
+        assert read_all(dst) == writer.model
+    finally:
+        agent.stop()
+
+
+# Where a migration may be killed, and how recover() must end it.
+FAILPOINTS = [
+    ("after-record", "completed"),
+    ("before-start-1", "completed"),
+    ("after-start-1", "completed"),
+    ("mid-copy", "completed"),
+    ("after-copy", "completed"),
+    ("before-complete-1", "completed"),
+    ("after-complete-1", "completed"),
+    ("before-finish", "completed"),
+    ("before-cancel-1", "cancelled"),  # on the way to cancelled: a second attachment refused its fence
+]
+
+
+@pytest.mark.parametrize("point,ending", FAILPOINTS, ids=[p for p, _ in FAILPOINTS])
+def test_recover_ends_a_migration_killed_at(point, ending, workdir, guest, agent, compute, volumes):
+    src, dst = volumes
+    url = f"sqlite:///{workdir}/journal.sqlite"
+    attach = ["--attach", ATTACH] + (["--attach", UNKNOWN_ATTACH] if ending == "cancelled" else [])
+    # Slow enough at mid-copy for the engine's first checkpoint (after 2 s) to come before half-way.
+    rate = ["--rate", "12M"] if point == "mid-copy" else []
+    guest.start_writer()
+    with FenceWatcher(compute, src) as watcher:
+        killed = subprocess.run(
+            [sys.executable, "-m", "volcopy.cli", "migrate", src, dst, *attach, *rate]
+            + ["--compute-url", agent.url, "--journal", url],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, OS_TOKEN=TOKEN, VOLCOPY_FAILPOINT=point),
+        )
+        assert killed.returncode == -9, f"not killed at {point}: {killed.stderr}"
+        assert Journal(url).list()[0].state not in ("completed", "cancelled")
+
+        recovered = Migrator(url, compute).recover()
+
+    assert [m.state for m in recovered] == [ending], recovered[0].reason
+    if ending == "completed":
+        check_completed(recovered[0], guest, compute, src, dst, watcher)
+    else:
+        check_cancelled(recovered[0], guest, compute, src)
+    if point == "mid-copy":
+        assert recovered[0].resumed_from > 0, "the copy started again instead of resuming"
+    assert Migrator(url, compute).recover() == [], "nothing is left to recover"
