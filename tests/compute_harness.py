@@ -75,6 +75,7 @@ writer() {
   done
   echo STOPPED
 }
+stty -echo  # the console must not echo commands into the middle of the writer's log lines
 echo READY
 while read -r command; do
   case "$command" in

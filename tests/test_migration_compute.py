@@ -202,22 +202,24 @@ def test_a_multi_attached_volume_is_fenced_everywhere_before_the_copy(workdir, s
         agent.stop()
 
 
-# Where a migration may be killed, and how recover() must end it.
+# Where a migration may be killed, the state the journal then shows, and how recover() must end it.
 FAILPOINTS = [
-    ("after-record", "completed"),
-    ("before-start-1", "completed"),
-    ("after-start-1", "completed"),
-    ("mid-copy", "completed"),
-    ("after-copy", "completed"),
-    ("before-complete-1", "completed"),
-    ("after-complete-1", "completed"),
-    ("before-finish", "completed"),
-    ("before-cancel-1", "cancelled"),  # on the way to cancelled: a second attachment refused its fence
+    ("after-record", "pending", "completed"),
+    ("before-start-1", "fencing", "completed"),
+    ("after-start-1", "fencing", "completed"),
+    ("mid-copy", "copying", "completed"),
+    ("after-copy", "copying", "completed"),
+    ("before-complete-1", "completing", "completed"),
+    ("after-complete-1", "completing", "completed"),
+    ("before-finish", "completing", "completed"),
+    ("before-cancel-1", "cancelling", "cancelled"),  # a second attachment refused its fence
 ]
 
 
-@pytest.mark.parametrize("point,ending", FAILPOINTS, ids=[p for p, _ in FAILPOINTS])
-def test_recover_ends_a_migration_killed_at(point, ending, workdir, guest, agent, compute, volumes):
+@pytest.mark.parametrize("point,killed_in,ending", FAILPOINTS, ids=[p for p, _, _ in FAILPOINTS])
+def test_recover_ends_a_migration_killed_at(
+    point, killed_in, ending, workdir, guest, agent, compute, volumes
+):
     src, dst = volumes
     url = f"sqlite:///{workdir}/journal.sqlite"
     attach = ["--attach", ATTACH] + (["--attach", UNKNOWN_ATTACH] if ending == "cancelled" else [])
@@ -233,7 +235,7 @@ def test_recover_ends_a_migration_killed_at(point, ending, workdir, guest, agent
             env=dict(os.environ, OS_TOKEN=TOKEN, VOLCOPY_FAILPOINT=point),
         )
         assert killed.returncode == -9, f"not killed at {point}: {killed.stderr}"
-        assert Journal(url).list()[0].state not in ("completed", "cancelled")
+        assert Journal(url).list()[0].state == killed_in
 
         recovered = Migrator(url, compute).recover()
 
