@@ -60,15 +60,11 @@ def test_copy_summary_names_what_happened(workdir):
     assert "verified        no" in out
 
 
-def test_copy_on_a_terminal_shows_a_live_progress_bar(workdir):
-    write_layout(workdir / "src.img", 24 * MiB, [(0, 24 * MiB)], seed=3)
+def run_on_terminal(*args) -> tuple[int, str]:
+    """Runs volcopy with its stdout and stderr on a pseudo-terminal; returns its exit code and output."""
     pid, fd = pty.fork()
-    if pid == 0:  # the child: volcopy with its stderr and stdout on the terminal
-        os.execv(
-            sys.executable,
-            VOLCOPY
-            + ["copy", str(workdir / "src.img"), str(workdir / "dst.img"), "--rate", "40M", "--verify"],
-        )
+    if pid == 0:  # the child
+        os.execv(sys.executable, VOLCOPY + [str(a) for a in args])
     output = b""
     while True:
         try:
@@ -79,12 +75,32 @@ def test_copy_on_a_terminal_shows_a_live_progress_bar(workdir):
             break
         output += data
     _, status = os.waitpid(pid, 0)
-    text = output.decode()
+    return os.waitstatus_to_exitcode(status), output.decode()
 
-    assert os.waitstatus_to_exitcode(status) == 0, text
+
+def test_copy_on_a_terminal_shows_a_live_progress_bar(workdir):
+    write_layout(workdir / "src.img", 24 * MiB, [(0, 24 * MiB)], seed=3)
+    code, text = run_on_terminal(
+        "copy", workdir / "src.img", workdir / "dst.img", "--rate", "40M", "--verify"
+    )
+
+    assert code == 0, text
     assert text.count("\r[") >= 3, "the bar is redrawn as the copy goes"
     assert "100.0%" in text and "ETA" in text and "/s" in text
     assert "verified        yes" in text
+
+
+def test_migrate_on_a_terminal_shows_a_live_progress_bar(workdir):
+    write_layout(workdir / "src.img", 24 * MiB, [(0, 24 * MiB)], seed=3)
+    journal = f"sqlite:///{workdir}/journal.sqlite"
+    code, text = run_on_terminal(
+        "migrate", workdir / "src.img", workdir / "dst.img", "--rate", "40M", "--journal", journal
+    )
+
+    assert code == 0, text
+    assert text.count("\r[") >= 3 and "100.0%" in text
+    assert "state        completed" in text and "dst valid    yes" in text
+    assert read_all(workdir / "dst.img") == read_all(workdir / "src.img")
 
 
 def test_digest_and_verify_commands(workdir):
