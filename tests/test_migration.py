@@ -101,6 +101,22 @@ def test_files_on_a_reflink_file_system_are_cloned_not_copied(xfs, workdir):
     assert free_before - shutil.disk_usage(xfs).free < 8 * MiB, "dst does not share src's extents"
 
 
+@needs_root
+def test_a_larger_dst_on_a_reflink_file_system_gets_src_cloned_into_its_start(xfs, workdir):
+    content = write_layout(xfs / "src.img", 64 * MiB, [(0, 64 * MiB)], seed=9)
+    with open(xfs / "dst.img", "wb") as f:
+        f.truncate(96 * MiB)
+    os.sync()
+    free_before = shutil.disk_usage(xfs).free
+
+    m = Migrator(f"sqlite:///{workdir}/journal.sqlite").migrate(str(xfs / "src.img"), str(xfs / "dst.img"))
+
+    assert m.copy_path == "clone" and os.path.getsize(xfs / "dst.img") == 96 * MiB
+    assert read_all(xfs / "dst.img", 64 * MiB) == content
+    os.sync()
+    assert free_before - shutil.disk_usage(xfs).free < 8 * MiB, "dst does not share src's extents"
+
+
 def test_files_on_a_file_system_without_reflink_are_copied(source, workdir):
     src, content = source
     m = Migrator(f"sqlite:///{workdir}/journal.sqlite").migrate(src, str(workdir / "dst.img"))

@@ -10,14 +10,15 @@ import errno
 import fcntl
 import os
 import stat
+import struct
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), from linux/fs.h
+FICLONERANGE = 0x4020940D  # _IOW(0x94, 13, struct file_clone_range)
 NOT_SUPPORTED = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS}
 
 
 def can_clone(src: str, dst: str) -> bool:
-    """Both regular files on one file system, dst missing or exactly src's size (FICLONE takes the
-    whole file and would leave a longer dst's tail as it was)."""
+    """Both regular files on one file system, dst missing or at least as large as src."""
     src_stat = os.stat(src)
     if not stat.S_ISREG(src_stat.st_mode):
         return False
@@ -28,7 +29,7 @@ def can_clone(src: str, dst: str) -> bool:
     return (
         stat.S_ISREG(dst_stat.st_mode)
         and dst_stat.st_dev == src_stat.st_dev
-        and (dst_stat.st_size == src_stat.st_size)
+        and dst_stat.st_size >= src_stat.st_size
     )
 
 
@@ -39,7 +40,11 @@ def clone_file(src: str, dst: str) -> bool:
     try:
         dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.ioctl(dst_fd, FICLONE, src_fd)
+            src_size, dst_size = os.fstat(src_fd).st_size, os.fstat(dst_fd).st_size
+            if dst_size > src_size:  # the first src_size bytes only: dst keeps its size, as a volume does
+                fcntl.ioctl(dst_fd, FICLONERANGE, struct.pack("qQQQ", src_fd, 0, src_size, 0))
+            else:
+                fcntl.ioctl(dst_fd, FICLONE, src_fd)
             os.fsync(dst_fd)
             return True
         except OSError as exc:
