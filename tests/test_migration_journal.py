@@ -124,3 +124,11 @@ def test_an_unreachable_journal_is_one_clear_error(tmp_path):
         Journal(f"sqlite:///{tmp_path}/no/such/dir/journal.sqlite")
     with pytest.raises(JournalError, match="cannot use journal"):
         Journal("nosuchdb://x")
+
+
+def test_only_one_process_takes_over_a_migration(journal_url):
+    journal = Journal(journal_url)
+    m = journal.create(row("path:/a", "path:/b"))
+    assert journal.take_over(m.id, "test:1:1", "host:2:5") is True
+    assert journal.take_over(m.id, "test:1:1", "host:3:7") is False, "a second recoverer saw the old owner"
+    assert journal.get(m.id).owner == "host:2:5"

@@ -235,6 +235,17 @@ class Journal:
             if fields.get("state") in FINAL_STATES:
                 s.execute(delete(VolumeClaim).where(VolumeClaim.migration_id == migration_id))
 
+    def take_over(self, migration_id: str, previous_owner: str, owner: str) -> bool:
+        """Makes ``owner`` run the migration if ``previous_owner`` still had it: of several processes
+        recovering at once, exactly one gets each migration."""
+        with self._session() as s:
+            result = s.execute(
+                update(Migration)
+                .where(Migration.id == migration_id, Migration.owner == previous_owner)
+                .values(owner=owner, updated_at=utcnow())
+            )
+            return result.rowcount == 1
+
     def report_progress(self, migration_id: str, done: int, total: int, rate: float) -> bool:
         """Writes progress; returns whether a cancel was asked for meanwhile (read in the same round)."""
         with self._session() as s:

@@ -212,12 +212,13 @@ class Migrator:
                 f"migration {m.id} is {m.state}: the guest already uses dst, it cannot be cancelled", m.id
             )
         self.journal.update(m.id, cancel_requested=True)
-        if self._running_elsewhere(m):
+        if not self._take_over(m):  # its process sees the request within about a second
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline and not self.journal.get(m.id).finished:
                 time.sleep(0.1)
             return self.journal.get(m.id)
-        return self._take_over_and(m, lambda: self._cancel(m, "cancelled on request", raise_after=False))
+        self._cancel(m, "cancelled on request", raise_after=False)
+        return self.journal.get(m.id)
 
     def recover(self) -> list[Migration]:
         """Finishes or rolls back every migration of this host whose process is gone: a copy resumes
@@ -226,10 +227,10 @@ class Migrator:
         migration left for the next recover())."""
         recovered = []
         for m in self.journal.list(unfinished_only=True):
-            if self._running_elsewhere(m):
-                continue
             try:
-                self._take_over_and(m, lambda m=m: self._recover_one(m))
+                if not self._take_over(m):
+                    continue
+                self._recover_one(m)
             except MigrationCancelled:
                 pass  # an ending like any other: the reason is in the journal
             except VolcopyError as exc:
@@ -239,13 +240,18 @@ class Migrator:
 
     # ---------------------------------------------------------------- the flow
 
-    def _take_over_and(self, m: Migration, action: Callable[[], object]) -> Migration:
+    def _take_over(self, m: Migration) -> bool:
+        """Makes this process the migration's owner, unless a live thread or process runs it (or
+        another process took it over first)."""
+        if self._running_elsewhere(m):
+            return False
         if m.attachments and self.compute is None:
             raise InvalidRequest(f"migration {m.id} has attachments: a compute is needed to go on with it")
+        if not self.journal.take_over(m.id, m.owner, self.owner):
+            return False
         log.info("migration %s: taken over from %s in state %s", m.id, m.owner, m.state)
-        self._set(m, owner=self.owner)
-        action()
-        return self.journal.get(m.id)
+        m.owner = self.owner
+        return True
 
     def _recover_one(self, m: Migration) -> None:
         if m.state == j.CANCELLING or (m.cancel_requested and m.state != j.COMPLETING):
