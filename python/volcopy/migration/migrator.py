@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
@@ -30,6 +29,7 @@ from .clone import can_clone, clone_file
 from .errors import JournalError, MigrationCancelled, MigrationConflict, MigrationError
 from .failpoints import failpoint
 from .journal import Journal, Migration
+from .owners import process_alive, this_process
 from .volumes import VolumeRef
 
 log = logging.getLogger(__name__)
@@ -60,26 +60,6 @@ class _Abort(Exception):
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
-def _process_start_time(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]  # field 22, after the command in parentheses
-    except (OSError, IndexError):
-        return None
-
-
-def _this_owner() -> str:
-    """host:pid:start time; the start time tells a live owner from a later process with its pid."""
-    return f"{socket.gethostname()}:{os.getpid()}:{_process_start_time(os.getpid())}"
-
-
-def _owner_alive(owner: str) -> bool:
-    host, pid, started = owner.rsplit(":", 2)
-    if host != socket.gethostname():
-        return True  # we cannot tell; that host's recover() takes it over
-    return _process_start_time(int(pid)) == started
 
 
 def _check_attachments(attachments) -> list[list[str]]:
@@ -136,7 +116,7 @@ class Migrator:
         self.journal = journal if isinstance(journal, Journal) else Journal(journal)
         self.compute = compute
         self.checkpoint_dir = checkpoint_dir or default_checkpoint_dir(self.journal)
-        self.owner = _this_owner()
+        self.owner = this_process()
 
     # ---------------------------------------------------------------- the public calls
 
@@ -270,7 +250,7 @@ class Migrator:
         """Whether another thread or process runs this migration now (then it is not ours to take)."""
         if m.owner == self.owner:
             return m.id in _RUNNING
-        return _owner_alive(m.owner)
+        return process_alive(m.owner)
 
     def _run(self, m: Migration, clone=None, progress=None) -> Migration:
         _RUNNING.add(m.id)
