@@ -110,11 +110,19 @@ def default_checkpoint_dir(journal: Journal) -> str:
 
 
 class Migrator:
-    def __init__(self, journal: str | Journal, compute=None, checkpoint_dir: str | None = None):
+    def __init__(
+        self,
+        journal: str | Journal,
+        compute=None,
+        checkpoint_dir: str | None = None,
+        clone: Callable[[str, str], bool] | None = None,
+    ):
         """journal: a SQLAlchemy URL ("sqlite:///PATH", "postgresql+psycopg://...") or a Journal.
-        compute: a NovaCompute (needed only for attached volumes)."""
+        compute: a NovaCompute (needed only for attached volumes). clone: the driver's own clone for
+        every migration, recovered ones too (see migrate())."""
         self.journal = journal if isinstance(journal, Journal) else Journal(journal)
         self.compute = compute
+        self.clone = clone
         self.checkpoint_dir = checkpoint_dir or default_checkpoint_dir(self.journal)
         self.owner = this_process()
 
@@ -167,7 +175,7 @@ class Migrator:
         )
         log.info("migration %s: %s -> %s, %d attachment(s)", m.id, src_ref, dst_ref, len(checked))
         failpoint("after-record")
-        return self._run(m, clone=clone, progress=progress)
+        return self._run(m, clone=clone or self.clone, progress=progress)
 
     def status(self, migration_id: str) -> Migration:
         """The migration as the journal has it: state, bytes_done, bytes_total, rate, percent, reason."""
@@ -242,9 +250,9 @@ class Migrator:
                 self._cancel(m, f"fencing was interrupted {m.attempts} times", raise_after=False)
                 return
             self._set(m, state=j.PENDING, attempts=m.attempts + 1)
-            self._run(m)
+            self._run(m, clone=self.clone)
         else:
-            self._run(m)  # pending starts, copying resumes from its checkpoint, completing repeats
+            self._run(m, clone=self.clone)  # pending starts, copying resumes, completing repeats
 
     def _running_elsewhere(self, m: Migration) -> bool:
         """Whether another thread or process runs this migration now (then it is not ours to take)."""
@@ -264,6 +272,8 @@ class Migrator:
         except _Abort as abort:
             self._cancel(m, str(abort))
         except KeyboardInterrupt:
+            if m.state == j.COMPLETING:
+                raise  # a guest may already use dst: only going forward is safe, by recover()
             self._cancel(m, "interrupted")
         finally:
             _RUNNING.discard(m.id)
@@ -311,8 +321,9 @@ class Migrator:
         self._set(m, state=j.COPYING)
 
     def _copy(self, m: Migration, clone, progress) -> None:
-        """Step "clone" or "copy", then "digest". Never reverted: src is only read; dst is left for
-        the caller and marked invalid by the cancel. A copy interrupted resumes from its checkpoint."""
+        """Step "clone" or "copy", then "verify" (with verify=True). Never reverted: src is only read;
+        dst is left for the caller and marked invalid by the cancel. An interrupted copy resumes from
+        its checkpoint."""
         self._check_cancel_requested(m)
         src_ref, dst_ref = VolumeRef.from_json(m.src), VolumeRef.from_json(m.dst)
         options = dict(m.options)
@@ -339,6 +350,7 @@ class Migrator:
         self._set(m, copy_path=path, src_digest=src_digest, dst_digest=dst_digest)
         if src_digest != dst_digest:
             raise _Abort(f"dst differs from src: digest {dst_digest} != {src_digest}")
+        self._check_cancel_requested(m)  # the last moment a cancel can still go back to src
         self._set(m, state=j.COMPLETING)
 
     def _clone(self, m: Migration, clone, src: str, dst: str) -> str | None:
