@@ -331,14 +331,16 @@ class Migrator:
         try:
             with src_ref.attached() as src, dst_ref.attached() as dst:
                 path = self._clone(m, clone, src, dst)
+                src_digest = dst_digest = (
+                    None  # FICLONE: dst shares src's very extents, equal by construction
+                )
                 if path is None:
                     path = "copy"
                     # What the engine wrote is what it hashed: the copy gives both digests.
                     src_digest = dst_digest = self._copy_with_engine(m, src, dst, options, progress)
-                else:
-                    src_digest = dst_digest = digest(src)
                 if verify or path == "driver-clone":  # a driver's clone is not taken on trust
                     with self._step(m, "verify", str(dst_ref)):
+                        src_digest = src_digest or digest(src)
                         dst_digest = digest(dst, length=_size_of(src))
                 failpoint("after-copy")
         except JournalError:
