@@ -67,10 +67,16 @@ def test_connection_info_volumes_are_attached_through_os_brick(journal_url, sour
     src_device = loops.attach(src)
     dst = loops.create(48 * MiB, garbage=True)
 
-    m = Migrator(journal_url).migrate(local(src_device), local(dst), verify=True)
+    with_chap = local(src_device)
+    with_chap["data"]["auth_password"] = "chap-secret"  # as iSCSI's connection_info carries it
+
+    m = Migrator(journal_url).migrate(with_chap, local(dst), verify=True)
 
     assert m.state == "completed" and read_all(dst) == content
     assert [s.name for s in Migrator(journal_url).steps(m.id)] == ["copy", "verify"]
+    shown = cli("migrations", "--journal", journal_url, "show", m.id, "--json").stdout
+    assert json.loads(shown)["src"]["connection_info"]["data"]["auth_password"] == "***"
+    assert "chap-secret" not in shown + cli("migrations", "--journal", journal_url, "show", m.id).stdout
     with pytest.raises(MigrationCancelled, match="Invalid InitiatorConnector protocol"):
         Migrator(journal_url).migrate(local(src_device), {"driver_volume_type": "nosuch", "data": {}})
 

@@ -9,6 +9,7 @@ import sys
 from ..errors import InvalidRequest
 from ..progress_bar import ProgressBar
 from ..units import format_size
+from .volumes import redacted
 
 JOURNAL_ENVIRONMENT = "VOLCOPY_JOURNAL"
 
@@ -118,8 +119,8 @@ def _summary(m) -> str:
     rows = [
         ("migration", m.id),
         ("state", m.state + (f" ({m.reason})" if m.reason else "")),
-        ("src", json.dumps(m.src.get("path") or m.src.get("connection_info"))),
-        ("dst", json.dumps(m.dst.get("path") or m.dst.get("connection_info"))),
+        ("src", json.dumps(m.src.get("path") or redacted(m.src.get("connection_info")))),
+        ("dst", json.dumps(m.dst.get("path") or redacted(m.dst.get("connection_info")))),
         ("attachments", ", ".join(":".join(a) for a in m.attachments) or "none (detached)"),
         ("progress", f"{m.percent:.1f}% of {format_size(m.bytes_total)} at {format_size(m.rate)}/s"),
         ("path", m.copy_path or "-"),
@@ -156,7 +157,7 @@ def migrate(args) -> int:
         return 1
     if bar:
         bar.close()
-    print(json.dumps(m.as_dict(), indent=2) if args.json else _summary(m))
+    print(json.dumps(_shown(m), indent=2) if args.json else _summary(m))
     return 0
 
 
@@ -165,7 +166,7 @@ def migrations(args) -> int:
     if args.action == "list":
         rows = migrator.list()
         if args.json:
-            print(json.dumps([m.as_dict() for m in rows], indent=2))
+            print(json.dumps([_shown(m) for m in rows], indent=2))
         for m in rows if not args.json else []:
             print(f"{m.id}  {m.state:<10}  {m.percent:5.1f}%  {m.src_key} -> {m.dst_key}")
         return 0
@@ -173,7 +174,7 @@ def migrations(args) -> int:
         m = migrator.status(args.id)
         steps = migrator.steps(args.id)
         if args.json:
-            print(json.dumps(m.as_dict() | {"steps": [_step_dict(s) for s in steps]}, indent=2))
+            print(json.dumps(_shown(m) | {"steps": [_step_dict(s) for s in steps]}, indent=2))
             return 0
         print(_summary(m))
         for s in steps:
@@ -192,6 +193,11 @@ def migrations(args) -> int:
             print("nothing to recover")
         return 0 if all(m.finished for m in recovered) else 1
     return 2
+
+
+def _shown(m) -> dict:
+    """The migration as JSON, without the secrets its connection_info may hold."""
+    return m.as_dict() | {"src": redacted(m.src), "dst": redacted(m.dst)}
 
 
 def _step_dict(step) -> dict:

@@ -14,6 +14,20 @@ from dataclasses import dataclass
 
 from ..errors import InvalidRequest
 
+SECRET_WORDS = ("password", "secret", "token", "key")
+
+
+def redacted(value):
+    """A copy of connection_info (or any JSON) fit to show: CHAP passwords and the like masked."""
+    if isinstance(value, dict):
+        return {
+            k: "***" if any(word in k.lower() for word in SECRET_WORDS) else redacted(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [redacted(v) for v in value]
+    return value
+
 
 @dataclass(frozen=True)
 class VolumeRef:
