@@ -109,9 +109,10 @@ def _compute(url: str | None, needed: bool):
 def _migrator(args, compute_needed: bool = False):
     from .migrator import Migrator
 
-    url = args.journal or os.environ.get(JOURNAL_ENVIRONMENT) or default_journal()
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-        os.makedirs(os.path.dirname(os.path.abspath(url[len("sqlite:///") :])), exist_ok=True)
+    url = args.journal or os.environ.get(JOURNAL_ENVIRONMENT)
+    if not url:  # the default's directory is ours to make; one given by the user must exist
+        url = default_journal()
+        os.makedirs(os.path.dirname(url[len("sqlite:///") :]), exist_ok=True)
     return Migrator(url, compute=_compute(getattr(args, "compute_url", None), compute_needed))
 
 

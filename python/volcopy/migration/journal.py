@@ -29,7 +29,13 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import (
+    ArgumentError,
+    IntegrityError,
+    NoSuchModuleError,
+    OperationalError,
+    ProgrammingError,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from .errors import JournalError, MigrationNotFound, VolumeBusy
@@ -168,8 +174,8 @@ class Journal:
     def _create_schema(self) -> None:
         try:
             Base.metadata.create_all(self.engine)
-        except IntegrityError:
-            pass  # another process created the tables at the same moment
+        except (IntegrityError, ProgrammingError):
+            pass  # another process created the tables at the same moment (the version check follows)
         except OperationalError as exc:
             reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
             raise JournalError(f"journal {self.where} is unreachable: {reason}") from None
