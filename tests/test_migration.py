@@ -224,16 +224,24 @@ def _wait(predicate, what: str, timeout: float = 30):
 
 
 @pytest.mark.parametrize("point", ["after-record", "mid-copy", "after-copy", "before-finish"])
-def test_recover_finishes_a_detached_migration_killed_at(point, workdir):
+def test_recover_finishes_a_detached_migration_killed_at(point, journal_url, workdir):
     write_layout(workdir / "src.img", 64 * MiB, [(0, 64 * MiB)], seed=8)
     fill_garbage(workdir / "dst.img", 64 * MiB)
-    url = f"sqlite:///{workdir}/journal.sqlite"
+    url, checkpoints = journal_url, ["--checkpoint-dir", workdir / "checkpoints"]
     env = dict(os.environ, VOLCOPY_FAILPOINT=point)
 
     # Slow enough at mid-copy for the engine's first checkpoint (after 2 s) to come before half-way.
     rate = ["--rate", "12M"] if point == "mid-copy" else []
     killed = cli(
-        "migrate", workdir / "src.img", workdir / "dst.img", "--journal", url, *rate, env=env, check=False
+        "migrate",
+        workdir / "src.img",
+        workdir / "dst.img",
+        "--journal",
+        url,
+        *checkpoints,
+        *rate,
+        env=env,
+        check=False,
     )
     assert killed.returncode == -9, killed.stderr
     assert Journal(url).list()[0].state != "completed"

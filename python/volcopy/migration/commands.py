@@ -46,6 +46,7 @@ def add_parsers(commands, size_type) -> None:
     )
     m.add_argument("--compute-url", help="the compute API endpoint, e.g. http://compute:8774/v2.1")
     m.add_argument("--journal", help=journal_help)
+    m.add_argument("--checkpoint-dir", help="for the copy's checkpoint (default: beside a SQLite journal)")
     m.add_argument(
         "--verify", action="store_true", help="read DST back and compare digests before completing"
     )
@@ -113,7 +114,11 @@ def _migrator(args, compute_needed: bool = False):
     if not url:  # the default's directory is ours to make; one given by the user must exist
         url = default_journal()
         os.makedirs(os.path.dirname(url[len("sqlite:///") :]), exist_ok=True)
-    return Migrator(url, compute=_compute(getattr(args, "compute_url", None), compute_needed))
+    return Migrator(
+        url,
+        compute=_compute(getattr(args, "compute_url", None), compute_needed),
+        checkpoint_dir=getattr(args, "checkpoint_dir", None),
+    )
 
 
 def _summary(m) -> str:

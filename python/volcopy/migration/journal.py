@@ -31,6 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import (
     ArgumentError,
+    DBAPIError,
     IntegrityError,
     NoSuchModuleError,
     OperationalError,
@@ -167,18 +168,24 @@ class Journal:
         try:
             with self._sessions.begin() as session:
                 yield session
-        except OperationalError as exc:
-            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-            raise JournalError(f"journal {self.where} is unreachable: {reason}") from None
+        except IntegrityError:
+            raise  # a constraint doing its work: the caller says what it means
+        except DBAPIError as exc:
+            raise self._error(exc) from None
+
+    def _error(self, exc: DBAPIError) -> JournalError:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        if isinstance(exc, OperationalError):
+            return JournalError(f"journal {self.where} is unreachable: {reason}")
+        return JournalError(f"journal {self.where} refused the request: {reason}")
 
     def _create_schema(self) -> None:
         try:
             Base.metadata.create_all(self.engine)
         except (IntegrityError, ProgrammingError):
             pass  # another process created the tables at the same moment (the version check follows)
-        except OperationalError as exc:
-            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-            raise JournalError(f"journal {self.where} is unreachable: {reason}") from None
+        except DBAPIError as exc:
+            raise self._error(exc) from None
         try:
             with self._session() as s:
                 if s.scalar(select(SchemaVersion.version)) is None:
