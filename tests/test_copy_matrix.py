@@ -4,6 +4,7 @@ pure-Python reference: dst reads back as src and the digest matches the xxhash d
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
@@ -180,3 +181,24 @@ def test_copy_of_an_empty_volume(workdir):
 
     assert os.path.getsize(workdir / "dst.img") == 0
     assert result.digest == reference_digest(b"")
+
+
+@needs_root
+def test_auto_queues_requests_for_devices_and_copies_files_in_memory_directly(loops, tmp_path):
+    """auto: io_uring (or aio) wherever there is a device to overlap with, the sync engine only for
+    files in memory. A device node lives on devtmpfs, which must not count as memory."""
+    from volcopy import _core
+
+    queued = next(e for e in ("io_uring", "aio") if not _core.engine_unavailable_reason(e))
+    src, dst = loops.create(8 * MiB, garbage=True), loops.create(8 * MiB)
+    assert volcopy.copy(src, dst).engine == queued
+    assert volcopy.copy(src, tmp_path / "on-disk.img").engine == queued
+
+    memory = tmp_path / "tmpfs"
+    memory.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64M", "tmpfs", str(memory)], check=True)
+    try:
+        write_layout(memory / "src.img", 8 * MiB, [(0, 8 * MiB)], seed=3)
+        assert volcopy.copy(memory / "src.img", memory / "dst.img").engine == "sync"
+    finally:
+        subprocess.run(["umount", str(memory)], check=False)
