@@ -214,14 +214,23 @@ FAILPOINTS = [
     ("before-finish", "completing", "completed"),
     ("before-cancel-1", "cancelling", "cancelled"),  # a second attachment refused its fence
 ]
+# Every point on SQLite; on PostgreSQL, one point of each kind of recovery (fence again, resume a copy).
+CASES = [(*case, "sqlite") for case in FAILPOINTS] + [
+    (*case, "postgresql") for case in FAILPOINTS if case[0] in ("after-start-1", "mid-copy")
+]
 
 
-@pytest.mark.parametrize("point,killed_in,ending", FAILPOINTS, ids=[p for p, _, _ in FAILPOINTS])
+@pytest.mark.parametrize(
+    "point,killed_in,ending,journal", CASES, ids=[f"{case[0]}-{case[3]}" for case in CASES]
+)
 def test_recover_ends_a_migration_killed_at(
-    point, killed_in, ending, workdir, guest, agent, compute, volumes
+    point, killed_in, ending, journal, request, workdir, guest, agent, compute, volumes
 ):
     src, dst = volumes
-    url = f"sqlite:///{workdir}/journal.sqlite"
+    if journal == "sqlite":
+        url = f"sqlite:///{workdir}/journal.sqlite"
+    else:
+        url = request.getfixturevalue("postgres").new_database()
     attach = ["--attach", ATTACH] + (["--attach", UNKNOWN_ATTACH] if ending == "cancelled" else [])
     # Slow enough at mid-copy for the engine's first checkpoint (after 2 s) to come before half-way.
     rate = ["--rate", "12M"] if point == "mid-copy" else []
@@ -229,7 +238,7 @@ def test_recover_ends_a_migration_killed_at(
     with FenceWatcher(compute, src) as watcher:
         killed = subprocess.run(
             [sys.executable, "-m", "volcopy.cli", "migrate", src, dst, *attach, *rate]
-            + ["--compute-url", agent.url, "--journal", url],
+            + ["--compute-url", agent.url, "--journal", url, "--checkpoint-dir", workdir / "checkpoints"],
             capture_output=True,
             text=True,
             env=dict(os.environ, OS_TOKEN=TOKEN, VOLCOPY_FAILPOINT=point),
