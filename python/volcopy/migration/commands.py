@@ -180,7 +180,7 @@ def migrations(args) -> int:
         m = migrator.status(args.id)
         steps = migrator.steps(args.id)
         if args.json:
-            print(json.dumps(_shown(m) | {"steps": [_step_dict(s) for s in steps]}, indent=2))
+            print(json.dumps(_shown(m) | {"steps": [s.as_dict() for s in steps]}, indent=2))
             return 0
         print(_summary(m))
         for s in steps:
@@ -204,14 +204,3 @@ def migrations(args) -> int:
 def _shown(m) -> dict:
     """The migration as JSON, without the secrets its connection_info may hold."""
     return m.as_dict() | {"src": redacted(m.src), "dst": redacted(m.dst)}
-
-
-def _step_dict(step) -> dict:
-    return {
-        "name": step.name,
-        "target": step.target,
-        "status": step.status,
-        "detail": step.detail,
-        "intended_at": step.intended_at.isoformat(),
-        "ended_at": step.ended_at.isoformat() if step.ended_at else None,
-    }

@@ -62,7 +62,10 @@ def utcnow() -> dt.datetime:
 
 
 class Base(DeclarativeBase):
-    pass
+    def as_dict(self) -> dict:
+        """The row as JSON-ready values (times in ISO 8601)."""
+        row = {column.name: getattr(self, column.name) for column in self.__table__.columns}
+        return {k: v.isoformat() if isinstance(v, dt.datetime) else v for k, v in row.items()}
 
 
 class SchemaVersion(Base):
@@ -107,11 +110,7 @@ class Migration(Base):
         return self.state in FINAL_STATES
 
     def as_dict(self) -> dict:
-        row = {column.name: getattr(self, column.name) for column in self.__table__.columns}
-        for key in ("created_at", "updated_at", "finished_at"):
-            row[key] = row[key].isoformat() if row[key] else None
-        row["percent"] = round(self.percent, 1)
-        return row
+        return super().as_dict() | {"percent": round(self.percent, 1)}
 
 
 class Step(Base):
