@@ -51,7 +51,7 @@ def tmpfs_volume():
     os.rmdir(directory)
 
 
-@pytest.mark.parametrize("engine", ["io_uring", "aio", "sync"])
+@pytest.mark.parametrize("engine", ["io_uring", "aio", "sync", "threads"])
 def test_engine_copy_tmpfs_to_tmpfs(benchmark, tmpfs_volume, engine):
     """The engine's own overhead: memory to memory, nothing hides it."""
     src, dst = tmpfs_volume

@@ -18,6 +18,8 @@ const struct vc_io_ops *vc_io_backend(int engine)
 #endif
     case VC_ENGINE_SYNC:
         return &vc_io_sync_ops;
+    case VC_ENGINE_THREADS:
+        return &vc_io_threads_ops;
     default:
         return NULL;
     }

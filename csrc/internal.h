@@ -13,7 +13,7 @@
 #define VC_ROUND_DOWN(x, a) ((x) / (a) * (a))
 #define VC_ROUND_UP(x, a) (((x) + (a) - 1) / (a) * (a))
 
-/* ---- I/O backends (io_uring.c, io_aio.c, io_sync.c): one table each ---- */
+/* ---- I/O backends (io_uring.c, io_aio.c, io_sync.c, io_threads.c): one table each ---- */
 
 struct vc_io_request {
     int op; /* VC_OP_READ or VC_OP_WRITE */
@@ -61,6 +61,7 @@ struct vc_io {
 extern const struct vc_io_ops vc_io_uring_ops; /* NULL-safe: see vc_io_backend() */
 extern const struct vc_io_ops vc_io_aio_ops;
 extern const struct vc_io_ops vc_io_sync_ops;
+extern const struct vc_io_ops vc_io_threads_ops;
 
 /* The table for an engine, or NULL when it was not compiled in. */
 const struct vc_io_ops *vc_io_backend(int engine);

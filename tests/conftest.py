@@ -16,7 +16,7 @@ import xxhash
 pytest_plugins = ["compute_harness"]
 
 MiB = 1 << 20
-ENGINES = ["io_uring", "aio", "sync"]
+ENGINES = ["io_uring", "aio", "sync", "threads"]
 
 IS_ROOT = os.geteuid() == 0
 HAS_LOSETUP = shutil.which("losetup") is not None

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import pytest
 
 import volcopy
-from conftest import MiB, fill_garbage, needs_root, needs_root_for_loop, read_all, write_layout
+from conftest import ENGINES, MiB, fill_garbage, needs_root, needs_root_for_loop, read_all, write_layout
 
 
 @pytest.fixture
@@ -211,8 +211,10 @@ def test_engine_not_available_here_is_refused_with_the_reason(src, garbage_dst):
 
 
 @needs_root
-def test_io_failure_raises_copy_io_error_with_where_and_what(workdir):
-    """A destination on a full file system: ENOSPC on a write, reported with file and offset."""
+@pytest.mark.parametrize("engine", ENGINES)
+def test_io_failure_raises_copy_io_error_with_where_and_what(engine, workdir):
+    """A destination on a full file system: ENOSPC on a write (in a worker thread for the threads
+    engine), reported with file and offset."""
     mountpoint = workdir / "small"
     mountpoint.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)], check=True)
@@ -220,7 +222,7 @@ def test_io_failure_raises_copy_io_error_with_where_and_what(workdir):
         write_layout(workdir / "src.img", 8 * MiB, [(0, 8 * MiB)], seed=2)
         dst = mountpoint / "dst.img"
         with pytest.raises(volcopy.CopyIOError) as caught:
-            volcopy.copy(workdir / "src.img", dst)
+            volcopy.copy(workdir / "src.img", dst, engine=engine)
         error = caught.value
         assert isinstance(error, OSError)
         assert error.errno == errno.ENOSPC

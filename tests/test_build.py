@@ -64,5 +64,5 @@ def test_build_without_liburing_and_libaio_leaves_those_engines_out(tmp_path):
     assert "built without liburing" in out[1]
     assert "built without libaio" in out[2]
     assert out[3] == "None"
-    assert out[4] == "sync", "auto falls back to what was built"
+    assert out[4] == "threads", "auto falls back to what was built"
     assert "io_uring is not available here" in out[5]

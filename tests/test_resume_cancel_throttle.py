@@ -168,12 +168,15 @@ def run_in_thread(fn):
     return thread, outcome
 
 
-def test_cancel_stops_within_200_ms_and_can_resume(dense_source, tmp_path):
+@pytest.mark.parametrize("engine", ["auto", "threads"])
+def test_cancel_stops_within_200_ms_and_can_resume(engine, dense_source, tmp_path):
     src, digest, content = dense_source
     cancel = threading.Event()
     checkpoint = tmp_path / "copy.ckpt"
     thread, outcome = run_in_thread(
-        lambda: volcopy.copy(src, tmp_path / "dst.img", rate_limit=RATE, cancel=cancel, checkpoint=checkpoint)
+        lambda: volcopy.copy(
+            src, tmp_path / "dst.img", engine=engine, rate_limit=RATE, cancel=cancel, checkpoint=checkpoint
+        )
     )
     time.sleep(2.3)  # past the first checkpoint
     cancel.set()

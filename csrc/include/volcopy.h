@@ -24,7 +24,8 @@ enum vc_engine {
     VC_ENGINE_AUTO = 0,
     VC_ENGINE_URING = 1,
     VC_ENGINE_AIO = 2,
-    VC_ENGINE_SYNC = 3
+    VC_ENGINE_SYNC = 3,
+    VC_ENGINE_THREADS = 4
 };
 
 enum vc_kind {

@@ -23,6 +23,7 @@ ENGINES = {
     "io_uring": lib.VC_ENGINE_URING,
     "aio": lib.VC_ENGINE_AIO,
     "sync": lib.VC_ENGINE_SYNC,
+    "threads": lib.VC_ENGINE_THREADS,
 }
 ENGINE_NAMES = {number: name for name, number in ENGINES.items()}
 _OPERATIONS = {

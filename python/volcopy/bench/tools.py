@@ -5,6 +5,7 @@ A tool is a function of the case that returns its command line, or None where it
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -103,6 +104,26 @@ def fio_limit(case: Case) -> list[str]:
     ]
 
 
+def fio_write_floor(case: Case) -> list[str]:
+    """For files in memory (W4): fio only writing dst, one pread/pwrite job per CPU on its own part of
+    the file. Filling the fresh pages of dst is the part of a memory-to-memory copy no tool can skip."""
+    jobs = os.cpu_count() or 1
+    part = max(case.size // jobs, 1 << 20)
+    return [
+        "fio",
+        "--output=/dev/null",
+        "--name=write",
+        f"--filename={case.dst}",
+        "--rw=write",
+        "--ioengine=psync",
+        "--bs=1M",
+        f"--numjobs={jobs}",
+        f"--size={part}",
+        f"--offset_increment={part}",
+        "--end_fsync=1",
+    ]
+
+
 TOOLS: dict[str, Callable[[Case], list[str] | None]] = {
     "volcopy": volcopy,
     "dd": dd,
@@ -112,3 +133,5 @@ TOOLS: dict[str, Callable[[Case], list[str] | None]] = {
     "fio limit": fio_limit,
 }
 LIMIT = "fio limit"  # not a copy: its output is not checked, and it is the yardstick
+WRITE_FLOOR = "fio dst writes only"  # not a copy either: the W4 floor
+YARDSTICKS = (LIMIT, WRITE_FLOOR)

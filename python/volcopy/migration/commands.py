@@ -51,7 +51,7 @@ def add_parsers(commands, size_type) -> None:
         "--verify", action="store_true", help="read DST back and compare digests before completing"
     )
     m.add_argument("--rate", type=size_type, help="bytes per second, e.g. 200M")
-    m.add_argument("--engine", choices=["auto", "io_uring", "aio", "sync"])
+    m.add_argument("--engine", choices=["auto", "io_uring", "aio", "sync", "threads"])
     m.add_argument("--json", action="store_true", help="print the migration as JSON")
 
     ms = commands.add_parser("migrations", help="list, show, cancel or recover migrations in the journal")

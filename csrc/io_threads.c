@@ -1,0 +1,202 @@
+/* The threads engine: pread/pwrite on a small pool of worker threads, the way QEMU's aio=threads works.
+ *
+ * It exists for files in memory (tmpfs, ramfs). There every transfer is a memcpy done by whichever CPU
+ * asks for it: io_uring and aio complete such requests inline, on the one thread that submits them, so
+ * the copy runs on one CPU however deep the queue. Workers put the other CPUs to work: a read of one
+ * slot runs beside the write of another (writes to one file are serialized by its inode lock). The
+ * engine's own thread keeps the zero scan and the hash.
+ *
+ * The queues are this copy's own, under this copy's own lock: nothing is shared between copies. */
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define MAX_WORKERS 8
+
+struct threads_state {
+    pthread_mutex_t lock;
+    pthread_cond_t work_ready; /* a request was queued, or the pool is stopping */
+    pthread_cond_t work_done;  /* a request completed */
+    unsigned cap;              /* the engine never has more than this many requests out */
+    struct vc_io_request *pending; /* rings of cap entries */
+    unsigned pending_head, pending_count;
+    struct vc_io_completion *completed;
+    unsigned completed_head, completed_count;
+    bool stopping;
+    pthread_t workers[MAX_WORKERS];
+    unsigned n_workers;
+};
+
+static void *worker(void *arg)
+{
+    struct threads_state *s = arg;
+
+    pthread_mutex_lock(&s->lock);
+    for (;;) {
+        while (!s->pending_count && !s->stopping)
+            pthread_cond_wait(&s->work_ready, &s->lock);
+        if (!s->pending_count)
+            break; /* stopping, and nothing left to do */
+        struct vc_io_request rq = s->pending[s->pending_head];
+        s->pending_head = (s->pending_head + 1) % s->cap;
+        s->pending_count--;
+        pthread_mutex_unlock(&s->lock);
+
+        ssize_t n = rq.op == VC_OP_READ ? pread(rq.fd, rq.buf, rq.len, (off_t)rq.offset)
+                                        : pwrite(rq.fd, rq.buf, rq.len, (off_t)rq.offset);
+        int64_t res = n < 0 ? -errno : n; /* short transfers and EINTR are retried by the engine */
+
+        pthread_mutex_lock(&s->lock);
+        s->completed[(s->completed_head + s->completed_count++) % s->cap] =
+            (struct vc_io_completion){.tag = rq.tag, .res = res};
+        pthread_cond_signal(&s->work_done);
+    }
+    pthread_mutex_unlock(&s->lock);
+    return NULL;
+}
+
+static void stop_workers(struct threads_state *s)
+{
+    pthread_mutex_lock(&s->lock);
+    s->stopping = true;
+    pthread_cond_broadcast(&s->work_ready);
+    pthread_mutex_unlock(&s->lock);
+    for (unsigned i = 0; i < s->n_workers; i++)
+        pthread_join(s->workers[i], NULL);
+    s->n_workers = 0;
+}
+
+static void free_state(struct threads_state *s)
+{
+    pthread_cond_destroy(&s->work_done);
+    pthread_cond_destroy(&s->work_ready);
+    pthread_mutex_destroy(&s->lock);
+    free(s->pending);
+    free(s->completed);
+    free(s);
+}
+
+/* One worker per CPU: each transfer keeps its CPU busy, more workers would only take turns. */
+static unsigned worker_count(unsigned max_inflight)
+{
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    unsigned n = cpus > 0 ? (unsigned)cpus : 1;
+    return VC_MAX(1u, VC_MIN(VC_MIN(n, (unsigned)MAX_WORKERS), max_inflight));
+}
+
+static int threads_init(struct vc_io *io, const struct vc_io_setup *setup, struct vc_error *error)
+{
+    struct threads_state *s = calloc(1, sizeof(*s));
+    pthread_condattr_t attr;
+    sigset_t all, saved;
+
+    if (!s)
+        return vc_fail(error, ENOMEM, VC_SIDE_NONE, VC_OP_SETUP, 0, "out of memory");
+    s->cap = setup->max_inflight;
+    s->pending = calloc(s->cap, sizeof(*s->pending));
+    s->completed = calloc(s->cap, sizeof(*s->completed));
+    pthread_mutex_init(&s->lock, NULL);
+    pthread_cond_init(&s->work_ready, NULL);
+    /* reap's timeout is measured on the monotonic clock: a change of the wall clock must not stall it. */
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&s->work_done, &attr);
+    pthread_condattr_destroy(&attr);
+    if (!s->pending || !s->completed) {
+        free_state(s);
+        return vc_fail(error, ENOMEM, VC_SIDE_NONE, VC_OP_SETUP, 0, "out of memory");
+    }
+
+    /* Workers block every signal: a Ctrl-C must reach the caller's thread (Python's handler), not a
+     * worker in the middle of a pwrite. They inherit the mask they are created with. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &saved);
+    unsigned want = worker_count(setup->max_inflight);
+    int rc = 0;
+    while (s->n_workers < want && (rc = pthread_create(&s->workers[s->n_workers], NULL, worker, s)) == 0)
+        s->n_workers++;
+    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    if (rc) {
+        stop_workers(s);
+        free_state(s);
+        return vc_fail(error, rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "cannot start an I/O thread: %s", strerror(rc));
+    }
+    io->priv = s;
+    return 0;
+}
+
+static int threads_queue(struct vc_io *io, const struct vc_io_request *rq)
+{
+    struct threads_state *s = io->priv;
+    pthread_mutex_lock(&s->lock);
+    if (s->pending_count == s->cap) {
+        pthread_mutex_unlock(&s->lock);
+        return -EBUSY;
+    }
+    s->pending[(s->pending_head + s->pending_count++) % s->cap] = *rq;
+    pthread_cond_signal(&s->work_ready);
+    pthread_mutex_unlock(&s->lock);
+    return 0;
+}
+
+static int threads_submit(struct vc_io *io)
+{
+    (void)io; /* a queued request is already on its way */
+    return 0;
+}
+
+static int threads_reap(struct vc_io *io, struct vc_io_completion *out, unsigned max, unsigned min,
+                        int timeout_ms)
+{
+    struct threads_state *s = io->priv;
+    struct timespec deadline;
+    unsigned n = 0;
+
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    deadline.tv_sec += timeout_ms / 1000;
+    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (deadline.tv_nsec >= 1000000000L) {
+        deadline.tv_sec++;
+        deadline.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&s->lock);
+    while (s->completed_count < min) {
+        int rc = timeout_ms < 0 ? pthread_cond_wait(&s->work_done, &s->lock)
+                                : pthread_cond_timedwait(&s->work_done, &s->lock, &deadline);
+        if (rc == ETIMEDOUT)
+            break;
+    }
+    while (n < max && s->completed_count) {
+        out[n++] = s->completed[s->completed_head];
+        s->completed_head = (s->completed_head + 1) % s->cap;
+        s->completed_count--;
+    }
+    pthread_mutex_unlock(&s->lock);
+    return (int)n;
+}
+
+static void threads_fini(struct vc_io *io)
+{
+    struct threads_state *s = io->priv;
+    if (s) {
+        stop_workers(s);
+        free_state(s);
+    }
+    io->priv = NULL;
+}
+
+const struct vc_io_ops vc_io_threads_ops = {
+    .name = "threads",
+    .engine = VC_ENGINE_THREADS,
+    .init = threads_init,
+    .queue = threads_queue,
+    .submit = threads_submit,
+    .reap = threads_reap,
+    .fini = threads_fini,
+};
