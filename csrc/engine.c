@@ -748,6 +748,7 @@ static int setup(struct engine *g)
         .n_buffers = g->n_slots,
         .buffer_size = p->block_size,
         .fds = {p->src.fd, g->has_dst ? p->dst.fd : -1},
+        .one_write_at_a_time = g->has_dst && in_memory(p->dst.fd),
     };
     rc = start_engine(g, &io_setup);
     if (rc < 0)

@@ -36,6 +36,7 @@ struct vc_io_setup {
     unsigned n_buffers;
     size_t buffer_size;
     int fds[2]; /* descriptors worth registering (-1: none) */
+    bool one_write_at_a_time; /* dst is in memory: its writes hold the inode lock (threads engine) */
 };
 
 struct vc_io;

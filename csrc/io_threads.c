@@ -3,8 +3,9 @@
  * It exists for files in memory (tmpfs, ramfs). There every transfer is a memcpy done by whichever CPU
  * asks for it: io_uring and aio complete such requests inline, on the one thread that submits them, so
  * the copy runs on one CPU however deep the queue. Workers put the other CPUs to work: a read of one
- * slot runs beside the write of another (writes to one file are serialized by its inode lock). The
- * engine's own thread keeps the zero scan and the hash.
+ * slot runs beside the write of another. Writes to a file in memory hold its inode lock, so a second
+ * write would only make its worker wait while reads are queued: in memory, one write runs at a time
+ * and the other workers read. The engine's own thread keeps the zero scan and the hash.
  *
  * The queues are this copy's own, under this copy's own lock: nothing is shared between copies. */
 #include <errno.h>
@@ -19,43 +20,69 @@
 
 #define MAX_WORKERS 8
 
+struct ring {
+    struct vc_io_request *entries; /* cap of them */
+    unsigned head, count;
+};
+
 struct threads_state {
     pthread_mutex_t lock;
     pthread_cond_t work_ready; /* a request was queued, or the pool is stopping */
     pthread_cond_t work_done;  /* a request completed */
     unsigned cap;              /* the engine never has more than this many requests out */
-    struct vc_io_request *pending; /* rings of cap entries */
-    unsigned pending_head, pending_count;
-    struct vc_io_completion *completed;
+    struct ring reads, writes; /* requests not yet taken by a worker */
+    struct vc_io_completion *completed; /* a ring of cap entries */
     unsigned completed_head, completed_count;
+    bool one_write_at_a_time;
+    unsigned writing; /* writes a worker is running */
     bool stopping;
     pthread_t workers[MAX_WORKERS];
     unsigned n_workers;
 };
 
+static struct vc_io_request ring_take(struct ring *r, unsigned cap)
+{
+    struct vc_io_request rq = r->entries[r->head];
+    r->head = (r->head + 1) % cap;
+    r->count--;
+    return rq;
+}
+
+/* Writes first (they free the engine's slots), unless one is running where only one may. */
+static struct ring *next_work(struct threads_state *s)
+{
+    if (s->writes.count && !(s->one_write_at_a_time && s->writing))
+        return &s->writes;
+    return s->reads.count ? &s->reads : NULL;
+}
+
 static void *worker(void *arg)
 {
     struct threads_state *s = arg;
+    struct ring *from;
 
     pthread_mutex_lock(&s->lock);
     for (;;) {
-        while (!s->pending_count && !s->stopping)
+        while (!(from = next_work(s)) && !s->stopping)
             pthread_cond_wait(&s->work_ready, &s->lock);
-        if (!s->pending_count)
-            break; /* stopping, and nothing left to do */
-        struct vc_io_request rq = s->pending[s->pending_head];
-        s->pending_head = (s->pending_head + 1) % s->cap;
-        s->pending_count--;
+        if (!from)
+            break; /* stopping; a write still waiting is taken by the worker running the one before */
+        struct vc_io_request rq = ring_take(from, s->cap);
+        bool write = rq.op == VC_OP_WRITE;
+        s->writing += write;
         pthread_mutex_unlock(&s->lock);
 
-        ssize_t n = rq.op == VC_OP_READ ? pread(rq.fd, rq.buf, rq.len, (off_t)rq.offset)
-                                        : pwrite(rq.fd, rq.buf, rq.len, (off_t)rq.offset);
+        ssize_t n = write ? pwrite(rq.fd, rq.buf, rq.len, (off_t)rq.offset)
+                          : pread(rq.fd, rq.buf, rq.len, (off_t)rq.offset);
         int64_t res = n < 0 ? -errno : n; /* short transfers and EINTR are retried by the engine */
 
         pthread_mutex_lock(&s->lock);
+        s->writing -= write;
         s->completed[(s->completed_head + s->completed_count++) % s->cap] =
             (struct vc_io_completion){.tag = rq.tag, .res = res};
         pthread_cond_signal(&s->work_done);
+        if (write && s->writes.count)
+            pthread_cond_signal(&s->work_ready); /* the next write may go now */
     }
     pthread_mutex_unlock(&s->lock);
     return NULL;
@@ -77,7 +104,8 @@ static void free_state(struct threads_state *s)
     pthread_cond_destroy(&s->work_done);
     pthread_cond_destroy(&s->work_ready);
     pthread_mutex_destroy(&s->lock);
-    free(s->pending);
+    free(s->reads.entries);
+    free(s->writes.entries);
     free(s->completed);
     free(s);
 }
@@ -99,7 +127,9 @@ static int threads_init(struct vc_io *io, const struct vc_io_setup *setup, struc
     if (!s)
         return vc_fail(error, ENOMEM, VC_SIDE_NONE, VC_OP_SETUP, 0, "out of memory");
     s->cap = setup->max_inflight;
-    s->pending = calloc(s->cap, sizeof(*s->pending));
+    s->one_write_at_a_time = setup->one_write_at_a_time;
+    s->reads.entries = calloc(s->cap, sizeof(struct vc_io_request));
+    s->writes.entries = calloc(s->cap, sizeof(struct vc_io_request));
     s->completed = calloc(s->cap, sizeof(*s->completed));
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->work_ready, NULL);
@@ -108,7 +138,7 @@ static int threads_init(struct vc_io *io, const struct vc_io_setup *setup, struc
     pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
     pthread_cond_init(&s->work_done, &attr);
     pthread_condattr_destroy(&attr);
-    if (!s->pending || !s->completed) {
+    if (!s->reads.entries || !s->writes.entries || !s->completed) {
         free_state(s);
         return vc_fail(error, ENOMEM, VC_SIDE_NONE, VC_OP_SETUP, 0, "out of memory");
     }
@@ -134,12 +164,13 @@ static int threads_init(struct vc_io *io, const struct vc_io_setup *setup, struc
 static int threads_queue(struct vc_io *io, const struct vc_io_request *rq)
 {
     struct threads_state *s = io->priv;
+    struct ring *r = rq->op == VC_OP_WRITE ? &s->writes : &s->reads;
     pthread_mutex_lock(&s->lock);
-    if (s->pending_count == s->cap) {
+    if (r->count == s->cap) {
         pthread_mutex_unlock(&s->lock);
         return -EBUSY;
     }
-    s->pending[(s->pending_head + s->pending_count++) % s->cap] = *rq;
+    r->entries[(r->head + r->count++) % s->cap] = *rq;
     pthread_cond_signal(&s->work_ready);
     pthread_mutex_unlock(&s->lock);
     return 0;

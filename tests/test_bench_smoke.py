@@ -48,6 +48,7 @@ def test_harness_runs_every_tool_on_every_workload_and_checks_every_copy(tmp_pat
         "| cp |",
         "| fio limit |",
         "| volcopy --verify |",
+        "| floor: dd zeros to dst |",
     ):
         assert tool in text
     assert "| volcopy | yes |" in text and "| volcopy | **WRONG** |" not in text

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..digest import digest
 from ..units import format_size
-from .tools import LIMIT, TOOLS, WRITE_FLOOR, YARDSTICKS, Case, fio_write_floor, volcopy, volcopy_verify
+from .tools import LIMIT, TOOLS, WRITE_FLOOR, YARDSTICKS, Case, volcopy, volcopy_verify, write_floor
 from .workloads import make_dense, make_sparse
 
 GiB = 1 << 30
@@ -94,6 +94,7 @@ class Workbench:
     def __init__(self, workdir: Path, scale: float):
         self.workdir, self.scale = workdir, scale
         self.devices: list[str] = []
+        self.data: dict[str, tuple[tuple[int, int], ...]] = {}  # a sparse source's data extents
         workdir.mkdir(parents=True, exist_ok=True)
 
     def size(self, nominal: int) -> int:
@@ -113,6 +114,7 @@ class Workbench:
                 make_dense(str(path), size)
             return str(path), size
         extents = make_sparse(str(path), size, allocated, allocated_bytes=allocated_bytes)
+        self.data[str(path)] = tuple((int(offset), int(length)) for offset, length in extents)
         return str(path), sum(length for _, length in extents)
 
     def device(self, backing: str, size: int | None = None, read_only: bool = False) -> str:
@@ -138,6 +140,7 @@ def _case(
     *,
     device: bool = False,
     garbage: bool = False,
+    data: tuple[tuple[int, int], ...] = (),
 ) -> Case:
     return Case(
         name,
@@ -150,6 +153,8 @@ def _case(
         dst_zero=not garbage,
         garbage=garbage,
         file_to_file=not device,
+        scratch=tempfile.gettempdir(),
+        data=data,
     )
 
 
@@ -173,6 +178,7 @@ def make_cases(bench: Workbench, only: set[str], tmpfs: Path) -> list[Case]:
                     str(w / "w2-dst.img"),
                     sparse_size,
                     allocated,
+                    data=bench.data[src],
                 )
             )
         if "W3" in only:  # the W2 image behind a loop device: no SEEK_DATA, zero detection decides
@@ -190,6 +196,7 @@ def make_cases(bench: Workbench, only: set[str], tmpfs: Path) -> list[Case]:
                         allocated,
                         device=True,
                         garbage=garbage,
+                        data=bench.data[src],
                     )
                 )
     if "W4" in only:
@@ -220,6 +227,7 @@ def make_cases(bench: Workbench, only: set[str], tmpfs: Path) -> list[Case]:
                     str(w / f"w5-sparse-{nominal}-dst.img"),
                     size,
                     allocated,
+                    data=bench.data[src],
                 )
             )
         for nominal in (1, 2, 4):
@@ -235,6 +243,8 @@ def make_cases(bench: Workbench, only: set[str], tmpfs: Path) -> list[Case]:
                     size,
                 )
             )
+    for case in cases:  # fio's I/O logs go with the workloads, and are removed with them
+        case.scratch = str(w)
     return cases
 
 
@@ -273,6 +283,8 @@ def run_case(case: Case, tools: dict, rounds: int, results: Results, expected: s
             drop_caches()
             seconds, cpu, rss, status, stderr = measure(argv)
             correct = None
+            if name in YARDSTICKS and status:  # a yardstick that failed would look fast
+                raise RuntimeError(f"{name} failed on {case.name}: {stderr}")
             if name not in YARDSTICKS:
                 correct = status == 0 and digest(case.dst, length=case.size) == expected
             if round_:
@@ -379,8 +391,9 @@ def report(results: Results, command: str, where: str, throttle) -> tuple[str, l
         "",
         "Times are wall seconds (median and min-max over the rounds); CPU is user+sys seconds per GiB of "
         "volume; RSS is the peak of the process (for volcopy, the Python interpreter included). "
-        "The fio limit moves the allocated bytes only. On tmpfs (W4) it runs inline on one CPU and is no "
-        "limit; there `fio dst writes only` (one psync job a CPU, writing dst alone) is the floor.",
+        "The fio limit moves the data only (for a sparse source, its extents at their offsets). "
+        "On tmpfs (W4) it runs inline on one CPU and is no "
+        "limit; there the floor is dd writing zeros to dst (filling dst's fresh pages, reading nothing).",
         "",
     ]
     verdicts = []
@@ -515,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
             tools = dict(TOOLS)
             if case.workload == "W4":
                 tools["volcopy --verify"] = volcopy_verify
-                tools[WRITE_FLOOR] = fio_write_floor
+                tools[WRITE_FLOOR] = write_floor
             if case.workload == "W5":  # the scaling question is volcopy's; dd would read every hole
                 tools = {k: v for k, v in tools.items() if k in ("volcopy", "qemu-img", "nbdcopy", LIMIT)}
             print(f"{case.name}", flush=True)
