@@ -113,12 +113,16 @@ def fio_limit(case: Case) -> list[str]:
 
 
 def _io_log(case: Case, op: str, path: str) -> str:
-    """A fio (version 2) I/O log of 1 MiB requests over the data extents."""
+    """A fio (version 2) I/O log of requests of up to 1 MiB over the data extents."""
     log = Path(case.scratch) / f"fio-{op}-{re.sub(r'[^A-Za-z0-9]+', '-', case.name)}.log"
     lines = ["fio version 2 iolog", f"{path} add", f"{path} open"]
+    done = 0
     for offset, length in case.data:
-        for at in range(offset, offset + length, 1 << 20):
-            lines.append(f"{path} {op} {at} {min(1 << 20, offset + length - at)}")
+        # O_DIRECT moves whole 4 KiB blocks: the extent rounded out, without repeating a block
+        start, end = max(offset // 4096 * 4096, done), min(-(-(offset + length) // 4096) * 4096, case.size)
+        for at in range(start, end, 1 << 20):
+            lines.append(f"{path} {op} {at} {min(1 << 20, end - at)}")
+        done = max(done, end)
     log.write_text("\n".join([*lines, f"{path} close", ""]))
     return str(log)
 
