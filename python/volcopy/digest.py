@@ -11,6 +11,7 @@ import threading
 
 from . import _core
 from .errors import VerifyError
+from .geometry import default_geometry
 from .volume import Volume, VolumeSpec, open_source
 
 
@@ -23,13 +24,14 @@ def hash_volume(
     queue_depth: int | None = None,
 ) -> _core.NativeResult:
     """Reads a volume through the engine (holes cost nothing) and returns its digests."""
+    block_size, queue_depth = default_geometry(volume, block_size, queue_depth)
     return _core.run(
         volume.endpoint(),
         None,
         length=length,
         engine=engine,
-        block_size=block_size or (1 << 20),
-        queue_depth=queue_depth or 16,
+        block_size=block_size,
+        queue_depth=queue_depth,
         sparse=True,
         dst_is_zero=False,
         digest=True,
