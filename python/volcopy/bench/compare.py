@@ -153,7 +153,6 @@ def _case(
         dst_zero=not garbage,
         garbage=garbage,
         file_to_file=not device,
-        scratch=tempfile.gettempdir(),
         data=data,
     )
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,8 @@ class Case:
     dst_zero: bool  # dst reads as zeros before every run, and tools may be told so
     garbage: bool  # dst is refilled with garbage before every run
     file_to_file: bool
-    scratch: str  # a directory for the tools' own files
     data: tuple[tuple[int, int], ...] = ()  # src's data extents (offset, length); empty when dense
+    scratch: str = tempfile.gettempdir()  # a directory for the tools' own files (fio's I/O logs)
 
 
 def volcopy(case: Case, *extra: str) -> list[str]:
