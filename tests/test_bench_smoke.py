@@ -54,3 +54,32 @@ def test_harness_runs_every_tool_on_every_workload_and_checks_every_copy(tmp_pat
     assert "| volcopy | yes |" in text and "| volcopy | **WRONG** |" not in text
     assert "## Targets" in text
     assert (results / "compare.png").stat().st_size > 10_000
+
+
+@needs_root_for_loop
+def test_sweep_covers_disk_tmpfs_and_a_device_at_every_point_of_the_grid(tmp_path):
+    results = tmp_path / "results"
+    rc = compare.main(
+        [
+            "--sweep",
+            "--rounds",
+            "1",
+            "--scale",
+            str(1 / 256),
+            "--workdir",
+            str(tmp_path / "work"),
+            "--tmpfs",
+            str(tmp_path / "shm"),
+            "--results",
+            str(results),
+        ]
+    )
+
+    assert rc == 0
+    text = (results / "sweep.md").read_text()
+    sections = text.split("\n## ")[1:]
+    assert [s.split(":")[0] for s in sections] == ["disk", "tmpfs", "device"]
+    for section in sections:
+        rows = [line for line in section.splitlines() if line.startswith("| ") and "MiB |" in line]
+        assert len(rows) == len(compare.SWEEP_GEOMETRIES)
+    assert not (tmp_path / "work").exists()  # the generated volumes and loop devices are gone

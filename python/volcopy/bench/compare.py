@@ -291,45 +291,70 @@ def run_case(case: Case, tools: dict, rounds: int, results: Results, expected: s
         print(f"  {case.name}: round {round_}/{rounds} done", flush=True)
 
 
+# The sweep's grid: at most 32 MiB in flight, so that any of them could be a default within 64 MiB of RSS.
+SWEEP_GEOMETRIES = [(bs, qd) for bs in (1, 2, 4, 8) for qd in (2, 4, 8, 16, 32) if bs * qd <= 32]
+
+
+def _sweep_cases(bench: Workbench, tmpfs: Path) -> list[tuple[str, Case]]:
+    """The disk (W1's dense file), tmpfs (W4's) and, as root, a device (W3: loop to zeroed loop)."""
+    cases = []
+    for label, directory, nominal in (("disk", bench.workdir, 4 * GiB), ("tmpfs", tmpfs, 2 * GiB)):
+        size = bench.size(nominal)
+        src, _ = bench.source(f"volcopy-bench-sweep-{label}.img", size, directory=directory)
+        dst = str(directory / f"volcopy-bench-sweep-{label}-dst.img")
+        cases.append(
+            (f"{label}: {format_size(size)} dense file to file", _case(label, "S", src, dst, size, size))
+        )
+    if os.geteuid() == 0:
+        size = bench.size(16 * GiB)
+        src, allocated = bench.source("sweep-sparse.img", size, allocated=0.05)
+        src_dev = bench.device(src, read_only=True)
+        dst_dev = bench.device(str(bench.workdir / "sweep-dst-backing.img"), size)
+        case = _case("device", "S", src_dev, dst_dev, size, allocated, device=True)
+        cases.append((f"device: {format_size(size)} (5% data) loop device to zeroed loop device", case))
+    return cases
+
+
 def sweep(bench: Workbench, tmpfs: Path, rounds: int) -> str:
-    """volcopy alone over queue depths and block sizes, on the disk (W1's file) and on tmpfs (W4's)."""
+    """volcopy alone over block sizes and queue depths, rounds interleaved over the grid."""
     lines = [
-        "# Queue depth and block size sweep",
+        "# Block size and queue depth sweep",
         "",
-        f"`volcopy bench --sweep --scale {bench.scale}`, "
-        f"{time.strftime('%Y-%m-%d %H:%M')} UTC, {machine()}. Median wall seconds of {rounds} runs of "
-        "`volcopy copy` (its start-up included), and peak RSS.",
+        f"`volcopy bench --sweep --rounds {rounds} --scale {bench.scale}`, "
+        f"{time.strftime('%Y-%m-%d %H:%M')} UTC, {machine()}. Each round runs `volcopy copy` once at every "
+        "point of the grid (start-up included, page cache dropped, dst reset); median wall seconds and "
+        "median user+sys CPU seconds of the rounds, and the highest peak RSS. The device is W3's case: "
+        "a loop device (direct I/O) has no SEEK_DATA, so every byte is read and zero detection decides.",
         "",
     ]
-    for label, directory in (("disk", bench.workdir), ("tmpfs", tmpfs)):
-        size = bench.size(4 * GiB if label == "disk" else 2 * GiB)
-        src, _ = bench.source(f"volcopy-bench-sweep-{label}.img", size, directory=directory)
-        case = _case(
-            f"sweep {label}", "S", src, str(directory / f"volcopy-bench-sweep-{label}-dst.img"), size, size
-        )
+    for title, case in _sweep_cases(bench, tmpfs):
+        runs: dict[tuple[int, int], list] = {g: [] for g in SWEEP_GEOMETRIES}
+        for _ in range(rounds):
+            for (block_size, depth), found in runs.items():
+                reset(case)
+                drop_caches()
+                argv = volcopy(case, "--block-size", f"{block_size}M", "--queue-depth", str(depth))
+                seconds, cpu, rss, status, stderr = measure(argv)
+                if status:
+                    raise RuntimeError(f"volcopy failed in the sweep ({title}): {stderr}")
+                found.append((seconds, cpu, rss))
         lines += [
-            f"## {label}: {format_size(size)} dense",
+            f"## {title}",
             "",
-            "| block size | queue depth | median s | GiB/s | peak RSS |",
-            "|---|---|---|---|---|",
+            "| block size | queue depth | in flight | median s | GiB/s | CPU s | peak RSS |",
+            "|---|---|---|---|---|---|---|",
         ]
-        for block_size in (1, 2, 4):
-            for depth in (4, 8, 16, 32):
-                runs = []
-                for _ in range(rounds):
-                    reset(case)
-                    drop_caches()
-                    runs.append(
-                        measure(volcopy(case, "--block-size", f"{block_size}M", "--queue-depth", str(depth)))
-                    )
-                seconds = statistics.median(r[0] for r in runs)
-                lines.append(
-                    f"| {block_size} MiB | {depth} | {seconds:.3f} | {size / GiB / seconds:.2f} | "
-                    f"{format_size(max(r[2] for r in runs))} |"
-                )
+        for (block_size, depth), found in runs.items():
+            seconds = statistics.median(r[0] for r in found)
+            lines.append(
+                f"| {block_size} MiB | {depth} | {block_size * depth} MiB | {seconds:.3f} | "
+                f"{case.size / GiB / seconds:.2f} | {statistics.median(r[1] for r in found):.3f} | "
+                f"{format_size(max(r[2] for r in found))} |"
+            )
         lines.append("")
-        os.unlink(src)
-        os.unlink(case.dst)
+        if not case.dst_is_device:
+            os.unlink(case.src)
+            os.unlink(case.dst)
     return "\n".join(lines)
 
 
@@ -373,6 +398,24 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPUs, {format_size(memory)} memory, Linux {platform.release()}"
 
 
+def page_reporting() -> str:
+    """Whether this VM hands freed memory back to its host. Where it does, a page allocated again costs a
+    fault on the host too: on tmpfs (W4), where every run allocates its dst afresh, that swings every
+    tool's time 2-4 x from run to run (benchmarks/results/README.md)."""
+    parameters = Path("/sys/module/page_reporting/parameters")
+    try:  # reported_kib is this VM's kernel's own counter; elsewhere there is nothing to tell by
+        reported = int((parameters / "reported_kib").read_text()) * 1024
+        order = (parameters / "page_reporting_order").read_text().strip()
+    except (OSError, ValueError):
+        return ""
+    if not reported:
+        return ""
+    return (
+        f" This VM reports freed memory to its host (blocks of order {order} and up, "
+        f"{format_size(reported)} so far)."
+    )
+
+
 def filesystem(path: Path) -> str:
     out = subprocess.run(
         ["findmnt", "-n", "-o", "FSTYPE,SOURCE", "--target", str(path)], capture_output=True, text=True
@@ -386,7 +429,8 @@ def report(results: Results, command: str, where: str, throttle) -> tuple[str, l
         "",
         f"`{command}` on {time.strftime('%Y-%m-%d %H:%M')} UTC.",
         "",
-        f"Machine: {machine()}. {where}. Loop devices with direct I/O. Page cache dropped before every run.",
+        f"Machine: {machine()}. {where}. Loop devices with direct I/O. Page cache dropped before every run."
+        + page_reporting(),
         "",
         "Times are wall seconds (median and min-max over the rounds); CPU is user+sys seconds per GiB of "
         "volume; RSS is the peak of the process (for volcopy, the Python interpreter included). "
@@ -514,7 +558,12 @@ def main(argv: list[str] | None = None) -> int:
     tmpfs.mkdir(parents=True, exist_ok=True)
     bench = Workbench(workdir, args.scale)
     if args.sweep:
-        text = sweep(bench, tmpfs, args.rounds)
+        try:
+            text = sweep(bench, tmpfs, args.rounds)
+        finally:
+            bench.close()
+            if not args.keep:
+                shutil.rmtree(workdir, ignore_errors=True)
         results_dir.mkdir(parents=True, exist_ok=True)
         (results_dir / "sweep.md").write_text(text)
         print(text)
