@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <linux/magic.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/vfs.h>
 #include <time.h>
@@ -26,6 +27,7 @@
 #define CHECKPOINT_NS 2000000000ull     /* checkpoint at least every 2 s ... */
 #define CHECKPOINT_BYTES (256ull << 20) /* ... and every 256 MiB */
 #define ZERO_MERGE_MAX (1ull << 30)     /* one zeroing call covers at most 1 GiB: cancel stays quick */
+#define HUGE_PAGE_SIZE (2u << 20)
 
 enum slot_state { SLOT_FREE, SLOT_READING, SLOT_WRITING };
 
@@ -719,6 +721,22 @@ static int start_engine(struct engine *g, const struct vc_io_setup *setup)
     return vc_fail(g->e, ENOMEM, VC_SIDE_NONE, VC_OP_SETUP, 0, "no I/O engine could be set up");
 }
 
+/* The buffers sit on huge pages where the kernel can give them. A direct request is one run of physical
+ * memory per page of its buffer; past the device's limit on such runs (a loop device takes 128, the
+ * virtio disk here 254) the block layer splits the request, and io_uring cannot split one without
+ * blocking, so it hands every such request to a kernel worker thread and wakes it. On 4 KiB pages that
+ * is every 1 MiB request; on 2 MiB pages a 1 MiB request is a handful of runs and is issued at once.
+ * 16 GiB loop device to loop device, 1 MiB x 16: 1.44-1.89 s and 0.34-0.38 s of system time before,
+ * 1.09-1.43 s and 0.28-0.33 s after (with cooperative completions, io_uring.c: 1.03-1.33 s, 0.12-0.15 s). */
+static int allocate_buffers(struct engine *g)
+{
+    size_t size = (size_t)g->n_slots * g->p->block_size;
+    if (posix_memalign((void **)&g->buffers, HUGE_PAGE_SIZE, size))
+        return -ENOMEM;
+    madvise(g->buffers, size, MADV_HUGEPAGE); /* a hint: where it is refused, 4 KiB pages still work */
+    return 0;
+}
+
 static int setup(struct engine *g)
 {
     const struct vc_copy_params *p = g->p;
@@ -726,7 +744,7 @@ static int setup(struct engine *g)
 
     g->n_slots = p->queue_depth;
     g->n_reqs = p->queue_depth * 8;
-    if (posix_memalign((void **)&g->buffers, VC_ALIGN, (size_t)g->n_slots * p->block_size))
+    if (allocate_buffers(g) < 0)
         return vc_fail(g->e, ENOMEM, VC_SIDE_NONE, VC_OP_SETUP, 0, "cannot allocate %u buffers of %u bytes",
                        g->n_slots, p->block_size);
     g->slots = calloc(g->n_slots, sizeof(*g->slots));

@@ -9,6 +9,13 @@
 #include <string.h>
 #include <sys/uio.h>
 
+/* A request that completes on another CPU (a loop device's worker, a disk's interrupt) would interrupt
+ * this thread to post its completion; cooperative, the completion waits for our next call into the
+ * kernel, which the engine makes anyway to submit or to wait. The flag makes a peek at the completion
+ * queue enter the kernel when completions wait there. Halves the system time of 16 GiB loop device to
+ * loop device (0.22-0.28 s -> 0.12-0.15 s, 1 MiB x 16 on huge pages). */
+#define COOPERATIVE (IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG)
+
 struct uring_state {
     struct io_uring ring;
     bool fixed_buffers;
@@ -29,9 +36,13 @@ static int uring_init(struct vc_io *io, const struct vc_io_setup *setup, struct 
         entries <<= 1;
     memset(&p, 0, sizeof(p));
     /* A completion queue as large as everything we may have in flight: none is ever dropped. */
-    p.flags = IORING_SETUP_CQSIZE;
+    p.flags = IORING_SETUP_CQSIZE | COOPERATIVE;
     p.cq_entries = VC_MAX(entries, setup->max_inflight) * 2;
     rc = io_uring_queue_init_params(entries, &s->ring, &p);
+    if (rc == -EINVAL) { /* a kernel before 5.19 */
+        p.flags &= ~COOPERATIVE;
+        rc = io_uring_queue_init_params(entries, &s->ring, &p);
+    }
     if (rc < 0) {
         free(s);
         return vc_fail(error, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "io_uring_queue_init: %s%s", strerror(-rc),

@@ -184,7 +184,7 @@ def test_copy_of_an_empty_volume(workdir):
 
 
 @needs_root
-def test_auto_queues_requests_for_devices_and_spreads_files_in_memory_over_threads(loops, tmp_path):
+def test_auto_queues_requests_for_devices_and_copies_files_in_memory_directly(loops, tmp_path):
     """auto: io_uring (or aio) wherever there is a device to overlap with, the sync engine only for
     files in memory. A device node lives on devtmpfs, which must not count as memory."""
     from volcopy import _core
@@ -202,18 +202,3 @@ def test_auto_queues_requests_for_devices_and_spreads_files_in_memory_over_threa
         assert volcopy.copy(memory / "src.img", memory / "dst.img").engine == "threads"
     finally:
         subprocess.run(["umount", str(memory)], check=False)
-
-
-@needs_root
-def test_default_geometry_is_4_mib_requests_from_a_device_and_1_mib_from_a_file(loops, tmp_path):
-    src, dst = loops.create(16 * MiB, garbage=True), loops.create(16 * MiB)
-    from_device = volcopy.copy(src, dst)
-    assert (from_device.block_size, from_device.queue_depth) == (4 * MiB, 4)
-    assert read_all(dst) == read_all(src)
-
-    write_layout(tmp_path / "src.img", 16 * MiB, [(0, 16 * MiB)], seed=8)
-    from_file = volcopy.copy(tmp_path / "src.img", tmp_path / "dst.img")
-    assert (from_file.block_size, from_file.queue_depth) == (MiB, 16)
-
-    asked = volcopy.copy(src, tmp_path / "dst2.img", block_size=2 * MiB, verify=True)
-    assert (asked.block_size, asked.queue_depth) == (2 * MiB, 4), "what the caller gives is kept"

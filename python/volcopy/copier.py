@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Union
 from . import _core
 from .digest import first_difference, first_difference_in_extents, hash_volume
 from .errors import EngineUnavailable, InvalidRequest, VerifyError
-from .geometry import DEFAULT_BLOCK_SIZE, DEFAULT_QUEUE_DEPTH, default_geometry
 from .volume import Volume, VolumeSpec, describe, destination_identities, open_destination, open_source
 
+DEFAULT_BLOCK_SIZE = 1 << 20
+DEFAULT_QUEUE_DEPTH = 16
 MAX_BLOCK_SIZE = 64 << 20
 MAX_QUEUE_DEPTH = 1024
 
@@ -84,14 +85,12 @@ def check_options(engine: str, block_size, queue_depth, direct, rate_limit, leng
         reason = _core.engine_unavailable_reason(engine)
         if reason:
             raise EngineUnavailable(f"engine {engine} is not available here: {reason}")
-    if block_size is not None:  # None: chosen for the source once it is open (default_geometry)
-        block_size = _positive_int(block_size, "block_size", _core.CHUNK_SIZE, MAX_BLOCK_SIZE)
-        if block_size % _core.CHUNK_SIZE:
-            raise InvalidRequest(
-                f"block_size must be a multiple of 1 MiB (the digest chunk), not {block_size}"
-            )
-    if queue_depth is not None:
-        queue_depth = _positive_int(queue_depth, "queue_depth", 1, MAX_QUEUE_DEPTH)
+    block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
+    block_size = _positive_int(block_size, "block_size", _core.CHUNK_SIZE, MAX_BLOCK_SIZE)
+    if block_size % _core.CHUNK_SIZE:
+        raise InvalidRequest(f"block_size must be a multiple of 1 MiB (the digest chunk), not {block_size}")
+    queue_depth = DEFAULT_QUEUE_DEPTH if queue_depth is None else queue_depth
+    queue_depth = _positive_int(queue_depth, "queue_depth", 1, MAX_QUEUE_DEPTH)
     if direct not in (True, False, "auto"):
         raise InvalidRequest(f"direct must be True, False or 'auto', not {direct!r}")
     if rate_limit is not None:
@@ -182,7 +181,6 @@ def copy(
     )
     checkpoint = os.fspath(checkpoint) if checkpoint is not None else None
     with open_source(src, direct) as source:
-        block_size, queue_depth = default_geometry(source, block_size, queue_depth)
         if length is None:
             length = source.size
         elif length > source.size:

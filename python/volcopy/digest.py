@@ -11,7 +11,6 @@ import threading
 
 from . import _core
 from .errors import VerifyError
-from .geometry import default_geometry
 from .volume import Volume, VolumeSpec, open_source
 
 
@@ -24,14 +23,13 @@ def hash_volume(
     queue_depth: int | None = None,
 ) -> _core.NativeResult:
     """Reads a volume through the engine (holes cost nothing) and returns its digests."""
-    block_size, queue_depth = default_geometry(volume, block_size, queue_depth)
     return _core.run(
         volume.endpoint(),
         None,
         length=length,
         engine=engine,
-        block_size=block_size,
-        queue_depth=queue_depth,
+        block_size=block_size or (1 << 20),
+        queue_depth=queue_depth or 16,
         sparse=True,
         dst_is_zero=False,
         digest=True,
