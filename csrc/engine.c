@@ -726,7 +726,7 @@ static int start_engine(struct engine *g, const struct vc_io_setup *setup)
  * virtio disk here 254) the block layer splits the request, and io_uring cannot split one without
  * blocking, so it hands every such request to a kernel worker thread and wakes it. On 4 KiB pages that
  * is every 1 MiB request; on 2 MiB pages a 1 MiB request is a handful of runs and is issued at once.
- * 16 GiB loop device to loop device, 1 MiB x 16: 1.44-1.89 s and 0.34-0.38 s of system time before,
+ * 16 GiB loop device to loop device, 1 MiB x 16: 1.44-1.89 s and 0.30-0.38 s of system time before,
  * 1.09-1.43 s and 0.28-0.33 s after (with cooperative completions, io_uring.c: 1.03-1.33 s, 0.12-0.15 s). */
 static int allocate_buffers(struct engine *g)
 {
