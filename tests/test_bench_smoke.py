@@ -13,6 +13,22 @@ from volcopy.bench import compare
 PEERS = ["dd", "qemu-img", "nbdcopy", "fio", "blkdiscard", "/usr/bin/time"]
 
 
+def _tiny(tmp_path) -> list[str]:
+    """One round at 1/256 of the issue's sizes, everything under tmp_path."""
+    return [
+        "--rounds",
+        "1",
+        "--scale",
+        str(1 / 256),
+        "--workdir",
+        str(tmp_path / "work"),
+        "--tmpfs",
+        str(tmp_path / "shm"),
+        "--results",
+        str(tmp_path / "results"),
+    ]
+
+
 @needs_root_for_loop
 @pytest.mark.skipif(
     any(shutil.which(p) is None for p in PEERS),
@@ -20,21 +36,7 @@ PEERS = ["dd", "qemu-img", "nbdcopy", "fio", "blkdiscard", "/usr/bin/time"]
 )
 def test_harness_runs_every_tool_on_every_workload_and_checks_every_copy(tmp_path):
     results = tmp_path / "results"
-    rc = compare.main(
-        [
-            "--rounds",
-            "1",
-            "--scale",
-            str(1 / 256),
-            "--workdir",
-            str(tmp_path / "work"),
-            "--tmpfs",
-            str(tmp_path / "shm"),
-            "--results",
-            str(results),
-            "--no-throttle",
-        ]
-    )
+    rc = compare.main([*_tiny(tmp_path), "--no-throttle"])
 
     assert rc == 0
     text = (results / "compare.md").read_text()
@@ -59,21 +61,7 @@ def test_harness_runs_every_tool_on_every_workload_and_checks_every_copy(tmp_pat
 @needs_root_for_loop
 def test_sweep_covers_disk_tmpfs_and_a_device_at_every_point_of_the_grid(tmp_path):
     results = tmp_path / "results"
-    rc = compare.main(
-        [
-            "--sweep",
-            "--rounds",
-            "1",
-            "--scale",
-            str(1 / 256),
-            "--workdir",
-            str(tmp_path / "work"),
-            "--tmpfs",
-            str(tmp_path / "shm"),
-            "--results",
-            str(results),
-        ]
-    )
+    rc = compare.main(["--sweep", *_tiny(tmp_path)])
 
     assert rc == 0
     text = (results / "sweep.md").read_text()
