@@ -296,23 +296,11 @@ SWEEP_GEOMETRIES = [(bs, qd) for bs in (1, 2, 4, 8) for qd in (2, 4, 8, 16, 32) 
 
 
 def _sweep_cases(bench: Workbench, tmpfs: Path) -> list[tuple[str, Case]]:
-    """The disk (W1's dense file), tmpfs (W4's) and, as root, a device (W3: loop to zeroed loop)."""
-    cases = []
-    for label, directory, nominal in (("disk", bench.workdir, 4 * GiB), ("tmpfs", tmpfs, 2 * GiB)):
-        size = bench.size(nominal)
-        src, _ = bench.source(f"volcopy-bench-sweep-{label}.img", size, directory=directory)
-        dst = str(directory / f"volcopy-bench-sweep-{label}-dst.img")
-        cases.append(
-            (f"{label}: {format_size(size)} dense file to file", _case(label, "S", src, dst, size, size))
-        )
-    if os.geteuid() == 0:
-        size = bench.size(16 * GiB)
-        src, allocated = bench.source("sweep-sparse.img", size, allocated=0.05)
-        src_dev = bench.device(src, read_only=True)
-        dst_dev = bench.device(str(bench.workdir / "sweep-dst-backing.img"), size)
-        case = _case("device", "S", src_dev, dst_dev, size, allocated, device=True)
-        cases.append((f"device: {format_size(size)} (5% data) loop device to zeroed loop device", case))
-    return cases
+    """W1's case on the disk, W4's on tmpfs and, as root, W3's onto a zeroed device."""
+    only = {"W1", "W4"} | ({"W3"} if os.geteuid() == 0 else set())
+    cases = {case.workload: case for case in make_cases(bench, only, tmpfs) if not case.garbage}
+    where = (("W1", "disk"), ("W4", "tmpfs"), ("W3", "device"))
+    return [(f"{label}: {cases[w].name}", cases[w]) for w, label in where if w in cases]
 
 
 def sweep(bench: Workbench, tmpfs: Path, rounds: int) -> str:
