@@ -51,10 +51,11 @@ def test_harness_runs_every_tool_on_every_workload_and_checks_every_copy(tmp_pat
         "| fio limit |",
         "| volcopy --verify |",
         "| floor: dd zeros to dst |",
+        "| floor: dd reads src |",
     ):
         assert tool in text
     assert "| volcopy | yes |" in text and "| volcopy | **WRONG** |" not in text
-    assert "## Targets" in text
+    assert "| target | measured | floor | verdict |" in text
     assert (results / "compare.png").stat().st_size > 10_000
 
 

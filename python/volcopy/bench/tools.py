@@ -5,6 +5,7 @@ A tool is a function of the case that returns its command line, or None where it
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import tempfile
@@ -113,6 +114,12 @@ def fio_limit(case: Case) -> list[str]:
     ]
 
 
+def fio_start_up(scratch: str) -> list[str]:
+    """fio reading 1 MiB: its start-up alone, which is inside every time of the fio limit."""
+    file = Path(scratch) / "fio-start-up"
+    return ["fio", "--output=/dev/null", "--name=start-up", f"--filename={file}", "--size=1M", "--rw=read"]
+
+
 def _io_log(case: Case, op: str, path: str) -> str:
     """A fio (version 2) I/O log of requests of up to 1 MiB over the data extents."""
     log = Path(case.scratch) / f"fio-{op}-{re.sub(r'[^A-Za-z0-9]+', '-', case.name)}.log"
@@ -144,6 +151,22 @@ def write_floor(case: Case) -> list[str]:
     ]
 
 
+def read_floor(case: Case) -> list[str]:
+    """For files in memory (W4): a dd per CPU reading its share of src into nothing, 1 MiB at a time. The
+    least a read of a volume this size from this memory costs: a copy that sees its data (to hash it) pays
+    this beside the write floor, and verify's read-back of dst pays it again. (dd, not fio: fio's own
+    start-up takes longer than the read.)"""
+    jobs = os.cpu_count() or 1
+    share = -(-case.size // jobs)
+    readers = " ".join(str(k * share) for k in range(jobs))
+    script = (
+        f"pids=; for at in {readers}; do "
+        f'dd if="$1" of=/dev/null bs=1M skip=$at count={share} iflag=skip_bytes,count_bytes status=none & '
+        'pids="$pids $!"; done; for pid in $pids; do wait $pid || exit 1; done'
+    )
+    return ["sh", "-c", script, "read-floor", case.src]
+
+
 TOOLS: dict[str, Callable[[Case], list[str] | None]] = {
     "volcopy": volcopy,
     "dd": dd,
@@ -153,5 +176,6 @@ TOOLS: dict[str, Callable[[Case], list[str] | None]] = {
     "fio limit": fio_limit,
 }
 LIMIT = "fio limit"  # not a copy: its output is not checked, and it is the yardstick
-WRITE_FLOOR = "floor: dd zeros to dst"  # not a copy either: the W4 floor
-YARDSTICKS = (LIMIT, WRITE_FLOOR)
+WRITE_FLOOR = "floor: dd zeros to dst"  # not copies either: the W4 floors
+READ_FLOOR = "floor: dd reads src"
+YARDSTICKS = (LIMIT, WRITE_FLOOR, READ_FLOOR)
