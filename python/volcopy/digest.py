@@ -23,13 +23,15 @@ def hash_volume(
     queue_depth: int | None = None,
 ) -> _core.NativeResult:
     """Reads a volume through the engine (holes cost nothing) and returns its digests."""
+    from .copier import DEFAULT_BLOCK_SIZE, DEFAULT_QUEUE_DEPTH  # copier imports this module
+
     return _core.run(
         volume.endpoint(),
         None,
         length=length,
         engine=engine,
-        block_size=block_size or (1 << 20),
-        queue_depth=queue_depth or 16,
+        block_size=block_size or DEFAULT_BLOCK_SIZE,
+        queue_depth=queue_depth or DEFAULT_QUEUE_DEPTH,
         sparse=True,
         dst_is_zero=False,
         digest=True,

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..digest import digest
 from ..units import format_size
-from .freed_memory import freed_memory_kept
+from .machine_settings import freed_memory_kept, huge_pages_for_fio
 from .tools import (
     LIMIT,
     READ_FLOOR,
@@ -597,7 +597,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.sweep:
                 text = sweep(bench, tmpfs, args.rounds, memory)
             else:
-                results, throttle = compare(bench, only, tmpfs, args.rounds, not args.no_throttle)
+                with huge_pages_for_fio() as fio_memory:
+                    results, throttle = compare(bench, only, tmpfs, args.rounds, not args.no_throttle)
     finally:
         bench.close()
         if not args.keep:
@@ -610,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         return 0
     command = "volcopy bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = report(results, command.strip(), where, memory, throttle)
+    text = report(results, command.strip(), where, memory + fio_memory, throttle)
     (results_dir / "compare.md").write_text(text)
     try:
         chart(results, results_dir / "compare.png")

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .machine_settings import FIO_HUGE_PAGES, huge_pages_free
+
 
 @dataclass
 class Case:
@@ -93,8 +95,10 @@ def fio_limit(case: Case) -> list[str]:
     """The physical limit: one job reading src and one writing dst at once, io_uring, O_DIRECT, 1 MiB,
     iodepth 32, over the bytes that must move: all of a dense volume, or, for a sparse one, its data
     extents at their offsets (replayed from an I/O log; the first bytes of a sparse file are mostly
-    holes, which cost a reader nothing)."""
-    common = ["--ioengine=io_uring", "--direct=1", "--iodepth=32"]
+    holes, which cost a reader nothing). Its buffers are on huge pages where the harness could reserve
+    them, as volcopy's are (machine_settings.huge_pages_for_fio says why)."""
+    memory = "shmhuge" if huge_pages_free() >= FIO_HUGE_PAGES else "malloc"
+    common = ["--ioengine=io_uring", "--direct=1", "--iodepth=32", f"--mem={memory}"]
     if case.data:
         read = [f"--read_iolog={_io_log(case, 'read', case.src)}", "--replay_no_stall=1"]
         write = [f"--read_iolog={_io_log(case, 'write', case.dst)}", "--replay_no_stall=1"]
