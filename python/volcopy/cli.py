@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("dst", help="a block device, or a file (created when missing)")
     c.add_argument("--engine", default="auto", choices=["auto", "io_uring", "aio", "sync", "threads"])
     c.add_argument("--block-size", type=_size, help="request size, a multiple of 1M (default 1M)")
-    c.add_argument("--queue-depth", type=int, help="blocks in flight (default 16)")
+    c.add_argument("--queue-depth", type=int, help=f"blocks in flight (default {copier.DEFAULT_QUEUE_DEPTH})")
     c.add_argument("--length", type=_size, help="bytes to copy (default: all of SRC)")
     c.add_argument("--no-direct", action="store_true", help="go through the page cache")
     c.add_argument("--no-sparse", action="store_true", help="copy every byte as data")
