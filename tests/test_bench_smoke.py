@@ -8,9 +8,15 @@ import shutil
 import pytest
 
 from conftest import needs_root_for_loop
-from volcopy.bench import compare
+from volcopy.bench import compare, machine_settings
 
 PEERS = ["dd", "qemu-img", "nbdcopy", "fio", "blkdiscard", "/usr/bin/time"]
+
+
+def _machine_settings() -> tuple[str, ...]:
+    """The settings the harness changes for a run (machine_settings.py), as they are now."""
+    paths = [machine_settings.NR_HUGEPAGES, machine_settings.PAGE_REPORTING / "page_reporting_order"]
+    return tuple(path.read_text() if path.exists() else "" for path in paths)
 
 
 def _tiny(tmp_path) -> list[str]:
@@ -36,9 +42,11 @@ def _tiny(tmp_path) -> list[str]:
 )
 def test_harness_runs_every_tool_on_every_workload_and_checks_every_copy(tmp_path):
     results = tmp_path / "results"
+    settings_before = _machine_settings()
     rc = compare.main([*_tiny(tmp_path), "--no-throttle"])
 
     assert rc == 0
+    assert _machine_settings() == settings_before  # what the harness holds for the run, it puts back
     text = (results / "compare.md").read_text()
     for workload in ("## W1", "## W2", "## W3", "## W4", "## W5"):
         assert workload in text
