@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from conftest import needs_root_for_loop
-from volcopy.bench import compare, machine_settings
+from volcopy.bench import compare, machine_settings, sweep
 
 PEERS = ["dd", "qemu-img", "nbdcopy", "fio", "blkdiscard", "/usr/bin/time"]
 
@@ -78,5 +78,5 @@ def test_sweep_covers_disk_tmpfs_and_a_device_at_every_point_of_the_grid(tmp_pat
     assert [s.split(":")[0] for s in sections] == ["disk", "tmpfs", "device"]
     for section in sections:
         rows = [line for line in section.splitlines() if line.startswith("| ") and "MiB |" in line]
-        assert len(rows) == len(compare.SWEEP_GEOMETRIES)
+        assert len(rows) == len(sweep.SWEEP_GEOMETRIES)
     assert not (tmp_path / "work").exists()  # the generated volumes and loop devices are gone
