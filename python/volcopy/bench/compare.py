@@ -59,7 +59,7 @@ def run_case(case: Case, tools: dict, rounds: int, results: Results, expected: s
         print(f"  {case.name}: round {round_}/{rounds} done", flush=True)
 
 
-def throttle_check(bench: Workbench, results: Results) -> tuple[float, float]:
+def throttle_check(bench: Workbench) -> tuple[float, float]:
     """volcopy at --rate 100M on a dense file: the measured average against the target."""
     size = bench.size(1 * GiB)
     src, _ = bench.source("w1-src.img", bench.size(4 * GiB))
@@ -87,7 +87,7 @@ def compare(bench: Workbench, only: set[str], tmpfs: Path, rounds: int, throttle
             tools = {k: v for k, v in tools.items() if k in ("volcopy", "qemu-img", "nbdcopy", LIMIT)}
         print(f"{case.name}", flush=True)
         run_case(case, tools, rounds, results, expected)
-    return results, (throttle_check(bench, results) if throttle else None)
+    return results, (throttle_check(bench) if throttle else None)
 
 
 def main(argv: list[str] | None = None) -> int:
