@@ -184,8 +184,8 @@ def test_copy_of_an_empty_volume(workdir):
 
 
 @needs_root
-def test_auto_queues_requests_for_devices_and_copies_files_in_memory_directly(loops, tmp_path):
-    """auto: io_uring (or aio) wherever there is a device to overlap with, the sync engine only for
+def test_auto_queues_requests_for_devices_and_spreads_files_in_memory_over_threads(loops, tmp_path):
+    """auto: io_uring (or aio) wherever there is a device to overlap with, the threads engine only for
     files in memory. A device node lives on devtmpfs, which must not count as memory."""
     from volcopy import _core
 
@@ -202,3 +202,14 @@ def test_auto_queues_requests_for_devices_and_copies_files_in_memory_directly(lo
         assert volcopy.copy(memory / "src.img", memory / "dst.img").engine == "threads"
     finally:
         subprocess.run(["umount", str(memory)], check=False)
+
+
+def test_default_geometry_is_1_mib_x_32_and_what_the_caller_gives_is_kept(workdir):
+    content = write_layout(workdir / "src.img", 8 * MiB, [(0, 8 * MiB)], seed=8)
+
+    default = volcopy.copy(workdir / "src.img", workdir / "dst.img")
+    asked = volcopy.copy(workdir / "src.img", workdir / "dst2.img", block_size=2 * MiB, queue_depth=3)
+
+    assert (default.block_size, default.queue_depth) == (MiB, 32)
+    assert (asked.block_size, asked.queue_depth) == (2 * MiB, 3)
+    assert read_all(workdir / "dst.img") == content and read_all(workdir / "dst2.img") == content
