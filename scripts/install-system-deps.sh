@@ -13,6 +13,8 @@ packages=(
     linux-image-cloud-amd64 busybox-static
     # the migration journal's tests: a real PostgreSQL server; XFS for the reflink (FICLONE) fast path
     postgresql xfsprogs
+    # device faults and power loss under the engine: nbdkit (error filter, a Python plugin) behind nbdfuse
+    nbdkit nbdkit-plugin-python nbdfuse fuse3
 )
 
 missing=()
