@@ -15,7 +15,7 @@
 #include "internal.h"
 
 #define CKPT_MAGIC "VOLCOPYC"
-#define CKPT_VERSION 1
+#define CKPT_VERSION 2 /* 1 had one fingerprint for everything; such a checkpoint starts afresh */
 #define CKPT_HEADER_SIZE 512
 #define CKPT_DIGESTS_AT 4096
 
@@ -24,7 +24,7 @@ struct ckpt_header {
     uint32_t version;
     uint32_t pad;
     uint64_t seq;
-    uint64_t fingerprint;
+    struct vc_checkpoint_identity identity;
     uint64_t length;
     uint64_t watermark;
     uint64_t checksum; /* XXH64 of everything above */
@@ -40,6 +40,37 @@ static bool read_header(int fd, int slot, struct ckpt_header *h)
     ssize_t n = pread(fd, h, sizeof(*h), (off_t)slot * CKPT_HEADER_SIZE);
     return n == (ssize_t)sizeof(*h) && memcmp(h->magic, CKPT_MAGIC, 8) == 0 && h->version == CKPT_VERSION &&
            h->checksum == header_checksum(h);
+}
+
+/* The newer of the two valid header slots, or NULL. */
+static struct ckpt_header *best_header(int fd, struct ckpt_header h[2])
+{
+    struct ckpt_header *best = NULL;
+    for (int i = 0; i < 2; i++)
+        if (read_header(fd, i, &h[i]) && (!best || h[i].seq > best->seq))
+            best = &h[i];
+    return best;
+}
+
+/* Chunks whose digests are final below watermark: a partial last chunk counts once the copy reached
+ * the end. */
+static uint64_t chunks_below(uint64_t watermark, uint64_t length)
+{
+    return watermark >= length ? VC_ROUND_UP(length, VC_CHUNK_SIZE) / VC_CHUNK_SIZE : watermark / VC_CHUNK_SIZE;
+}
+
+/* Why a saved header cannot be resumed by this copy, or NULL when it can. */
+static const char *mismatch(const struct ckpt_header *h, const struct vc_checkpoint *c, bool dst_new)
+{
+    if (h->length != c->length || h->identity.request != c->identity.request)
+        return "other length or extents";
+    if (h->identity.src != c->identity.src)
+        return "the source is another volume, or it changed since (size, modification or change time)";
+    if (h->identity.dst != c->identity.dst)
+        return "the destination is another volume";
+    if (dst_new && h->watermark)
+        return "the destination was created anew, so it holds nothing the checkpoint recorded";
+    return NULL;
 }
 
 static int full_pread(int fd, void *buf, size_t len, off_t off)
@@ -70,10 +101,10 @@ static int full_pwrite(int fd, const void *buf, size_t len, off_t off)
     return 0;
 }
 
-int vc_checkpoint_open(struct vc_checkpoint *c, const char *path, uint64_t fingerprint, uint64_t length,
-                       uint8_t *digests, uint64_t *watermark, struct vc_error *error)
+int vc_checkpoint_open(struct vc_checkpoint *c, const char *path, const struct vc_checkpoint_identity *identity,
+                       uint64_t length, bool dst_new, uint8_t *digests, uint64_t *watermark, struct vc_error *error)
 {
-    struct ckpt_header h[2], *best = NULL;
+    struct ckpt_header h[2], *best;
     int rc;
 
     memset(c, 0, sizeof(*c));
@@ -82,24 +113,21 @@ int vc_checkpoint_open(struct vc_checkpoint *c, const char *path, uint64_t finge
     if (c->fd < 0)
         return vc_fail(error, errno, VC_SIDE_CHECKPOINT, VC_OP_CHECKPOINT, 0, "cannot open checkpoint %s: %s",
                        path, strerror(errno));
-    c->fingerprint = fingerprint;
+    c->identity = *identity;
     c->length = length;
-    for (int i = 0; i < 2; i++)
-        if (read_header(c->fd, i, &h[i]) && (!best || h[i].seq > best->seq))
-            best = &h[i];
+    best = best_header(c->fd, h);
     if (!best)
         return 0; /* new, empty, or never saved completely: start from 0 */
-    if (best->fingerprint != fingerprint || best->length != length) {
+    const char *why = mismatch(best, c, dst_new);
+    if (why) {
         rc = vc_fail(error, ESTALE, VC_SIDE_CHECKPOINT, VC_OP_CHECKPOINT, 0,
-                     "checkpoint %s belongs to another copy (other source, destination, length or extents); "
-                     "remove it to start afresh",
-                     path);
+                     "checkpoint %s belongs to another copy: %s; remove it to start afresh", path, why);
         close(c->fd);
         c->fd = -1;
         return rc;
     }
     c->seq = best->seq;
-    uint64_t chunks = best->watermark / VC_CHUNK_SIZE;
+    uint64_t chunks = chunks_below(best->watermark, length);
     if (digests && chunks) {
         rc = full_pread(c->fd, digests, (size_t)(chunks * VC_DIGEST_SIZE), CKPT_DIGESTS_AT);
         if (rc < 0) {
@@ -115,9 +143,20 @@ int vc_checkpoint_open(struct vc_checkpoint *c, const char *path, uint64_t finge
     return 0;
 }
 
+uint64_t vc_checkpoint_resume_offset(const char *path)
+{
+    struct ckpt_header h[2], *best;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    best = best_header(fd, h);
+    close(fd);
+    return best ? best->watermark : 0;
+}
+
 int vc_checkpoint_save(struct vc_checkpoint *c, uint64_t watermark, const uint8_t *digests)
 {
-    uint64_t chunks = watermark / VC_CHUNK_SIZE;
+    uint64_t chunks = chunks_below(watermark, c->length);
     unsigned char slot[CKPT_HEADER_SIZE];
     struct ckpt_header h;
     int rc;
@@ -135,7 +174,7 @@ int vc_checkpoint_save(struct vc_checkpoint *c, uint64_t watermark, const uint8_
     memcpy(h.magic, CKPT_MAGIC, 8);
     h.version = CKPT_VERSION;
     h.seq = c->seq + 1;
-    h.fingerprint = c->fingerprint;
+    h.identity = c->identity;
     h.length = c->length;
     h.watermark = watermark;
     h.checksum = header_checksum(&h);

@@ -33,9 +33,15 @@ static int blockdev_flush(int fd)
     return fsync(fd) == 0 ? 0 : -errno;
 }
 
+static int blockdev_size(int fd, uint64_t *size)
+{
+    return ioctl(fd, BLKGETSIZE64, size) == 0 ? 0 : -errno;
+}
+
 const struct vc_endpoint_ops vc_endpoint_blockdev_ops = {
     .name = "blockdev",
     .next_data = blockdev_next_data,
     .zero = blockdev_zero,
     .flush = blockdev_flush,
+    .size = blockdev_size,
 };

@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -51,11 +52,21 @@ static int file_flush(int fd)
     return fdatasync(fd) == 0 ? 0 : -errno;
 }
 
+static int file_size(int fd, uint64_t *size)
+{
+    struct stat st;
+    if (fstat(fd, &st) < 0)
+        return -errno;
+    *size = (uint64_t)st.st_size;
+    return 0;
+}
+
 const struct vc_endpoint_ops vc_endpoint_file_ops = {
     .name = "file",
     .next_data = file_next_data,
     .zero = file_zero,
     .flush = file_flush,
+    .size = file_size,
 };
 
 const struct vc_endpoint_ops *vc_endpoint_ops_for(int kind)

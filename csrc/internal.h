@@ -48,6 +48,8 @@ struct vc_io_ops {
     int (*init)(struct vc_io *io, const struct vc_io_setup *setup, struct vc_error *error);
     /* Queue one request; it may run at once (sync) or on submit. */
     int (*queue)(struct vc_io *io, const struct vc_io_request *rq);
+    /* Hand what was queued to the kernel. On failure every request not submitted completes (in reap)
+     * with the error, and -errno is returned. */
     int (*submit)(struct vc_io *io);
     /* Wait for at least min completions (at most timeout_ms), store up to max; returns the count. */
     int (*reap)(struct vc_io *io, struct vc_io_completion *out, unsigned max, unsigned min, int timeout_ms);
@@ -77,6 +79,7 @@ struct vc_endpoint_ops {
     /* Make [off, off+len) read as zeros without writing data; -EOPNOTSUPP when it cannot. */
     int (*zero)(int fd, uint64_t off, uint64_t len);
     int (*flush)(int fd);
+    int (*size)(int fd, uint64_t *size);
 };
 
 extern const struct vc_endpoint_ops vc_endpoint_file_ops;
@@ -110,23 +113,29 @@ uint64_t vc_now_ns(void);
 
 /* ---- checkpoint (checkpoint.c) ---- */
 
+struct vc_checkpoint_identity {
+    uint64_t src, dst, request; /* the params' fingerprints */
+};
+
 struct vc_checkpoint {
     int fd;
     uint64_t seq;
-    uint64_t fingerprint;
+    struct vc_checkpoint_identity identity;
     uint64_t length;
     uint64_t saved_chunks; /* chunk digests already on disk */
 };
 
 /* Open or create; *watermark is where a previous run got to (0 when new), and the chunk digests
- * below it are loaded into digests (when not NULL). */
-int vc_checkpoint_open(struct vc_checkpoint *c, const char *path, uint64_t fingerprint, uint64_t length,
-                       uint8_t *digests, uint64_t *watermark, struct vc_error *error);
+ * below it are loaded into digests (when not NULL). A saved checkpoint of another src, src state, dst
+ * or request, or one with progress when dst is new, fails with ESTALE and the reason. */
+int vc_checkpoint_open(struct vc_checkpoint *c, const char *path, const struct vc_checkpoint_identity *identity,
+                       uint64_t length, bool dst_new, uint8_t *digests, uint64_t *watermark,
+                       struct vc_error *error);
 /* Durably record that everything below watermark is done (dst must already be flushed). */
 int vc_checkpoint_save(struct vc_checkpoint *c, uint64_t watermark, const uint8_t *digests);
 void vc_checkpoint_close(struct vc_checkpoint *c);
 
-/* ---- errors (engine.c) ---- */
+/* ---- errors (errors.c) ---- */
 
 int vc_fail(struct vc_error *e, int err, int side, int op, uint64_t offset, const char *fmt, ...)
     __attribute__((format(printf, 6, 7)));

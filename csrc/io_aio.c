@@ -16,6 +16,8 @@ struct aio_state {
     unsigned *free_list;
     unsigned n_free, n_pending, cap;
     struct io_event *events;
+    struct vc_io_completion *failed; /* requests io_submit refused, to hand back from reap */
+    unsigned n_failed;
 };
 
 static int aio_init(struct vc_io *io, const struct vc_io_setup *setup, struct vc_error *error)
@@ -30,7 +32,8 @@ static int aio_init(struct vc_io *io, const struct vc_io_setup *setup, struct vc
     s->pending = calloc(s->cap, sizeof(*s->pending));
     s->free_list = calloc(s->cap, sizeof(*s->free_list));
     s->events = calloc(s->cap, sizeof(*s->events));
-    if (!s->iocbs || !s->pending || !s->free_list || !s->events) {
+    s->failed = calloc(s->cap, sizeof(*s->failed));
+    if (!s->iocbs || !s->pending || !s->free_list || !s->events || !s->failed) {
         rc = vc_fail(error, ENOMEM, VC_SIDE_NONE, VC_OP_SETUP, 0, "out of memory");
         goto fail;
     }
@@ -46,6 +49,7 @@ static int aio_init(struct vc_io *io, const struct vc_io_setup *setup, struct vc
     io->priv = s;
     return 0;
 fail:
+    free(s->failed);
     free(s->iocbs);
     free(s->pending);
     free(s->free_list);
@@ -75,12 +79,17 @@ static int aio_submit(struct vc_io *io)
     unsigned done = 0;
     while (done < s->n_pending) {
         int rc = io_submit(s->ctx, (long)(s->n_pending - done), s->pending + done);
-        if (rc == -EINTR || rc == -EAGAIN)
+        if (rc == -EINTR)
             continue;
+        if (rc == 0) /* nothing taken, no error: as good as EAGAIN */
+            rc = -EAGAIN;
         if (rc < 0) {
-            /* Give back what was not submitted so the engine can fail cleanly. */
-            for (unsigned i = done; i < s->n_pending; i++)
-                s->free_list[s->n_free++] = (unsigned)(s->pending[i] - s->iocbs);
+            /* What was not submitted completes with the error (the engine must not wait for it). */
+            for (unsigned i = done; i < s->n_pending; i++) {
+                struct iocb *cb = s->pending[i];
+                s->failed[s->n_failed++] = (struct vc_io_completion){(uint64_t)(uintptr_t)cb->data, rc};
+                s->free_list[s->n_free++] = (unsigned)(cb - s->iocbs);
+            }
             s->n_pending = 0;
             return rc;
         }
@@ -95,6 +104,12 @@ static int aio_reap(struct vc_io *io, struct vc_io_completion *out, unsigned max
     struct aio_state *s = io->priv;
     struct timespec ts = {.tv_sec = timeout_ms / 1000, .tv_nsec = (timeout_ms % 1000) * 1000000L};
     unsigned want = VC_MIN(max, s->cap);
+    if (s->n_failed) {
+        unsigned n = VC_MIN(max, s->n_failed);
+        memcpy(out, s->failed + s->n_failed - n, n * sizeof(*out));
+        s->n_failed -= n;
+        return (int)n;
+    }
     int n = io_getevents(s->ctx, VC_MIN(min, want), want, s->events, &ts);
 
     if (n == -EINTR)
@@ -116,6 +131,7 @@ static void aio_fini(struct vc_io *io)
     if (!s)
         return;
     io_destroy(s->ctx);
+    free(s->failed);
     free(s->iocbs);
     free(s->pending);
     free(s->free_list);

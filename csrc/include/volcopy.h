@@ -17,7 +17,8 @@ enum {
     VC_CHUNK_SIZE = 1048576, /* the digest chunk: 1 MiB */
     VC_DIGEST_SIZE = 16,     /* canonical (big-endian) XXH3-128 */
     VC_ALIGN = 4096,         /* buffer, offset and zero-detection granule for O_DIRECT */
-    VC_MESSAGE_SIZE = 256
+    VC_MESSAGE_SIZE = 256,
+    VC_MAX_BUFFER_BYTES = 1073741824 /* queue_depth * block_size is capped at 1 GiB */
 };
 
 enum vc_engine {
@@ -53,7 +54,8 @@ enum vc_op {
 enum vc_flags {
     VC_FLAG_SPARSE = 1,      /* skip holes (files) and detect zero blocks */
     VC_FLAG_DST_IS_ZERO = 2, /* the caller promises dst reads as zeros: never zero it */
-    VC_FLAG_DIGEST = 4       /* fill chunk_digests and the volume digest */
+    VC_FLAG_DIGEST = 4,      /* fill chunk_digests and the volume digest */
+    VC_FLAG_DST_NEW = 8      /* dst was created for this copy: a checkpoint with progress cannot be its */
 };
 
 /* One side of a copy. The caller opens the descriptors and keeps ownership of them. */
@@ -77,7 +79,13 @@ struct vc_copy_params {
     uint64_t n_extents;
     uint8_t *chunk_digests;      /* VC_DIGEST_SIZE per chunk of length, with VC_FLAG_DIGEST */
     const char *checkpoint_path; /* NULL: no checkpoint */
-    uint64_t fingerprint;        /* identifies this copy inside its checkpoint */
+    /* What a checkpoint must match to be resumed: src and its state, dst's identity, the request. */
+    uint64_t fingerprint_src;
+    uint64_t fingerprint_dst;
+    uint64_t fingerprint_request;
+    /* Polled by the pipeline (at least every 50 ms, also while zeroing): once another thread stores a
+     * non-zero value the copy stops with -ECANCELED. NULL: not cancellable this way. */
+    const int32_t *cancel;
     /* called from the copying thread about every 100 ms and at the end; non-zero cancels the copy */
     int (*progress)(void *ctx, uint64_t done, uint64_t total);
     void *progress_ctx;
@@ -109,6 +117,9 @@ int vc_engine_available(int engine, struct vc_error *error);
 
 /* Whether the engine was compiled in at all. */
 int vc_engine_compiled(int engine);
+
+/* Where a copy with this checkpoint would resume (0 when it is new or unreadable). */
+uint64_t vc_checkpoint_resume_offset(const char *path);
 
 /* Up to cap data extents of fd within [start, end) as (offset, length) pairs; *next is where to ask
  * again (== end when done). Returns the count or -errno. */

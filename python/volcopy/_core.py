@@ -6,6 +6,7 @@ Everything here takes and returns plain Python values; errors come back as volco
 from __future__ import annotations
 
 import errno
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from ._version import version
 from .errors import Cancelled, CheckpointError, CopyIOError, EngineUnavailable, InvalidRequest
 
 CHUNK_SIZE = lib.VC_CHUNK_SIZE
+MAX_BUFFER_BYTES = lib.VC_MAX_BUFFER_BYTES
 DIGEST_SIZE = lib.VC_DIGEST_SIZE
 KIND_FILE = lib.VC_KIND_FILE
 KIND_BLOCKDEV = lib.VC_KIND_BLOCKDEV
@@ -53,6 +55,11 @@ def engine_unavailable_reason(name: str) -> str | None:
     return ffi.string(error.message).decode(errors="replace")
 
 
+def checkpoint_resume_offset(path: str) -> int:
+    """Where a copy would resume from this checkpoint file (0 when it is new, missing or unreadable)."""
+    return lib.vc_checkpoint_resume_offset(path.encode())
+
+
 def chunk_count(length: int) -> int:
     return (length + CHUNK_SIZE - 1) // CHUNK_SIZE
 
@@ -64,6 +71,15 @@ class Endpoint:
     kind: int
     direct: bool
     name: str  # for messages
+
+
+@dataclass(frozen=True)
+class Fingerprints:
+    """What a checkpoint must match to be resumed (see volume.py for what each covers)."""
+
+    src: int
+    dst: int
+    request: int
 
 
 @dataclass
@@ -113,10 +129,14 @@ def run(
     rate_limit: int,
     extents,
     checkpoint: str | None,
-    fingerprint: int,
+    fingerprints: Fingerprints | None,
+    dst_new: bool,
     progress: Callable[[int, int], bool] | None,
+    cancel: threading.Event | None = None,
 ) -> NativeResult:
-    """Runs one copy (or, without dst, one digest) in the engine. The GIL is released meanwhile."""
+    """Runs one copy (or, without dst, one digest) in the engine, on a thread of its own: this thread
+    waits for it, so a KeyboardInterrupt (Ctrl-C) reaches the caller within 50 ms; it stops the engine
+    and is raised again. Setting ``cancel`` stops it with Cancelled. The GIL is released meanwhile."""
     p = ffi.new("struct vc_copy_params *")
     keep = []  # cdata that must outlive the call
     p.src.fd, p.src.fd_buffered, p.src.kind, p.src.direct = src.fd, src.fd_buffered, src.kind, src.direct
@@ -132,6 +152,7 @@ def run(
         (lib.VC_FLAG_SPARSE if sparse else 0)
         | (lib.VC_FLAG_DST_IS_ZERO if dst_is_zero else 0)
         | (lib.VC_FLAG_DIGEST if digest else 0)
+        | (lib.VC_FLAG_DST_NEW if dst_new else 0)
     )
     p.rate_limit = rate_limit
     chunk_digests = None
@@ -148,7 +169,12 @@ def run(
         path = ffi.new("char[]", checkpoint.encode())
         keep.append(path)
         p.checkpoint_path = path
-    p.fingerprint = fingerprint
+    if fingerprints is not None:
+        p.fingerprint_src, p.fingerprint_dst = fingerprints.src, fingerprints.dst
+        p.fingerprint_request = fingerprints.request
+    stop = ffi.new("int32_t *")
+    keep.append(stop)
+    p.cancel = stop
     reporter = None
     if progress is not None:
         reporter = _Progress(progress)
@@ -159,7 +185,7 @@ def run(
 
     result = ffi.new("struct vc_copy_result *")
     error = ffi.new("struct vc_error *")
-    rc = lib.vc_copy(p, result, error)
+    rc = _run_stoppable(p, result, error, stop, cancel, keep)
     if reporter is not None and reporter.exception is not None:
         raise reporter.exception
     if rc < 0:
@@ -174,6 +200,30 @@ def run(
         digest=bytes(ffi.buffer(result.digest, DIGEST_SIZE)).hex() if digest else None,
         chunk_digests=chunk_digests,
     )
+
+
+def _run_stoppable(params, result, error, stop, cancel: threading.Event | None, keep: list) -> int:
+    """vc_copy on its own thread while this one waits in 50 ms steps: a signal's Python handler runs
+    only on the main thread between bytecodes, never inside a C call, so the wait is where Ctrl-C lands.
+    Either way the engine sees the stop flag at its next turn and ends (with its checkpoint saved)."""
+    outcome = []
+
+    def call() -> None:  # holds everything the engine points into until it returns
+        outcome.append(lib.vc_copy(params, result, error))
+        keep.clear()
+
+    engine = threading.Thread(target=call, name="volcopy-engine", daemon=True)
+    engine.start()
+    try:
+        while engine.is_alive():
+            if cancel is not None and cancel.is_set():
+                stop[0] = 1
+            engine.join(0.05)
+    except BaseException:
+        stop[0] = 1
+        engine.join()
+        raise
+    return outcome[0]
 
 
 def _exception(rc: int, error, src: Endpoint, dst: Endpoint | None, checkpoint: str | None) -> Exception:

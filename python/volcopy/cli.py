@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 from collections.abc import Sequence
 
 from . import copier
@@ -100,8 +99,6 @@ def _summary(result: copier.CopyResult, src: str, dst: str) -> str:
 
 def _copy(args: argparse.Namespace) -> int:
     bar = ProgressBar() if sys.stderr.isatty() and not args.json else None
-    # A progress function is always passed: it is where Ctrl-C reaches the copying thread.
-    cancel = threading.Event()
     result = copier.copy(
         args.src,
         args.dst,
@@ -115,8 +112,7 @@ def _copy(args: argparse.Namespace) -> int:
         verify=args.verify,
         rate_limit=args.rate,
         checkpoint=args.checkpoint,
-        progress=bar if bar else (lambda done, total: None),
-        cancel=cancel,
+        progress=bar,
     )
     if bar:
         bar.close()
@@ -125,6 +121,17 @@ def _copy(args: argparse.Namespace) -> int:
     else:
         print(_summary(result, args.src, args.dst))
     return 0
+
+
+def _where_it_resumes(args: argparse.Namespace) -> str:
+    """For a copy with a checkpoint: where the same command, run again, starts."""
+    checkpoint = getattr(args, "checkpoint", None) if args.command == "copy" else None
+    if not checkpoint or not os.path.exists(checkpoint):
+        return ""
+    from ._core import checkpoint_resume_offset
+
+    offset = checkpoint_resume_offset(checkpoint)
+    return f"; the same command resumes at byte {offset} ({format_size(offset)}) from checkpoint {checkpoint}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,16 +169,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{args.dst} reads back identical to {args.src}")
             return 0
     except KeyboardInterrupt:
-        print("\nvolcopy: interrupted", file=sys.stderr)
+        print(f"\nvolcopy: interrupted{_where_it_resumes(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Cancelled as exc:
-        print(f"volcopy: {exc}", file=sys.stderr)
+        print(f"volcopy: {exc}{_where_it_resumes(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except VerifyError as exc:
         print(f"volcopy: verify failed: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except (VolcopyError, OSError) as exc:
-        print(f"volcopy: error: {exc}", file=sys.stderr)
+        print(f"volcopy: error: {exc}{_where_it_resumes(args)}", file=sys.stderr)
         return EXIT_ERROR
     except Exception as exc:  # a bug of ours: still one line, the traceback on request
         if os.environ.get("VOLCOPY_DEBUG"):

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Union
 
 from . import _core
 from .digest import first_difference, first_difference_in_extents, hash_volume
-from .errors import EngineUnavailable, InvalidRequest, VerifyError
-from .volume import Volume, VolumeSpec, describe, destination_identities, open_destination, open_source
+from .errors import CheckpointError, EngineUnavailable, InvalidRequest, VerifyError
+from .volume import Volume, VolumeSpec, describe, destination_overlaps, open_destination, open_source
 
 DEFAULT_BLOCK_SIZE = 1 << 20
 # 32 MiB in flight: in the sweep (benchmarks/results/sweep.md, 5 interleaved rounds) every point with
@@ -94,6 +94,11 @@ def check_options(engine: str, block_size, queue_depth, direct, rate_limit, leng
         raise InvalidRequest(f"block_size must be a multiple of 1 MiB (the digest chunk), not {block_size}")
     queue_depth = DEFAULT_QUEUE_DEPTH if queue_depth is None else queue_depth
     queue_depth = _positive_int(queue_depth, "queue_depth", 1, MAX_QUEUE_DEPTH)
+    if queue_depth * block_size > _core.MAX_BUFFER_BYTES:
+        raise InvalidRequest(
+            f"queue_depth * block_size is {queue_depth * block_size} bytes of buffers; at most "
+            f"{_core.MAX_BUFFER_BYTES} (1 GiB) are allowed"
+        )
     if direct not in (True, False, "auto"):
         raise InvalidRequest(f"direct must be True, False or 'auto', not {direct!r}")
     if rate_limit is not None:
@@ -125,15 +130,10 @@ def check_extents(extents: ExtentsSpec, length: int) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _fingerprint(source: Volume, target: Volume, length: int, extents: np.ndarray | None) -> int:
-    """Ties a checkpoint to one copy: which volumes, how much, which extents."""
-    import hashlib  # here, not at the top: only a checkpoint needs it (3 of the 30 ms of a command's imports)
+def _fingerprints(source: Volume, target: Volume, length: int, extents, dst_id: str | None):
+    from .fingerprint import fingerprints  # only a checkpoint needs it (hashlib, ctypes: start-up time)
 
-    h = hashlib.blake2b(digest_size=8)
-    h.update(repr((sorted(source.identities), sorted(target.identities), length)).encode())
-    if extents is not None:
-        h.update(extents.tobytes())
-    return int.from_bytes(h.digest(), "little")
+    return fingerprints(source, target, length, extents, dst_id)
 
 
 def _match_direct(source: Volume, target: Volume, direct) -> None:
@@ -145,17 +145,12 @@ def _match_direct(source: Volume, target: Volume, direct) -> None:
                 volume.fd, volume.direct = volume.fd_buffered, False
 
 
-def _progress_reporter(
-    progress: Callable[[int, int], None] | None, cancel: threading.Event | None
-) -> Callable[[int, int], bool] | None:
-    if progress is None and cancel is None:
+def _progress_reporter(progress: Callable[[int, int], None] | None) -> Callable[[int, int], bool] | None:
+    if progress is None:
         return None  # the engine then never takes the GIL back
 
     def report(done: int, total: int) -> bool:
-        if cancel is not None and cancel.is_set():
-            return True
-        if progress is not None:
-            progress(done, total)
+        progress(done, total)
         return False
 
     return report
@@ -177,6 +172,7 @@ def copy(
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
+    dst_id: str | None = None,
     extents: ExtentsSpec | None = None,
 ) -> CopyResult:
     """Copies the first ``length`` bytes of src to dst; see the README for every option."""
@@ -192,8 +188,11 @@ def copy(
             raise InvalidRequest(
                 f"length {length} lies beyond the end of source {source.name} ({source.size} bytes)"
             )
-        if source.identities & destination_identities(dst):
-            raise InvalidRequest(f"source {source.name} and destination {describe(dst)} are the same volume")
+        if source.identities & destination_overlaps(dst):
+            raise InvalidRequest(
+                f"source {source.name} and destination {describe(dst)} are the same volume or share bytes "
+                "(a partition and its disk, a device and one built on it, a loop device and its file)"
+            )
         extent_array = check_extents(extents, length) if extents is not None else None
         with open_destination(dst, length, direct) as target:
             _match_direct(source, target, direct)
@@ -212,12 +211,16 @@ def copy(
                     rate_limit=rate_limit,
                     extents=extent_array,
                     checkpoint=checkpoint,
-                    fingerprint=_fingerprint(source, target, length, extent_array) if checkpoint else 0,
-                    progress=_progress_reporter(progress, cancel),
+                    fingerprints=(
+                        _fingerprints(source, target, length, extent_array, dst_id) if checkpoint else None
+                    ),
+                    dst_new=target.created,
+                    progress=_progress_reporter(progress),
+                    cancel=cancel,
                 )
-            except BaseException:
+            except BaseException as exc:
                 # Without a checkpoint to resume from, a file we created is only a half-written copy.
-                if target.created and checkpoint is None:
+                if target.created and (checkpoint is None or isinstance(exc, CheckpointError)):
                     os.unlink(os.fspath(dst))
                 raise
             if checkpoint is not None and os.path.exists(checkpoint):

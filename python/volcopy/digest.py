@@ -10,7 +10,7 @@ import os
 import threading
 
 from . import _core
-from .errors import VerifyError
+from .errors import Cancelled, VerifyError
 from .volume import Volume, VolumeSpec, open_source
 
 
@@ -21,6 +21,7 @@ def hash_volume(
     engine: str = "auto",
     block_size: int | None = None,
     queue_depth: int | None = None,
+    cancel: threading.Event | None = None,
 ) -> _core.NativeResult:
     """Reads a volume through the engine (holes cost nothing) and returns its digests."""
     from .copier import DEFAULT_BLOCK_SIZE, DEFAULT_QUEUE_DEPTH  # copier imports this module
@@ -38,8 +39,10 @@ def hash_volume(
         rate_limit=0,
         extents=None,
         checkpoint=None,
-        fingerprint=0,
+        fingerprints=None,
+        dst_new=False,
         progress=None,
+        cancel=cancel,
     )
 
 
@@ -100,22 +103,30 @@ def verify(src: VolumeSpec, dst: VolumeSpec, *, length: int | None = None) -> No
                 f"destination {target.name} holds {target.size} bytes, fewer than the {length} to compare",
                 target.size,
             )
-        # Both sides at once: the engine releases the GIL, so the two reads overlap.
+        # Both sides at once: the engine releases the GIL, so the two reads overlap. A failure or a Ctrl-C
+        # on one side stops the other.
         results: dict = {}
+        stop = threading.Event()
 
         def hash_into(key: str, volume: Volume) -> None:
             try:
-                results[key] = hash_volume(volume, length)
+                results[key] = hash_volume(volume, length, cancel=stop)
             except BaseException as exc:  # noqa: BLE001 - raised again below
                 results[key] = exc
+                stop.set()
 
         worker = threading.Thread(target=hash_into, args=("dst", target))
         worker.start()
         hash_into("src", source)
-        worker.join()
-        for value in results.values():
-            if isinstance(value, BaseException):
-                raise value
+        try:
+            worker.join()
+        except BaseException:  # a Ctrl-C while waiting for dst
+            stop.set()
+            worker.join()
+            raise
+        failures = [v for v in results.values() if isinstance(v, BaseException)]
+        if failures:  # the cause, not the Cancelled it caused on the other side
+            raise next((f for f in failures if not isinstance(f, Cancelled)), failures[0])
         chunk = _core.first_differing_chunk(results["src"].chunk_digests, results["dst"].chunk_digests)
         if chunk is not None:
             offset = first_difference(source, target, chunk, length)

@@ -56,19 +56,95 @@ def describe(spec: VolumeSpec) -> str:
     return os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else repr(spec)
 
 
+def block_device_dir(rdev: int) -> str | None:
+    """The sysfs directory of a block device (a partition's lies inside its disk's)."""
+    path = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
+    return os.path.realpath(path) if os.path.exists(path) else None
+
+
+def read_attribute(path: str) -> str | None:
+    """A sysfs attribute's text, or None."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _rdev_of(sysfs_dir: str) -> int | None:
+    dev = read_attribute(os.path.join(sysfs_dir, "dev"))
+    if not dev:
+        return None
+    major, minor = dev.split(":")
+    return os.makedev(int(major), int(minor))
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _closure(start: str, step) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for d in step(todo.pop()):
+            if d not in seen:
+                seen.add(d)
+                todo.append(d)
+    return seen
+
+
+def _below(d: str) -> list[str]:
+    """What is built on a device: its partitions, and the devices holding it (an LV, a dm or md device)."""
+    parts = [os.path.join(d, c) for c in _listdir(d) if os.path.exists(os.path.join(d, c, "partition"))]
+    holders = os.path.join(d, "holders")
+    return parts + [os.path.realpath(os.path.join(holders, h)) for h in _listdir(holders)]
+
+
+def _above(d: str) -> list[str]:
+    """What a device is built on: the disk of a partition, the devices under a dm or md device."""
+    up = [os.path.dirname(d)] if os.path.exists(os.path.join(d, "partition")) else []
+    return up + [os.path.realpath(os.path.join(d, "slaves", s)) for s in _listdir(os.path.join(d, "slaves"))]
+
+
+def loop_backing_file(sysfs_dir: str) -> str | None:
+    return read_attribute(os.path.join(sysfs_dir, "loop", "backing_file"))
+
+
+def _loop_backing(sysfs_dir: str) -> set:
+    backing = loop_backing_file(sysfs_dir)
+    try:
+        st = os.stat(backing) if backing else None
+    except OSError:
+        return set()
+    return {("inode", st.st_dev, st.st_ino)} if st else set()
+
+
 def _identities(st: os.stat_result) -> frozenset:
     """A block device is known by its device number, a file by its inode; a loop device is also
     known by its backing file, so that a file and the loop device over it count as the same."""
     if stat.S_ISREG(st.st_mode):
         return frozenset({("inode", st.st_dev, st.st_ino)})
-    ids = {("blockdev", st.st_rdev)}
-    sysfs = f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}/loop/backing_file"
-    try:
-        with open(sysfs) as f:
-            backing = os.stat(f.read().strip())
-        ids.add(("inode", backing.st_dev, backing.st_ino))
-    except OSError:
-        pass
+    d = block_device_dir(st.st_rdev)
+    return frozenset({("blockdev", st.st_rdev)} | (_loop_backing(d) if d else set()))
+
+
+def _overlapping(st: os.stat_result) -> frozenset:
+    """The identities of every volume that shares bytes with this one: itself, what it is built on
+    (a partition's disk, a loop device's file, a dm device's parts) and what is built on it (its
+    partitions, its holders). Two partitions of one disk do not overlap: neither is above the other."""
+    d = block_device_dir(st.st_rdev) if stat.S_ISBLK(st.st_mode) else None
+    if d is None:
+        return _identities(st)
+    related = {d} | _closure(d, _above) | _closure(d, _below)
+    ids = set()
+    for r in related:
+        rdev = _rdev_of(r)
+        if rdev is not None:
+            ids.add(("blockdev", rdev))
+        ids |= _loop_backing(r)
     return frozenset(ids)
 
 
@@ -164,10 +240,11 @@ def open_source(spec: VolumeSpec, direct="auto") -> Volume:
         raise
 
 
-def destination_identities(spec: VolumeSpec) -> frozenset:
-    """What dst is, without opening or creating it (empty when it does not exist yet)."""
+def destination_overlaps(spec: VolumeSpec) -> frozenset:
+    """The identities of every volume sharing bytes with dst, without opening or creating it (empty when
+    it does not exist yet): a source among them would be overwritten while it is read."""
     try:
-        return _identities(os.stat(_path_of(spec, "destination")))
+        return _overlapping(os.stat(_path_of(spec, "destination")))
     except FileNotFoundError:
         return frozenset()
 

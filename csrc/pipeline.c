@@ -1,0 +1,282 @@
+/* The slots of the pipeline: each unit is read, then scanned for zero blocks and hashed in one pass over
+ * its buffer, then its data is written while zero runs go to the zeroer.
+ *
+ * A unit never splits a 1 MiB digest chunk, so each chunk is hashed once, from one buffer, when its reads
+ * complete; no hash state outlives a slot. */
+#include <errno.h>
+#include <string.h>
+
+#include "engine.h"
+
+/* Zero runs shorter than this that lie between data are written as data: they are in the buffer
+ * already, and a zeroing call for each would cost more than the write and fragment dst. */
+#define ZERO_RUN_MIN VC_CHUNK_SIZE
+
+static void enqueue(unsigned *ring, unsigned n, unsigned head, unsigned *count, unsigned value)
+{
+    ring[(head + (*count)++) % n] = value;
+}
+
+static void slot_queue(struct engine *g, unsigned i)
+{
+    struct slot *s = &g->slots[i];
+    s->next_op = 0;
+    s->next_off = s->n_ops ? s->ops[0].off : 0;
+    s->queued = true;
+    if (s->state == SLOT_READING)
+        enqueue(g->read_queue, g->n_slots, g->rq_head, &g->rq_count, i);
+    else
+        enqueue(g->write_queue, g->n_slots, g->wq_head, &g->wq_count, i);
+}
+
+static void finish_slot(struct engine *g, unsigned i)
+{
+    struct slot *s = &g->slots[i];
+    g->done += s->len;
+    if (s->buffered) {
+        zero_flush(g); /* its unaligned zero ranges, while nothing else is in flight */
+        g->buffered_busy = false;
+    }
+    s->state = SLOT_FREE;
+    g->busy_slots--;
+}
+
+void slot_start(struct engine *g, unsigned i)
+{
+    struct slot *s = &g->slots[i];
+    s->state = SLOT_READING;
+    s->in_flight = 0;
+    g->busy_slots++;
+    if (s->n_ops == 0) /* nothing to read (an explicit extent in a hole cannot happen; be safe) */
+        finish_slot(g, i);
+    else
+        slot_queue(g, i);
+}
+
+static int queue_request(struct engine *g, struct request *rq, unsigned tag)
+{
+    struct slot *s = &g->slots[rq->slot];
+    const struct vc_endpoint *ep = rq->op == VC_OP_READ ? &g->p->src : &g->p->dst;
+    struct vc_io_request io_rq = {
+        .op = rq->op,
+        .fd = s->buffered ? ep->fd_buffered : ep->fd,
+        .buf = rq->buf,
+        .len = rq->len,
+        .offset = rq->off,
+        .tag = tag,
+        .buf_index = s->buffered ? -1 : (int)rq->slot, /* any range inside the slot's registered buffer */
+    };
+    struct vc_io *io = s->buffered ? &g->io_buffered : &g->io;
+    int rc = io->ops->queue(io, &io_rq);
+    if (rc < 0)
+        return fail(g, -rc, rq->op == VC_OP_READ ? VC_SIDE_SRC : VC_SIDE_DST, rq->op, rq->off, "queueing I/O");
+    return 0;
+}
+
+static void release_request(struct engine *g, unsigned tag)
+{
+    struct request *rq = &g->reqs[tag];
+    g->slots[rq->slot].in_flight--;
+    g->in_flight--;
+    rq->next_free = g->free_req;
+    g->free_req = tag;
+}
+
+/* Issues what a slot still has to issue; false when it must wait (throttle or no free request). */
+static bool slot_issue(struct engine *g, unsigned i)
+{
+    struct slot *s = &g->slots[i];
+    int op = s->state == SLOT_READING ? VC_OP_READ : VC_OP_WRITE;
+
+    while (s->next_op < s->n_ops) {
+        struct extent *x = &s->ops[s->next_op];
+        uint64_t len = VC_MIN(g->io_max, x->off + x->len - s->next_off);
+        if (g->free_req == UINT32_MAX)
+            return false;
+        if (op == VC_OP_READ) {
+            int wait = vc_throttle_take(&g->throttle, len);
+            if (wait) {
+                g->throttle_wait_ms = wait;
+                return false;
+            }
+        }
+        unsigned tag = g->free_req;
+        struct request *rq = &g->reqs[tag];
+        g->free_req = rq->next_free;
+        rq->slot = i;
+        rq->op = op;
+        rq->off = s->next_off;
+        rq->len = (uint32_t)len;
+        rq->buf = s->buf + (s->next_off - s->start);
+        s->in_flight++;
+        g->in_flight++;
+        if (queue_request(g, rq, tag) < 0) {
+            release_request(g, tag);
+            return false;
+        }
+        s->next_off += len;
+        if (s->next_off == x->off + x->len && ++s->next_op < s->n_ops)
+            s->next_off = s->ops[s->next_op].off;
+    }
+    s->queued = false;
+    return true;
+}
+
+static void issue_queue(struct engine *g, unsigned *ring, unsigned *head, unsigned *count)
+{
+    while (*count && !g->status) {
+        if (!slot_issue(g, ring[*head]))
+            return;
+        *head = (*head + 1) % g->n_slots;
+        (*count)--;
+    }
+}
+
+void issue(struct engine *g)
+{
+    g->throttle_wait_ms = 0;
+    issue_queue(g, g->write_queue, &g->wq_head, &g->wq_count); /* writes first: they free slots */
+    issue_queue(g, g->read_queue, &g->rq_head, &g->rq_count);
+}
+
+/* A run of zero blocks found in a read: zeroed in dst when long (or when dst is not written at all),
+ * written as data when short. */
+static void settle_zero_run(struct engine *g, struct slot *s, uint64_t off, uint64_t len)
+{
+    if (!len)
+        return;
+    if (len >= ZERO_RUN_MIN || !g->has_dst || (g->p->flags & VC_FLAG_DST_IS_ZERO)) {
+        g->r->bytes_zero += len;
+        zero_add(g, off, len);
+    } else {
+        add_op(s, off, len);
+    }
+}
+
+/* All reads of a slot are in: zero-scan and hash in one pass over the buffer, then queue the writes. */
+static void process_read(struct engine *g, unsigned i)
+{
+    struct slot *s = &g->slots[i];
+    struct extent reads[MAX_OPS];
+    unsigned n_reads = s->n_ops;
+    uint64_t chunk_has_data = 0; /* bit per chunk of the unit; a unit has at most 64 chunks */
+    uint64_t at = s->start;
+
+    memcpy(reads, s->ops, n_reads * sizeof(reads[0]));
+    s->n_ops = 0;
+    for (unsigned k = 0; k < n_reads; k++) {
+        uint64_t off = reads[k].off, end = off + reads[k].len;
+        uint64_t zero_run = off, zero_run_len = 0;
+        /* The gap before this read is a hole of src: zeros in the buffer (for the hash), in dst too. */
+        if (off > at) {
+            if (g->digest)
+                memset(s->buf + (at - s->start), 0, off - at);
+            g->r->bytes_skipped += off - at;
+            zero_add(g, at, off - at);
+        }
+        while (off < end) {
+            uint64_t granule_end = VC_MIN(VC_ROUND_DOWN(off, VC_ALIGN) + VC_ALIGN, end);
+            uint64_t n = granule_end - off;
+            if (g->sparse && vc_zero_check(s->buf + (off - s->start), n)) {
+                if (!zero_run_len)
+                    zero_run = off;
+                zero_run_len += n;
+            } else {
+                settle_zero_run(g, s, zero_run, zero_run_len);
+                zero_run_len = 0;
+                chunk_has_data |= 1ull << ((off - s->start) / VC_CHUNK_SIZE);
+                if (g->has_dst)
+                    add_op(s, off, n);
+            }
+            off = granule_end;
+        }
+        settle_zero_run(g, s, zero_run, zero_run_len);
+        at = end;
+    }
+    if (at < s->start + s->len && !g->p->extents) {
+        if (g->digest)
+            memset(s->buf + (at - s->start), 0, s->start + s->len - at);
+        g->r->bytes_skipped += s->start + s->len - at;
+        zero_add(g, at, s->start + s->len - at);
+    }
+    if (g->digest) {
+        for (uint64_t c = s->start; c < s->start + s->len; c += VC_CHUNK_SIZE) {
+            uint64_t len = VC_MIN((uint64_t)VC_CHUNK_SIZE, s->start + s->len - c);
+            uint8_t *out = g->p->chunk_digests + (c / VC_CHUNK_SIZE) * VC_DIGEST_SIZE;
+            if (chunk_has_data & (1ull << ((c - s->start) / VC_CHUNK_SIZE)))
+                vc_digest_chunk(s->buf + (c - s->start), (size_t)len, out);
+            else
+                memcpy(out, zero_digest(g, len), VC_DIGEST_SIZE);
+        }
+    }
+    if (s->n_ops == 0) {
+        finish_slot(g, i);
+        return;
+    }
+    s->state = SLOT_WRITING;
+    slot_queue(g, i);
+}
+
+static void account(struct engine *g, int op, uint64_t n)
+{
+    if (op == VC_OP_READ)
+        g->r->bytes_read += n;
+    else
+        g->r->bytes_written += n;
+}
+
+/* Short transfers and interrupted requests are retried here, where they happen; true if requeued. A
+ * short read is never taken as the whole: the rest is asked for again, and end of file is an error. */
+static bool retry(struct engine *g, struct request *rq, unsigned tag, int64_t res)
+{
+    bool short_transfer = res > 0 && res < rq->len;
+    if (!short_transfer && res != -EINTR && res != -EAGAIN)
+        return false;
+    if (short_transfer) {
+        account(g, rq->op, (uint64_t)res);
+        rq->off += (uint64_t)res;
+        rq->buf += res;
+        rq->len -= (uint32_t)res;
+    }
+    return queue_request(g, rq, tag) == 0;
+}
+
+static void complete(struct engine *g, const struct vc_io_completion *c)
+{
+    unsigned tag = (unsigned)c->tag;
+    struct request *rq = &g->reqs[tag];
+    unsigned i = rq->slot;
+    struct slot *s = &g->slots[i];
+    int side = rq->op == VC_OP_READ ? VC_SIDE_SRC : VC_SIDE_DST;
+
+    if (!g->status) {
+        if (retry(g, rq, tag, c->res))
+            return;
+        if (c->res < 0)
+            fail(g, (int)-c->res, side, rq->op, rq->off, rq->op == VC_OP_READ ? "read" : "write");
+        else if (c->res == 0)
+            fail(g, EIO, side, rq->op, rq->off,
+                 rq->op == VC_OP_READ ? "read (unexpected end of file)" : "write (no progress)");
+        else
+            account(g, rq->op, rq->len);
+    }
+    release_request(g, tag);
+    /* Stopping, a slot only waits for its requests to come home; it stays busy so that the
+     * watermark of the last checkpoint stays below it. */
+    if (s->in_flight || s->queued || g->status)
+        return;
+    if (s->state == SLOT_READING)
+        process_read(g, i);
+    else
+        finish_slot(g, i);
+}
+
+int reap(struct engine *g, struct vc_io *io, unsigned min, int timeout_ms)
+{
+    int n = io->ops->reap(io, g->completions, g->n_reqs, min, timeout_ms);
+    if (n < 0)
+        return fail(g, -n, VC_SIDE_NONE, VC_OP_NONE, 0, "waiting for I/O");
+    for (int k = 0; k < n; k++)
+        complete(g, &g->completions[k]);
+    return n;
+}

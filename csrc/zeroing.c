@@ -1,0 +1,110 @@
+/* Making ranges of dst read as zeros: the holes of src, and the zero blocks found in what was read.
+ *
+ * Contiguous ranges are merged and settled in pieces of at most ZERO_PIECE: between two pieces a cancel
+ * is seen and, where zeroing writes, the rate limit applies. A range stays pending until its piece
+ * succeeds, so a checkpoint's watermark never passes a range that was not zeroed. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "engine.h"
+
+/* One zeroing call: a punched hole is metadata, but BLKZEROOUT without offload writes every byte, and
+ * 64 MiB of that is about a tenth of a second on a disk: short enough for cancel's 200 ms. */
+#define ZERO_PIECE (64ull << 20)
+
+static bool is_aligned(uint64_t x)
+{
+    return x % VC_ALIGN == 0;
+}
+
+static int write_zeros(struct engine *g, uint64_t off, uint64_t len)
+{
+    const struct vc_endpoint *d = &g->p->dst;
+    /* An aligned range goes through the direct descriptor: a buffered write there could race with
+     * direct writes to the same page. Unaligned ranges only exist while nothing else is in flight. */
+    int fd = (is_aligned(off) && is_aligned(len)) ? d->fd : d->fd_buffered;
+
+    if (!g->zero_buffer) {
+        if (posix_memalign((void **)&g->zero_buffer, VC_ALIGN, VC_CHUNK_SIZE))
+            return fail(g, ENOMEM, VC_SIDE_DST, VC_OP_ZERO, off, "allocating a zero buffer");
+        memset(g->zero_buffer, 0, VC_CHUNK_SIZE);
+    }
+    while (len) {
+        ssize_t n = pwrite(fd, g->zero_buffer, (size_t)VC_MIN(len, (uint64_t)VC_CHUNK_SIZE), (off_t)off);
+        if (n < 0 && (errno == EINTR || errno == EAGAIN))
+            continue;
+        if (n <= 0)
+            return fail(g, n < 0 ? errno : EIO, VC_SIDE_DST, VC_OP_ZERO, off, "writing zeros");
+        off += (uint64_t)n;
+        len -= (uint64_t)n;
+    }
+    return 0;
+}
+
+static int zero_piece(struct engine *g, uint64_t off, uint64_t len)
+{
+    int rc = g->dst_ops->zero(g->p->dst.fd, off, len);
+    if (rc == -EOPNOTSUPP)
+        return write_zeros(g, off, len);
+    if (rc < 0)
+        return fail(g, -rc, VC_SIDE_DST, VC_OP_ZERO, off, "zeroing");
+    return 0;
+}
+
+int zero_flush(struct engine *g)
+{
+    struct zero_range *z = &g->zero_pending;
+    uint64_t piece = g->zeroing_throttled ? g->io_max : ZERO_PIECE;
+
+    while (z->len) {
+        if (stop_requested(g))
+            return -1;
+        uint64_t n = VC_MIN(z->len, piece);
+        int wait = g->zeroing_throttled ? vc_throttle_take(&g->throttle, n) : 0;
+        if (wait) {
+            sleep_ms(VC_MIN(wait, 50));
+            continue;
+        }
+        if (zero_piece(g, z->off, n) < 0)
+            return -1;
+        z->off += n;
+        z->len -= n;
+    }
+    return 0;
+}
+
+/* Regions that must read as zero in dst; contiguous ones are merged. */
+int zero_add(struct engine *g, uint64_t off, uint64_t len)
+{
+    struct zero_range *z = &g->zero_pending;
+    if (!len || !g->has_dst || (g->p->flags & VC_FLAG_DST_IS_ZERO))
+        return 0;
+    if (z->len && z->off + z->len == off) {
+        z->len += len;
+        return 0;
+    }
+    if (zero_flush(g) < 0)
+        return -1;
+    z->off = off;
+    z->len = len;
+    return 0;
+}
+
+/* ---- digests of what needs no read */
+
+const uint8_t *zero_digest(struct engine *g, uint64_t len)
+{
+    return len == VC_CHUNK_SIZE ? g->zero_digest_chunk : g->zero_digest_tail;
+}
+
+void digest_zeros(struct engine *g, uint64_t from, uint64_t to)
+{
+    if (!g->digest)
+        return;
+    for (uint64_t c = from; c < to; c += VC_CHUNK_SIZE) {
+        uint64_t len = VC_MIN((uint64_t)VC_CHUNK_SIZE, g->end - c);
+        memcpy(g->p->chunk_digests + (c / VC_CHUNK_SIZE) * VC_DIGEST_SIZE, zero_digest(g, len), VC_DIGEST_SIZE);
+    }
+}
