@@ -124,7 +124,9 @@ static bool slot_issue(struct engine *g, unsigned i)
 
 static void issue_queue(struct engine *g, unsigned *ring, unsigned *head, unsigned *count)
 {
-    while (*count && !g->status) {
+    /* The sync engine and the page-cache path run each request inside queue(): look for a cancel
+     * between requests, not only between turns of the loop. */
+    while (*count && !stop_requested(g)) {
         if (!slot_issue(g, ring[*head]))
             return;
         *head = (*head + 1) % g->n_slots;

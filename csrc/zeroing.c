@@ -10,9 +10,10 @@
 
 #include "engine.h"
 
-/* One zeroing call: a punched hole is metadata, but BLKZEROOUT without offload writes every byte, and
- * 64 MiB of that is about a tenth of a second on a disk: short enough for cancel's 200 ms. */
-#define ZERO_PIECE (64ull << 20)
+/* One zeroing call: a punched hole is metadata, but BLKZEROOUT without offload writes every byte: 16 MiB
+ * is 80 ms at 200 MB/s, inside cancel's 200 ms. The calls cost little: zeroing all of a 16 GiB loop
+ * device took 0.11-0.22 s in 64 MiB pieces and 0.17-0.22 s in 8 MiB pieces (3 runs each). */
+#define ZERO_PIECE (16ull << 20)
 
 static bool is_aligned(uint64_t x)
 {

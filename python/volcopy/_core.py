@@ -205,23 +205,34 @@ def run(
 def _run_stoppable(params, result, error, stop, cancel: threading.Event | None, keep: list) -> int:
     """vc_copy on its own thread while this one waits in 50 ms steps: a signal's Python handler runs
     only on the main thread between bytecodes, never inside a C call, so the wait is where Ctrl-C lands.
-    Either way the engine sees the stop flag at its next turn and ends (with its checkpoint saved)."""
+    Either way the engine sees the stop flag at its next turn and returns once what it has in flight
+    has completed (its checkpoint saved).
+
+    The wait is on an Event, not Thread.join: a join interrupted by KeyboardInterrupt marks the thread
+    as ended while it still runs (CPython's _wait_for_tstate_lock), and the caller would then close
+    descriptors the engine is still using."""
     outcome = []
+    done = threading.Event()
 
     def call() -> None:  # holds everything the engine points into until it returns
-        outcome.append(lib.vc_copy(params, result, error))
-        keep.clear()
+        try:
+            outcome.append(lib.vc_copy(params, result, error))
+        finally:
+            keep.clear()
+            done.set()
 
-    engine = threading.Thread(target=call, name="volcopy-engine", daemon=True)
-    engine.start()
+    threading.Thread(target=call, name="volcopy-engine", daemon=True).start()
     try:
-        while engine.is_alive():
+        while not done.wait(0.05):
             if cancel is not None and cancel.is_set():
                 stop[0] = 1
-            engine.join(0.05)
     except BaseException:
         stop[0] = 1
-        engine.join()
+        while not done.is_set():
+            try:
+                done.wait()
+            except KeyboardInterrupt:  # again: the engine is stopping already, and must end first
+                pass
         raise
     return outcome[0]
 
