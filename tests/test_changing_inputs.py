@@ -164,8 +164,13 @@ def test_a_checkpoint_taken_at_the_end_keeps_the_last_partial_chunk(workdir):
         time.sleep(0.11)  # every turn of the engine now reports: it sees the end in the loop
 
     with pytest.raises(RuntimeError, match="the final report"):
-        volcopy.copy(workdir / "src.img", workdir / "dst.img", checkpoint=checkpoint, progress=progress,
-                     rate_limit=4 * MiB)
+        volcopy.copy(
+            workdir / "src.img",
+            workdir / "dst.img",
+            checkpoint=checkpoint,
+            progress=progress,
+            rate_limit=4 * MiB,
+        )
     assert checkpoint_resume_offset(str(checkpoint)) == size
 
     result = volcopy.copy(workdir / "src.img", workdir / "dst.img", checkpoint=checkpoint)
@@ -200,7 +205,9 @@ def partitioned_disk(workdir):
     write_partition_table(image, [(MiB, 8 * MiB), (12 * MiB, 8 * MiB)])
     disk = subprocess.run(
         ["losetup", "--direct-io=on", "-P", "--find", "--show", str(image)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     if not os.path.exists(f"{disk}p2"):
         subprocess.run(["partx", "--add", disk], check=True)

@@ -71,8 +71,18 @@ def test_ctrl_c_stops_the_command_with_exit_130(operation, big_disk, loops, work
 def test_ctrl_c_says_where_the_checkpoint_resumes_and_the_same_command_finishes(workdir):
     """The reproduction: SIGINT 1.5 s into `copy --rate 2M` of 16 MiB used to run the copy to the end."""
     content = write_layout(workdir / "src.img", 16 * MiB, [(0, 16 * MiB)], seed=32)
-    args = [sys.executable, "-m", "volcopy.cli", "copy", str(workdir / "src.img"), str(workdir / "dst.img"),
-            "--rate", "2M", "--checkpoint", str(workdir / "copy.ckpt")]
+    args = [
+        sys.executable,
+        "-m",
+        "volcopy.cli",
+        "copy",
+        str(workdir / "src.img"),
+        str(workdir / "dst.img"),
+        "--rate",
+        "2M",
+        "--checkpoint",
+        str(workdir / "copy.ckpt"),
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(2.5)  # past the first checkpoint (every 2 s)
     proc.send_signal(signal.SIGINT)
@@ -178,8 +188,13 @@ def test_cancel_and_progress_reach_a_copy_of_unaligned_extents(slow_disk, workdi
 
     started = time.monotonic()
     with pytest.raises(volcopy.Cancelled):
-        volcopy.copy(device.path, workdir / "dst.img", extents=extents, cancel=cancel,
-                     progress=lambda done, total: reports.append(done))
+        volcopy.copy(
+            device.path,
+            workdir / "dst.img",
+            extents=extents,
+            cancel=cancel,
+            progress=lambda done, total: reports.append(done),
+        )
     stopped = time.monotonic() - started - 1.0
 
     print(f"cancel latency on unaligned extents: {stopped * 1000:.0f} ms, {len(reports)} progress reports")

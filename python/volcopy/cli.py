@@ -48,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--verify", action="store_true", help="read DST back and compare digests")
     c.add_argument("--rate", type=_size, help="bytes per second, e.g. 200M")
     c.add_argument("--checkpoint", help="file recording progress, to resume after a crash")
+    c.add_argument(
+        "--dst-id",
+        help="a stable id of DST (e.g. its Cinder volume id): the checkpoint resumes onto it "
+        "when it comes back under another device name",
+    )
     c.add_argument("--json", action="store_true", help="print the result as JSON")
 
     d = commands.add_parser("digest", help="print the volume digest of PATH")
@@ -112,6 +117,7 @@ def _copy(args: argparse.Namespace) -> int:
         verify=args.verify,
         rate_limit=args.rate,
         checkpoint=args.checkpoint,
+        dst_id=args.dst_id,
         progress=bar,
     )
     if bar:
