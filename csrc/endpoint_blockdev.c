@@ -1,6 +1,8 @@
-/* Block devices: no holes to ask about (zero detection decides), zeroing through BLKZEROOUT, which the
- * device may offload (a loop device turns it into a fallocate of its backing file). */
+/* Block devices: no holes to ask about (zero detection decides), zeroing that keeps a thin device thin
+ * where it can (see blockdev_zero). */
 #include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
 #include <linux/fs.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
@@ -15,13 +17,21 @@ static int blockdev_next_data(int fd, uint64_t off, uint64_t end, uint64_t *star
     return 0;
 }
 
+/* First a punched hole: on a block device it is a write-zeroes request that may unmap and never falls
+ * back to writing (a thin device stays thin, and the zeros are guaranteed, unlike a plain discard); a
+ * device without it refuses. Then BLKZEROOUT, which may write zeros but never unmaps: a loop device
+ * turns it into FALLOC_FL_ZERO_RANGE of its file, which stays allocated. */
 static int blockdev_zero(int fd, uint64_t off, uint64_t len)
 {
     uint64_t range[2] = {off, len};
 
-    /* BLKZEROOUT wants 512-byte sectors; an unaligned tail is written as zeros by the caller. */
+    /* Both want whole 512-byte sectors; an unaligned tail is written as zeros by the caller. */
     if (off % 512 || len % 512)
         return -EOPNOTSUPP;
+    if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
+        return 0;
+    if (errno != EOPNOTSUPP && errno != EINVAL && errno != ENOTTY)
+        return -errno;
     if (ioctl(fd, BLKZEROOUT, range) == 0)
         return 0;
     return (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOTTY) ? -EOPNOTSUPP : -errno;

@@ -60,6 +60,14 @@ static int uring_init(struct vc_io *io, const struct vc_io_setup *setup, struct 
         return vc_fail(error, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "io_uring_queue_init: %s%s", strerror(-rc),
                        rc == -EPERM ? " (io_uring is disabled by kernel.io_uring_disabled)" : "");
     }
+    /* Before 5.11 a wait with a timeout submits a timeout entry itself, and with it whatever waits in
+     * the submission queue: the count of what was submitted would be wrong. */
+    if (!(p.features & IORING_FEAT_EXT_ARG)) {
+        io_uring_queue_exit(&s->ring);
+        free(s);
+        return vc_fail(error, EOPNOTSUPP, VC_SIDE_NONE, VC_OP_SETUP, 0,
+                       "io_uring: the kernel is older than 5.11 (no IORING_FEAT_EXT_ARG)");
+    }
     s->unsubmitted = calloc(entries, sizeof(*s->unsubmitted));
     s->failed = calloc(VC_MAX(entries, setup->max_inflight), sizeof(*s->failed));
     if (!s->unsubmitted || !s->failed) {

@@ -169,10 +169,10 @@ static void process_read(struct engine *g, unsigned i)
     for (unsigned k = 0; k < n_reads; k++) {
         uint64_t off = reads[k].off, end = off + reads[k].len;
         uint64_t zero_run = off, zero_run_len = 0;
-        /* The gap before this read is a hole of src: zeros in the buffer (for the hash), in dst too. */
+        /* The gap before this read is a hole of src: zeros in the buffer (for the hash, and for a write
+         * that add_op merges over it past MAX_OPS), in dst too. */
         if (off > at) {
-            if (g->digest)
-                memset(s->buf + (at - s->start), 0, off - at);
+            memset(s->buf + (at - s->start), 0, off - at);
             g->r->bytes_skipped += off - at;
             zero_add(g, at, off - at);
         }

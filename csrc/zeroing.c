@@ -86,8 +86,11 @@ int zero_add(struct engine *g, uint64_t off, uint64_t len)
         z->len += len;
         return 0;
     }
-    if (zero_flush(g) < 0)
+    if (zero_flush(g) < 0) {
+        /* The new range is dropped, and it may lie below the one that failed or is pending. */
+        g->fail_floor = VC_MIN(g->fail_floor, off);
         return -1;
+    }
     z->off = off;
     z->len = len;
     return 0;

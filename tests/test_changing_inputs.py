@@ -242,3 +242,16 @@ def test_two_partitions_of_one_disk_do_not_overlap(partitioned_disk):
 def test_the_file_under_a_partitioned_loop_device_overlaps_its_partitions(partitioned_disk, workdir):
     with pytest.raises(volcopy.InvalidRequest, match="share bytes"):
         volcopy.copy(workdir / "disk.img", f"{partitioned_disk}p2", length=4 * MiB)
+
+
+@needs_root_for_loop
+@pytest.mark.parametrize("direction", ["onto the device under it", "onto the loop device over it"])
+def test_a_loop_device_over_a_device_overlaps_it(direction, loops):
+    under = loops.create(8 * MiB, garbage=True)
+    over = loops.attach(under)
+    src, dst = (over, under) if direction == "onto the device under it" else (under, over)
+    before = read_all(dst)
+
+    with pytest.raises(volcopy.InvalidRequest, match="share bytes"):
+        volcopy.copy(src, dst)
+    assert read_all(dst) == before

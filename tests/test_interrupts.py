@@ -21,7 +21,7 @@ import pytest
 from nbd_devices import nbd_devices  # noqa: F401 - a fixture
 
 import volcopy
-from conftest import MiB, read_all, reference_digest, write_layout
+from conftest import ENGINES, MiB, read_all, reference_digest, write_layout
 from volcopy._core import checkpoint_resume_offset
 
 LATENCY = 0.2  # the promise: stopped within 200 ms
@@ -133,14 +133,17 @@ def test_keyboard_interrupt_reaches_the_caller(operation, progress, big_disk, lo
         assert not (workdir / "dst.img").exists(), "without a checkpoint the file it created is removed"
 
 
-def test_cancel_without_a_rate_limit_stops_a_copy_within_200_ms(big_disk, workdir):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_cancel_without_a_rate_limit_stops_a_copy_within_200_ms(engine, big_disk, workdir):
     cancel = threading.Event()
     timer = threading.Timer(0.5, cancel.set)
     timer.start()
 
     started = time.monotonic()
     with pytest.raises(volcopy.Cancelled):
-        volcopy.copy(big_disk, workdir / "dst.img", cancel=cancel, checkpoint=workdir / "copy.ckpt")
+        volcopy.copy(
+            big_disk, workdir / "dst.img", engine=engine, cancel=cancel, checkpoint=workdir / "copy.ckpt"
+        )
     stopped = time.monotonic() - started - 0.5
 
     print(f"cancel latency: {stopped * 1000:.0f} ms")
@@ -148,7 +151,8 @@ def test_cancel_without_a_rate_limit_stops_a_copy_within_200_ms(big_disk, workdi
     assert 0 < checkpoint_resume_offset(str(workdir / "copy.ckpt")) < 8 << 30
 
 
-def test_cancel_stops_a_copy_that_is_only_zeroing(nbd_devices, workdir):  # noqa: F811
+@pytest.mark.parametrize("engine", ENGINES)
+def test_cancel_stops_a_copy_that_is_only_zeroing(engine, nbd_devices, workdir):  # noqa: F811
     """src is all hole and dst a slow disk (it writes every zero): the whole copy is zeroing dst, 16 MiB
     a call. (Without a checkpoint: with one, the time also holds the flush its save needs.)"""
     device = nbd_devices.faulty(256 * MiB)
@@ -164,12 +168,12 @@ def test_cancel_stops_a_copy_that_is_only_zeroing(nbd_devices, workdir):  # noqa
 
     started = time.monotonic()
     with pytest.raises(volcopy.Cancelled):
-        volcopy.copy(workdir / "src.img", device.path, cancel=cancel)
+        volcopy.copy(workdir / "src.img", device.path, engine=engine, cancel=cancel)
     stopped = time.monotonic() - started - 0.3
 
     print(f"cancel latency while zeroing: {stopped * 1000:.0f} ms")
     assert stopped < LATENCY
-    zeroed = [r for r in device.requests() if r.op == "zero"]
+    zeroed = [r for r in device.requests() if r.op in ("zero", "trim")]
     assert 0 < len(zeroed) < 16, "it was zeroing dst, and stopped before the end"
     device.heal()
     result = volcopy.copy(workdir / "src.img", device.path)
@@ -177,7 +181,8 @@ def test_cancel_stops_a_copy_that_is_only_zeroing(nbd_devices, workdir):  # noqa
     assert read_all(device.path, 256 * MiB) == bytes(256 * MiB)
 
 
-def test_cancel_and_progress_reach_a_copy_of_unaligned_extents(slow_disk, workdir):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_cancel_and_progress_reach_a_copy_of_unaligned_extents(engine, slow_disk, workdir):
     """Unaligned extents go through the page cache one at a time; each turn of that path reports and
     sees a cancel too."""
     device, _content = slow_disk
@@ -191,6 +196,7 @@ def test_cancel_and_progress_reach_a_copy_of_unaligned_extents(slow_disk, workdi
         volcopy.copy(
             device.path,
             workdir / "dst.img",
+            engine=engine,
             extents=extents,
             cancel=cancel,
             progress=lambda done, total: reports.append(done),

@@ -212,29 +212,38 @@ def _run_stoppable(params, result, error, stop, cancel: threading.Event | None, 
     as ended while it still runs (CPython's _wait_for_tstate_lock), and the caller would then close
     descriptors the engine is still using."""
     outcome = []
-    done = threading.Event()
+    entered, done = threading.Event(), threading.Event()
 
     def call() -> None:  # holds everything the engine points into until it returns
+        entered.set()
         try:
             outcome.append(lib.vc_copy(params, result, error))
         finally:
             keep.clear()
             done.set()
 
-    threading.Thread(target=call, name="volcopy-engine", daemon=True).start()
     try:
+        threading.Thread(target=call, name="volcopy-engine", daemon=True).start()
         while not done.wait(0.05):
             if cancel is not None and cancel.is_set():
                 stop[0] = 1
     except BaseException:
-        stop[0] = 1
-        while not done.is_set():
-            try:
-                done.wait()
-            except KeyboardInterrupt:  # again: the engine is stopping already, and must end first
-                pass
+        # Interrupted inside start(), the thread may or may not exist: one that does enters at once.
+        if entered.is_set() or entered.wait(1.0):
+            wait_for_engine(done, stop)
         raise
     return outcome[0]
+
+
+def wait_for_engine(done: threading.Event, stop) -> None:
+    """After a KeyboardInterrupt: stop the engine and wait until it has let go of every buffer and
+    descriptor; a second Ctrl-C only makes it wait again."""
+    stop[0] = 1
+    while not done.is_set():
+        try:
+            done.wait()
+        except BaseException:  # noqa: BLE001 - the engine must end before anything is freed
+            stop[0] = 1
 
 
 def _exception(rc: int, error, src: Endpoint, dst: Endpoint | None, checkpoint: str | None) -> Exception:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from . import copier
 from .digest import digest, verify
-from .errors import Cancelled, VerifyError, VolcopyError
+from .errors import Cancelled, CheckpointError, VerifyError, VolcopyError
 from .progress_bar import ProgressBar
 from .units import format_size, parse_size
 
@@ -182,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except VerifyError as exc:
         print(f"volcopy: verify failed: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except CheckpointError as exc:
+        print(f"volcopy: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except (VolcopyError, OSError) as exc:
         print(f"volcopy: error: {exc}{_where_it_resumes(args)}", file=sys.stderr)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Union
 from . import _core
 from .digest import first_difference, first_difference_in_extents, hash_volume
 from .errors import CheckpointError, EngineUnavailable, InvalidRequest, VerifyError
-from .volume import Volume, VolumeSpec, describe, destination_overlaps, open_destination, open_source
+from .volume import Volume, VolumeSpec, describe, open_destination, open_source, overlaps
 
 DEFAULT_BLOCK_SIZE = 1 << 20
 # 32 MiB in flight: in the sweep (benchmarks/results/sweep.md, 5 interleaved rounds) every point with
@@ -188,7 +188,7 @@ def copy(
             raise InvalidRequest(
                 f"length {length} lies beyond the end of source {source.name} ({source.size} bytes)"
             )
-        if source.identities & destination_overlaps(dst):
+        if overlaps(source, dst):
             raise InvalidRequest(
                 f"source {source.name} and destination {describe(dst)} are the same volume or share bytes "
                 "(a partition and its disk, a device and one built on it, a loop device and its file)"

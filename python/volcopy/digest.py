@@ -106,7 +106,7 @@ def verify(src: VolumeSpec, dst: VolumeSpec, *, length: int | None = None) -> No
         # Both sides at once: the engine releases the GIL, so the two reads overlap. A failure or a Ctrl-C
         # on one side stops the other.
         results: dict = {}
-        stop = threading.Event()
+        stop, dst_done = threading.Event(), threading.Event()
 
         def hash_into(key: str, volume: Volume) -> None:
             try:
@@ -115,14 +115,23 @@ def verify(src: VolumeSpec, dst: VolumeSpec, *, length: int | None = None) -> No
                 results[key] = exc
                 stop.set()
 
-        worker = threading.Thread(target=hash_into, args=("dst", target))
-        worker.start()
+        def hash_dst() -> None:
+            try:
+                hash_into("dst", target)
+            finally:
+                dst_done.set()
+
+        threading.Thread(target=hash_dst).start()
         hash_into("src", source)
         try:
-            worker.join()
-        except BaseException:  # a Ctrl-C while waiting for dst
+            dst_done.wait()
+        except BaseException:  # a Ctrl-C while waiting for dst: stop it, and let it end before closing
             stop.set()
-            worker.join()
+            while not dst_done.is_set():
+                try:
+                    dst_done.wait()
+                except BaseException:  # noqa: BLE001 - dst's engine must end first
+                    pass
             raise
         failures = [v for v in results.values() if isinstance(v, BaseException)]
         if failures:  # the cause, not the Cancelled it caused on the other side

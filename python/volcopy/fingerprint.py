@@ -1,11 +1,14 @@
 """What a checkpoint must match to be resumed: src and its state, dst's identity, and the request.
 
 - src: which volume, and for a file its size, modification and change times, so that a src edited
-  between two runs is not resumed over. A block device has no such times: its identity and size.
+  between two runs is not resumed over (for a loop device, those of its file). Another block device
+  has no such times: its identity and size.
 - dst: an identity that survives a re-attach, since os-brick may attach the same volume again under
   another /dev name: for a file its inode with its generation and birth time (a file deleted and
   created again may get the same inode number, not the same generation or birth); for a device its
-  WWN or serial, or for a loop device its backing file; or an id the caller passes (Cinder's volume id).
+  WWN, serial or dm/md uuid, or for a loop device its backing file; or an id the caller passes
+  (Cinder's volume id). A device with none of these is known by its number and diskseq: another
+  volume attached there later is refused, and so is a re-attach (pass dst_id for that).
 - the request: length and extents.
 """
 
@@ -51,48 +54,60 @@ def _birth_time(fd: int) -> tuple[int, int] | None:
     return sec, nsec
 
 
-def _file_identity(path_or_fd) -> tuple:
-    fd = os.open(path_or_fd, os.O_RDONLY | os.O_CLOEXEC) if isinstance(path_or_fd, str) else path_or_fd
-    try:
-        st = os.fstat(fd)
-        return ("file", st.st_dev, st.st_ino, _generation(fd), _birth_time(fd))
-    finally:
-        if isinstance(path_or_fd, str):
-            os.close(fd)
+def _file_identity(fd: int) -> tuple:
+    st = os.fstat(fd)
+    generation, birth = _generation(fd), _birth_time(fd)
+    if generation is None and birth is None:  # nothing else tells two files of one inode number apart
+        return ("file", st.st_dev, st.st_ino)
+    # st_dev is left out where it can: it may change across a remount (btrfs subvolumes, NFS)
+    return ("file", st.st_ino, generation, birth)
 
 
-def _device_identity(rdev: int) -> tuple:
+def _file_state(fd: int) -> tuple:
+    st = os.fstat(fd)
+    return (_file_identity(fd), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _device_identity(rdev: int, with_state: bool) -> tuple:
+    """A disk by its WWN, serial or dm/md uuid; a loop device by its backing file (and, for a src,
+    that file's state); otherwise its device number and diskseq, which a later attach never repeats
+    (so a re-attach there is refused: the safe side)."""
     d = block_device_dir(rdev)
     if d is None:
         return ("blockdev", rdev)
     partition = read_attribute(os.path.join(d, "partition"))
     disk = os.path.dirname(d) if partition else d
     where = (partition, read_attribute(os.path.join(d, "start")))
-    for name in ("wwid", "device/wwid", "device/serial", "serial"):
+    for name in ("wwid", "device/wwid", "device/serial", "serial", "dm/uuid", "md/uuid"):
         value = read_attribute(os.path.join(disk, name))
         if value:
             return ("device", name, value, where)
     backing = loop_backing_file(disk)
     if backing:
         try:
-            offset = read_attribute(os.path.join(disk, "loop", "offset"))
-            return ("loop", _file_identity(backing), offset, where)
+            fd = os.open(backing, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
-            pass
-    return ("blockdev", rdev)
+            fd = -1
+        if fd >= 0:
+            try:
+                identity = _file_state(fd) if with_state else _file_identity(fd)
+            finally:
+                os.close(fd)
+            return ("loop", identity, read_attribute(os.path.join(disk, "loop", "offset")), where)
+    return ("blockdev", rdev, read_attribute(os.path.join(disk, "diskseq")), where)
 
 
 def fingerprints(source: Volume, target: Volume, length: int, extents, dst_id: str | None) -> Fingerprints:
     src_st = os.fstat(source.fd_buffered)
     if stat.S_ISREG(src_st.st_mode):
-        src = (_file_identity(source.fd_buffered), src_st.st_size, src_st.st_mtime_ns, src_st.st_ctime_ns)
+        src = _file_state(source.fd_buffered)
     else:
-        src = (_device_identity(src_st.st_rdev), source.size)
+        src = (_device_identity(src_st.st_rdev, with_state=True), source.size)
     if dst_id is not None:
         dst = ("id", dst_id)
     else:
         dst_st = os.fstat(target.fd_buffered)
         is_file = stat.S_ISREG(dst_st.st_mode)
-        dst = _file_identity(target.fd_buffered) if is_file else _device_identity(dst_st.st_rdev)
+        dst = _file_identity(target.fd_buffered) if is_file else _device_identity(dst_st.st_rdev, False)
     request = (length, extents.tobytes() if extents is not None else None)
     return Fingerprints(src=_hash(*src), dst=_hash(*dst), request=_hash(*request))

@@ -104,22 +104,31 @@ def _below(d: str) -> list[str]:
 
 
 def _above(d: str) -> list[str]:
-    """What a device is built on: the disk of a partition, the devices under a dm or md device."""
+    """What a device is built on: the disk of a partition, the devices under a dm or md device, the
+    device under a loop device over a device."""
     up = [os.path.dirname(d)] if os.path.exists(os.path.join(d, "partition")) else []
-    return up + [os.path.realpath(os.path.join(d, "slaves", s)) for s in _listdir(os.path.join(d, "slaves"))]
+    up += [os.path.realpath(os.path.join(d, "slaves", s)) for s in _listdir(os.path.join(d, "slaves"))]
+    backing = _stat(loop_backing_file(d))
+    if backing and stat.S_ISBLK(backing.st_mode):
+        up += [x for x in [block_device_dir(backing.st_rdev)] if x]
+    return up
 
 
 def loop_backing_file(sysfs_dir: str) -> str | None:
     return read_attribute(os.path.join(sysfs_dir, "loop", "backing_file"))
 
 
-def _loop_backing(sysfs_dir: str) -> set:
-    backing = loop_backing_file(sysfs_dir)
+def _stat(path: str | None) -> os.stat_result | None:
     try:
-        st = os.stat(backing) if backing else None
+        return os.stat(path) if path else None
     except OSError:
-        return set()
-    return {("inode", st.st_dev, st.st_ino)} if st else set()
+        return None
+
+
+def _loop_backing(sysfs_dir: str) -> set:
+    """The backing file of a loop device, as an identity (a device under it is in _above)."""
+    st = _stat(loop_backing_file(sysfs_dir))
+    return {("inode", st.st_dev, st.st_ino)} if st and stat.S_ISREG(st.st_mode) else set()
 
 
 def _identities(st: os.stat_result) -> frozenset:
@@ -240,13 +249,16 @@ def open_source(spec: VolumeSpec, direct="auto") -> Volume:
         raise
 
 
-def destination_overlaps(spec: VolumeSpec) -> frozenset:
-    """The identities of every volume sharing bytes with dst, without opening or creating it (empty when
-    it does not exist yet): a source among them would be overwritten while it is read."""
+def overlaps(source: Volume, spec: VolumeSpec) -> bool:
+    """Whether dst (not opened or created: it may not exist yet) shares bytes with source, which would
+    then be overwritten while it is read. Each side is checked against what overlaps the other: one
+    side alone cannot see every relation (nothing lists the loop devices built on a device)."""
     try:
-        return _overlapping(os.stat(_path_of(spec, "destination")))
+        dst = os.stat(_path_of(spec, "destination"))
     except FileNotFoundError:
-        return frozenset()
+        return False
+    src = os.fstat(source.fd_buffered)
+    return bool(source.identities & _overlapping(dst) or _identities(dst) & _overlapping(src))
 
 
 def open_destination(spec: VolumeSpec, length: int, direct="auto") -> Volume:
