@@ -141,66 +141,79 @@ void issue(struct engine *g)
     issue_queue(g, g->read_queue, &g->rq_head, &g->rq_count);
 }
 
-/* A run of zero blocks found in a read: zeroed in dst when long (or when dst is not written at all),
- * written as data when short. */
-static void settle_zero_run(struct engine *g, struct slot *s, uint64_t off, uint64_t len)
+/* A run of a unit that must read as zeros in dst: holes of src (never read) and zero blocks read from
+ * it, merged where they touch. */
+struct zeros {
+    uint64_t off, len;
+    uint64_t found;   /* bytes of it that were read and found zero */
+    bool data_before; /* the unit had data before it */
+};
+
+static void zeros_extend(struct zeros *z, uint64_t off, uint64_t len, bool found)
 {
-    if (!len)
-        return;
-    if (len >= ZERO_RUN_MIN || !g->has_dst || (g->p->flags & VC_FLAG_DST_IS_ZERO)) {
-        g->r->bytes_zero += len;
-        zero_add(g, off, len);
-    } else {
-        add_op(s, off, len);
-    }
+    if (!z->len)
+        z->off = off;
+    z->len += len;
+    z->found += found ? len : 0;
 }
 
-/* All reads of a slot are in: zero-scan and hash in one pass over the buffer, then queue the writes. */
+/* The run ends, at data or at the end of the unit. A short run between data is written as data: the
+ * buffer holds its zeros already, and a zeroing call of its own would cost more and fragment dst. */
+static void zeros_settle(struct engine *g, struct slot *s, struct zeros *z, bool data_follows)
+{
+    if (!z->len)
+        return;
+    bool write = data_follows && z->data_before && z->len < ZERO_RUN_MIN && g->has_dst &&
+                 !(g->p->flags & VC_FLAG_DST_IS_ZERO);
+    if (write) {
+        add_op(s, z->off, z->len);
+    } else {
+        g->r->bytes_zero += z->found;
+        zero_add(g, z->off, z->len);
+    }
+    z->len = z->found = 0;
+}
+
+/* All reads of a slot are in: zero-scan and hash in one pass over the buffer, then queue the writes.
+ * The holes between reads are zeroed in the buffer too: for the hash, and for writes that cross them
+ * (short runs written as data, or add_op merging past MAX_OPS). */
 static void process_read(struct engine *g, unsigned i)
 {
     struct slot *s = &g->slots[i];
     struct extent reads[MAX_OPS];
     unsigned n_reads = s->n_ops;
     uint64_t chunk_has_data = 0; /* bit per chunk of the unit; a unit has at most 64 chunks */
-    uint64_t at = s->start;
+    uint64_t at = s->start, unit_end = s->start + s->len;
+    struct zeros z = {0};
 
     memcpy(reads, s->ops, n_reads * sizeof(reads[0]));
     s->n_ops = 0;
-    for (unsigned k = 0; k < n_reads; k++) {
-        uint64_t off = reads[k].off, end = off + reads[k].len;
-        uint64_t zero_run = off, zero_run_len = 0;
-        /* The gap before this read is a hole of src: zeros in the buffer (for the hash, and for a write
-         * that add_op merges over it past MAX_OPS), in dst too. */
+    for (unsigned k = 0; k <= n_reads; k++) {
+        /* the hole before this read, or after the last one (explicit extents have no holes) */
+        uint64_t off = k < n_reads ? reads[k].off : g->p->extents ? at : unit_end;
+        uint64_t end = k < n_reads ? off + reads[k].len : off;
         if (off > at) {
             memset(s->buf + (at - s->start), 0, off - at);
             g->r->bytes_skipped += off - at;
-            zero_add(g, at, off - at);
+            zeros_extend(&z, at, off - at, false);
         }
         while (off < end) {
             uint64_t granule_end = VC_MIN(VC_ROUND_DOWN(off, VC_ALIGN) + VC_ALIGN, end);
             uint64_t n = granule_end - off;
             if (g->sparse && vc_zero_check(s->buf + (off - s->start), n)) {
-                if (!zero_run_len)
-                    zero_run = off;
-                zero_run_len += n;
+                zeros_extend(&z, off, n, true);
             } else {
-                settle_zero_run(g, s, zero_run, zero_run_len);
-                zero_run_len = 0;
+                zeros_settle(g, s, &z, true);
+                z.data_before = true;
                 chunk_has_data |= 1ull << ((off - s->start) / VC_CHUNK_SIZE);
                 if (g->has_dst)
                     add_op(s, off, n);
             }
             off = granule_end;
         }
-        settle_zero_run(g, s, zero_run, zero_run_len);
         at = end;
     }
-    if (at < s->start + s->len && !g->p->extents) {
-        if (g->digest)
-            memset(s->buf + (at - s->start), 0, s->start + s->len - at);
-        g->r->bytes_skipped += s->start + s->len - at;
-        zero_add(g, at, s->start + s->len - at);
-    }
+    zeros_settle(g, s, &z, false);
     if (g->digest) {
         for (uint64_t c = s->start; c < s->start + s->len; c += VC_CHUNK_SIZE) {
             uint64_t len = VC_MIN((uint64_t)VC_CHUNK_SIZE, s->start + s->len - c);
