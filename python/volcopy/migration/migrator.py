@@ -388,8 +388,12 @@ class Migrator:
             if 2 * done >= total:
                 failpoint("mid-copy")
 
+        # Cinder's volume id knows dst again when os-brick attaches it under another device name.
+        dst_id = m.dst_key if m.dst_key.startswith("volume:") else None
         with self._step(m, "copy", f"{m.src_key} -> {m.dst_key}"):
-            result = copier.copy(src, dst, checkpoint=m.checkpoint, progress=report, cancel=cancel, **options)
+            result = copier.copy(
+                src, dst, checkpoint=m.checkpoint, dst_id=dst_id, progress=report, cancel=cancel, **options
+            )
         self._set(
             m,
             bytes_done=result.size,
