@@ -30,6 +30,7 @@ from conftest import MiB, needs_root_for_loop
 BLOCK = 4096
 INITIAL = 0xA5  # every block of the volume starts with this byte
 TOKEN = "test-token-0123456789abcdef"
+REQUEST_TIMEOUT = 3  # seconds a connection may send nothing
 QEMU = shutil.which("qemu-system-x86_64")
 BUSYBOX = shutil.which("busybox")
 KERNELS = sorted(glob.glob("/boot/vmlinuz-*"))
@@ -327,6 +328,9 @@ class Agent:
                     "tokens": [TOKEN],
                     "state_db": str(workdir / "agent.sqlite"),
                     "overlay_dir": str(workdir / "overlays"),
+                    "allowed_connectors": ["local"],
+                    "allowed_device_prefixes": ["/dev/loop"],
+                    "request_timeout": REQUEST_TIMEOUT,
                     "servers": servers,
                 }
             )

@@ -15,6 +15,7 @@ import pytest
 import volcopy
 from compute_harness import (
     DST_ATT,
+    REQUEST_TIMEOUT,
     SERVER,
     SIZE,
     SRC_ATT,
@@ -26,7 +27,13 @@ from compute_harness import (
     wait_state,
 )
 from conftest import read_all
-from volcopy.compute import ComputeConflict, ComputeNotFound, ComputeUnauthorized, NovaCompute
+from volcopy.compute import (
+    ComputeConflict,
+    ComputeForbidden,
+    ComputeNotFound,
+    ComputeUnauthorized,
+    NovaCompute,
+)
 
 pytestmark = needs_guest
 
@@ -255,3 +262,75 @@ def test_agent_restarted_while_fenced_still_knows_and_completes(workdir, guest, 
         assert volcopy.digest(src) == digest_at_start, "src was written after its fence"
     finally:
         agent.stop()
+
+
+def test_complete_attaches_only_an_allowed_large_enough_new_volume(workdir, guest, volumes, loops):
+    """complete must not give the guest a device of the host's choosing: a connector or a device path
+    the agent's configuration does not allow is 403; a new volume smaller than src, or an attachment
+    id in use, is 409; each leaves the migration fenced, and the guest keeps writing to its overlay,
+    which only root may read."""
+    src, dst = volumes
+    other = {"qdev": "none", "node": "none", "volume": "/dev/null"}
+    entry = server_entry(guest, SRC_ATT)
+    entry["attachments"]["att-in-use"] = other
+    agent = Agent(workdir, {SERVER: entry})
+    agent.start()
+    try:
+        compute = NovaCompute(endpoint=agent.url, token=TOKEN)
+        guest.start_writer()
+        compute.migration_start(SERVER, SRC_ATT)
+        overlay = next((workdir / "overlays").iterdir())
+        assert (overlay.stat().st_mode & 0o777, (workdir / "overlays").stat().st_mode & 0o777) == (
+            0o600,
+            0o700,
+        )
+        small = loops.create(SIZE // 2)
+        refusals = [
+            (local("/dev/vda"), DST_ATT, ComputeForbidden, "lies outside the paths"),
+            (local("/dev/loop0/../vda"), DST_ATT, ComputeForbidden, "/dev/vda lies outside"),
+            ({"driver_volume_type": "nfs", "data": {}}, DST_ATT, ComputeForbidden, "'nfs' is not allowed"),
+            (local(small), DST_ATT, ComputeConflict, f"fewer than the {SIZE}"),
+            (local(dst), "att-in-use", ComputeConflict, "att-in-use exists already"),
+        ]
+        for connection_info, new_id, error, message in refusals:
+            with pytest.raises(error, match=message):
+                compute.migration_complete(SERVER, SRC_ATT, new_id, connection_info)
+            assert compute.migration_state(SERVER, SRC_ATT)["state"] == "fenced"
+
+        compute.migration_cancel(SERVER, SRC_ATT)
+        wait_state(compute, "cancelled")
+        guest.stop_writer()
+        assert guest.errors == [] and guest.io_status_ok()
+        guest.check_guest_reads_model()
+    finally:
+        agent.stop()
+
+
+def raw_http(agent, request: bytes, timeout: float = 10) -> bytes:
+    """Sends bytes as they are and reads until the agent closes the connection."""
+    import socket
+
+    host, port = agent.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(request)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+        return answer
+
+
+def test_the_transport_refuses_bad_lengths_large_bodies_and_silent_connections(agent):
+    head = (
+        f"POST /servers/{SERVER}/action HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {TOKEN}\r\n"
+        "OpenStack-API-Version: compute 2.97\r\nConnection: close\r\n"
+    )
+    negative = raw_http(agent, (head + "Content-Length: -1\r\n\r\n").encode())
+    assert negative.startswith(b"HTTP/1.1 400") and b"invalid Content-Length '-1'" in negative
+
+    status, body = raw(agent, "POST", f"/servers/{SERVER}/action", b"{" + b" " * (64 * 1024) + b"}")
+    assert status == 413 and "at most 65536 bytes" in body["requestEntityTooLarge"]["message"]
+
+    started = time.monotonic()
+    silent = raw_http(agent, b"")  # connects, sends nothing
+    closed_after = time.monotonic() - started
+    assert silent == b"" and REQUEST_TIMEOUT <= closed_after < REQUEST_TIMEOUT + 2

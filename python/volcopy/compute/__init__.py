@@ -6,7 +6,14 @@ compute side built on QEMU. docs/compute-api.md is the REST reference.
 
 from .api import State
 from .client import NovaCompute
-from .errors import ComputeBadRequest, ComputeConflict, ComputeError, ComputeNotFound, ComputeUnauthorized
+from .errors import (
+    ComputeBadRequest,
+    ComputeConflict,
+    ComputeError,
+    ComputeForbidden,
+    ComputeNotFound,
+    ComputeUnauthorized,
+)
 
 __all__ = [
     "NovaCompute",
@@ -16,4 +23,5 @@ __all__ = [
     "ComputeUnauthorized",
     "ComputeNotFound",
     "ComputeConflict",
+    "ComputeForbidden",
 ]

@@ -24,6 +24,12 @@ class ComputeUnauthorized(ComputeError):
     status = 401
 
 
+class ComputeForbidden(ComputeError):
+    """403: the agent's configuration does not allow it (a connector, a device path)."""
+
+    status = 403
+
+
 class ComputeNotFound(ComputeError):
     status = 404
 
@@ -35,5 +41,6 @@ class ComputeConflict(ComputeError):
 
 
 BY_STATUS = {
-    cls.status: cls for cls in (ComputeBadRequest, ComputeUnauthorized, ComputeNotFound, ComputeConflict)
+    cls.status: cls
+    for cls in (ComputeBadRequest, ComputeUnauthorized, ComputeForbidden, ComputeNotFound, ComputeConflict)
 }

@@ -9,18 +9,19 @@ import sys
 import threading
 
 from .config import AgentConfig, load
-from .handoff import Handoff
+from .handoff import DstPolicy, Handoff
 from .http import AgentHTTPServer
 from .state import StateStore
 
 
 def serve(config: AgentConfig) -> None:
     """Runs until SIGTERM or SIGINT. Prints the address it listens on (useful with port 0)."""
-    os.makedirs(config.overlay_dir, exist_ok=True)
+    os.makedirs(config.overlay_dir, mode=0o700, exist_ok=True)
     store = StateStore(config.state_db)
-    handoff = Handoff(config.servers, store, config.overlay_dir)
+    policy = DstPolicy(config.allowed_connectors, config.allowed_device_prefixes)
+    handoff = Handoff(config.servers, store, config.overlay_dir, policy)
     handoff.recover()
-    server = AgentHTTPServer((config.host, config.port), handoff, config.tokens)
+    server = AgentHTTPServer((config.host, config.port), handoff, config.tokens, config.request_timeout)
     host, port = server.server_address[:2]
     print(f"volcopy compute-agent listening on http://{host}:{port}", flush=True)
 

@@ -5,6 +5,9 @@
       "tokens": ["a-long-random-token"],
       "state_db": "/var/lib/volcopy/compute-agent.sqlite",
       "overlay_dir": "/var/lib/volcopy/overlays",
+      "allowed_connectors": ["iscsi", "fibre_channel", "nvmeof", "rbd"],
+      "allowed_device_prefixes": ["/dev/disk/by-id/"],
+      "request_timeout": 30,
       "servers": {
         "SERVER_ID": {
           "qmp": "/run/volcopy/SERVER_ID.qmp",
@@ -15,6 +18,12 @@
 
 ``qdev`` is the id of the guest's disk device, ``node`` the block node holding the volume (the
 device's drive), ``volume`` its path on this host.
+
+complete attaches the new volume only through ``allowed_connectors`` (os-brick protocols; the default is
+the four above); a "local" connection_info's device_path (normalised: no "..") must start with one of
+``allowed_device_prefixes`` (default: none, so "local" is refused unless configured): otherwise a caller
+could give a guest any device of this host. ``request_timeout`` (seconds, default 30) closes a
+connection that sends nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ import json
 from dataclasses import dataclass
 
 from .handoff import ServerConfig
+
+DEFAULT_CONNECTORS = ["iscsi", "fibre_channel", "nvmeof", "rbd"]
 
 
 class ConfigError(ValueError):
@@ -37,6 +48,9 @@ class AgentConfig:
     state_db: str
     overlay_dir: str
     servers: dict[str, ServerConfig]
+    allowed_connectors: list[str]
+    allowed_device_prefixes: list[str]
+    request_timeout: float
 
 
 def _require(mapping: dict, key: str, kind, where: str):
@@ -45,6 +59,13 @@ def _require(mapping: dict, key: str, kind, where: str):
         raise ConfigError(
             f"{where}: '{key}' must be a {kind.__name__ if isinstance(kind, type) else 'value'}"
         )
+    return value
+
+
+def _strings(raw: dict, key: str, default: list[str], path: str) -> list[str]:
+    value = raw.get(key, default)
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{path}: '{key}' must be a list of strings")
     return value
 
 
@@ -75,4 +96,14 @@ def load(path: str) -> AgentConfig:
         state_db=_require(raw, "state_db", str, path),
         overlay_dir=_require(raw, "overlay_dir", str, path),
         servers=servers,
+        allowed_connectors=_strings(raw, "allowed_connectors", DEFAULT_CONNECTORS, path),
+        allowed_device_prefixes=_strings(raw, "allowed_device_prefixes", [], path),
+        request_timeout=_timeout(raw, path),
     )
+
+
+def _timeout(raw: dict, path: str) -> float:
+    value = raw.get("request_timeout", 30)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{path}: 'request_timeout' must be a positive number of seconds")
+    return float(value)

@@ -17,9 +17,9 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass
 
-from ...attach import attach
+from ...attach import Attached, attach, detach
 from ..api import State
-from ..errors import ComputeConflict, ComputeNotFound
+from ..errors import ComputeConflict, ComputeForbidden, ComputeNotFound
 from . import qemu
 from .qemu import QemuError, QemuNotRunning, Qmp
 from .state import Attachment, Migration, StateStore
@@ -33,6 +33,37 @@ FENCING = "fencing"  # internal: the fence is being set; the API shows it as "no
 class ServerConfig:
     qmp: str
     attachments: dict[str, dict]  # attachment id -> {"qdev", "node", "volume"}
+
+
+@dataclass
+class DstPolicy:
+    """What complete may attach: os-brick protocols, and where a "local" device may lie."""
+
+    connectors: list[str]
+    device_prefixes: list[str]  # "/dev/disk/by-id/" is a directory; "/dev/loop" any loop device
+
+    def check(self, connection_info: dict) -> None:
+        protocol = connection_info.get("driver_volume_type")
+        if protocol not in self.connectors:
+            raise ComputeForbidden(
+                f"connector {protocol!r} is not allowed by this compute agent (allowed: "
+                f"{', '.join(self.connectors) or 'none'})"
+            )
+        if protocol == "local":
+            path = os.path.normpath(str(connection_info.get("data", {}).get("device_path", "")))
+            if not any(path.startswith(prefix) for prefix in self.device_prefixes):
+                raise ComputeForbidden(
+                    f"device path {path} lies outside the paths this compute agent may attach "
+                    f"({', '.join(self.device_prefixes) or 'none are configured'})"
+                )
+
+
+def _size(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
 
 
 def _names(m: Migration) -> dict[str, str]:
@@ -58,9 +89,12 @@ def _fsync_volume(path: str) -> None:
 
 
 class Handoff:
-    def __init__(self, servers: dict[str, ServerConfig], store: StateStore, overlay_dir: str):
+    def __init__(
+        self, servers: dict[str, ServerConfig], store: StateStore, overlay_dir: str, policy: DstPolicy
+    ):
         self.store = store
         self.overlay_dir = overlay_dir
+        self.policy = policy
         self.qmp = {server_id: Qmp(cfg.qmp) for server_id, cfg in servers.items()}
         self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         self._locks_lock = threading.Lock()
@@ -256,10 +290,10 @@ class Handoff:
                 raise ComputeConflict(
                     f"the migration of attachment {attachment_id} was not started ({state})"
                 )
-            try:
-                dst = attach(connection_info)
-            except Exception as exc:  # noqa: BLE001 - os-brick raises many kinds
-                raise ComputeConflict(f"cannot attach the new volume: {exc}") from None
+            if self.store.attachment(new_attachment_id) is not None:
+                raise ComputeConflict(f"attachment {new_attachment_id} exists already: choose a new id")
+            self.policy.check(connection_info)
+            dst = self._attach_dst(connection_info, self.store.attachment(attachment_id))
             m.new_attachment_id, m.dst_path = new_attachment_id, dst.path
             m.state = State.COMPLETING.value
             self.store.put_migration(m)
@@ -275,6 +309,20 @@ class Handoff:
                 raise ComputeConflict(m.reason) from None
         self._background(self._converge_complete, attachment_id)
         return m
+
+    def _attach_dst(self, connection_info: dict, src: Attachment) -> Attached:
+        """dst, attached, and at least as large as src: a smaller one cannot hold the guest's disk."""
+        try:
+            dst = attach(connection_info)
+        except Exception as exc:  # noqa: BLE001 - os-brick raises many kinds
+            raise ComputeConflict(f"cannot attach the new volume: {exc}") from None
+        dst_size, src_size = _size(dst.path), _size(src.volume_path)
+        if dst_size < src_size:
+            detach(dst)
+            raise ComputeConflict(
+                f"the new volume holds {dst_size} bytes, fewer than the {src_size} of the volume it replaces"
+            )
+        return dst
 
     def _replace_attachment(self, m: Migration) -> None:
         old = self.store.attachment(m.attachment_id)

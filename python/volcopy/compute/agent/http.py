@@ -28,6 +28,7 @@ _ATTACHMENTS = re.compile(r"^/servers/([^/]+)/os-volume_attachments$")
 _FAULTS = {
     400: "badRequest",
     401: "unauthorized",
+    403: "forbidden",
     404: "itemNotFound",
     406: "notAcceptable",
     409: "conflictingRequest",
@@ -100,9 +101,12 @@ class Handler(BaseHTTPRequestHandler):
             )
 
     def _body(self):
-        length = int(self.headers.get("Content-Length") or 0)
+        value = self.headers.get("Content-Length") or "0"
+        if not value.isdigit():  # a negative length would read until the client closes
+            raise ApiError(400, f"invalid Content-Length {value!r}")
+        length = int(value)
         if length > MAX_BODY:
-            raise ApiError(413, "request body too large")
+            raise ApiError(413, f"request body too large: at most {MAX_BODY} bytes")
         try:
             return json.loads(self.rfile.read(length) or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -120,9 +124,9 @@ class Handler(BaseHTTPRequestHandler):
             self._error(400, str(exc))
         except ComputeError as exc:  # the same errors the client raises for these statuses
             self._error(exc.status or 500, str(exc))
-        except Exception as exc:  # noqa: BLE001 - a fault of ours: 500, logged
-            log.exception("request failed")
-            self._error(500, f"internal error: {exc}")
+        except Exception:  # noqa: BLE001 - a fault of ours: 500, logged; its text may hold paths or secrets
+            log.exception("request failed: %s %s", method, self.path)
+            self._error(500, "internal error of the compute agent; its log has the details")
 
     def _route(self, method: str) -> tuple[int, dict]:
         handoff = self.server.handoff
@@ -157,7 +161,10 @@ class Handler(BaseHTTPRequestHandler):
 class AgentHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], handoff: Handoff, tokens: list[str]):
-        super().__init__(address, Handler)
+    def __init__(self, address: tuple[str, int], handoff: Handoff, tokens: list[str], request_timeout: float):
+        # A connection that sends nothing (or too slowly) is closed after request_timeout: it would
+        # otherwise hold its thread for ever.
+        handler = type("TimedHandler", (Handler,), {"timeout": request_timeout})
+        super().__init__(address, handler)
         self.handoff = handoff
         self.tokens = tokens

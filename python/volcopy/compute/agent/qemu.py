@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import subprocess
 import threading
 import time
@@ -146,6 +147,9 @@ def add_overlay(qmp: Qmp, overlay_path: str, file_node: str, node: str, size: in
     if node in existing:
         return
     if file_node not in existing:
+        # The guest's writes land here: readable by root alone (qemu-img keeps an existing file's mode).
+        os.close(os.open(overlay_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        os.chmod(overlay_path, 0o600)
         subprocess.run(
             ["qemu-img", "create", "-q", "-f", "qcow2", overlay_path, str(size)],
             check=True,
