@@ -339,13 +339,15 @@ class Agent:
         self.url = ""
         self.log = workdir / "agent.log"
 
-    def start(self) -> None:
+    def start(self, env: dict | None = None) -> None:
+        """env: the agent's environment (a fault shim's, for one)."""
         log = open(self.log, "a")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "volcopy.cli", "compute-agent", "--config", str(self.config)],
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
+            env=env,
         )
         line = self.process.stdout.readline()
         match = re.search(r"listening on (http://\S+)", line)

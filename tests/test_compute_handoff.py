@@ -11,6 +11,7 @@ import time
 import urllib.request
 
 import pytest
+from faultshim import fault_env, injections
 
 import volcopy
 from compute_harness import (
@@ -334,3 +335,29 @@ def test_the_transport_refuses_bad_lengths_large_bodies_and_silent_connections(a
     silent = raw_http(agent, b"")  # connects, sends nothing
     closed_after = time.monotonic() - started
     assert silent == b"" and REQUEST_TIMEOUT <= closed_after < REQUEST_TIMEOUT + 2
+
+
+def test_a_fence_that_fails_after_the_snapshot_is_merged_back_never_deleted(workdir, guest, volumes):
+    """The agent's fsync of src after the snapshot fails (LD_PRELOAD): the overlay is in the disk's chain
+    by then and holds the guest's writes since. start answers 409 and leaves the guest on src with every
+    write; the overlay was merged back before it was removed (it used to be unlinked under the guest)."""
+    src, _dst = volumes
+    agent = Agent(workdir, {SERVER: server_entry(guest, SRC_ATT)})
+    agent.start(env=fault_env("fsync", nth=1, errno="EIO", path=src, log=workdir / "faults.log"))
+    try:
+        compute = NovaCompute(endpoint=agent.url, token=TOKEN)
+        guest.start_writer()
+        time.sleep(0.3)
+        with pytest.raises(ComputeConflict, match="cannot suspend writes"):
+            compute.migration_start(SERVER, SRC_ATT)
+        assert [i.call for i in injections(workdir / "faults.log")] == ["fsync"]
+        assert compute.migration_state(SERVER, SRC_ATT)["state"] == "none"
+        time.sleep(0.3)
+        guest.stop_writer()
+        assert guest.errors == [] and guest.io_status_ok()
+        guest.check_guest_reads_model()
+        assert list((workdir / "overlays").iterdir()) == []
+        guest.stop()
+        assert read_all(src) == guest.model, "a write the guest made between snapshot and failure is lost"
+    finally:
+        agent.stop()

@@ -185,7 +185,14 @@ class Handoff:
             try:
                 self._fence(m, a)
             except (QemuError, OSError) as exc:
-                self._unfence_leftovers(m)
+                left = self._take_down_fence(m, a)
+                if left:
+                    self._fail(
+                        m,
+                        f"cannot suspend writes ({exc}), and the fence could not be taken down: {left}; "
+                        f"the guest's writes since are in {m.overlay_path}",
+                    )
+                    raise ComputeConflict(m.reason) from None
                 m.state, m.reason = previous, f"cannot suspend writes: {exc}"
                 self.store.put_migration(m)
                 raise ComputeConflict(m.reason) from None
@@ -204,14 +211,37 @@ class Handoff:
         m.state = State.FENCED.value
         self.store.put_migration(m)
 
+    def _take_down_fence(self, m: Migration, a: Attachment) -> str | None:
+        """A fence that failed half-way, taken down from what the node graph shows: an overlay already
+        in the disk's chain holds the guest's writes since the snapshot, so it is merged back into src
+        before anything of it goes. Returns why it could not be (the overlay then stays), or None."""
+        qmp, names = self.qmp[m.server_id], _names(m)
+        try:
+            if qemu.top_node(qmp, a.qdev) == names["overlay"]:
+                qemu.commit_active(qmp, names["job"], names["overlay"])
+            top = qemu.top_node(qmp, a.qdev)
+        except QemuError as exc:
+            return f"merging the overlay back into src failed: {exc}"
+        if top != a.node:
+            return f"the disk is on node {top}, not on src's {a.node}"
+        self._unfence_leftovers(m)
+        return None
+
     def _unfence_leftovers(self, m: Migration) -> None:
-        """Overlay nodes and file that a fence left behind while not in the disk's chain."""
+        """Overlay nodes and file that a fence left behind while not in the disk's chain. The file goes
+        only once QEMU has let go of its nodes: while a node uses it, it may hold the guest's writes."""
         names, qmp = _names(m), self.qmp[m.server_id]
         try:
             for node in (names["overlay"], names["overlay_file"]):
                 qemu.delete_node(qmp, node)
         except QemuError as exc:
-            log.warning("could not delete overlay nodes of %s: %s", m.attachment_id, exc)
+            log.warning(
+                "could not delete overlay nodes of %s, so its file %s stays: %s",
+                m.attachment_id,
+                m.overlay_path,
+                exc,
+            )
+            return
         if m.overlay_path and os.path.exists(m.overlay_path):
             os.unlink(m.overlay_path)
 
