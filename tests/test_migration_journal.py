@@ -132,3 +132,18 @@ def test_only_one_process_takes_over_a_migration(journal_url):
     assert journal.take_over(m.id, "test:1:1", "host:2:5") is True
     assert journal.take_over(m.id, "test:1:1", "host:3:7") is False, "a second recoverer saw the old owner"
     assert journal.get(m.id).owner == "host:2:5"
+
+
+def test_a_volume_key_never_holds_the_secrets_of_its_connection_info():
+    """The key of a volume without a volume_id is shown (migrations list, step targets): a hash of its
+    connection_info, never its auth_password; the same volume gets the same key."""
+    from volcopy.migration.volumes import VolumeRef
+
+    info = {"driver_volume_type": "iscsi", "data": {"target_iqn": "iqn.x", "auth_password": "s3cret-pw"}}
+    key = VolumeRef(connection_info=info).key
+
+    assert "s3cret-pw" not in key and key.startswith("iscsi:")
+    same = {"driver_volume_type": "iscsi", "data": {"auth_password": "s3cret-pw", "target_iqn": "iqn.x"}}
+    assert VolumeRef(connection_info=same).key == key
+    other = {"driver_volume_type": "iscsi", "data": {"target_iqn": "iqn.y", "auth_password": "s3cret-pw"}}
+    assert VolumeRef(connection_info=other).key != key

@@ -6,6 +6,7 @@ detached afterwards whatever happens. The journal stores the spec, so recover() 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -76,7 +77,10 @@ class VolumeRef:
             return "volume:" + str(data["volume_id"])
         if self.connection_info["driver_volume_type"] == "local" and data.get("device_path"):
             return "path:" + os.path.realpath(data["device_path"])
-        return self.connection_info["driver_volume_type"] + ":" + json.dumps(data, sort_keys=True)
+        # A hash, not the data: connection_info may hold auth_password or keys, and the key is shown
+        # (migrations list, step targets).
+        canonical = json.dumps(data, sort_keys=True).encode()
+        return self.connection_info["driver_volume_type"] + ":" + hashlib.sha256(canonical).hexdigest()
 
     def __str__(self) -> str:
         if self.path:
