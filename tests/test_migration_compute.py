@@ -185,6 +185,7 @@ def test_a_multi_attached_volume_is_fenced_everywhere_before_the_copy(workdir, s
             ("start", "server-a/att-a"),
             ("start", "server-b/att-b"),
             ("copy", f"path:{src} -> path:{dst}"),
+            ("verify", dst),
             ("complete", "server-a/att-a"),
             ("complete", "server-b/att-b"),
         ]

@@ -48,7 +48,10 @@ def add_parsers(commands, size_type) -> None:
     m.add_argument("--journal", help=journal_help)
     m.add_argument("--checkpoint-dir", help="for the copy's checkpoint (default: beside a SQLite journal)")
     m.add_argument(
-        "--verify", action="store_true", help="read DST back and compare digests before completing"
+        "--no-verify",
+        action="store_true",
+        help="do not read DST back before completing (the copy's digests are then compared with "
+        "themselves: a write the disk lost goes unseen)",
     )
     m.add_argument("--rate", type=size_type, help="bytes per second, e.g. 200M")
     m.add_argument("--engine", choices=["auto", "io_uring", "aio", "sync", "threads"])
@@ -152,7 +155,7 @@ def migrate(args) -> int:
             _volume(args.src),
             _volume(args.dst),
             attachments=attachments or None,
-            verify=args.verify,
+            verify=not args.no_verify,
             progress=bar,
             **options,
         )

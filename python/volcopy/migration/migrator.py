@@ -134,7 +134,7 @@ class Migrator:
         dst,
         attachments: Sequence[Attachment] | None = None,
         *,
-        verify: bool = False,
+        verify: bool = True,
         clone: Callable[[str, str], bool] | None = None,
         progress: Callable[[int, int], None] | None = None,
         **copy_options,
@@ -143,7 +143,9 @@ class Migrator:
 
         src, dst: paths or Cinder connection_info. attachments: every attachment of src as
         (server_id, src_attachment_id, dst_attachment_id); None for a detached volume (no compute
-        call is made). verify: read dst back and compare digests before completing. clone: a
+        call is made). verify: read dst back and compare its digest with src's before completing
+        (the default); False compares the digests the copy computed from what it wrote, which proves
+        nothing about what dst holds (a write the disk lost, a clone gone wrong). clone: a
         driver's own clone, called as clone(src_path, dst_path) -> bool (False: copy instead).
         progress(done, total) is called about ten times a second during a copy. copy_options go to
         volcopy.copy (engine, block_size, queue_depth, direct, sparse, dst_is_zero, rate_limit).
