@@ -318,7 +318,7 @@ class Guest:
 class Agent:
     """``volcopy compute-agent`` in a subprocess, on a free port of 127.0.0.1."""
 
-    def __init__(self, workdir: Path, servers: dict):
+    def __init__(self, workdir: Path, servers: dict, **settings):
         self.workdir = workdir
         self.config = workdir / "agent.json"
         self.config.write_text(
@@ -331,8 +331,10 @@ class Agent:
                     "allowed_connectors": ["local"],
                     "allowed_device_prefixes": ["/dev/loop"],
                     "request_timeout": REQUEST_TIMEOUT,
+                    "overlay_min_free": 16 * MiB,
                     "servers": servers,
                 }
+                | settings
             )
         )
         self.process: subprocess.Popen | None = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 import urllib.request
 
@@ -27,7 +28,7 @@ from compute_harness import (
     server_entry,
     wait_state,
 )
-from conftest import read_all
+from conftest import MiB, read_all
 from volcopy.compute import (
     ComputeConflict,
     ComputeForbidden,
@@ -361,3 +362,24 @@ def test_a_fence_that_fails_after_the_snapshot_is_merged_back_never_deleted(work
         assert read_all(src) == guest.model, "a write the guest made between snapshot and failure is lost"
     finally:
         agent.stop()
+
+
+def test_start_is_refused_when_the_overlay_directory_is_short_of_space(workdir, guest, volumes):
+    """The overlay directory on a 32 MiB tmpfs, 64 MiB required free: start answers 409 with the reason
+    and sets no fence (it used to answer 500 and stay "fencing" when the overlay could not be made)."""
+    overlays = workdir / "small"
+    overlays.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(overlays)], check=True)
+    agent = Agent(
+        workdir, {SERVER: server_entry(guest, SRC_ATT)}, overlay_dir=str(overlays), overlay_min_free=64 * MiB
+    )
+    try:
+        agent.start()
+        compute = NovaCompute(endpoint=agent.url, token=TOKEN)
+        with pytest.raises(ComputeConflict, match=r"has \d+ bytes free, less than the 67108864 configured"):
+            compute.migration_start(SERVER, SRC_ATT)
+        assert compute.migration_state(SERVER, SRC_ATT)["state"] == "none"
+        assert list(overlays.iterdir()) == []
+    finally:
+        agent.stop()
+        subprocess.run(["umount", "-l", str(overlays)], check=False)

@@ -19,7 +19,7 @@ def serve(config: AgentConfig) -> None:
     os.makedirs(config.overlay_dir, mode=0o700, exist_ok=True)
     store = StateStore(config.state_db)
     policy = DstPolicy(config.allowed_connectors, config.allowed_device_prefixes)
-    handoff = Handoff(config.servers, store, config.overlay_dir, policy)
+    handoff = Handoff(config.servers, store, config.overlay_dir, policy, config.overlay_min_free)
     handoff.recover()
     server = AgentHTTPServer((config.host, config.port), handoff, config.tokens, config.request_timeout)
     host, port = server.server_address[:2]

@@ -8,6 +8,7 @@
       "allowed_connectors": ["iscsi", "fibre_channel", "nvmeof", "rbd"],
       "allowed_device_prefixes": ["/dev/disk/by-id/"],
       "request_timeout": 30,
+      "overlay_min_free": 1073741824,
       "servers": {
         "SERVER_ID": {
           "qmp": "/run/volcopy/SERVER_ID.qmp",
@@ -23,7 +24,9 @@ complete attaches the new volume only through ``allowed_connectors`` (os-brick p
 the four above); a "local" connection_info's device_path (normalised: no "..") must start with one of
 ``allowed_device_prefixes`` (default: none, so "local" is refused unless configured): otherwise a caller
 could give a guest any device of this host. ``request_timeout`` (seconds, default 30) closes a
-connection that sends nothing.
+connection that sends nothing. start refuses to fence while ``overlay_dir`` has less than
+``overlay_min_free`` bytes free (default 1 GiB): the guest's writes go there until complete or cancel,
+and a full overlay pauses the guest.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class AgentConfig:
     allowed_connectors: list[str]
     allowed_device_prefixes: list[str]
     request_timeout: float
+    overlay_min_free: int
 
 
 def _require(mapping: dict, key: str, kind, where: str):
@@ -99,7 +103,15 @@ def load(path: str) -> AgentConfig:
         allowed_connectors=_strings(raw, "allowed_connectors", DEFAULT_CONNECTORS, path),
         allowed_device_prefixes=_strings(raw, "allowed_device_prefixes", [], path),
         request_timeout=_timeout(raw, path),
+        overlay_min_free=_bytes(raw, "overlay_min_free", 1 << 30, path),
     )
+
+
+def _bytes(raw: dict, key: str, default: int, path: str) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{path}: '{key}' must be a number of bytes")
+    return value
 
 
 def _timeout(raw: dict, path: str) -> float:

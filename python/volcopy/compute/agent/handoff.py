@@ -58,6 +58,11 @@ class DstPolicy:
                 )
 
 
+def _free_bytes(directory: str) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
 def _size(path: str) -> int:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -90,11 +95,17 @@ def _fsync_volume(path: str) -> None:
 
 class Handoff:
     def __init__(
-        self, servers: dict[str, ServerConfig], store: StateStore, overlay_dir: str, policy: DstPolicy
+        self,
+        servers: dict[str, ServerConfig],
+        store: StateStore,
+        overlay_dir: str,
+        policy: DstPolicy,
+        overlay_min_free: int,
     ):
         self.store = store
         self.overlay_dir = overlay_dir
         self.policy = policy
+        self.overlay_min_free = overlay_min_free
         self.qmp = {server_id: Qmp(cfg.qmp) for server_id, cfg in servers.items()}
         self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         self._locks_lock = threading.Lock()
@@ -176,6 +187,12 @@ class Handoff:
                 m.state, m.offline, m.overlay_path = State.FENCED.value, True, None
                 self.store.put_migration(m)
                 return m
+            free = _free_bytes(self.overlay_dir)
+            if free < self.overlay_min_free:
+                raise ComputeConflict(
+                    f"cannot suspend writes: the overlay directory has {free} bytes free, less than the "
+                    f"{self.overlay_min_free} configured (overlay_min_free)"
+                )
             m.offline = False
             m.overlay_path = os.path.join(
                 self.overlay_dir, f"{server_id}-{attachment_id}-{m.generation}.qcow2"
