@@ -75,7 +75,7 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class Fingerprints:
-    """What a checkpoint must match to be resumed (see volume.py for what each covers)."""
+    """What a checkpoint must match to be resumed (fingerprint.py says what each covers)."""
 
     src: int
     dst: int
@@ -135,8 +135,9 @@ def run(
     cancel: threading.Event | None = None,
 ) -> NativeResult:
     """Runs one copy (or, without dst, one digest) in the engine, on a thread of its own: this thread
-    waits for it, so a KeyboardInterrupt (Ctrl-C) reaches the caller within 50 ms; it stops the engine
-    and is raised again. Setting ``cancel`` stops it with Cancelled. The GIL is released meanwhile."""
+    waits for it, so a KeyboardInterrupt (Ctrl-C) stops the engine within 50 ms and is raised again once
+    what was in flight has completed. Setting ``cancel`` stops it with Cancelled. The GIL is released
+    meanwhile."""
     p = ffi.new("struct vc_copy_params *")
     keep = []  # cdata that must outlive the call
     p.src.fd, p.src.fd_buffered, p.src.kind, p.src.direct = src.fd, src.fd_buffered, src.kind, src.direct
@@ -230,12 +231,12 @@ def _run_stoppable(params, result, error, stop, cancel: threading.Event | None, 
     except BaseException:
         # Interrupted inside start(), the thread may or may not exist: one that does enters at once.
         if entered.is_set() or entered.wait(1.0):
-            wait_for_engine(done, stop)
+            _wait_for_engine(done, stop)
         raise
     return outcome[0]
 
 
-def wait_for_engine(done: threading.Event, stop) -> None:
+def _wait_for_engine(done: threading.Event, stop) -> None:
     """After a KeyboardInterrupt: stop the engine and wait until it has let go of every buffer and
     descriptor; a second Ctrl-C only makes it wait again."""
     stop[0] = 1

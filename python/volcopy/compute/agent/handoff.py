@@ -236,11 +236,11 @@ class Handoff:
         try:
             if qemu.top_node(qmp, a.qdev) == names["overlay"]:
                 qemu.commit_active(qmp, names["job"], names["overlay"])
-            top = qemu.top_node(qmp, a.qdev)
+                top = qemu.top_node(qmp, a.qdev)
+                if top != a.node:
+                    return f"after the merge the disk is on node {top}, not on src's {a.node}"
         except QemuError as exc:
             return f"merging the overlay back into src failed: {exc}"
-        if top != a.node:
-            return f"the disk is on node {top}, not on src's {a.node}"
         self._unfence_leftovers(m)
         return None
 
