@@ -109,7 +109,7 @@ struct vc_error {
     char message[256];
 };
 
-/* Copy (or, with dst.fd < 0, hash) a volume. -ECANCELED when progress asked to stop. */
+/* Copy (or, with dst.fd < 0, hash) a volume. -ECANCELED when *cancel was set or progress asked to stop. */
 int vc_copy(const struct vc_copy_params *params, struct vc_copy_result *result, struct vc_error *error);
 
 /* 0 when the engine can run here; otherwise -errno and the reason in error->message. */
