@@ -291,6 +291,7 @@ def test_complete_attaches_only_an_allowed_large_enough_new_volume(workdir, gues
             (local("/dev/vda"), DST_ATT, ComputeForbidden, "lies outside the paths"),
             (local("/dev/loop0/../vda"), DST_ATT, ComputeForbidden, "/dev/vda lies outside"),
             ({"driver_volume_type": "nfs", "data": {}}, DST_ATT, ComputeForbidden, "'nfs' is not allowed"),
+            (local("/dev/loop-missing"), DST_ATT, ComputeConflict, "new volume"),
             (local(small), DST_ATT, ComputeConflict, f"fewer than the {SIZE}"),
             (local(dst), "att-in-use", ComputeConflict, "att-in-use exists already"),
         ]

@@ -363,7 +363,11 @@ class Handoff:
             dst = attach(connection_info)
         except Exception as exc:  # noqa: BLE001 - os-brick raises many kinds
             raise ComputeConflict(f"cannot attach the new volume: {exc}") from None
-        dst_size, src_size = _size(dst.path), _size(src.volume_path)
+        try:
+            dst_size, src_size = _size(dst.path), _size(src.volume_path)
+        except OSError as exc:
+            detach(dst)
+            raise ComputeConflict(f"cannot open the new volume {dst.path}: {exc.strerror}") from None
         if dst_size < src_size:
             detach(dst)
             raise ComputeConflict(
