@@ -166,6 +166,15 @@ def _kind(st: os.stat_result, name: str, role: str) -> int:
     raise InvalidRequest(f"{role} {name} is {what}, not a volume")
 
 
+def size_of(path: str) -> int:
+    """The size of a volume given by path: a file's length, a device's capacity."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
 def _size(fd: int, st: os.stat_result) -> int:
     return st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(fd, 0, os.SEEK_END)
 

@@ -24,6 +24,7 @@ from .. import copier
 from ..compute.errors import ComputeConflict, ComputeError, ComputeNotFound
 from ..digest import digest
 from ..errors import Cancelled, InvalidRequest, VolcopyError
+from ..volume import size_of
 from . import journal as j
 from .clone import can_clone, clone_file
 from .errors import JournalError, MigrationCancelled, MigrationConflict, MigrationError
@@ -343,7 +344,7 @@ class Migrator:
                 if verify or path == "driver-clone":  # a driver's clone is not taken on trust
                     with self._step(m, "verify", str(dst_ref)):
                         src_digest = src_digest or digest(src)
-                        dst_digest = digest(dst, length=_size_of(src))
+                        dst_digest = digest(dst, length=size_of(src))
                 failpoint("after-copy")
         except JournalError:
             raise  # nothing can be recorded: recover() goes on from what was
@@ -472,14 +473,6 @@ class Migrator:
         _remove(m.checkpoint)
         if raise_after:
             raise MigrationCancelled(f"migration {m.id} cancelled: {reason}", m.id, reason)
-
-
-def _size_of(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
 
 
 def _remove(path: str | None) -> None:

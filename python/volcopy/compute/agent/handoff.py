@@ -18,6 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from ...attach import Attached, attach, detach
+from ...volume import size_of
 from ..api import State
 from ..errors import ComputeConflict, ComputeForbidden, ComputeNotFound
 from . import qemu
@@ -61,14 +62,6 @@ class DstPolicy:
 def _free_bytes(directory: str) -> int:
     st = os.statvfs(directory)
     return st.f_bavail * st.f_frsize
-
-
-def _size(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
 
 
 def _names(m: Migration) -> dict[str, str]:
@@ -364,7 +357,7 @@ class Handoff:
         except Exception as exc:  # noqa: BLE001 - os-brick raises many kinds
             raise ComputeConflict(f"cannot attach the new volume: {exc}") from None
         try:
-            dst_size, src_size = _size(dst.path), _size(src.volume_path)
+            dst_size, src_size = size_of(dst.path), size_of(src.volume_path)
         except OSError as exc:
             detach(dst)
             raise ComputeConflict(f"cannot open the new volume {dst.path}: {exc.strerror}") from None
