@@ -140,6 +140,7 @@ class Guest:
         self.workdir, self.name, self.volume, self.size, self.shared = workdir, name, volume, size, shared
         self.node, self.qdev = f"vol-{name}", f"disk-{name}"
         self.agent_socket = str(workdir / f"{name}-agent.qmp")
+        self.pidfile = str(workdir / f"{name}-qemu.pid")
         self.test_socket = str(workdir / f"{name}-test.qmp")
         self.console_socket = str(workdir / f"{name}-console.sock")
         self.log = workdir / f"{name}-qemu.log"
@@ -178,6 +179,8 @@ class Guest:
             "-m",
             "256",
             "-no-reboot",
+            "-pidfile",
+            self.pidfile,
             "-kernel",
             KERNEL,
             "-initrd",
@@ -376,6 +379,7 @@ class Agent:
 def server_entry(guest: Guest, attachment_id: str) -> dict:
     return {
         "qmp": guest.agent_socket,
+        "pidfile": guest.pidfile,
         "attachments": {attachment_id: {"qdev": guest.qdev, "node": guest.node, "volume": guest.volume}},
     }
 

@@ -1,11 +1,13 @@
 """The client the Cinder side uses to call the three compute calls (keystoneauth1).
 
     compute = NovaCompute(endpoint="http://compute:8774", token="...")   # or session=<keystone session>
-    compute.migration_start(server_id, attachment_id)
-    compute.migration_complete(server_id, attachment_id, new_attachment_id, connection_info)
+    fence = compute.migration_start(server_id, attachment_id)
+    compute.migration_complete(server_id, attachment_id, new_attachment_id, connection_info,
+                               fence["generation"])
 
 Every call is idempotent by contract (a repeated start or complete answers 200, cancel is always a
-202), so connection failures and 502/503/504 are retried for all of them; 4xx never are.
+202), so connection failures and 502/503/504 are retried for all of them; 4xx never are. cancel and
+complete carry the generation start returned, the fencing token: a stale one is a ComputeConflict.
 """
 
 from __future__ import annotations
@@ -95,14 +97,21 @@ class NovaCompute:
         """Returns once nothing writes to the attachment's volume; ComputeConflict if that cannot be."""
         return self._action(server_id, api.START, {"attachment_id": attachment_id})
 
-    def migration_cancel(self, server_id: str, attachment_id: str) -> dict:
-        """Returns at once; migration_state() shows when the cancel has finished."""
-        return self._action(server_id, api.CANCEL, {"attachment_id": attachment_id})
+    def migration_cancel(self, server_id: str, attachment_id: str, generation: int) -> dict:
+        """Returns at once; migration_state() shows when the cancel has finished. generation: what
+        migration_start returned (a stale one is a ComputeConflict)."""
+        return self._action(server_id, api.CANCEL, {"attachment_id": attachment_id, "generation": generation})
 
     def migration_complete(
-        self, server_id: str, attachment_id: str, new_attachment_id: str, connection_info: dict
+        self,
+        server_id: str,
+        attachment_id: str,
+        new_attachment_id: str,
+        connection_info: dict,
+        generation: int,
     ) -> dict:
-        """Returns once the guest does its I/O on the new volume."""
+        """Returns once the guest does its I/O on the new volume (state "completing": its writes since
+        the fence are still being merged into it; poll migration_state() until "completed")."""
         return self._action(
             server_id,
             api.COMPLETE,
@@ -110,6 +119,7 @@ class NovaCompute:
                 "attachment_id": attachment_id,
                 "new_attachment_id": new_attachment_id,
                 "connection_info": connection_info,
+                "generation": generation,
             },
         )
 

@@ -9,8 +9,9 @@ import sys
 import threading
 
 from .config import AgentConfig, load
-from .handoff import DstPolicy, Handoff
+from .handoff import Handoff
 from .http import AgentHTTPServer
+from .policy import DstPolicy
 from .state import StateStore
 
 

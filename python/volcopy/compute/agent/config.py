@@ -12,6 +12,7 @@
       "servers": {
         "SERVER_ID": {
           "qmp": "/run/volcopy/SERVER_ID.qmp",
+          "pidfile": "/run/volcopy/SERVER_ID.pid",
           "attachments": {"ATTACHMENT_ID": {"qdev": "disk0", "node": "vol0", "volume": "/dev/sdb"}}
         }
       }
@@ -92,7 +93,11 @@ def load(path: str) -> AgentConfig:
         for attachment_id, a in attachments.items():
             for key in ("qdev", "node", "volume"):
                 _require(a, key, str, f"{where} attachment {attachment_id}")
-        servers[server_id] = ServerConfig(qmp=_require(server, "qmp", str, where), attachments=attachments)
+        servers[server_id] = ServerConfig(
+            qmp=_require(server, "qmp", str, where),
+            pidfile=_require(server, "pidfile", str, where),
+            attachments=attachments,
+        )
     return AgentConfig(
         host=host,
         port=int(port),

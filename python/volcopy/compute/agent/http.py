@@ -135,18 +135,20 @@ class Handler(BaseHTTPRequestHandler):
             action, args = api.parse_action(self._body())
             server_id = match.group(1)
             if action == api.START:
-                m = handoff.start(server_id, args["attachment_id"])
-                return 200, {"volume_migration": m.view()}
+                return 200, {"volume_migration": handoff.start(server_id, args["attachment_id"])}
             if action == api.CANCEL:
-                m = handoff.cancel(server_id, args["attachment_id"])
-                return 202, {"volume_migration": m.view()}
-            m = handoff.complete(
-                server_id, args["attachment_id"], args["new_attachment_id"], args["connection_info"]
+                view = handoff.cancel(server_id, args["attachment_id"], args["generation"])
+                return 202, {"volume_migration": view}
+            view = handoff.complete(
+                server_id,
+                args["attachment_id"],
+                args["new_attachment_id"],
+                args["connection_info"],
+                args["generation"],
             )
-            return 200, {"volume_migration": m.view()}
+            return 200, {"volume_migration": view}
         if method == "GET" and (match := _MIGRATION.match(path)):
-            m = handoff.state(match.group(1), match.group(2))
-            return 200, {"volume_migration": m.view()}
+            return 200, {"volume_migration": handoff.view(match.group(1), match.group(2))}
         if method == "GET" and (match := _ATTACHMENTS.match(path)):
             return 200, {"volumeAttachments": handoff.attachments(match.group(1))}
         raise ApiError(404, f"no such resource: {method} {path}")
