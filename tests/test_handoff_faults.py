@@ -12,6 +12,7 @@ import subprocess
 import time
 
 import pytest
+from nbd_devices import nbd_devices
 
 import volcopy
 from compute_harness import (
@@ -29,7 +30,6 @@ from compute_harness import (
     wait_state,
 )
 from conftest import MiB, read_all
-from nbd_devices import nbd_devices
 from volcopy.compute import ComputeConflict, ComputeError, NovaCompute
 
 pytestmark = needs_guest
