@@ -135,9 +135,13 @@ class Guest:
     """A real Linux guest in QEMU with one virtio-blk disk on a raw volume. Its writes go through the
     disk's BlockBackend as any guest's do; the test reads them back from its console log."""
 
-    def __init__(self, workdir: Path, name: str, volume: str, size: int, shared: bool = False):
-        """shared: the volume is multi-attached (another guest has it too), as Nova sets it up."""
+    def __init__(
+        self, workdir: Path, name: str, volume: str, size: int, shared: bool = False, read_only: bool = False
+    ):
+        """shared: the volume is multi-attached (another guest writes it too), as Nova sets it up.
+        read_only: a read-only attachment (which another guest may write)."""
         self.workdir, self.name, self.volume, self.size, self.shared = workdir, name, volume, size, shared
+        self.read_only = read_only
         self.node, self.qdev = f"vol-{name}", f"disk-{name}"
         self.agent_socket = str(workdir / f"{name}-agent.qmp")
         self.pidfile = str(workdir / f"{name}-qemu.pid")
@@ -162,6 +166,9 @@ class Guest:
         device = f"virtio-blk-pci,drive={self.node},id={self.qdev}"
         if self.shared:
             blockdev["file"]["locking"] = "off"
+            device += ",share-rw=on"
+        if self.read_only:  # as Nova attaches a multi-attached volume: sharing it with its writer
+            blockdev["read-only"] = True
             device += ",share-rw=on"
         # TCG, not KVM: under nested KVM (as on this project's machines) the guest kernel hangs early
         # in boot, and a guest this small boots in seconds without it.

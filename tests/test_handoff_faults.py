@@ -341,3 +341,39 @@ def test_a_qcow2_new_volume_is_opened_as_qcow2(guest, volumes, started_agent, lo
         ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", image, str(workdir / "out.raw")], check=True
     )
     assert (workdir / "out.raw").read_bytes() == guest.model
+
+
+def test_a_read_only_attachment_moves_with_the_writable_one(workdir, volumes, loops):
+    """One writer and one reader of a multi-attached volume: both are fenced, both move to dst, and
+    the reader then reads what the writer wrote."""
+    src, dst = volumes
+    writer = Guest(workdir, "a", src, SIZE)
+    reader = Guest(workdir, "b", src, SIZE, read_only=True)
+    writer.start()
+    reader.start()
+    agent = Agent(workdir, {SERVER: server_entry(writer, SRC_ATT), "server-2": server_entry(reader, "att-b")})
+    try:
+        agent.start()
+        compute = client(agent)
+        writer.start_writer()
+        generations = [
+            compute.migration_start(s, a)["generation"] for s, a in ((SERVER, SRC_ATT), ("server-2", "att-b"))
+        ]
+        at_fence = volcopy.digest(src)
+        volcopy.copy(src, dst)
+        compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), generations[0])
+        compute.migration_complete("server-2", "att-b", "att-b-dst", local(dst), generations[1])
+        wait_state(compute, "completed")
+        wait_state(compute, "completed", attachment="att-b", server="server-2")
+        assert volcopy.digest(src) == at_fence
+        writer.stop_writer()
+        assert writer.errors == [] and reader.errors == []
+        writer.check_guest_reads_model()
+        reader.lines.extend(line for line in writer.lines if line.startswith("W "))  # its model: the writer's
+        reader.check_guest_reads_model()
+        writer.stop()
+        assert read_all(dst) == writer.model
+    finally:
+        agent.stop()
+        writer.stop()
+        reader.stop()

@@ -65,6 +65,7 @@ def _names(m: VolumeMigration) -> dict[str, str]:
         "overlay_file": short_name("ovf", m.attachment_id, str(m.generation)),
         "job": short_name("cmt", m.attachment_id, str(m.generation)),
         "dst": short_name("dst", m.new_attachment_id or ""),
+        "dst_file": short_name("dsf", m.new_attachment_id or ""),
     }
 
 
@@ -145,7 +146,8 @@ class Handoff:
         if m.state == State.COMPLETED.value:
             return f"the new volume {m.dst_path}"
         if m.restarted:
-            return f"src {src}, which QEMU uses again; overlay {overlay} holds the writes made while fenced"
+            kept = f"; overlay {overlay} holds the writes made while fenced" if overlay else ""
+            return f"src {src}, which QEMU uses again{kept}"
         if overlay is None:
             return f"src {src}{stopped}"
         below = f"the new volume {m.dst_path}" if m.pivoted else f"src {src}"
@@ -198,7 +200,12 @@ class Handoff:
                 "the writes made while fenced stay in its overlay" if had_overlay else "src may hold writes"
             )
             self._fail(m, f"QEMU was started again while fenced, on src: {what}")
-        elif m.state == State.FENCED.value and running and _names(m)["overlay"] not in server.nodes():
+        elif (
+            m.state == State.FENCED.value
+            and had_overlay
+            and running
+            and _names(m)["overlay"] not in server.nodes()
+        ):
             m.restarted = True
             self._fail(m, "QEMU was started again while fenced, on src: its overlay is no longer in use")
 
@@ -268,12 +275,15 @@ class Handoff:
                     f"{': ' + m.reason if m.reason else ''}; cancel or complete it first"
                 )
             server = self.servers[server_id]
-            if server.running():
-                self._check_can_fence(server, disk)
+            writable = server.running() and self._check_can_fence(server, disk)
             previous = State(m.state)
             m = VolumeMigration(attachment_id, server_id, generation=m.generation + 1)
             if not server.running():
                 m.offline = True
+                self._set(m, State.FENCED)
+                return self._answer(m)
+            if not writable:  # nothing to suspend; complete moves it without an overlay
+                m.read_only = True
                 self._set(m, State.FENCED)
                 return self._answer(m)
             m.overlay_path = os.path.join(
@@ -297,7 +307,8 @@ class Handoff:
     def _answer(self, m: VolumeMigration) -> dict:
         return self.view(m.server_id, m.attachment_id)
 
-    def _check_can_fence(self, server: QemuServer, disk: Disk) -> None:
+    def _check_can_fence(self, server: QemuServer, disk: Disk) -> bool:
+        """Whether the guest may write the disk; 409 if it cannot be fenced."""
         try:
             writable, shared = server.writable_and_shared(disk.qdev)
         except QemuError as exc:
@@ -314,6 +325,7 @@ class Handoff:
                 f"cannot suspend writes: the overlay directory has {free} bytes free, less than the "
                 f"{self.overlay_min_free} configured (overlay_min_free)"
             )
+        return writable
 
     def _fence(self, m: VolumeMigration, disk: Disk) -> None:
         server, names = self.servers[m.server_id], _names(m)
@@ -383,7 +395,7 @@ class Handoff:
                 )
             if m.state == State.FENCING.value:
                 raise ComputeConflict(f"attachment {attachment_id} is still fencing; cancel again soon")
-            if m.restarted:  # the fence is gone already; what the overlay holds is not merged on a guess
+            if m.restarted or m.read_only:  # nothing to merge (restarted: not on a guess)
                 self._set(m, State.CANCELLED, m.reason)
                 return self._answer(m)
             self._set(m, State.CANCELLING)
@@ -438,6 +450,9 @@ class Handoff:
                 self._replace_disk(m)
                 self._set(m, State.COMPLETED)
                 return self._answer(m)
+            if m.read_only:
+                self._move_read_only(m, dst)
+                return self._answer(m)
             if not m.offline:
                 try:
                     self._switch(m)
@@ -451,6 +466,23 @@ class Handoff:
                     raise ComputeConflict(m.reason) from None
         self._background(self._converge, attachment_id)
         return self._answer(m)
+
+    def _move_read_only(self, m: VolumeMigration, dst: Attached) -> None:
+        disk, server, names = self.store.disk(m.attachment_id), self.servers[m.server_id], _names(m)
+        try:
+            if m.dst_format != "raw":
+                raise QemuError("a read-only disk moves onto a raw volume only")
+            server.move_read_only_disk(disk.node, names["dst_file"], m.dst_path)
+            if server.nodes()[disk.node].get("file") != m.dst_path:
+                raise QemuError(f"node {disk.node} does not read {m.dst_path} after the switch")
+        except QemuError as exc:
+            detach(dst)
+            m.new_attachment_id = m.dst_path = m.dst_connection = None
+            self._set(m, State.FENCED, f"moving the read-only disk onto the new volume failed: {exc}")
+            raise ComputeConflict(m.reason) from None
+        m.pivoted = True
+        self._replace_disk(m, node=disk.node)
+        self._set(m, State.COMPLETED)
 
     def _repeat_complete(self, m: VolumeMigration) -> None:
         """The switch, checked again from the graph; a failed merge is retried."""
@@ -509,14 +541,14 @@ class Handoff:
                 f"the disk's chain is not overlay -> new volume (top {top}, src node still there)"
             )
 
-    def _replace_disk(self, m: VolumeMigration) -> None:
+    def _replace_disk(self, m: VolumeMigration, node: str | None = None) -> None:
         old = self.store.disk(m.attachment_id)
         self.store.put_disk(
             Disk(
                 m.new_attachment_id,
                 m.server_id,
                 old.qdev,
-                _names(m)["dst"],
+                node or _names(m)["dst"],
                 m.dst_path,
                 m.dst_format or "raw",
                 m.dst_connection,

@@ -181,6 +181,26 @@ class QemuServer:
             **{"node-name": node},
         )
 
+    def move_read_only_disk(self, node: str, file_node: str, path: str) -> None:
+        """A read-only disk writes nothing, so it needs no overlay: its raw node is re-opened onto the
+        new volume's file (blockdev-reopen of the node's "file" child); src's file node, unreferenced,
+        goes with it."""
+        if self.nodes()[node].get("file") == path:
+            return
+        if file_node not in self.nodes():
+            driver = "host_device" if path.startswith("/dev/") else "file"
+            self.cmd(
+                "blockdev-add",
+                driver=driver,
+                filename=path,
+                cache={"direct": True},
+                **{"node-name": file_node, "read-only": True},
+            )
+        self.cmd(
+            "blockdev-reopen",
+            options=[{"driver": "raw", "node-name": node, "read-only": True, "file": file_node}],
+        )
+
     def delete_node(self, node: str) -> None:
         if node in self.nodes():
             self.cmd("blockdev-del", **{"node-name": node})

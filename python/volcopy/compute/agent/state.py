@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS volume_migrations (
     state TEXT NOT NULL,
     generation INTEGER NOT NULL, -- the fencing token: one more at each start
     offline INTEGER NOT NULL,    -- QEMU was not running (at start, or it stopped since)
+    read_only INTEGER NOT NULL,  -- a read-only disk: fenced without an overlay
     pivoted INTEGER NOT NULL,    -- the overlay's backing is dst: there is no way back to src
     restarted INTEGER NOT NULL,  -- QEMU was started again on src while fenced
     new_attachment_id TEXT,
@@ -72,6 +73,7 @@ class VolumeMigration:
     state: str = State.NONE.value
     generation: int = 0
     offline: bool = False
+    read_only: bool = False
     pivoted: bool = False
     restarted: bool = False
     new_attachment_id: str | None = None
