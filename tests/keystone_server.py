@@ -41,8 +41,9 @@ backend = dogpile.cache.memory
 password_hash_rounds = 4
 """
 
+# keystone parses sys.argv as its own options: the port comes in the environment
 SERVE = """
-import socketserver, sys
+import os, socketserver
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from keystone.server.wsgi import initialize_public_application
 
@@ -53,7 +54,8 @@ class Handler(WSGIRequestHandler):
     def log_message(self, *args):
         pass
 
-make_server("127.0.0.1", int(sys.argv[1]), initialize_public_application(), Server, Handler).serve_forever()
+port = int(os.environ["KEYSTONE_PORT"])
+make_server("127.0.0.1", port, initialize_public_application(), Server, Handler).serve_forever()
 """
 
 
@@ -89,14 +91,16 @@ class KeystoneServer:
             ADMIN_PASSWORD,
             "--bootstrap-public-url",
             self.url,
+            "--bootstrap-internal-url",  # keystonemiddleware looks for the internal one by default
+            self.url,
             "--bootstrap-region-id",
             REGION,
         )
         port = self.url.rsplit(":", 1)[1].split("/")[0]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", SERVE, port],
-                env=os.environ | {"OS_KEYSTONE_CONFIG_FILES": str(self.config)},
+                [sys.executable, "-c", SERVE],
+                env=os.environ | {"OS_KEYSTONE_CONFIG_FILES": str(self.config), "KEYSTONE_PORT": port},
                 stdout=log,
                 stderr=log,
             )

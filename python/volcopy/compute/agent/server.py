@@ -20,7 +20,7 @@ import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,16 @@ class _DeadlineReader(io.RawIOBase):
             self._sock.settimeout(self._timeout)  # writing the answer gets a timeout of its own
 
 
+class _Response(ServerHandler):
+    """HTTP/1.1, with the connection closed after each answer (the client is told so)."""
+
+    http_version = "1.1"
+
+    def cleanup_headers(self) -> None:
+        super().cleanup_headers()
+        self.headers["Connection"] = "close"
+
+
 class _Handler(WSGIRequestHandler):
     server: AgentServer
 
@@ -73,6 +83,19 @@ class _Handler(WSGIRequestHandler):
             self.connection.do_handshake()
         self.rfile = io.BufferedReader(_DeadlineReader(self.connection, deadline, timeout))
         self.wfile = self.connection.makefile("wb")
+
+    def handle(self) -> None:
+        # wsgiref's own, with the response class above and the app told it runs in several threads
+        self.raw_requestline = self.rfile.readline(65537)
+        if len(self.raw_requestline) > 65536:
+            self.requestline, self.request_version, self.command = "", "", ""
+            self.send_error(414)
+            return
+        if not self.parse_request():
+            return
+        response = _Response(self.rfile, self.wfile, self.get_stderr(), self.get_environ(), multithread=True)
+        response.request_handler = self
+        response.run(self.server.get_app())
 
     def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's name
         # the request line and status only: never a header (tokens) or a body (connection_info)
