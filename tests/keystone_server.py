@@ -114,7 +114,9 @@ class KeystoneServer:
                     raise RuntimeError(f"keystone did not start: {self.log.read_text()}") from None
                 time.sleep(0.2)
 
-    def session(self, username: str = "admin", password: str = ADMIN_PASSWORD, project: str = "admin"):
+    def session(
+        self, username: str = "admin", password: str = ADMIN_PASSWORD, project: str = "admin", verify=True
+    ):
         from keystoneauth1 import session
         from keystoneauth1.identity import v3
 
@@ -126,7 +128,7 @@ class KeystoneServer:
             user_domain_id="default",
             project_domain_id="default",
         )
-        return session.Session(auth=auth)
+        return session.Session(auth=auth, verify=verify)
 
     def add_user(self, name: str, password: str, role: str, project: str) -> None:
         """A user with ``role`` on ``project`` (both created when missing)."""

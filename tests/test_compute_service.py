@@ -101,7 +101,13 @@ def certificates(tmp_path_factory) -> dict:
         "x509", "-req", "-in", "agent.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
         "-out", "agent.pem", "-days", "2", "-extfile", "san.ext",
     )  # fmt: skip
-    return {name: str(directory / name) for name in ("ca.pem", "agent.pem", "agent.key")}
+    openssl("req", *key, "-keyout", "client.key", "-out", "client.csr", "-subj", "/CN=a client")
+    openssl(
+        "x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "client.pem", "-days", "2",
+    )  # fmt: skip
+    names = ("ca.pem", "agent.pem", "agent.key", "client.pem", "client.key")
+    return {name: str(directory / name) for name in names}
 
 
 def tls(certificates) -> dict:
@@ -145,6 +151,22 @@ def test_a_client_without_the_ca_gets_a_certificate_error(start_agent, certifica
 
     with pytest.raises(ComputeError, match="CERTIFICATE_VERIFY_FAILED"):
         compute.attachments(SERVER)
+
+
+def test_with_a_ca_file_the_agent_requires_a_client_certificate_signed_by_it(start_agent, certificates):
+    settings = tls(certificates)
+    settings["ssl"]["ca_file"] = certificates["ca.pem"]
+    agent = start_agent(**settings)
+    context = ssl.create_default_context(cafile=certificates["ca.pem"])
+
+    with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):  # TLS 1.3: on first read
+        request(agent, "GET", ATTACHMENTS_PATH, context=context)
+
+    context.load_cert_chain(certificates["client.pem"], certificates["client.key"])
+    assert request(agent, "GET", ATTACHMENTS_PATH, context=context) == (
+        200,
+        {"volumeAttachments": ATTACHMENTS},
+    )
 
 
 # ---------------------------------------------------------------- Keystone
@@ -196,6 +218,18 @@ def test_a_keystone_token_with_the_admin_role_is_accepted(
         monkeypatch.setenv(name, value)
 
     compute = NovaCompute(region_name=region)
+
+    assert compute.attachments(SERVER) == ATTACHMENTS
+
+
+def test_a_keystone_session_reaches_an_agent_given_by_its_endpoint(start_agent, keystone_users, certificates):
+    """One agent per compute host: the caller names it, and its Keystone session's token is sent."""
+    from volcopy.compute import NovaCompute
+
+    agent = start_agent(**keystone_settings(keystone_users), **tls(certificates))
+    session = keystone_users.session(verify=certificates["ca.pem"])
+
+    compute = NovaCompute(session, endpoint=agent.url)
 
     assert compute.attachments(SERVER) == ATTACHMENTS
 

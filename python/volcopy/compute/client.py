@@ -64,8 +64,12 @@ class NovaCompute:
         retries: int = 3,
         verify: bool | str | None = None,
     ):
-        """verify (without a session): the CA file that the agent's TLS certificate is checked with,
-        or False; default OS_CACERT, else the system's CAs."""
+        """endpoint: the agent's URL; with a token, the token is sent to it, otherwise the session's
+        (or the OS_* settings') Keystone token is, instead of looking the compute up in the catalog:
+        the reference agent runs on each compute host. verify (without a session): the CA file that
+        the agent's TLS certificate is checked with, or False; default OS_CACERT, else the system's
+        CAs."""
+        endpoint_override = endpoint if endpoint and not token else None
         if session is None:
             if endpoint and token:
                 session = ks_session.Session(
@@ -79,6 +83,7 @@ class NovaCompute:
             service_type="compute",
             region_name=region_name,
             interface=interface,
+            endpoint_override=endpoint_override,
             default_microversion=api.MICROVERSION,
             connect_retries=retries,
             status_code_retries=retries,
