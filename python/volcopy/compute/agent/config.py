@@ -175,9 +175,9 @@ def load(argv: list[str]) -> AgentConfig:
         conf(argv, project="volcopy", prog="volcopy compute-agent", default_config_files=[])
     except cfg.Error as exc:
         raise ConfigError(str(exc)) from None
-    if not conf.config_file:
+    if not conf.config_file and not conf.config_dir:
         raise ConfigError("no configuration: give --config-file FILE (see docs/compute-agent.md)")
-    files = ", ".join(conf.config_file)
+    files = ", ".join(conf.config_file) or conf.config_dir
 
     def get(group: str, name: str):
         try:
