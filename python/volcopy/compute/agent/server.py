@@ -1,12 +1,13 @@
-"""The agent's listening socket: the standard library's WSGI server (wsgiref; HTTP/1.0, one request
-per connection) with optional TLS, a fixed pool of worker threads, and a deadline per request.
+"""The agent's listening socket: the standard library's WSGI server (wsgiref; one request per
+connection, answered in HTTP/1.1 with Connection: close) with optional TLS, a fixed pool of worker
+threads, and a deadline per request.
 
 - A connection gets ``request_timeout`` seconds for its TLS handshake and its whole request, counted
   from when a worker takes it: one that sends nothing, or a byte at a time, is closed, and its worker
   serves the next.
-- At most ``max_workers`` connections are served at once. The accept loop waits for a free worker
-  before it takes the next connection, so the others wait in the listen backlog: threads never grow
-  with the number of clients.
+- At most ``max_workers`` connections are served at once, by as many threads started with the server.
+  The accept loop waits for a free worker before it takes the next connection, so the others wait in
+  the listen backlog: threads never grow with the number of clients.
 - The TLS handshake runs in the worker, under the deadline: in the accept loop a silent client would
   stall every other.
 """
@@ -15,11 +16,11 @@ from __future__ import annotations
 
 import io
 import logging
+import queue
 import socket
 import ssl
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
 log = logging.getLogger(__name__)
@@ -116,10 +117,14 @@ class AgentServer(WSGIServer):
             self.address_family = socket.AF_INET6
         self.request_timeout = request_timeout
         self.ssl_context = ssl_context
-        self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="agent-worker")
-        self._free_workers = threading.Semaphore(max_workers)
         self._stopping = threading.Event()
+        self._free_workers = threading.Semaphore(max_workers)
+        self._connections: queue.SimpleQueue = queue.SimpleQueue()
         super().__init__(address, _Handler)
+        # Started here, all of them: the thread count is fixed from the start. Daemons, as
+        # ThreadingHTTPServer's were: a request still being served does not hold up the exit.
+        for n in range(max_workers):
+            threading.Thread(target=self._work, name=f"agent-worker-{n}", daemon=True).start()
         self.set_app(app)
         if ssl_context is not None:
             self.base_environ["HTTPS"] = "on"
@@ -141,7 +146,11 @@ class AgentServer(WSGIServer):
             if self._stopping.is_set():
                 request.close()
                 return
-        self._pool.submit(self._serve, request, address)
+        self._connections.put((request, address))
+
+    def _work(self) -> None:
+        while True:
+            self._serve(*self._connections.get())
 
     def _serve(self, request, address) -> None:
         served = False
@@ -172,7 +181,3 @@ class AgentServer(WSGIServer):
         """From another thread than serve_forever's: stops accepting; requests being served finish."""
         self._stopping.set()
         self.shutdown()
-
-    def server_close(self) -> None:
-        super().server_close()
-        self._pool.shutdown(wait=False)

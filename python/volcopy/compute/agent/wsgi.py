@@ -30,6 +30,7 @@ _FAULTS = {
     403: "forbidden",
     404: "itemNotFound",
     406: "notAcceptable",
+    408: "requestTimeout",
     409: "conflictingRequest",
     413: "requestEntityTooLarge",
     500: "computeFault",
@@ -42,6 +43,7 @@ _REASONS = {
     403: "Forbidden",
     404: "Not Found",
     406: "Not Acceptable",
+    408: "Request Timeout",
     409: "Conflict",
     413: "Content Too Large",
     500: "Internal Server Error",
@@ -140,7 +142,13 @@ class AgentApp:
         if length > self.max_body:
             raise ApiError(413, f"request body too large: at most {self.max_body} bytes")
         try:
-            return json.loads(environ["wsgi.input"].read(length) or b"null")
+            data = environ["wsgi.input"].read(length)
+        except TimeoutError:  # the server's deadline for the whole request (request_timeout)
+            raise ApiError(
+                408, "the request body did not arrive within the agent's request_timeout"
+            ) from None
+        try:
+            return json.loads(data or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ApiError(400, "the body is not valid JSON") from None
 
