@@ -326,27 +326,44 @@ class Guest:
 
 
 class Agent:
-    """``volcopy compute-agent`` in a subprocess, on a free port of 127.0.0.1."""
+    """``volcopy compute-agent`` in a subprocess, on a free port of 127.0.0.1.
+
+    servers: {server_id: {"qmp": ..., "attachments": {attachment_id: {"qdev", "node", "volume"}}}}.
+    settings: options of the agent's [agent] group (a list is written comma-separated); a dict is a
+    whole section, e.g. ssl={"cert_file": ..., "key_file": ...}."""
 
     def __init__(self, workdir: Path, servers: dict, **settings):
         self.workdir = workdir
-        self.config = workdir / "agent.json"
-        self.config.write_text(
-            json.dumps(
-                {
-                    "listen": "127.0.0.1:0",
-                    "tokens": [TOKEN],
-                    "state_db": str(workdir / "agent.sqlite"),
-                    "overlay_dir": str(workdir / "overlays"),
-                    "allowed_connectors": ["local"],
-                    "allowed_device_prefixes": ["/dev/loop"],
-                    "request_timeout": REQUEST_TIMEOUT,
-                    "overlay_min_free": 16 * MiB,
-                    "servers": servers,
-                }
-                | settings
-            )
-        )
+        self.config = workdir / "agent.conf"
+        agent = {
+            "listen": "127.0.0.1",
+            "listen_port": 0,
+            "auth_strategy": "static",
+            "tokens": [TOKEN],
+            "state_db": str(workdir / "agent.sqlite"),
+            "overlay_dir": str(workdir / "overlays"),
+            "allowed_connectors": ["local"],
+            "allowed_device_prefixes": ["/dev/loop"],
+            "request_timeout": REQUEST_TIMEOUT,
+            "overlay_min_free": 16 * MiB,
+        }
+        sections = {"agent": agent}
+        for name, value in settings.items():
+            if isinstance(value, dict):
+                sections.setdefault(name, {}).update(value)
+            else:
+                agent[name] = value
+        for server_id, server in servers.items():
+            sections[f"server:{server_id}"] = {"qmp": server["qmp"], "pidfile": server["pidfile"]}
+            for attachment_id, a in server["attachments"].items():
+                sections[f"attachment:{attachment_id}"] = {"server": server_id} | a
+        lines = []
+        for section, options in sections.items():
+            lines.append(f"[{section}]")
+            for key, value in options.items():
+                lines.append(f"{key} = {','.join(map(str, value)) if isinstance(value, list) else value}")
+            lines.append("")
+        self.config.write_text("\n".join(lines))
         self.process: subprocess.Popen | None = None
         self.url = ""
         self.log = workdir / "agent.log"
@@ -355,14 +372,14 @@ class Agent:
         """env: the agent's environment (a fault shim's, for one)."""
         log = open(self.log, "a")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "volcopy.cli", "compute-agent", "--config", str(self.config)],
+            [sys.executable, "-m", "volcopy.cli", "compute-agent", "--config-file", str(self.config)],
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
             env=env,
         )
         line = self.process.stdout.readline()
-        match = re.search(r"listening on (http://\S+)", line)
+        match = re.search(r"listening on (https?://\S+)", line)
         if not match:
             raise RuntimeError(f"the agent did not start: {line!r}; log: {self.log.read_text()}")
         self.url = match.group(1)

@@ -26,13 +26,15 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
+from oslo_utils.strutils import mask_password
+
 from ...attach import Attached, attach, detach, detach_recorded
 from ...migration.failpoints import failpoint
 from ...volume import size_of
 from ..api import State
 from ..errors import ComputeConflict, ComputeNotFound
 from .policy import DstPolicy
-from .qemu import QemuError, QemuNotRunning, QemuServer, merge_offline, short_name
+from .qemu import QemuError, QemuNotRunning, QemuServer, disk_size, merge_offline, short_name
 from .state import Disk, StateStore, VolumeMigration, connection_json
 
 log = logging.getLogger(__name__)
@@ -501,13 +503,15 @@ class Handoff:
         try:
             dst = attach(connection_info)
         except Exception as exc:  # noqa: BLE001 - os-brick raises many kinds
-            raise ComputeConflict(f"cannot attach the new volume: {exc}") from None
+            # Its text may quote connection properties: never a password in a reason or a log line.
+            raise ComputeConflict(f"cannot attach the new volume: {mask_password(str(exc))}") from None
+        image_format = connection_info["data"].get("format", "raw")
         try:
-            dst_size, src_size = size_of(dst.path), size_of(src.volume_path)
-        except OSError as exc:
+            dst_size, src_size = disk_size(dst.path, image_format), size_of(src.volume_path)
+        except (OSError, QemuError) as exc:
             detach(dst)
-            raise ComputeConflict(f"cannot open the new volume {dst.path}: {exc.strerror}") from None
-        if dst_size < src_size and connection_info["data"].get("format", "raw") == "raw":
+            raise ComputeConflict(f"cannot open the new volume {dst.path}: {exc}") from None
+        if dst_size < src_size:
             detach(dst)
             raise ComputeConflict(
                 f"the new volume holds {dst_size} bytes, fewer than the {src_size} of the volume it replaces"

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import struct
 import subprocess
 import time
 from collections.abc import Callable
 
+from ...volume import size_of
 from .qmp import QemuError, QemuGone, Qmp
 
 JOB_POLL_SECONDS = 0.02
@@ -232,6 +234,18 @@ class QemuServer:
                     raise QemuError(f"block-commit {job_id} failed: {job['error']}")
                 return
             time.sleep(JOB_POLL_SECONDS)
+
+
+def disk_size(path: str, image_format: str) -> int:
+    """The size the guest sees: the device's or file's, or a qcow2 image's virtual size."""
+    if image_format == "raw":
+        return size_of(path)
+    done = subprocess.run(
+        ["qemu-img", "info", "--output=json", "-f", image_format, path], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise QemuError(f"qemu-img info: {done.stderr.strip()}")
+    return json.loads(done.stdout)["virtual-size"]
 
 
 def merge_offline(overlay_path: str, volume_path: str, volume_format: str) -> None:
