@@ -377,3 +377,24 @@ def test_a_read_only_attachment_moves_with_the_writable_one(workdir, volumes, lo
         agent.stop()
         writer.stop()
         reader.stop()
+
+
+def test_a_wrong_pid_file_setting_is_an_error_never_stopped(workdir, guest, volumes):
+    """The agent is told a pid file QEMU does not use. It must not take the running guest for a stopped
+    one (it would "fence" it in its records while the guest writes on): QEMU's lock on the volume
+    proves otherwise, and start answers 409 with the reason."""
+    src, _ = volumes
+    entry = server_entry(guest, SRC_ATT) | {"pidfile": str(workdir / "elsewhere.pid")}
+    agent = Agent(workdir, {SERVER: entry})
+    try:
+        agent.start()
+        compute = client(agent)
+        guest.start_writer()
+        with pytest.raises(
+            ComputeConflict, match=r"in use although the pid file .* says QEMU is not running"
+        ):
+            compute.migration_start(SERVER, SRC_ATT)
+        assert compute.migration_state(SERVER, SRC_ATT)["state"] == "none"
+        finish_on(guest, src)
+    finally:
+        agent.stop()

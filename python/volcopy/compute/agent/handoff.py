@@ -34,7 +34,15 @@ from ...volume import size_of
 from ..api import State
 from ..errors import ComputeConflict, ComputeNotFound
 from .policy import DstPolicy
-from .qemu import QemuError, QemuNotRunning, QemuServer, disk_size, merge_offline, short_name
+from .qemu import (
+    QemuError,
+    QemuNotRunning,
+    QemuServer,
+    disk_size,
+    merge_offline,
+    short_name,
+    volume_in_use,
+)
 from .state import Disk, StateStore, VolumeMigration, connection_json
 
 log = logging.getLogger(__name__)
@@ -100,6 +108,8 @@ class Handoff:
         self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         self._locks_lock = threading.Lock()
         self._growth: dict[str, tuple[float, int]] = {}  # attachment -> (when, overlay bytes) last seen
+        self._merging: set[str] = set()  # attachments with a merge thread: one at a time
+        self._observing: set[str] = set()  # servers with a look at QEMU pending after an event
         for server_id, cfg in servers.items():
             for attachment_id, a in cfg.attachments.items():
                 store.add_disk_if_new(Disk(attachment_id, server_id, a["qdev"], a["node"], a["volume"]))
@@ -164,50 +174,77 @@ class Handoff:
                 log.warning(
                     "server %s: the guest is paused: a write found no space (a full overlay?)", server_id
                 )
+            with self._locks_lock:  # one look at a time per server, however many events come
+                if server_id in self._observing:
+                    return
+                self._observing.add(server_id)
             self._background(self._observe_server, server_id, name)
 
         return handle
 
     def _observe_server(self, server_id: str, event: str) -> None:
         server = self.servers[server_id]
-        if event == "SHUTDOWN":  # QEMU announces it, then exits: its pid file says when
-            deadline = time.monotonic() + SHUTDOWN_PATIENCE
-            while server.running() and time.monotonic() < deadline:
-                time.sleep(0.1)
-        for m in self.store.migrations_of(server_id):
-            lock = self._lock(m.attachment_id)
-            if m.active and lock.acquire(blocking=False):  # a running step reads QEMU itself
-                try:
-                    self._observe(self.store.migration(m.attachment_id))
-                finally:
-                    lock.release()
+        try:
+            if event == "SHUTDOWN":  # QEMU announces it, then exits: its pid file says when
+                deadline = time.monotonic() + SHUTDOWN_PATIENCE
+                while server.running() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            for m in self.store.migrations_of(server_id):
+                lock = self._lock(m.attachment_id)
+                if m.active and lock.acquire(blocking=False):  # a running step reads QEMU itself
+                    try:
+                        self._observe(self.store.migration(m.attachment_id))
+                    finally:
+                        lock.release()
+        except Exception:  # noqa: BLE001 - the next call looks again
+            log.exception("looking at server %s after QEMU's %s event failed", server_id, event)
+        finally:
+            with self._locks_lock:
+                self._observing.discard(server_id)
+
+    def _runs(self, m: VolumeMigration) -> bool:
+        """Whether the server's QEMU runs. An unlocked pid file is believed only when no process holds
+        QEMU's lock on the disk's volumes: otherwise the pid file setting is wrong, and calling the
+        instance stopped would let it write to a volume that is being copied."""
+        if self.servers[m.server_id].running():
+            return True
+        for path in (self.store.disk(m.attachment_id).volume_path, m.dst_path):
+            try:
+                in_use = path is not None and volume_in_use(path)
+            except FileNotFoundError:
+                in_use = False
+            if in_use:
+                raise QemuError(
+                    f"{path} is in use although the pid file {self.servers[m.server_id].pidfile} says "
+                    "QEMU is not running: check the agent's pidfile setting"
+                )
+        return False
 
     def _observe(self, m: VolumeMigration) -> None:
         """Brings the record in line with QEMU: a QEMU that stopped while fenced leaves its overlay for
         an offline merge; one that was started again (on src, from its own configuration) breaks the
         fence, which is reported. Called with the attachment's lock held."""
-        if m.state not in (State.FENCED.value, State.FAILED.value) or m.restarted:
+        if not m.active or m.state == State.FENCING.value or m.restarted or m.read_only:
             return
-        server = self.servers[m.server_id]
-        running = server.running()
-        had_overlay = m.overlay_path is not None
-        if not m.offline and not running:
-            m.offline = True
-            m.reason = "QEMU stopped while fenced; cancel or complete merge its overlay offline"
-            log.warning("attachment %s: %s", m.attachment_id, m.reason)
-            self.store.put_migration(m)
-        elif m.offline and running:
-            m.restarted = True
-            what = (
-                "the writes made while fenced stay in its overlay" if had_overlay else "src may hold writes"
-            )
-            self._fail(m, f"QEMU was started again while fenced, on src: {what}")
-        elif (
-            m.state == State.FENCED.value
-            and had_overlay
-            and running
-            and _names(m)["overlay"] not in server.nodes()
-        ):
+        running = self._runs(m)
+        if m.offline:
+            if running:
+                m.restarted = True
+                what = (
+                    "the writes made while fenced stay in its overlay"
+                    if m.overlay_path
+                    else "src may hold writes the copy missed"
+                )
+                self._fail(m, f"QEMU was started again while fenced, on src: {what}")
+            return
+        if not running:
+            if m.state in (State.FENCED.value, State.FAILED.value):  # a merge under way sees it itself
+                m.offline = True
+                m.reason = "QEMU stopped while fenced; cancel or complete merge its overlay offline"
+                log.warning("attachment %s: %s", m.attachment_id, m.reason)
+                self.store.put_migration(m)
+            return
+        if m.qemu is not None and self.servers[m.server_id].identity() != m.qemu:
             m.restarted = True
             self._fail(m, "QEMU was started again while fenced, on src: its overlay is no longer in use")
 
@@ -228,6 +265,8 @@ class Handoff:
         if lock.acquire(blocking=False):  # else a step is running: the record is what it wrote
             try:
                 self._observe(self._migration(disk))
+            except (QemuError, OSError) as exc:
+                log.warning("attachment %s: cannot look at QEMU: %s", attachment_id, exc)
             finally:
                 lock.release()
         m = self._migration(disk)
@@ -266,7 +305,7 @@ class Handoff:
         disk = self._disk(server_id, attachment_id)
         with self._lock(attachment_id):
             m = self._migration(disk)
-            self._observe(m)
+            self._settle(m)
             if m.state == State.FENCED.value:
                 return self._answer(m)
             if m.state == State.COMPLETING.value or disk.replaced_by:
@@ -277,10 +316,14 @@ class Handoff:
                     f"{': ' + m.reason if m.reason else ''}; cancel or complete it first"
                 )
             server = self.servers[server_id]
-            writable = server.running() and self._check_can_fence(server, disk)
             previous = State(m.state)
             m = VolumeMigration(attachment_id, server_id, generation=m.generation + 1)
-            if not server.running():
+            try:
+                running = self._runs(m)
+            except QemuError as exc:
+                raise ComputeConflict(f"cannot suspend writes: {exc}") from None
+            writable = running and self._check_can_fence(server, disk)
+            if not running:
                 m.offline = True
                 self._set(m, State.FENCED)
                 return self._answer(m)
@@ -291,10 +334,11 @@ class Handoff:
             m.overlay_path = os.path.join(
                 self.overlay_dir, f"{server_id}-{attachment_id}-{m.generation}.qcow2"
             )
+            m.qemu = server.identity()
             self._set(m, State.FENCING)
             try:
                 self._fence(m, disk)
-            except (QemuError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever stopped it, the fence is taken down
                 left = self._take_down_fence(m, disk)
                 if left:
                     self._fail(
@@ -308,6 +352,22 @@ class Handoff:
 
     def _answer(self, m: VolumeMigration) -> dict:
         return self.view(m.server_id, m.attachment_id)
+
+    def _settle(self, m: VolumeMigration) -> None:
+        """Before a call acts: the record brought in line with QEMU, and a fence a killed agent left
+        half-set resolved (holding the lock proves no step runs)."""
+        try:
+            if m.state == State.FENCING.value:
+                self._recover_fencing(m)
+            self._observe(m)
+        except (QemuError, OSError) as exc:
+            raise ComputeConflict(
+                f"cannot tell what QEMU does with attachment {m.attachment_id}: {exc}"
+            ) from None
+
+    def _mark_merged(self, m: VolumeMigration) -> None:
+        m.merged = True
+        self.store.put_migration(m)
 
     def _check_can_fence(self, server: QemuServer, disk: Disk) -> bool:
         """Whether the guest may write the disk; 409 if it cannot be fenced."""
@@ -350,11 +410,11 @@ class Handoff:
         server, names = self.servers[m.server_id], _names(m)
         try:
             if server.top_node(disk.qdev) == names["overlay"]:
-                server.commit_active(names["job"], names["overlay"])
+                server.commit_active(names["job"], names["overlay"], lambda: self._mark_merged(m))
                 top = server.top_node(disk.qdev)
                 if top != disk.node:
                     return f"after the merge the disk is on node {top}, not on src's {disk.node}"
-        except QemuError as exc:
+        except Exception as exc:  # noqa: BLE001 - the overlay stays, and the reason is reported
             return f"merging the overlay back into src failed: {exc}"
         self._remove_overlay(m)
         return None
@@ -386,22 +446,21 @@ class Handoff:
         disk = self._disk(server_id, attachment_id)
         with self._lock(attachment_id):
             m = self._migration(disk)
-            self._observe(m)
+            if m.active:
+                self._check_generation(m, generation)
+            self._settle(m)
             if not m.active:
                 return self._answer(m)  # nothing to take down
-            self._check_generation(m, generation)
             if m.pivoted or m.state == State.COMPLETING.value:
                 raise ComputeConflict(
                     f"the guest of attachment {attachment_id} already runs on the new volume: complete "
                     "again to finish the migration"
                 )
-            if m.state == State.FENCING.value:
-                raise ComputeConflict(f"attachment {attachment_id} is still fencing; cancel again soon")
             if m.restarted or m.read_only:  # nothing to merge (restarted: not on a guess)
                 self._set(m, State.CANCELLED, m.reason)
                 return self._answer(m)
             self._set(m, State.CANCELLING)
-        self._background(self._converge, attachment_id)
+            self._start_merge(m)
         return self._answer(m)
 
     def complete(
@@ -419,13 +478,15 @@ class Handoff:
         disk = self._disk(server_id, attachment_id)
         with self._lock(attachment_id):
             m = self._migration(disk)
-            self._observe(m)
+            self._settle(m)
             if m.state == State.COMPLETED.value or m.pivoted or m.state == State.COMPLETING.value:
                 if m.new_attachment_id != new_attachment_id:
                     raise ComputeConflict(
                         f"attachment {attachment_id} was completed onto {m.new_attachment_id}"
                     )
                 self._check_generation(m, generation)
+                if m.restarted:
+                    raise ComputeConflict(f"{m.reason}; the operator must decide what to keep")
                 if m.state != State.COMPLETED.value:
                     self._repeat_complete(m)
                 return self._answer(m)
@@ -450,6 +511,7 @@ class Handoff:
             failpoint("agent-after-attach")
             if m.offline and not m.overlay_path:  # fenced while stopped: only the record moves
                 self._replace_disk(m)
+                self._release_old_connection(m)
                 self._set(m, State.COMPLETED)
                 return self._answer(m)
             if m.read_only:
@@ -460,13 +522,13 @@ class Handoff:
                     self._switch(m)
                 except QemuError as exc:
                     if not m.pivoted:  # the guest is still on overlay -> src: stay fenced there
-                        detach(dst)
+                        _detach_quietly(dst)
                         m.new_attachment_id = m.dst_path = m.dst_connection = None
                         self._set(m, State.FENCED, f"moving the overlay onto the new volume failed: {exc}")
                     else:
                         self._fail(m, f"releasing src after the switch failed: {exc}")
                     raise ComputeConflict(m.reason) from None
-        self._background(self._converge, attachment_id)
+            self._start_merge(m)
         return self._answer(m)
 
     def _move_read_only(self, m: VolumeMigration, dst: Attached) -> None:
@@ -478,7 +540,7 @@ class Handoff:
             if server.nodes()[disk.node].get("file") != m.dst_path:
                 raise QemuError(f"node {disk.node} does not read {m.dst_path} after the switch")
         except QemuError as exc:
-            detach(dst)
+            _detach_quietly(dst)
             m.new_attachment_id = m.dst_path = m.dst_connection = None
             self._set(m, State.FENCED, f"moving the read-only disk onto the new volume failed: {exc}")
             raise ComputeConflict(m.reason) from None
@@ -496,7 +558,7 @@ class Handoff:
                 raise ComputeConflict(m.reason) from None
         if m.state == State.FAILED.value:
             self._set(m, State.COMPLETING)
-            self._background(self._converge, m.attachment_id)
+        self._start_merge(m)  # none runs: a completing whose merge thread died goes on too
 
     def _attach_dst(self, connection_info: dict, src: Disk) -> Attached:
         """dst, attached, and at least as large as src: a smaller one cannot hold the guest's disk."""
@@ -509,10 +571,10 @@ class Handoff:
         try:
             dst_size, src_size = disk_size(dst.path, image_format), size_of(src.volume_path)
         except (OSError, QemuError) as exc:
-            detach(dst)
+            _detach_quietly(dst)
             raise ComputeConflict(f"cannot open the new volume {dst.path}: {exc}") from None
         if dst_size < src_size:
-            detach(dst)
+            _detach_quietly(dst)
             raise ComputeConflict(
                 f"the new volume holds {dst_size} bytes, fewer than the {src_size} of the volume it replaces"
             )
@@ -525,6 +587,8 @@ class Handoff:
         disk = self.store.disk(m.attachment_id)
         server, names = self.servers[m.server_id], _names(m)
         nodes = server.nodes()
+        if not m.pivoted and server.top_node(disk.qdev) != names["overlay"]:
+            raise QemuError(f"the overlay is not on top of the disk (it is on {server.top_node(disk.qdev)})")
         if names["overlay"] in nodes and nodes[names["overlay"]].get("backing_file") != m.dst_path:
             server.add_volume(names["dst"], m.dst_path, m.dst_format, m.dst_discard)
             failpoint("agent-before-repoint")
@@ -563,45 +627,74 @@ class Handoff:
 
     # ------------------------------------------------------------------ merging, in the background
 
-    def _converge(self, attachment_id: str) -> None:
+    def _start_merge(self, m: VolumeMigration) -> None:
+        """One merge thread per attachment, bound to this fence: a thread that finds a later fence
+        (or another state) when it gets the lock does nothing."""
+        with self._locks_lock:
+            if m.attachment_id in self._merging:
+                return
+            self._merging.add(m.attachment_id)
+        self._background(self._converge, m.attachment_id, m.generation, m.state)
+
+    def _converge(self, attachment_id: str, generation: int, state: str) -> None:
         """Merges the overlay into the volume below it: src for a cancel, dst (after the switch, done
         again if a restart cut it short) for a complete. Online with an active block-commit that moves
-        the device down; a QEMU that stopped meanwhile is merged offline."""
-        with self._lock(attachment_id):
-            m = self.store.migration(attachment_id)
-            completing = m.state == State.COMPLETING.value
-            into = "into the new volume" if completing else "back into src"
-            try:
-                if m.offline:
-                    self._merge_offline(m, completing)
-                else:
-                    self._merge_online(m, completing)
-            except QemuNotRunning:
-                m.offline = True
-                self.store.put_migration(m)
-                try:
-                    self._merge_offline(m, completing)
-                except QemuError as exc:
-                    self._fail(m, f"merging the overlay {into} failed: {exc}")
+        the device down; a QEMU that stopped meanwhile is merged offline, unless the disk had already
+        moved down (then the volume holds everything, and newer writes than the overlay's)."""
+        try:
+            with self._lock(attachment_id):
+                m = self.store.migration(attachment_id)
+                if m.generation != generation or m.state != state:
                     return
-            except (QemuError, OSError) as exc:
-                self._fail(m, f"merging the overlay {into} failed: {exc}")
-                return
-            if completing:
-                self._release_old_connection(m)
-            self._set(m, State.COMPLETED if completing else State.CANCELLED)
+                self._converge_locked(m)
+        finally:
+            with self._locks_lock:
+                self._merging.discard(attachment_id)
+
+    def _converge_locked(self, m: VolumeMigration) -> None:
+        completing = m.state == State.COMPLETING.value
+        into = "into the new volume" if completing else "back into src"
+        try:
+            if not m.offline:
+                try:
+                    self._merge_online(m, completing)
+                except QemuNotRunning:
+                    m.offline = True
+                    self.store.put_migration(m)
+            if m.offline:
+                self._merge_offline(m, completing)
+        except _Restarted as exc:
+            m.restarted = True
+            self._fail(m, str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - whatever it was, the data stays where the reason says
+            self._fail(m, f"merging the overlay {into} failed: {exc}")
+            return
+        if completing:
+            self._release_old_connection(m)
+        self._set(m, State.COMPLETED if completing else State.CANCELLED)
 
     def _merge_online(self, m: VolumeMigration, completing: bool) -> None:
         disk, server, names = self.store.disk(m.attachment_id), self.servers[m.server_id], _names(m)
         target = names["dst"] if completing else disk.node
+        if m.qemu is not None and server.identity() not in (None, m.qemu):
+            raise _Restarted("QEMU was started again while fenced, on src: the overlay is not in use")
         top = server.top_node(disk.qdev)
         if top == names["overlay"]:
             if completing:
                 self._switch(m)
             m.bytes_written = server.bytes_written(names["overlay"])
-            server.commit_active(names["job"], names["overlay"])
+            try:
+                server.commit_active(names["job"], names["overlay"], lambda: self._mark_merged(m))
+            except QemuError:
+                if m.merged and server.top_node(disk.qdev) == names["overlay"]:
+                    m.merged = False  # the switch failed: the disk is still on the overlay
+                    self.store.put_migration(m)
+                raise
             failpoint("agent-after-merge")
             top = server.top_node(disk.qdev)
+        elif not m.merged:
+            raise _Restarted(f"the overlay was never merged, yet the disk is on {top}: the overlay is kept")
         if top != target:
             raise QemuError(f"after the merge the disk is on {top}, not on {target}")
         self._remove_overlay(m)
@@ -609,12 +702,16 @@ class Handoff:
 
     def _merge_offline(self, m: VolumeMigration, completing: bool) -> None:
         disk = self.store.disk(m.attachment_id)
+        if self._runs(m):
+            raise _Restarted("QEMU was started again while fenced, on src: the overlay is not merged")
         if completing:
             volume, volume_format = m.dst_path, m.dst_format or "raw"
         else:
             volume, volume_format = disk.volume_path, disk.volume_format
         if m.overlay_path and os.path.exists(m.overlay_path):
-            merge_offline(m.overlay_path, volume, volume_format)
+            if not m.merged:  # merged: the volume holds all of it, and writes made since
+                merge_offline(m.overlay_path, volume, volume_format)
+                self._mark_merged(m)
             os.unlink(m.overlay_path)
         if completing and disk.replaced_by is None:
             self._replace_disk(m)
@@ -629,7 +726,11 @@ class Handoff:
         try:
             detach_recorded(recorded["connection_info"], recorded["device_info"])
         except Exception as exc:  # noqa: BLE001 - os-brick raises many kinds; the guest is fine either way
-            log.warning("could not disconnect the old volume of attachment %s: %s", m.attachment_id, exc)
+            log.warning(
+                "could not disconnect the old volume of attachment %s: %s",
+                m.attachment_id,
+                mask_password(str(exc)),
+            )
             return
         old.connection = None
         self.store.put_disk(old)
@@ -639,30 +740,49 @@ class Handoff:
     def recover(self) -> None:
         """Finishes or reports what a previous agent left in flight, from what QEMU shows."""
         for m in self.store.migrations_in(
-            [State.FENCING.value, State.CANCELLING.value, State.COMPLETING.value]
+            [State.FENCING.value, State.FENCED.value, State.FAILED.value]
+            + [State.CANCELLING.value, State.COMPLETING.value]
         ):
-            if m.state == State.FENCING.value:
+            try:
                 with self._lock(m.attachment_id):
-                    self._recover_fencing(m)
-            else:
-                self._background(self._converge, m.attachment_id)
-        for m in self.store.migrations_in([State.FENCED.value, State.FAILED.value]):
-            with self._lock(m.attachment_id):
-                self._observe(m)
+                    if m.state == State.FENCING.value:
+                        self._recover_fencing(m)
+                    else:
+                        self._observe(m)
+                if m.state in (State.CANCELLING.value, State.COMPLETING.value):
+                    self._start_merge(m)
+            except Exception:  # noqa: BLE001 - one server's trouble must not stop the others' recovery
+                log.exception("recovering the migration of attachment %s failed", m.attachment_id)
 
     def _recover_fencing(self, m: VolumeMigration) -> None:
-        """Killed between intent and fence: fenced if the overlay made it into the chain, else not."""
+        """Killed between intent and fence: fenced if the overlay made it into the chain of the same
+        QEMU, not fenced if it did not. Anything else (QEMU stopped, or started again) keeps the
+        overlay, which may hold the guest's writes, and is reported."""
         disk, server = self.store.disk(m.attachment_id), self.servers[m.server_id]
         try:
-            if server.top_node(disk.qdev) == _names(m)["overlay"]:
+            if not server.running():
+                m.offline = True
+                self._fail(m, "the agent restarted while fencing, and QEMU has stopped")
+            elif server.identity() != m.qemu:
+                m.restarted = True
+                self._fail(m, "the agent restarted while fencing, and QEMU was started again")
+            elif server.top_node(disk.qdev) == _names(m)["overlay"]:
                 _fsync_volume(disk.volume_path)
                 self._set(m, State.FENCED)
-                return
-            self._remove_overlay(m)
-            m.overlay_path = None
-            self._set(m, State.NONE, "the agent restarted before the fence was set")
-        except QemuNotRunning:
-            m.offline = True  # the overlay, if QEMU wrote to it, stays for an offline merge
-            self._fail(m, "the agent restarted while fencing, and QEMU has stopped")
+            else:  # the same QEMU never had it in the chain: the guest never wrote to it
+                self._remove_overlay(m)
+                m.overlay_path = None
+                self._set(m, State.NONE, "the agent restarted before the fence was set")
         except (QemuError, OSError) as exc:
             self._fail(m, f"the agent restarted while fencing: {exc}")
+
+
+class _Restarted(Exception):
+    """QEMU was started again while fenced: the overlay holds writes that are not merged on a guess."""
+
+
+def _detach_quietly(dst: Attached) -> None:
+    try:
+        detach(dst)
+    except Exception as exc:  # noqa: BLE001 - os-brick raises many kinds; the refusal stands
+        log.warning("could not detach the new volume %s again: %s", dst.path, mask_password(str(exc)))

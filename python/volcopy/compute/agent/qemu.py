@@ -39,6 +39,28 @@ def short_name(prefix: str, *parts: str) -> str:
     return prefix + hashlib.blake2b("/".join(parts).encode(), digest_size=8).hexdigest()
 
 
+def _process_identity(pid: int) -> str | None:
+    """pid and start time: tells a QEMU from a later one that got the same pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f"{pid}:{f.read().rsplit(')', 1)[1].split()[19]}"
+    except (OSError, IndexError):
+        return None
+
+
+def volume_in_use(path: str) -> bool:
+    """Whether a process holds QEMU's image lock on the volume (QEMU locks bytes 100-299 of every image
+    and device it opens, with open file description locks): the proof that a QEMU whose pid file is
+    not locked really has stopped, and not that the pid file setting is wrong."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 100, 200, 0)
+        kind = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_OFD_GETLK, query))[0]
+    finally:
+        os.close(fd)
+    return kind != fcntl.F_UNLCK
+
+
 def pid_holding(pidfile: str) -> int | None:
     """The pid of the process that holds the pid file's lock (QEMU's -pidfile), or None."""
     try:
@@ -73,6 +95,12 @@ class QemuServer:
 
     def running(self) -> bool:
         return self.pid() is not None
+
+    def identity(self) -> str | None:
+        """Which QEMU runs now (pid and start time), or None: a different one means QEMU was started
+        again, from its own configuration, on the volumes that configuration names."""
+        pid = self.pid()
+        return _process_identity(pid) if pid is not None else None
 
     def cmd(self, command: str, /, **args):
         if not self.running():
@@ -144,11 +172,13 @@ class QemuServer:
             # The guest's writes land here: readable by root alone (qemu-img keeps an existing file's mode).
             os.close(os.open(overlay_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
             os.chmod(overlay_path, 0o600)
-            subprocess.run(
+            made = subprocess.run(
                 ["qemu-img", "create", "-q", "-f", "qcow2", overlay_path, str(size)],
-                check=True,
                 capture_output=True,
+                text=True,
             )
+            if made.returncode != 0:
+                raise QemuError(f"qemu-img create {overlay_path}: {made.stderr.strip()}")
             self.cmd("blockdev-add", driver="file", **{"node-name": file_node, "filename": overlay_path})
         self.cmd("blockdev-add", driver="qcow2", file=file_node, backing=None, **{"node-name": node})
 
@@ -213,12 +243,19 @@ class QemuServer:
                 return job
         return None
 
-    def commit_active(self, job_id: str, overlay: str) -> None:
+    def commit_active(self, job_id: str, overlay: str, before_switch: Callable[[], None]) -> None:
         """Merges the overlay into its backing node and moves the device down onto that node: an active
-        block-commit, completed once it is ready. Picks up a job a previous agent left running; a job
-        that failed is dismissed, so that a retry starts a new one."""
+        block-commit, completed once it is ready. The job waits (pending, the disk drained, the backing
+        node holding everything) until before_switch() has recorded that the device is about to move:
+        from then on the guest writes to the backing node, and the overlay must never be merged again.
+        Picks up a job a previous agent left running; a job that failed is dismissed, so that a retry
+        starts a new one."""
         if self._job(job_id) is None:
-            self.cmd("block-commit", device=overlay, **{"job-id": job_id, "auto-dismiss": False})
+            self.cmd(
+                "block-commit",
+                device=overlay,
+                **{"job-id": job_id, "auto-dismiss": False, "auto-finalize": False},
+            )
         completed = False
         while True:
             job = self._job(job_id)
@@ -228,6 +265,9 @@ class QemuServer:
             if status == "ready" and not completed:
                 self.cmd("job-complete", id=job_id)
                 completed = True
+            elif status == "pending":
+                before_switch()
+                self.cmd("job-finalize", id=job_id)
             elif status == "concluded":
                 self.cmd("job-dismiss", id=job_id)
                 if job.get("error"):
@@ -254,7 +294,7 @@ def merge_offline(overlay_path: str, volume_path: str, volume_format: str) -> No
     backing held at the fence), then committed into it."""
     for args in (
         ["rebase", "-u", "-f", "qcow2", "-b", volume_path, "-F", volume_format, overlay_path],
-        ["commit", "-q", "-f", "qcow2", "-t", "none", overlay_path],
+        ["commit", "-q", "-f", "qcow2", overlay_path],
     ):
         done = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
         if done.returncode != 0:

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 # The events the handoff acts on; others are logged at debug level only.
 WATCHED_EVENTS = {"SHUTDOWN", "STOP", "RESUME", "BLOCK_JOB_ERROR", "BLOCK_IO_ERROR"}
+CONNECT_TIMEOUT = 10.0  # seconds
 
 
 class QemuError(Exception):
@@ -41,6 +42,7 @@ class Qmp:
         self.timeout = timeout
         self._client: QMPClient | None = None
         self._events_task: asyncio.Task | None = None
+        self._connecting = asyncio.Lock()  # QMP serves one client at a time: one connect at a time
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"qmp {socket_path}", daemon=True)
         self._thread.start()
@@ -50,14 +52,16 @@ class Qmp:
         return future.result(self.timeout)
 
     async def _execute(self, command: str, args: dict):
-        if self._client is None:
-            await self._connect()
+        async with self._connecting:
+            if self._client is None:
+                await self._connect()
+            client = self._client
         try:
-            return await self._client.execute(command, args or None)
+            return await client.execute(command, args or None)
         except ExecuteError as exc:
             raise QemuError(f"{command}: {exc}") from None
         except (OSError, EOFError, QMPError) as exc:
-            await self._drop()
+            await self._drop(client)
             raise QemuGone(f"QEMU went away during {command}: {exc}") from None
 
     async def _connect(self) -> None:
@@ -65,9 +69,9 @@ class Qmp:
         an error to report (a wrong path, a permission), never a sign that QEMU stopped."""
         client = QMPClient("volcopy-compute-agent")
         try:
-            await client.connect(self.socket_path)
-        except (OSError, QMPError) as exc:
-            raise QemuError(f"cannot reach QEMU's QMP socket {self.socket_path}: {exc}") from None
+            await asyncio.wait_for(client.connect(self.socket_path), CONNECT_TIMEOUT)
+        except (OSError, QMPError, asyncio.TimeoutError) as exc:
+            raise QemuError(f"cannot reach QEMU's QMP socket {self.socket_path}: {exc!r}") from None
         self._client = client
         self._events_task = asyncio.get_running_loop().create_task(self._consume_events(client))
 
@@ -84,7 +88,11 @@ class Qmp:
                 except Exception:  # noqa: BLE001 - a handler's fault must not stop event delivery
                     log.exception("handling QEMU event %s failed", name)
 
-    async def _drop(self) -> None:
+    async def _drop(self, broken: QMPClient | None = None) -> None:
+        """Closes the connection; with broken, only if that is still the connection (another
+        command may have connected anew meanwhile)."""
+        if broken is not None and broken is not self._client:
+            return
         client, self._client = self._client, None
         if self._events_task is not None:
             self._events_task.cancel()

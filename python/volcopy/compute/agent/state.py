@@ -36,6 +36,8 @@ CREATE TABLE IF NOT EXISTS volume_migrations (
     offline INTEGER NOT NULL,    -- QEMU was not running (at start, or it stopped since)
     read_only INTEGER NOT NULL,  -- a read-only disk: fenced without an overlay
     pivoted INTEGER NOT NULL,    -- the overlay's backing is dst: there is no way back to src
+    merged INTEGER NOT NULL,     -- the overlay was merged, the disk moved down: never merge it again
+    qemu TEXT,                   -- the QEMU fenced (pid:start time): another one means a restart
     restarted INTEGER NOT NULL,  -- QEMU was started again on src while fenced
     new_attachment_id TEXT,
     dst_path TEXT,
@@ -75,6 +77,8 @@ class VolumeMigration:
     offline: bool = False
     read_only: bool = False
     pivoted: bool = False
+    merged: bool = False
+    qemu: str | None = None
     restarted: bool = False
     new_attachment_id: str | None = None
     dst_path: str | None = None
