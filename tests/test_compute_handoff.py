@@ -281,7 +281,7 @@ def test_agent_restarted_while_fenced_still_knows_and_completes(workdir, guest, 
         agent.stop()
 
 
-def test_complete_attaches_only_an_allowed_large_enough_new_volume(workdir, guest, volumes, loops):
+def test_complete_attaches_only_an_allowed_large_enough_new_volume(workdir, guest, volumes, loops, request):
     """complete must not give the guest a device of the host's choosing: a connector or a device path
     the agent's configuration does not allow is 403; a new volume smaller than src, or an attachment
     id in use, is 409; each leaves the migration fenced, and the guest keeps writing to its overlay,
@@ -302,7 +302,17 @@ def test_complete_attaches_only_an_allowed_large_enough_new_volume(workdir, gues
             0o700,
         )
         small = loops.create(SIZE // 2)
+        mounted = loops.create(SIZE)
+        subprocess.run(["mkfs.ext4", "-q", mounted], check=True)
+        (workdir / "mnt").mkdir()
+        subprocess.run(["mount", mounted, str(workdir / "mnt")], check=True)
+        link = f"/dev/loop-volcopy-test-{os.getpid()}"  # under the allowed prefix, leading outside it
+        os.symlink("/dev/zero", link)
+        request.addfinalizer(lambda: (os.unlink(link), subprocess.run(["umount", str(workdir / "mnt")])))
         refusals = [
+            (local(link), DST_ATT, ComputeForbidden, "/dev/zero lies outside"),
+            (local(src), DST_ATT, ComputeForbidden, "the volume of another attachment"),
+            (local(mounted), DST_ATT, ComputeForbidden, "is mounted on this host"),
             (local("/dev/vda"), DST_ATT, ComputeForbidden, "lies outside the paths"),
             (local("/dev/loop0/../vda"), DST_ATT, ComputeForbidden, "/dev/vda lies outside"),
             ({"driver_volume_type": "nfs", "data": {}}, DST_ATT, ComputeForbidden, "'nfs' is not allowed"),

@@ -32,8 +32,8 @@ from ...attach import Attached, attach, detach, detach_recorded
 from ...migration.failpoints import failpoint
 from ...volume import size_of
 from ..api import State
-from ..errors import ComputeConflict, ComputeNotFound
-from .policy import DstPolicy
+from ..errors import ComputeConflict, ComputeForbidden, ComputeNotFound
+from .policy import DstPolicy, check_not_in_use
 from .qemu import (
     QemuError,
     QemuNotRunning,
@@ -567,6 +567,11 @@ class Handoff:
         except Exception as exc:  # noqa: BLE001 - os-brick raises many kinds
             # Its text may quote connection properties: never a password in a reason or a log line.
             raise ComputeConflict(f"cannot attach the new volume: {mask_password(str(exc))}") from None
+        try:
+            check_not_in_use(dst.path, {d.volume_path for d in self.store.all_disks()})
+        except ComputeForbidden:
+            _detach_quietly(dst)
+            raise
         image_format = connection_info["data"].get("format", "raw")
         try:
             dst_size, src_size = disk_size(dst.path, image_format), size_of(src.volume_path)

@@ -158,6 +158,10 @@ class StateStore:
         )
         return [self.disk(key) for key in keys]
 
+    def all_disks(self) -> list[Disk]:
+        keys = self._keys("SELECT attachment_id FROM disks", ())
+        return [self.disk(key) for key in keys]
+
     def migration(self, attachment_id: str) -> VolumeMigration | None:
         return self._get("volume_migrations", VolumeMigration, attachment_id)
 
