@@ -283,7 +283,8 @@ def test_agent_restarted_while_fenced_still_knows_and_completes(workdir, guest, 
 
 def test_complete_attaches_only_an_allowed_large_enough_new_volume(workdir, guest, volumes, loops, request):
     """complete must not give the guest a device of the host's choosing: a connector or a device path
-    the agent's configuration does not allow is 403; a new volume smaller than src, or an attachment
+    (or where its symlink leads) the agent's configuration does not allow, another attachment's volume,
+    or a device mounted on the host is 403; a new volume smaller than src, or an attachment
     id in use, is 409; each leaves the migration fenced, and the guest keeps writing to its overlay,
     which only root may read."""
     src, dst = volumes
