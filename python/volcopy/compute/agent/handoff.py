@@ -567,8 +567,12 @@ class Handoff:
         except Exception as exc:  # noqa: BLE001 - os-brick raises many kinds
             # Its text may quote connection properties: never a password in a reason or a log line.
             raise ComputeConflict(f"cannot attach the new volume: {mask_password(str(exc))}") from None
+        disks = self.store.all_disks()
+        # A multi-attached volume's attachments move onto the same new volume: those are not others.
+        same_src = os.path.realpath(src.volume_path)
+        moved_with_us = {d.replaced_by for d in disks if os.path.realpath(d.volume_path) == same_src}
         try:
-            check_not_in_use(dst.path, {d.volume_path for d in self.store.all_disks()})
+            check_not_in_use(dst.path, {d.volume_path for d in disks if d.attachment_id not in moved_with_us})
         except ComputeForbidden:
             _detach_quietly(dst)
             raise
