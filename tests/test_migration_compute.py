@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from nbd_devices import nbd_devices
 
 import volcopy
 from compute_harness import (
@@ -30,9 +31,10 @@ from compute_harness import (
 )
 from conftest import read_all
 from volcopy.compute import ComputeError, NovaCompute
-from volcopy.migration import Journal, MigrationCancelled, Migrator
+from volcopy.migration import Journal, MigrationCancelled, MigrationError, Migrator
 
 pytestmark = needs_guest
+__all__ = ["nbd_devices"]  # a fixture, used by name below
 
 ATTACH = f"{SERVER}:{SRC_ATT}:{DST_ATT}"
 UNKNOWN_ATTACH = f"{SERVER}:att-not-here:att-dst-2"
@@ -154,8 +156,9 @@ def test_a_refused_fence_lifts_the_fences_already_set(workdir, guest, agent, com
 
 @pytest.fixture
 def shared_guests(workdir, volumes):
-    """Two guests with src multi-attached; the first writes, the second only has it attached."""
-    guests = [Guest(workdir, name, volumes[0], SIZE, shared=True) for name in ("a", "b")]
+    """Two guests with src multi-attached: the first writes, the second has it read-only (the agent
+    refuses a second writer: see test_handoff_faults)."""
+    guests = [Guest(workdir, "a", volumes[0], SIZE), Guest(workdir, "b", volumes[0], SIZE, read_only=True)]
     try:
         for g in guests:
             g.start()
@@ -257,3 +260,81 @@ def test_recover_ends_a_migration_killed_at(
     if point == "mid-copy":
         assert recovered[0].resumed_from > 0, "the copy started again instead of resuming"
     assert Migrator(url, compute).recover() == [], "nothing is left to recover"
+
+
+def test_a_merge_into_dst_that_fails_is_never_reported_completed(workdir, guest, nbd_devices, volumes):
+    """dst (a loop device over nbdkit) fails writes from the moment complete is intended: the guest is
+    switched onto dst, but the compute cannot merge its writes there. The migration must not end
+    completed: it stays completing with the data's place in its reason, and once dst heals, recover()
+    completes it with dst holding every write."""
+    src, _ = volumes
+    dst_device = nbd_devices.faulty(size=SIZE)
+    dst = dst_device.path
+    agent = Agent(workdir, {SERVER: server_entry(guest, SRC_ATT)})
+    agent.start()
+    try:
+        compute = NovaCompute(endpoint=agent.url, token=TOKEN)
+        migrator = Migrator(f"sqlite:///{workdir}/journal.sqlite", compute)
+        armed = threading.Event()
+
+        def fail_dst_at_complete():
+            while not armed.is_set():
+                if any(s.name == "complete" for m in migrator.list() for s in migrator.steps(m.id)):
+                    dst_device.fail(write=True)
+                    armed.set()
+                time.sleep(0.005)
+
+        threading.Thread(target=fail_dst_at_complete, daemon=True).start()
+        guest.start_writer()
+        with pytest.raises(
+            MigrationError, match="stays completing: .*could not merge .* over the new volume"
+        ):
+            migrator.migrate(src, dst, attachments=[(SERVER, SRC_ATT, DST_ATT)])
+        armed.set()
+        [m] = migrator.list()
+        assert m.state == "completing" and not m.dst_valid
+        assert compute.migration_state(SERVER, SRC_ATT)["state"] == "failed"
+
+        dst_device.heal()
+        [recovered] = migrator.recover()
+        assert recovered.state == "completed" and recovered.dst_valid
+        guest.stop_writer()
+        assert guest.errors == []
+        guest.check_guest_reads_model()
+        guest.stop()
+        assert read_all(dst) == guest.model
+    finally:
+        agent.stop()
+
+
+def test_a_full_overlay_during_the_copy_cancels_the_migration(workdir, guest, volumes):
+    """The overlay directory (a 6 MiB tmpfs) fills while a throttled copy runs: the compute reports
+    overlay-full, the orchestrator cancels, which merges the overlay back into src and resumes the
+    guest, and the migration ends cancelled with that reason."""
+    src, dst = volumes
+    overlays = workdir / "small"
+    overlays.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(overlays)], check=True)
+    agent = Agent(
+        workdir, {SERVER: server_entry(guest, SRC_ATT)}, overlay_dir=str(overlays), overlay_min_free=1 << 20
+    )
+    try:
+        agent.start()
+        compute = NovaCompute(endpoint=agent.url, token=TOKEN)
+        guest.start_writer()
+        migrator = Migrator(f"sqlite:///{workdir}/journal.sqlite", compute)
+        with pytest.raises(MigrationCancelled, match=f"the compute reports {SERVER}/{SRC_ATT} overlay-full"):
+            migrator.migrate(src, dst, attachments=[(SERVER, SRC_ATT, DST_ATT)], rate_limit=2 << 20)
+        [m] = migrator.list()
+        assert m.state == "cancelled" and not m.dst_valid
+        wait_state(compute, "cancelled")
+        assert list(overlays.iterdir()) == []
+        time.sleep(0.2)
+        guest.stop_writer()
+        assert guest.errors == []  # QEMU keeps io-status "nospace" as the record of the pause
+        guest.check_guest_reads_model()
+        guest.stop()
+        assert read_all(src) == guest.model, "src lacks some of the guest's writes"
+    finally:
+        agent.stop()
+        subprocess.run(["umount", "-l", str(overlays)], check=False)

@@ -39,6 +39,11 @@ COPY_OPTIONS = {"engine", "block_size", "queue_depth", "direct", "sparse", "dst_
 PROGRESS_INTERVAL = 1.0  # seconds between progress rows in the journal
 CANCEL_WAIT = 300.0  # seconds a restarted fence waits for an earlier cancel to finish
 MAX_ATTEMPTS = 3  # fences set again after a crash while fencing, before giving up
+MERGE_WAIT = 3600.0  # seconds a complete waits for the compute to merge the guest's writes into dst
+MERGE_RETRIES = 3  # completes repeated after the compute's merge failed
+WATCH_INTERVAL = 5.0  # seconds between looks at the fenced attachments during the copy
+# A fenced attachment the copy cannot go on with: the guest's writes are stuck, or its space runs out.
+COMPUTE_TROUBLE = ("failed", "overlay-full")
 
 # A compute's answer that will not change if asked again: the fence (or complete) is refused.
 REFUSED = (ComputeConflict, ComputeNotFound)
@@ -310,6 +315,15 @@ class Migrator:
         if self.journal.get(m.id).cancel_requested:
             raise _Abort("cancelled on request")
 
+    def _generation(self, m: Migration, server: str, src_att: str) -> int | None:
+        """The fencing token start returned for the attachment (in the start step's detail), or, when
+        the answer was lost, the compute's current one for a fence still set (None: nothing set)."""
+        for step in reversed(self.journal.steps(m.id)):
+            if step.name == "start" and step.target == f"{server}/{src_att}" and step.status == j.DONE:
+                return int(step.detail.removeprefix("generation "))
+        state = self.compute.migration_state(server, src_att)
+        return state["generation"] if state["state"] not in ("none", "cancelled", "completed") else None
+
     def _fence(self, m: Migration) -> None:
         """Step "start" per attachment. Reverted by "cancel" of every attachment whose start was
         intended (it may have reached the compute even if the answer never came back)."""
@@ -317,8 +331,9 @@ class Migrator:
         for number, (server, src_att, _) in enumerate(m.attachments, 1):
             self._check_cancel_requested(m)
             try:
-                with self._step(m, "start", f"{server}/{src_att}", point=f"start-{number}"):
-                    self.compute.migration_start(server, src_att)
+                with self._step(m, "start", f"{server}/{src_att}", point=f"start-{number}") as step:
+                    fence = self.compute.migration_start(server, src_att)
+                    step.detail = f"generation {fence['generation']}"
             except ComputeError as exc:
                 raise _Abort(f"the compute refused the fence of {server}/{src_att}: {exc}") from None
         self._set(m, state=j.COPYING)
@@ -348,6 +363,8 @@ class Migrator:
                 failpoint("after-copy")
         except JournalError:
             raise  # nothing can be recorded: recover() goes on from what was
+        except _Abort:
+            raise  # a fenced attachment the compute reports in trouble
         except Cancelled:
             raise _Abort("cancelled on request") from None  # only a request in the journal cancels a copy
         except Exception as exc:  # noqa: BLE001 - whatever stopped the copy, the fences are lifted
@@ -372,9 +389,18 @@ class Migrator:
                 step.detail = "the file system cannot share extents"
         return None
 
+    def _compute_trouble(self, m: Migration) -> str | None:
+        """Why the copy cannot go on, if a fenced attachment is failed or its overlay is full."""
+        for server, src_att, _ in m.attachments:
+            state = self.compute.migration_state(server, src_att)
+            if state["state"] in COMPUTE_TROUBLE:
+                reason = f": {state['reason']}" if state.get("reason") else ""
+                return f"the compute reports {server}/{src_att} {state['state']}{reason}"
+        return None
+
     def _copy_with_engine(self, m: Migration, src: str, dst: str, options: dict, progress) -> str:
         cancel = threading.Event()
-        last = {"at": time.monotonic(), "done": 0}
+        last = {"at": time.monotonic(), "done": 0, "watched": time.monotonic(), "trouble": None}
 
         def report(done: int, total: int) -> None:
             if progress is not None:
@@ -388,15 +414,36 @@ class Migrator:
                         cancel.set()
                 except MigrationError as exc:  # the journal hiccuped: the copy goes on
                     log.warning("migration %s: progress not recorded: %s", m.id, exc)
+            if m.attachments and now - last["watched"] >= WATCH_INTERVAL:
+                last["watched"] = now
+                try:
+                    trouble = self._compute_trouble(m)
+                except ComputeError as exc:
+                    log.warning("migration %s: cannot look at the compute: %s", m.id, exc)
+                    trouble = None
+                if trouble:
+                    last["trouble"] = trouble
+                    cancel.set()
             if 2 * done >= total:
                 failpoint("mid-copy")
 
         # Cinder's volume id knows dst again when os-brick attaches it under another device name.
         dst_id = m.dst_key if m.dst_key.startswith("volume:") else None
-        with self._step(m, "copy", f"{m.src_key} -> {m.dst_key}"):
-            result = copier.copy(
-                src, dst, checkpoint=m.checkpoint, dst_id=dst_id, progress=report, cancel=cancel, **options
-            )
+        try:
+            with self._step(m, "copy", f"{m.src_key} -> {m.dst_key}"):
+                result = copier.copy(
+                    src,
+                    dst,
+                    checkpoint=m.checkpoint,
+                    dst_id=dst_id,
+                    progress=report,
+                    cancel=cancel,
+                    **options,
+                )
+        except Cancelled:
+            if last["trouble"]:
+                raise _Abort(last["trouble"]) from None
+            raise
         self._set(
             m,
             bytes_done=result.size,
@@ -415,9 +462,10 @@ class Migrator:
             target = f"{server}/{src_att}"
             if target in done:
                 continue
+            generation = self._generation(m, server, src_att)
             try:
                 with self._step(m, "complete", target, point=f"complete-{number}"):
-                    self.compute.migration_complete(server, src_att, dst_att, dst_ref.for_compute())
+                    self._complete_one(server, src_att, dst_att, dst_ref.for_compute(), generation)
             except REFUSED as exc:
                 if not done:  # no guest uses dst yet: going back to src is still possible
                     raise _Abort(f"the compute refused to complete {target}: {exc}") from None
@@ -428,6 +476,24 @@ class Migrator:
         failpoint("before-finish")
         self._set(m, state=j.COMPLETED, dst_valid=True, reason=None)
         _remove(m.checkpoint)
+
+    def _complete_one(self, server: str, src_att: str, dst_att: str, info: dict, generation: int) -> None:
+        """complete, then wait until the compute has merged the guest's writes into dst: only then
+        does dst hold everything. A failed merge is retried by repeating complete."""
+        for _ in range(MERGE_RETRIES + 1):
+            self.compute.migration_complete(server, src_att, dst_att, info, generation)
+            deadline = time.monotonic() + MERGE_WAIT
+            while (state := self.compute.migration_state(server, src_att))["state"] == "completing":
+                if time.monotonic() > deadline:
+                    raise ComputeError(f"the merge into dst did not end in {MERGE_WAIT:.0f} s")
+                time.sleep(0.2)
+            if state["state"] == "completed":
+                return
+            log.warning("complete of %s/%s: %s: %s", server, src_att, state["state"], state.get("reason"))
+        raise ComputeError(
+            f"the compute could not merge the guest's writes into dst ({state.get('reason')}); "
+            f"the data is in {state.get('data_location')}"
+        )
 
     def _left(self, m: Migration, reason: str) -> MigrationError:
         """A failure that rolls nothing back: the migration stays as it is for recover() to go on."""
@@ -444,7 +510,11 @@ class Migrator:
             try:
                 with self._step(m, "cancel", target, point=f"cancel-{number}") as step:
                     try:
-                        self.compute.migration_cancel(server, src_att)
+                        generation = self._generation(m, server, src_att)
+                        if generation is None:
+                            step.detail = "no fence is set"
+                        else:
+                            self.compute.migration_cancel(server, src_att, generation)
                     except ComputeNotFound:  # its start was refused for the same reason: nothing to lift
                         step.detail = "the compute does not know the attachment"
             except ComputeError as exc:
