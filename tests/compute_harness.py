@@ -59,7 +59,8 @@ GUEST_MODULES = [
 
 # The guest's /init: a writer that puts 4 KiB of one byte at a random block of /dev/vda with O_DIRECT and
 # logs "W <block> <byte>" once the write is done, so that the log is the exact order of completed writes.
-# Commands come on the console: start, stop (then "STOPPED"), md5 (what the guest reads), halt.
+# Commands come on the console: start, stop (then "STOPPED"), md5 (what the guest reads), discard (the
+# first 4 MiB, then "DISCARDED"), halt.
 GUEST_INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
@@ -83,6 +84,7 @@ while read -r command; do
     start) rm -f /tmp/stop; writer & ;;
     stop) touch /tmp/stop; wait ;;
     md5) echo 3 > /proc/sys/vm/drop_caches; echo "MD5 $(md5sum < /dev/vda | cut -d' ' -f1)" ;;
+    discard) blkdiscard -o 0 -l 4194304 /dev/vda && echo DISCARDED ;;
     halt) poweroff -f ;;
   esac
 done

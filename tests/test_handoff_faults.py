@@ -398,3 +398,29 @@ def test_a_wrong_pid_file_setting_is_an_error_never_stopped(workdir, guest, volu
         finish_on(guest, src)
     finally:
         agent.stop()
+
+
+@pytest.mark.parametrize("discard", [True, False])
+def test_discards_reach_the_new_volume_only_when_its_connection_allows(
+    discard, guest, volumes, started_agent, workdir
+):
+    """connection_info's data.discard: the guest's discards (blkdiscard of its first 4 MiB) reach dst,
+    a loop device whose file then has a hole there; without it they are ignored."""
+    src, dst = volumes
+    agent = started_agent()
+    agent.start()
+    compute = client(agent)
+    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    volcopy.copy(src, dst)
+    info = {"driver_volume_type": "local", "data": {"device_path": dst, "discard": discard}}
+    compute.migration_complete(SERVER, SRC_ATT, DST_ATT, info, gen)
+    wait_state(compute, "completed")
+    mark = len(guest.lines)
+    guest.send("discard")
+    guest.wait_line("DISCARDED", after=mark)
+    guest.stop()
+    backing = workdir / "dst-backing.img"
+    with open(backing, "rb") as f:
+        hole_at_start = os.lseek(f.fileno(), 0, os.SEEK_HOLE) == 0
+    assert hole_at_start == discard
+    assert read_all(dst, 4 * MiB) == (bytes(4 * MiB) if discard else read_all(src, 4 * MiB))
