@@ -16,6 +16,7 @@ from nbd_devices import nbd_devices
 
 import volcopy
 from compute_harness import (
+    BACKENDS,
     DST_ATT,
     SERVER,
     SIZE,
@@ -63,6 +64,7 @@ def started_agent(workdir, guest):
         agent.stop()
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 @pytest.mark.parametrize("point", ["agent-before-snapshot", "agent-after-snapshot"])
 def test_agent_killed_while_fencing_resolves_from_the_graph(workdir, guest, volumes, started_agent, point):
     src, dst = volumes
@@ -92,6 +94,7 @@ def test_agent_killed_while_fencing_resolves_from_the_graph(workdir, guest, volu
     finish_on(guest, dst)
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 @pytest.mark.parametrize(
     "point", ["agent-after-attach", "agent-before-repoint", "agent-after-repoint", "agent-after-merge"]
 )
@@ -184,6 +187,7 @@ def test_dst_failing_writes_during_the_merge_is_failed_then_retried(
     finish_on(guest, dst)
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 def test_guest_shut_down_while_fenced_is_merged_offline_on_complete(guest, volumes, started_agent, workdir):
     src, dst = volumes
     agent = started_agent()
@@ -197,7 +201,7 @@ def test_guest_shut_down_while_fenced_is_merged_offline_on_complete(guest, volum
     assert guest.errors == []
     guest.check_guest_reads_model()
     guest.send("halt")
-    guest.process.wait(timeout=30)
+    guest.wait_stopped(timeout=30)
 
     stopped = wait_for(
         lambda: (s := compute.migration_state(SERVER, SRC_ATT))["instance_running"] is False and s,
@@ -223,7 +227,7 @@ def test_guest_started_again_on_src_while_fenced_is_reported(guest, volumes, sta
     time.sleep(0.5)
     guest.stop_writer()
     guest.send("halt")
-    guest.process.wait(timeout=30)
+    guest.wait_stopped(timeout=30)
     wait_for(lambda: compute.migration_state(SERVER, SRC_ATT)["instance_running"] is False, what="stop seen")
     overlay = next((workdir / "overlays").iterdir())
     guest.stop()
@@ -295,6 +299,7 @@ def test_two_writers_on_a_multi_attached_volume_are_refused(workdir, volumes):
         second.stop()
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 def test_a_stale_generation_is_refused(guest, volumes, started_agent):
     src, dst = volumes
     agent = started_agent()

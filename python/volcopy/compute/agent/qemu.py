@@ -285,7 +285,7 @@ class QemuServer(Hypervisor):
             raise QemuError(f"disk device {disk.qdev!r} has no medium")
         paths, image = [], inserted.get("image")
         while image:
-            paths.append(image["filename"])
+            paths.append(_plain_filename(image["filename"]))
             image = image.get("backing-image")
         return paths
 
@@ -354,6 +354,17 @@ class QemuServer(Hypervisor):
 
     def close(self) -> None:
         self.qmp.drop()
+
+
+def _plain_filename(filename: str) -> str:
+    """The image's file: QEMU describes a node whose options changed (a re-pointed backing) as
+    json:{"driver": "qcow2", "file": {"filename": ...}, "backing": ...}."""
+    if not filename.startswith("json:"):
+        return filename
+    options = json.loads(filename.removeprefix("json:"))
+    while isinstance(options.get("file"), dict):
+        options = options["file"]
+    return options.get("filename", filename)
 
 
 def disk_size(path: str, image_format: str) -> int:
