@@ -558,7 +558,12 @@ class Handoff:
             # Its text may quote connection properties: never a password in a reason or a log line.
             raise ComputeConflict(f"cannot attach the new volume: {mask_password(str(exc))}") from None
         try:
-            check_not_in_use(dst.path, {d.volume_path for d in self.store.all_disks()})
+            disks = self.store.all_disks()
+            # A multi-attached volume moves to one new volume: where another attachment of src went is
+            # not another volume's.
+            moved_with = {d.replaced_by for d in disks if d.replaced_by and d.volume_path == src.volume_path}
+            in_use = {d.volume_path for d in disks if d.attachment_id not in moved_with}
+            check_not_in_use(dst.path, in_use)
         except ComputeForbidden:
             _detach_quietly(dst)
             raise
@@ -584,13 +589,15 @@ class Handoff:
         disk = self.store.disk(m.attachment_id)
         server = self.servers[m.server_id]
         top = server.move_onto_dst(disk, m)
-        old_overlay = m.overlay_path if top != m.overlay_path else None
+        if top != m.overlay_path:  # the old overlay is out of the chain (read back): its writes are in top
+            if server.chain(disk)[0] != top:
+                raise HypervisorError(f"the disk is not on {top} after the move onto the new volume")
+            if m.overlay_path and os.path.exists(m.overlay_path):
+                os.unlink(m.overlay_path)  # before the record moves on: a restart finds it gone or named
         m.pivoted, m.overlay_path = True, top
         self.store.put_migration(m)
         failpoint("agent-after-repoint")
         server.release_src(disk, m)
-        if old_overlay and os.path.exists(old_overlay):
-            os.unlink(old_overlay)
         if disk.replaced_by is None:
             self._replace_disk(m)
         chain = server.chain(disk)
