@@ -396,9 +396,20 @@ class LibvirtGuest(Guest):
         if not self.domain.isActive():
             raise RuntimeError(f"the domain {self.uuid} stopped")
 
+    def _live_domain(self):
+        """The domain, through a new connection if libvirtd was restarted since."""
+        import libvirt
+
+        try:
+            self.domain.isActive()  # a call to libvirtd: the old connection fails after its restart
+        except libvirt.libvirtError:
+            self._conn = libvirt.open(LIBVIRT_URI)
+            self.domain = self._conn.lookupByUUIDString(self.uuid)
+        return self.domain
+
     def running(self) -> bool:
         try:
-            return bool(self.domain.isActive())
+            return bool(self._live_domain().isActive())
         except Exception:  # noqa: BLE001 - a transient domain that stopped is gone
             return False
 
@@ -406,7 +417,7 @@ class LibvirtGuest(Guest):
         wait_for(lambda: not self.running(), timeout=timeout, what="the domain to stop")
 
     def io_status_ok(self) -> bool:
-        return self.running() and not self.domain.diskErrors()
+        return self.running() and not self._live_domain().diskErrors()
 
     def stop(self) -> None:
         if self.domain is not None and self.running():

@@ -26,6 +26,7 @@ from compute_harness import (
     Guest,
     local,
     needs_guest,
+    restart_libvirtd,
     server_entry,
     wait_for,
     wait_state,
@@ -403,3 +404,25 @@ def test_a_wrong_pid_file_setting_is_an_error_never_stopped(workdir, guest, volu
         finish_on(guest, src)
     finally:
         agent.stop()
+
+
+@pytest.mark.parametrize("guest", ["libvirt"], indirect=True)
+def test_libvirtd_restarted_while_fenced_keeps_the_chain_and_completes(guest, volumes, started_agent):
+    """libvirt only: libvirtd stops and starts again while the guest is fenced. The domain runs on,
+    on its overlay; the agent reconnects, still reports fenced, and complete moves the guest onto dst."""
+    src, dst = volumes
+    agent = started_agent()
+    agent.start()
+    compute = client(agent)
+    guest.start_writer()
+    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    at_fence = volcopy.digest(src)
+    restart_libvirtd()
+    time.sleep(0.3)
+    assert compute.migration_state(SERVER, SRC_ATT)["state"] == "fenced"
+    assert volcopy.digest(src) == at_fence
+    volcopy.copy(src, dst)
+    compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
+    wait_state(compute, "completed")
+    assert volcopy.digest(src) == at_fence, "src was written after its fence"
+    finish_on(guest, dst)
