@@ -16,6 +16,7 @@ from faultshim import fault_env, injections
 
 import volcopy
 from compute_harness import (
+    BACKENDS,
     DST_ATT,
     REQUEST_TIMEOUT,
     SERVER,
@@ -40,6 +41,7 @@ from volcopy.compute import (
 pytestmark = needs_guest
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 def test_complete_moves_the_guest_onto_dst_with_every_write(guest, compute, volumes):
     src, dst = volumes
     guest.start_writer()
@@ -73,6 +75,7 @@ def test_complete_moves_the_guest_onto_dst_with_every_write(guest, compute, volu
     assert read_all(dst) == guest.model, "dst does not hold src-at-start plus every write"
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 def test_cancel_merges_every_write_back_into_src(guest, compute, volumes):
     src, dst = volumes
     guest.start_writer()
@@ -95,6 +98,7 @@ def test_cancel_merges_every_write_back_into_src(guest, compute, volumes):
     assert read_all(src) == guest.model, "src lacks some of the guest's writes"
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 def test_start_and_complete_repeated_are_idempotent(guest, compute, volumes):
     src, dst = volumes
     guest.start_writer()
@@ -250,6 +254,7 @@ def test_stopped_instance_is_fenced_in_state_and_completed_onto_dst(workdir, vol
         agent.stop()
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 def test_agent_restarted_while_fenced_still_knows_and_completes(workdir, guest, volumes):
     src, dst = volumes
     agent = Agent(workdir, {SERVER: server_entry(guest, SRC_ATT)})

@@ -16,6 +16,7 @@ from nbd_devices import nbd_devices
 
 import volcopy
 from compute_harness import (
+    BACKENDS,
     DST_ATT,
     SERVER,
     SIZE,
@@ -25,6 +26,7 @@ from compute_harness import (
     Guest,
     local,
     needs_guest,
+    restart_libvirtd,
     server_entry,
     wait_for,
     wait_state,
@@ -63,6 +65,7 @@ def started_agent(workdir, guest):
         agent.stop()
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 @pytest.mark.parametrize("point", ["agent-before-snapshot", "agent-after-snapshot"])
 def test_agent_killed_while_fencing_resolves_from_the_graph(workdir, guest, volumes, started_agent, point):
     src, dst = volumes
@@ -92,6 +95,7 @@ def test_agent_killed_while_fencing_resolves_from_the_graph(workdir, guest, volu
     finish_on(guest, dst)
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 @pytest.mark.parametrize(
     "point", ["agent-after-attach", "agent-before-repoint", "agent-after-repoint", "agent-after-merge"]
 )
@@ -184,6 +188,7 @@ def test_dst_failing_writes_during_the_merge_is_failed_then_retried(
     finish_on(guest, dst)
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 def test_guest_shut_down_while_fenced_is_merged_offline_on_complete(guest, volumes, started_agent, workdir):
     src, dst = volumes
     agent = started_agent()
@@ -197,7 +202,7 @@ def test_guest_shut_down_while_fenced_is_merged_offline_on_complete(guest, volum
     assert guest.errors == []
     guest.check_guest_reads_model()
     guest.send("halt")
-    guest.process.wait(timeout=30)
+    guest.wait_stopped(timeout=30)
 
     stopped = wait_for(
         lambda: (s := compute.migration_state(SERVER, SRC_ATT))["instance_running"] is False and s,
@@ -223,7 +228,7 @@ def test_guest_started_again_on_src_while_fenced_is_reported(guest, volumes, sta
     time.sleep(0.5)
     guest.stop_writer()
     guest.send("halt")
-    guest.process.wait(timeout=30)
+    guest.wait_stopped(timeout=30)
     wait_for(lambda: compute.migration_state(SERVER, SRC_ATT)["instance_running"] is False, what="stop seen")
     overlay = next((workdir / "overlays").iterdir())
     guest.stop()
@@ -295,6 +300,7 @@ def test_two_writers_on_a_multi_attached_volume_are_refused(workdir, volumes):
         second.stop()
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 def test_a_stale_generation_is_refused(guest, volumes, started_agent):
     src, dst = volumes
     agent = started_agent()
@@ -424,3 +430,25 @@ def test_discards_reach_the_new_volume_only_when_its_connection_allows(
         hole_at_start = os.lseek(f.fileno(), 0, os.SEEK_HOLE) == 0
     assert hole_at_start == discard
     assert read_all(dst, 4 * MiB) == (bytes(4 * MiB) if discard else read_all(src, 4 * MiB))
+
+
+@pytest.mark.parametrize("guest", ["libvirt"], indirect=True)
+def test_libvirtd_restarted_while_fenced_keeps_the_chain_and_completes(guest, volumes, started_agent):
+    """libvirt only: libvirtd stops and starts again while the guest is fenced. The domain runs on,
+    on its overlay; the agent reconnects, still reports fenced, and complete moves the guest onto dst."""
+    src, dst = volumes
+    agent = started_agent()
+    agent.start()
+    compute = client(agent)
+    guest.start_writer()
+    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    at_fence = volcopy.digest(src)
+    restart_libvirtd()
+    time.sleep(0.3)
+    assert compute.migration_state(SERVER, SRC_ATT)["state"] == "fenced"
+    assert volcopy.digest(src) == at_fence
+    volcopy.copy(src, dst)
+    compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
+    wait_state(compute, "completed")
+    assert volcopy.digest(src) == at_fence, "src was written after its fence"
+    finish_on(guest, dst)

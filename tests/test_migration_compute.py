@@ -128,7 +128,7 @@ def test_a_refused_fence_lifts_the_fences_already_set(workdir, guest, agent, com
     guest.start_writer()
     migrator = Migrator(f"sqlite:///{workdir}/journal.sqlite", compute)
 
-    with pytest.raises(MigrationCancelled, match="refused the fence of server-1/att-not-here") as raised:
+    with pytest.raises(MigrationCancelled, match=f"refused the fence of {SERVER}/att-not-here") as raised:
         migrator.migrate(src, dst, attachments=[(SERVER, SRC_ATT, DST_ATT), (SERVER, "att-not-here", "x")])
 
     steps = migrator.steps(raised.value.migration_id)
@@ -148,7 +148,7 @@ def test_a_refused_fence_lifts_the_fences_already_set(workdir, guest, agent, com
     )
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
     assert (
-        "refused the fence of server-1/att-not-here: attachment att-not-here is not attached"
+        f"refused the fence of {SERVER}/att-not-here: attachment att-not-here is not attached"
         in refused.stderr
     )
     check_cancelled(migrator.status(raised.value.migration_id), guest, compute, src)

@@ -14,6 +14,12 @@ The servers and attachments this agent owns are one group each, named after thei
     node = vol0           # the block node holding the volume (the device's drive)
     volume = /dev/sdb     # the volume's path on this host
 
+A server that libvirt runs (as Nova does) names libvirt's URI instead; its id is the domain's UUID
+(Nova's instance UUID), and an attachment's qdev is the disk's target (vda), with no node:
+
+    [server:INSTANCE_UUID]
+    uri = qemu:///system
+
 docs/compute-agent.md shows a whole file and what each option is for.
 """
 
@@ -110,6 +116,11 @@ ssl_opts = [
 ]
 
 server_opts = [
+    cfg.StrOpt(
+        "uri",
+        help="libvirt's connection URI (qemu:///system): the server is the libvirt domain whose UUID is "
+        "the server's id, and the handoff goes through libvirt's API. Without it: qmp and pidfile.",
+    ),
     cfg.StrOpt("qmp", help="The QMP socket of the server's QEMU."),
     cfg.StrOpt(
         "pidfile",
@@ -120,8 +131,8 @@ server_opts = [
 
 attachment_opts = [
     cfg.StrOpt("server", help="The id of the server the volume is attached to."),
-    cfg.StrOpt("qdev", help="The id of the guest's disk device."),
-    cfg.StrOpt("node", help="The block node holding the volume (the device's drive)."),
+    cfg.StrOpt("qdev", help="The id of the guest's disk device (with libvirt: the disk's target, vda)."),
+    cfg.StrOpt("node", help="The block node holding the volume (the device's drive); not with libvirt."),
     cfg.StrOpt("volume", help="The volume's path on this host."),
 ]
 
@@ -227,18 +238,22 @@ def load(argv: list[str]) -> AgentConfig:
         if section.startswith(SERVER_PREFIX):
             conf.register_opts(server_opts, group=section)
             server_id = section.removeprefix(SERVER_PREFIX)
-            servers[server_id] = ServerConfig(
-                qmp=require(section, "qmp"), pidfile=require(section, "pidfile"), attachments={}
-            )
+            if get(section, "uri"):
+                servers[server_id] = ServerConfig(uri=get(section, "uri"), attachments={})
+            else:
+                servers[server_id] = ServerConfig(
+                    qmp=require(section, "qmp"), pidfile=require(section, "pidfile"), attachments={}
+                )
     for section in sections:
         if section.startswith(ATTACHMENT_PREFIX):
             conf.register_opts(attachment_opts, group=section)
             server_id = require(section, "server")
             if server_id not in servers:
                 raise ConfigError(f"{files}: [{section}] server: no [{SERVER_PREFIX}{server_id}] section")
-            servers[server_id].attachments[section.removeprefix(ATTACHMENT_PREFIX)] = {
-                key: require(section, key) for key in ("qdev", "node", "volume")
-            }
+            keys = ("qdev", "volume") if servers[server_id].uri else ("qdev", "node", "volume")
+            attachment = {key: require(section, key) for key in keys}
+            attachment.setdefault("node", get(section, "node") or "")
+            servers[server_id].attachments[section.removeprefix(ATTACHMENT_PREFIX)] = attachment
     return AgentConfig(
         conf=conf,
         host=values.pop("listen"),

@@ -13,7 +13,9 @@ Rules that keep every guest write:
   that stops while fenced keeps its overlay, which cancel or complete merge with qemu-img; a QEMU
   started again on src while fenced is reported.
 
-The hypervisor operations are QemuServer's (qemu.py); the HTTP rules are http.py's and api.py's.
+The hypervisor operations are hypervisor.py's interface, implemented over QMP (qemu.py) and libvirt
+(libvirt_backend.py); the state machine speaks of images and chains only. The HTTP rules are wsgi.py's
+and api.py's.
 """
 
 from __future__ import annotations
@@ -33,16 +35,9 @@ from ...migration.failpoints import failpoint
 from ...volume import size_of
 from ..api import State
 from ..errors import ComputeConflict, ComputeForbidden, ComputeNotFound
+from .hypervisor import Hypervisor, HypervisorError, HypervisorNotRunning
 from .policy import DstPolicy, check_not_in_use
-from .qemu import (
-    QemuError,
-    QemuNotRunning,
-    QemuServer,
-    disk_size,
-    merge_offline,
-    short_name,
-    volume_in_use,
-)
+from .qemu import disk_size, merge_offline, volume_in_use
 from .state import Disk, StateStore, VolumeMigration, connection_json
 
 log = logging.getLogger(__name__)
@@ -52,9 +47,21 @@ SHUTDOWN_PATIENCE = 10.0  # seconds a QEMU that announced SHUTDOWN has to exit
 
 @dataclass
 class ServerConfig:
-    qmp: str  # the QMP socket
-    pidfile: str  # QEMU's -pidfile: locked while it runs
     attachments: dict[str, dict]  # attachment id -> {"qdev", "node", "volume"}
+    qmp: str | None = None  # the QMP socket
+    pidfile: str | None = None  # QEMU's -pidfile: locked while it runs
+    uri: str | None = None  # libvirt's connection URI: the server is the domain of that UUID
+
+
+def open_hypervisor(server_id: str, cfg: ServerConfig, on_event) -> Hypervisor:
+    """The backend a server's configuration chooses: libvirt when it names a URI, QMP otherwise."""
+    if cfg.uri:
+        from .libvirt_backend import LibvirtServer
+
+        return LibvirtServer(cfg.uri, server_id, on_event)
+    from .qemu import QemuServer
+
+    return QemuServer(cfg.qmp, cfg.pidfile, on_event)
 
 
 def _free_bytes(directory: str) -> int:
@@ -67,16 +74,6 @@ def _allocated_bytes(path: str | None) -> int:
         return os.stat(path).st_blocks * 512 if path else 0
     except FileNotFoundError:
         return 0
-
-
-def _names(m: VolumeMigration) -> dict[str, str]:
-    return {
-        "overlay": short_name("ovl", m.attachment_id, str(m.generation)),
-        "overlay_file": short_name("ovf", m.attachment_id, str(m.generation)),
-        "job": short_name("cmt", m.attachment_id, str(m.generation)),
-        "dst": short_name("dst", m.new_attachment_id or ""),
-        "dst_file": short_name("dsf", m.new_attachment_id or ""),
-    }
 
 
 def _fsync_volume(path: str) -> None:
@@ -101,8 +98,8 @@ class Handoff:
         self.overlay_dir = overlay_dir
         self.policy = policy
         self.overlay_min_free = overlay_min_free
-        self.servers = {
-            server_id: QemuServer(cfg.qmp, cfg.pidfile, self._event_handler(server_id))
+        self.servers: dict[str, Hypervisor] = {
+            server_id: open_hypervisor(server_id, cfg, self._event_handler(server_id))
             for server_id, cfg in servers.items()
         }
         self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
@@ -169,7 +166,7 @@ class Handoff:
 
     def _event_handler(self, server_id: str):
         def handle(name: str, data: dict) -> None:
-            # Called on the QMP connection's own thread, which must not wait for QMP: look from another.
+            # Called on the backend's event thread, which must not wait for the backend: look from another.
             if name == "BLOCK_IO_ERROR" and data.get("nospace"):
                 log.warning(
                     "server %s: the guest is paused: a write found no space (a full overlay?)", server_id
@@ -214,9 +211,9 @@ class Handoff:
             except FileNotFoundError:
                 in_use = False
             if in_use:
-                raise QemuError(
-                    f"{path} is in use although the pid file {self.servers[m.server_id].pidfile} says "
-                    "QEMU is not running: check the agent's pidfile setting"
+                raise HypervisorError(
+                    f"{path} is in use although {self.servers[m.server_id].liveness} says "
+                    "QEMU is not running: check the agent's server settings"
                 )
         return False
 
@@ -265,7 +262,7 @@ class Handoff:
         if lock.acquire(blocking=False):  # else a step is running: the record is what it wrote
             try:
                 self._observe(self._migration(disk))
-            except (QemuError, OSError) as exc:
+            except (HypervisorError, OSError) as exc:
                 log.warning("attachment %s: cannot look at QEMU: %s", attachment_id, exc)
             finally:
                 lock.release()
@@ -274,10 +271,10 @@ class Handoff:
         server = self.servers[server_id]
         if m.state == State.FENCED.value and not m.offline:
             try:
-                m.bytes_written = server.bytes_written(_names(m)["overlay"])
-                if server.run_state() == "io-error" and server.io_status(disk.qdev) == "nospace":
+                m.bytes_written = server.bytes_written(disk, m)
+                if server.paused_on_enospc(disk):
                     state = State.OVERLAY_FULL.value
-            except QemuError:
+            except HypervisorError:
                 pass  # the record's values stand
         overlay_bytes = _allocated_bytes(m.overlay_path) if m.active else 0
         now = time.monotonic()
@@ -320,7 +317,7 @@ class Handoff:
             m = VolumeMigration(attachment_id, server_id, generation=m.generation + 1)
             try:
                 running = self._runs(m)
-            except QemuError as exc:
+            except HypervisorError as exc:
                 raise ComputeConflict(f"cannot suspend writes: {exc}") from None
             writable = running and self._check_can_fence(server, disk)
             if not running:
@@ -360,7 +357,7 @@ class Handoff:
             if m.state == State.FENCING.value:
                 self._recover_fencing(m)
             self._observe(m)
-        except (QemuError, OSError) as exc:
+        except (HypervisorError, OSError) as exc:
             raise ComputeConflict(
                 f"cannot tell what QEMU does with attachment {m.attachment_id}: {exc}"
             ) from None
@@ -369,11 +366,11 @@ class Handoff:
         m.merged = True
         self.store.put_migration(m)
 
-    def _check_can_fence(self, server: QemuServer, disk: Disk) -> bool:
+    def _check_can_fence(self, server: Hypervisor, disk: Disk) -> bool:
         """Whether the guest may write the disk; 409 if it cannot be fenced."""
         try:
-            writable, shared = server.writable_and_shared(disk.qdev)
-        except QemuError as exc:
+            writable, shared = server.writable_and_shared(disk)
+        except HypervisorError as exc:
             raise ComputeConflict(f"cannot suspend writes: {exc}") from None
         if writable and shared:
             raise ComputeConflict(
@@ -390,15 +387,13 @@ class Handoff:
         return writable
 
     def _fence(self, m: VolumeMigration, disk: Disk) -> None:
-        server, names = self.servers[m.server_id], _names(m)
-        top = server.top_node(disk.qdev)
-        if top != disk.node:
-            raise QemuError(f"the disk is on node {top}, not on its volume's node {disk.node}")
-        size = server.nodes()[disk.node]["image"]["virtual-size"]
-        server.add_overlay(m.overlay_path, names["overlay_file"], names["overlay"], size)
-        server.track_writes(names["overlay"])
+        server = self.servers[m.server_id]
+        top = server.chain(disk)[0]
+        if top != disk.volume_path:
+            raise HypervisorError(f"the disk is on {top}, not on its volume {disk.volume_path}")
+        server.prepare_fence(disk, m)
         failpoint("agent-before-snapshot")
-        server.snapshot(disk.node, names["overlay"])
+        server.fence(disk, m)
         failpoint("agent-after-snapshot")
         _fsync_volume(disk.volume_path)
         self._set(m, State.FENCED)
@@ -407,13 +402,13 @@ class Handoff:
         """A fence that failed half-way, taken down from what the node graph shows: an overlay already
         in the disk's chain holds the guest's writes since the snapshot, so it is merged back into src
         before anything of it goes. Returns why it could not be (the overlay then stays), or None."""
-        server, names = self.servers[m.server_id], _names(m)
+        server = self.servers[m.server_id]
         try:
-            if server.top_node(disk.qdev) == names["overlay"]:
-                server.commit_active(names["job"], names["overlay"], lambda: self._mark_merged(m))
-                top = server.top_node(disk.qdev)
-                if top != disk.node:
-                    return f"after the merge the disk is on node {top}, not on src's {disk.node}"
+            if server.chain(disk)[0] == m.overlay_path:
+                server.merge_down(disk, m, lambda: self._mark_merged(m))
+                top = server.chain(disk)[0]
+                if top != disk.volume_path:
+                    return f"after the merge the disk is on {top}, not on src {disk.volume_path}"
         except Exception as exc:  # noqa: BLE001 - the overlay stays, and the reason is reported
             return f"merging the overlay back into src failed: {exc}"
         self._remove_overlay(m)
@@ -422,12 +417,11 @@ class Handoff:
     def _remove_overlay(self, m: VolumeMigration) -> None:
         """Overlay nodes and file once out of the disk's chain. The file goes only once QEMU has let go
         of its nodes: while a node uses it, it may hold the guest's writes."""
-        names, server = _names(m), self.servers[m.server_id]
+        server = self.servers[m.server_id]
         if not m.offline:
             try:
-                for node in (names["overlay"], names["overlay_file"]):
-                    server.delete_node(node)
-            except QemuError as exc:
+                server.release_overlay(self.store.disk(m.attachment_id), m)
+            except HypervisorError as exc:
                 log.warning(
                     "could not delete the overlay nodes of %s, so its file %s stays: %s",
                     m.attachment_id,
@@ -520,7 +514,7 @@ class Handoff:
             if not m.offline:
                 try:
                     self._switch(m)
-                except QemuError as exc:
+                except HypervisorError as exc:
                     if not m.pivoted:  # the guest is still on overlay -> src: stay fenced there
                         _detach_quietly(dst)
                         m.new_attachment_id = m.dst_path = m.dst_connection = None
@@ -532,14 +526,10 @@ class Handoff:
         return self._answer(m)
 
     def _move_read_only(self, m: VolumeMigration, dst: Attached) -> None:
-        disk, server, names = self.store.disk(m.attachment_id), self.servers[m.server_id], _names(m)
+        disk, server = self.store.disk(m.attachment_id), self.servers[m.server_id]
         try:
-            if m.dst_format != "raw":
-                raise QemuError("a read-only disk moves onto a raw volume only")
-            server.move_read_only_disk(disk.node, names["dst_file"], m.dst_path)
-            if server.nodes()[disk.node].get("file") != m.dst_path:
-                raise QemuError(f"node {disk.node} does not read {m.dst_path} after the switch")
-        except QemuError as exc:
+            server.move_read_only(disk, m)
+        except HypervisorError as exc:
             _detach_quietly(dst)
             m.new_attachment_id = m.dst_path = m.dst_connection = None
             self._set(m, State.FENCED, f"moving the read-only disk onto the new volume failed: {exc}")
@@ -553,7 +543,7 @@ class Handoff:
         if not m.offline:
             try:
                 self._switch(m)
-            except QemuError as exc:
+            except HypervisorError as exc:
                 self._fail(m, f"the switch to the new volume is not done: {exc}")
                 raise ComputeConflict(m.reason) from None
         if m.state == State.FAILED.value:
@@ -567,19 +557,20 @@ class Handoff:
         except Exception as exc:  # noqa: BLE001 - os-brick raises many kinds
             # Its text may quote connection properties: never a password in a reason or a log line.
             raise ComputeConflict(f"cannot attach the new volume: {mask_password(str(exc))}") from None
-        disks = self.store.all_disks()
-        # A multi-attached volume's attachments move onto the same new volume: those are not others.
-        same_src = os.path.realpath(src.volume_path)
-        moved_with_us = {d.replaced_by for d in disks if os.path.realpath(d.volume_path) == same_src}
         try:
-            check_not_in_use(dst.path, {d.volume_path for d in disks if d.attachment_id not in moved_with_us})
+            disks = self.store.all_disks()
+            # A multi-attached volume moves to one new volume: where another attachment of src went is
+            # not another volume's.
+            moved_with = {d.replaced_by for d in disks if d.replaced_by and d.volume_path == src.volume_path}
+            in_use = {d.volume_path for d in disks if d.attachment_id not in moved_with}
+            check_not_in_use(dst.path, in_use)
         except ComputeForbidden:
             _detach_quietly(dst)
             raise
         image_format = connection_info["data"].get("format", "raw")
         try:
             dst_size, src_size = disk_size(dst.path, image_format), size_of(src.volume_path)
-        except (OSError, QemuError) as exc:
+        except (OSError, HypervisorError) as exc:
             _detach_quietly(dst)
             raise ComputeConflict(f"cannot open the new volume {dst.path}: {exc}") from None
         if dst_size < src_size:
@@ -590,33 +581,28 @@ class Handoff:
         return dst
 
     def _switch(self, m: VolumeMigration) -> None:
-        """Moves the overlay onto dst and releases src, each step only if the graph shows it is not
-        done; then reads the graph back: the chain must be overlay -> dst (or dst, once merged) and
-        src's node gone. From the re-pointing on, the guest reads through the overlay from dst."""
+        """Moves the overlay's writes onto dst and releases src, each step only if the chain shows it
+        is not done; then reads the chain back: it must be overlay -> dst (or dst, once merged), and
+        src released. From the move on, the guest reads through the overlay from dst. A backend that
+        moves the writes into a new overlay over dst (libvirt's shallow copy) names it: the record
+        follows, and the old overlay, out of the chain, goes."""
         disk = self.store.disk(m.attachment_id)
-        server, names = self.servers[m.server_id], _names(m)
-        nodes = server.nodes()
-        if not m.pivoted and server.top_node(disk.qdev) != names["overlay"]:
-            raise QemuError(f"the overlay is not on top of the disk (it is on {server.top_node(disk.qdev)})")
-        if names["overlay"] in nodes and nodes[names["overlay"]].get("backing_file") != m.dst_path:
-            server.add_volume(names["dst"], m.dst_path, m.dst_format, m.dst_discard)
-            failpoint("agent-before-repoint")
-            server.repoint_backing(names["overlay"], names["overlay_file"], names["dst"])
-        m.pivoted = True
+        server = self.servers[m.server_id]
+        top = server.move_onto_dst(disk, m)
+        if top != m.overlay_path:  # the old overlay is out of the chain (read back): its writes are in top
+            if server.chain(disk)[0] != top:
+                raise HypervisorError(f"the disk is not on {top} after the move onto the new volume")
+            if m.overlay_path and os.path.exists(m.overlay_path):
+                os.unlink(m.overlay_path)  # before the record moves on: a restart finds it gone or named
+        m.pivoted, m.overlay_path = True, top
         self.store.put_migration(m)
         failpoint("agent-after-repoint")
-        server.delete_node(disk.node)
+        server.release_src(disk, m)
         if disk.replaced_by is None:
             self._replace_disk(m)
-        nodes = server.nodes()
-        top = server.top_node(disk.qdev)
-        on_dst = top == names["dst"] or (
-            top == names["overlay"] and nodes[top].get("backing_file") == m.dst_path
-        )
-        if not on_dst or disk.node in nodes:
-            raise QemuError(
-                f"the disk's chain is not overlay -> new volume (top {top}, src node still there)"
-            )
+        chain = server.chain(disk)
+        if chain[:1] != [m.dst_path] and chain[:2] != [m.overlay_path, m.dst_path]:
+            raise HypervisorError(f"the disk's chain is not overlay -> new volume: {' -> '.join(chain)}")
 
     def _replace_disk(self, m: VolumeMigration, node: str | None = None) -> None:
         old = self.store.disk(m.attachment_id)
@@ -625,7 +611,7 @@ class Handoff:
                 m.new_attachment_id,
                 m.server_id,
                 old.qdev,
-                node or _names(m)["dst"],
+                node or self.servers[m.server_id].dst_node(m),
                 m.dst_path,
                 m.dst_format or "raw",
                 m.dst_connection,
@@ -667,7 +653,7 @@ class Handoff:
             if not m.offline:
                 try:
                     self._merge_online(m, completing)
-                except QemuNotRunning:
+                except HypervisorNotRunning:
                     m.offline = True
                     self.store.put_migration(m)
             if m.offline:
@@ -684,28 +670,29 @@ class Handoff:
         self._set(m, State.COMPLETED if completing else State.CANCELLED)
 
     def _merge_online(self, m: VolumeMigration, completing: bool) -> None:
-        disk, server, names = self.store.disk(m.attachment_id), self.servers[m.server_id], _names(m)
-        target = names["dst"] if completing else disk.node
+        disk, server = self.store.disk(m.attachment_id), self.servers[m.server_id]
+        target = m.dst_path if completing else disk.volume_path
         if m.qemu is not None and server.identity() not in (None, m.qemu):
             raise _Restarted("QEMU was started again while fenced, on src: the overlay is not in use")
-        top = server.top_node(disk.qdev)
-        if top == names["overlay"]:
-            if completing:
-                self._switch(m)
-            m.bytes_written = server.bytes_written(names["overlay"])
+        top = server.chain(disk)[0]
+        if completing and (top == m.overlay_path or not m.merged):
+            self._switch(m)  # done again if a restart cut it short: it reads the chain first
+            top = server.chain(disk)[0]
+        if top == m.overlay_path:
+            m.bytes_written = server.bytes_written(disk, m)
             try:
-                server.commit_active(names["job"], names["overlay"], lambda: self._mark_merged(m))
-            except QemuError:
-                if m.merged and server.top_node(disk.qdev) == names["overlay"]:
+                server.merge_down(disk, m, lambda: self._mark_merged(m))
+            except HypervisorError:
+                if m.merged and server.chain(disk)[0] == m.overlay_path:
                     m.merged = False  # the switch failed: the disk is still on the overlay
                     self.store.put_migration(m)
                 raise
             failpoint("agent-after-merge")
-            top = server.top_node(disk.qdev)
+            top = server.chain(disk)[0]
         elif not m.merged:
             raise _Restarted(f"the overlay was never merged, yet the disk is on {top}: the overlay is kept")
         if top != target:
-            raise QemuError(f"after the merge the disk is on {top}, not on {target}")
+            raise HypervisorError(f"after the merge the disk is on {top}, not on {target}")
         self._remove_overlay(m)
         server.resume_after_io_error()
 
@@ -775,14 +762,14 @@ class Handoff:
             elif server.identity() != m.qemu:
                 m.restarted = True
                 self._fail(m, "the agent restarted while fencing, and QEMU was started again")
-            elif server.top_node(disk.qdev) == _names(m)["overlay"]:
+            elif server.chain(disk)[0] == m.overlay_path:
                 _fsync_volume(disk.volume_path)
                 self._set(m, State.FENCED)
             else:  # the same QEMU never had it in the chain: the guest never wrote to it
                 self._remove_overlay(m)
                 m.overlay_path = None
                 self._set(m, State.NONE, "the agent restarted before the fence was set")
-        except (QemuError, OSError) as exc:
+        except (HypervisorError, OSError) as exc:
             self._fail(m, f"the agent restarted while fencing: {exc}")
 
 

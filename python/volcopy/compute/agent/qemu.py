@@ -7,8 +7,8 @@ and commits it into dst. Each operation is idempotent or checks the graph first,
 agent can run it again. A QEMU that stopped leaves its overlay file; it is merged with qemu-img.
 
 Whether QEMU runs is read from its pid file, which QEMU keeps locked while it lives: a QMP socket that
-cannot be reached is an error, never a sign that QEMU stopped. Another hypervisor backend (libvirt)
-provides the same methods as QemuServer.
+cannot be reached is an error, never a sign that QEMU stopped. QemuServer implements hypervisor.py's
+interface; the node and job names it gives each migration are derived from its ids (names()).
 """
 
 from __future__ import annotations
@@ -22,21 +22,35 @@ import subprocess
 import time
 from collections.abc import Callable
 
+from ...migration.failpoints import failpoint
 from ...volume import size_of
+from .hypervisor import Hypervisor, HypervisorNotRunning
 from .qmp import QemuError, QemuGone, Qmp
+from .state import Disk, VolumeMigration
 
 JOB_POLL_SECONDS = 0.02
 WRITTEN_BITMAP = "volcopy-written"
 _FLOCK = "hhqqi4x"  # struct flock on x86-64 and arm64: type, whence, start, len, pid
 
 
-class QemuNotRunning(QemuError):
+class QemuNotRunning(HypervisorNotRunning):
     """The server's QEMU is not running (its pid file is not locked)."""
 
 
 def short_name(prefix: str, *parts: str) -> str:
     """Node and job names (QEMU allows 31 characters) derived from ids that may be long UUIDs."""
     return prefix + hashlib.blake2b("/".join(parts).encode(), digest_size=8).hexdigest()
+
+
+def names(m: VolumeMigration) -> dict[str, str]:
+    """The QMP node and job names of one migration: the same ones for a restarted agent."""
+    return {
+        "overlay": short_name("ovl", m.attachment_id, str(m.generation)),
+        "overlay_file": short_name("ovf", m.attachment_id, str(m.generation)),
+        "job": short_name("cmt", m.attachment_id, str(m.generation)),
+        "dst": short_name("dst", m.new_attachment_id or ""),
+        "dst_file": short_name("dsf", m.new_attachment_id or ""),
+    }
 
 
 def _process_identity(pid: int) -> str | None:
@@ -75,11 +89,12 @@ def pid_holding(pidfile: str) -> int | None:
     return None if kind == fcntl.F_UNLCK else pid
 
 
-class QemuServer:
+class QemuServer(Hypervisor):
     """One server's QEMU: its pid file says whether it runs, its QMP socket does the rest."""
 
     def __init__(self, qmp_path: str, pidfile: str, on_event: Callable[[str, dict], None] | None = None):
         self.pidfile = pidfile
+        self.liveness = f"the pid file {pidfile}"
         self.qmp = Qmp(qmp_path, on_event)
         self._pid: int | None = None
 
@@ -137,12 +152,6 @@ class QemuServer:
         """ "ok", "nospace" (a write failed for lack of space) or "failed"."""
         return self._device(qdev).get("io-status", "ok")
 
-    def writable_and_shared(self, qdev: str) -> tuple[bool, bool]:
-        """(the guest may write the disk, another guest may write the same volume: share-rw=on)."""
-        inserted = self._device(qdev).get("inserted", {})
-        shared = self.cmd("qom-get", path=f"/machine/peripheral/{qdev}", property="share-rw")
-        return not inserted.get("ro", False), bool(shared)
-
     def nodes(self) -> dict[str, dict]:
         return {n["node-name"]: n for n in self.cmd("query-named-block-nodes")}
 
@@ -155,13 +164,6 @@ class QemuServer:
         existing = {b["name"] for b in self.nodes().get(overlay, {}).get("dirty-bitmaps", [])}
         if WRITTEN_BITMAP not in existing:
             self.cmd("block-dirty-bitmap-add", node=overlay, name=WRITTEN_BITMAP)
-
-    def bytes_written(self, overlay: str) -> int:
-        """Bytes of the disk the guest changed since the fence (in the bitmap's 64 KiB granules)."""
-        for bitmap in self.nodes().get(overlay, {}).get("dirty-bitmaps", []):
-            if bitmap["name"] == WRITTEN_BITMAP:
-                return bitmap["count"]
-        raise QemuError(f"overlay {overlay} has no write tracking")
 
     def add_overlay(self, overlay_path: str, file_node: str, node: str, size: int) -> None:
         """A fresh qcow2 file and its two nodes, not yet in the device's chain."""
@@ -275,6 +277,95 @@ class QemuServer:
                 return
             time.sleep(JOB_POLL_SECONDS)
 
+    # ------------------------------------------------------------------ the hypervisor interface
+
+    def chain(self, disk: Disk) -> list[str]:
+        inserted = self._device(disk.qdev).get("inserted")
+        if not inserted:
+            raise QemuError(f"disk device {disk.qdev!r} has no medium")
+        paths, image = [], inserted.get("image")
+        while image:
+            paths.append(_plain_filename(image["filename"]))
+            image = image.get("backing-image")
+        return paths
+
+    def writable_and_shared(self, disk: Disk) -> tuple[bool, bool]:
+        inserted = self._device(disk.qdev).get("inserted", {})
+        shared = self.cmd("qom-get", path=f"/machine/peripheral/{disk.qdev}", property="share-rw")
+        return not inserted.get("ro", False), bool(shared)
+
+    def prepare_fence(self, disk: Disk, m: VolumeMigration) -> None:
+        top = self.top_node(disk.qdev)
+        if top != disk.node:
+            raise QemuError(f"the disk is on node {top}, not on its volume's node {disk.node}")
+        n = names(m)
+        size = self.nodes()[disk.node]["image"]["virtual-size"]
+        self.add_overlay(m.overlay_path, n["overlay_file"], n["overlay"], size)
+        self.track_writes(n["overlay"])
+
+    def fence(self, disk: Disk, m: VolumeMigration) -> None:
+        self.snapshot(disk.node, names(m)["overlay"])
+
+    def release_overlay(self, disk: Disk, m: VolumeMigration) -> None:
+        n = names(m)
+        for node in (n["overlay"], n["overlay_file"]):
+            self.delete_node(node)
+
+    def merge_down(self, disk: Disk, m: VolumeMigration, before_switch: Callable[[], None]) -> None:
+        n = names(m)
+        self.commit_active(n["job"], n["overlay"], before_switch)
+
+    def move_onto_dst(self, disk: Disk, m: VolumeMigration) -> str:
+        n = names(m)
+        nodes = self.nodes()
+        if not m.pivoted and self.top_node(disk.qdev) != n["overlay"]:
+            raise QemuError(f"the overlay is not on top of the disk (it is on {self.top_node(disk.qdev)})")
+        if n["overlay"] in nodes and nodes[n["overlay"]].get("backing_file") != m.dst_path:
+            self.add_volume(n["dst"], m.dst_path, m.dst_format, m.dst_discard)
+            failpoint("agent-before-repoint")
+            self.repoint_backing(n["overlay"], n["overlay_file"], n["dst"])
+        return m.overlay_path
+
+    def dst_node(self, m: VolumeMigration) -> str:
+        return names(m)["dst"]
+
+    def release_src(self, disk: Disk, m: VolumeMigration) -> None:
+        self.delete_node(disk.node)
+        if disk.node in self.nodes():
+            raise QemuError(f"src's node {disk.node} is still there")
+
+    def move_read_only(self, disk: Disk, m: VolumeMigration) -> None:
+        if m.dst_format != "raw":
+            raise QemuError("a read-only disk moves onto a raw volume only")
+        self.move_read_only_disk(disk.node, names(m)["dst_file"], m.dst_path)
+        if self.nodes()[disk.node].get("file") != m.dst_path:
+            raise QemuError(f"node {disk.node} does not read {m.dst_path} after the switch")
+
+    def bytes_written(self, disk: Disk, m: VolumeMigration) -> int:
+        """Bytes of the disk the guest changed since the fence (in the bitmap's 64 KiB granules)."""
+        overlay = names(m)["overlay"]
+        for bitmap in self.nodes().get(overlay, {}).get("dirty-bitmaps", []):
+            if bitmap["name"] == WRITTEN_BITMAP:
+                return bitmap["count"]
+        raise QemuError(f"overlay {overlay} has no write tracking")
+
+    def paused_on_enospc(self, disk: Disk) -> bool:
+        return self.run_state() == "io-error" and self.io_status(disk.qdev) == "nospace"
+
+    def close(self) -> None:
+        self.qmp.drop()
+
+
+def _plain_filename(filename: str) -> str:
+    """The image's file: QEMU describes a node whose options changed (a re-pointed backing) as
+    json:{"driver": "qcow2", "file": {"filename": ...}, "backing": ...}."""
+    if not filename.startswith("json:"):
+        return filename
+    options = json.loads(filename.removeprefix("json:"))
+    while isinstance(options.get("file"), dict):
+        options = options["file"]
+    return options.get("filename", filename)
+
 
 def disk_size(path: str, image_format: str) -> int:
     """The size the guest sees: the device's or file's, or a qcow2 image's virtual size."""
@@ -301,4 +392,14 @@ def merge_offline(overlay_path: str, volume_path: str, volume_format: str) -> No
             raise QemuError(f"qemu-img {args[0]} of {overlay_path}: {done.stderr.strip()}")
 
 
-__all__ = ["QemuError", "QemuGone", "QemuNotRunning", "QemuServer", "merge_offline", "short_name"]
+__all__ = [
+    "QemuError",
+    "QemuGone",
+    "QemuNotRunning",
+    "QemuServer",
+    "disk_size",
+    "merge_offline",
+    "names",
+    "short_name",
+    "volume_in_use",
+]
