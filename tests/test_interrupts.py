@@ -55,7 +55,8 @@ def command(operation: str, src: str, other: str, workdir) -> list[str]:
 def test_ctrl_c_stops_the_command_with_exit_130(operation, big_disk, loops, workdir):
     other = loops.create(8 << 30)
     proc = subprocess.Popen(command(operation, big_disk, other, workdir), stderr=subprocess.PIPE, text=True)
-    time.sleep(0.7)
+    wait_until_it_opens(proc, big_disk)  # a loaded machine may take longer than a fixed pause to start
+    time.sleep(0.1)
     assert proc.poll() is None, "still running when interrupted"
     proc.send_signal(signal.SIGINT)
     sent = time.monotonic()
@@ -66,6 +67,34 @@ def test_ctrl_c_stops_the_command_with_exit_130(operation, big_disk, loops, work
     assert proc.returncode == 130, err
     assert "volcopy: interrupted" in err and "Traceback" not in err
     assert stopped < 1.0
+
+
+def wait_until_it_opens(proc: subprocess.Popen, path: str, timeout: float = 30.0) -> None:
+    """Until the command has opened path: it is then in its operation, past Python's start."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if any(
+                os.readlink(f"/proc/{proc.pid}/fd/{fd}") == path for fd in os.listdir(f"/proc/{proc.pid}/fd")
+            ):
+                return
+        except OSError:  # an fd closed while listed
+            pass
+        time.sleep(0.005)
+    raise AssertionError(f"the command never opened {path}")
+
+
+def wait_until_it_handles_sigint(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Until Python has installed its SIGINT handler (SigCgt in /proc): a SIGINT before that kills the
+    process outright, which says nothing about volcopy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{proc.pid}/status") as f:
+            caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+        if caught & (1 << (signal.SIGINT - 1)):
+            return
+        time.sleep(0.01)
+    raise AssertionError("the command never installed a SIGINT handler")
 
 
 def test_ctrl_c_says_where_the_checkpoint_resumes_and_the_same_command_finishes(workdir):
@@ -84,6 +113,7 @@ def test_ctrl_c_says_where_the_checkpoint_resumes_and_the_same_command_finishes(
         str(workdir / "copy.ckpt"),
     ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until_it_handles_sigint(proc)
     time.sleep(2.5)  # past the first checkpoint (every 2 s)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=10)
