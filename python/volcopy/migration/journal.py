@@ -254,9 +254,7 @@ class Journal:
         )
         if result.rowcount != 1:
             now = s.scalar(select(Migration.owner).where(Migration.id == migration_id))
-            raise LostOwnership(
-                f"migration {migration_id} is now run by {now}, no longer by {owner}", migration_id
-            )
+            raise LostOwnership(f"now run by {now}, no longer by {owner}", migration_id)
 
     # ---------------------------------------------------------------- migrations
 

@@ -323,11 +323,8 @@ class Migrator:
         try:
             flow()
         except LostOwnership as exc:
-            log.error("migration %s: stopped, another process owns it now: %s", m.id, exc)
-            raise MigrationError(
-                f"migration {m.id}: this process stopped, no longer its owner ({exc}); "
-                "no external effect was made after the loss",
-                m.id,
+            raise LostOwnership(
+                f"migration {m.id}: {exc}; this process stopped before any further external effect", m.id
             ) from None
         except JournalError as exc:
             raise JournalError(
@@ -393,9 +390,9 @@ class Migrator:
                     log.warning("migration %s: its lock died with its session; taken again", m.id)
                     return
                 self.owners.release(m.id)
-                raise LostOwnership(f"migration {m.id} is now run by {owner}", m.id)
+                raise LostOwnership(f"now run by {owner}, no longer by {self.owner}", m.id)
             if found == LOST:
-                raise LostOwnership(f"the lock of migration {m.id} is held by another process", m.id)
+                raise LostOwnership("its lock is held by another process", m.id)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise JournalUnreachable(
@@ -517,11 +514,11 @@ class Migrator:
                 last["checked"] = now
                 found = self.owners.check(m.id)
                 if found == LOST:
-                    raise LostOwnership(f"the lock of migration {m.id} is held by another process", m.id)
+                    raise LostOwnership("its lock is held by another process", m.id)
                 if found == REGAINED:
                     owner = self.journal.get(m.id).owner
                     if owner != self.owner:
-                        raise LostOwnership(f"migration {m.id} is now run by {owner}", m.id)
+                        raise LostOwnership(f"now run by {owner}, no longer by {self.owner}", m.id)
                     log.warning("migration %s: its lock died with its session; taken again", m.id)
             if 2 * done >= total:
                 failpoint("mid-copy")

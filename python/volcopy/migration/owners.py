@@ -88,6 +88,12 @@ def _coordination():
     return coordination
 
 
+# Imported with this module, not on first use: tooz imports eventlet (through futurist), and eventlet
+# imported in a thread other than the main one leaves that thread unjoinable (its join() and the
+# interpreter's exit then hang). A Migrator's first lock is often taken in a worker thread.
+_coordination()
+
+
 class Owners:
     """The tooz locks of the migrations this process runs."""
 
