@@ -66,12 +66,16 @@ def main() -> None:
             src, dst = volumes[round_ % 2], volumes[(round_ + 1) % 2]
             src_att, dst_att = f"att-{round_}", f"att-{round_ + 1}"
             t0 = time.monotonic()
-            compute.migration_start("server", src_att)
+            generation = compute.migration_start("server", src_att)["generation"]
             starts.append(time.monotonic() - t0)
             volcopy.copy(src, dst)
             t0 = time.monotonic()
             compute.migration_complete(
-                "server", src_att, dst_att, {"driver_volume_type": "local", "data": {"device_path": dst}}
+                "server",
+                src_att,
+                dst_att,
+                {"driver_volume_type": "local", "data": {"device_path": dst}},
+                generation,
             )
             completes.append(time.monotonic() - t0)
             wait_for(

@@ -11,6 +11,11 @@ packages=(
     util-linux mount fio qemu-utils qemu-system-x86 libnbd-bin time
     # the compute handoff tests: a real guest (a kernel and busybox for its initramfs)
     linux-image-cloud-amd64 busybox-static
+    # the compute side through libvirt: libvirtd and virtlogd (the tests start them), and what the
+    # libvirt-python binding builds against
+    libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-dev pkg-config
+    # the compute agent's TLS tests make a CA and certificates with the openssl command
+    openssl
     # the migration journal's tests: a real PostgreSQL server; XFS for the reflink (FICLONE) fast path
     postgresql xfsprogs
     # device faults and power loss under the engine: nbdkit (error filter, a Python plugin) behind nbdfuse

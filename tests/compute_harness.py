@@ -1,8 +1,10 @@
 """Real QEMU guests, a guest writer, and the compute agent as a subprocess, for the handoff tests.
 
-The guest writer does I/O through the disk's BlockBackend with the monitor's ``qemu-io`` command on a
-second QMP socket, so every write takes the path a guest's write takes (through the overlay when one
-is on top), and it keeps a model of what the guest's disk must hold.
+The guest is a small Linux whose /init writes 4 KiB blocks with O_DIRECT and logs each one on its
+console, so every write takes the path a guest's write takes (through the overlay when one is on top),
+and the test keeps a model of what the guest's disk must hold. It runs in a QEMU the agent reaches over
+QMP (Guest), or in a libvirt domain (LibvirtGuest, the same kernel, initramfs and console writer), as on a
+Nova compute host: the ``guest`` fixture takes "qmp" or "libvirt" as its parameter.
 """
 
 from __future__ import annotations
@@ -36,7 +38,13 @@ BUSYBOX = shutil.which("busybox")
 KERNELS = sorted(glob.glob("/boot/vmlinuz-*"))
 KERNEL = KERNELS[-1] if KERNELS else None
 SIZE = 64 * MiB  # of each test volume
-SERVER, SRC_ATT, DST_ATT = "server-1", "att-src-1", "att-dst-1"
+# The server's id is a UUID, as Nova's are: a libvirt domain is found by it.
+SERVER, SRC_ATT, DST_ATT = "3f2c8a4e-6b1d-4c9a-9e57-1a0b2c3d4e5f", "att-src-1", "att-dst-1"
+LIBVIRT_URI = "qemu:///system"
+LIBVIRTD, VIRTLOGD = (
+    shutil.which("libvirtd", path="/usr/sbin:/usr/bin"),
+    shutil.which("virtlogd", path="/usr/sbin:/usr/bin"),
+)
 
 needs_guest = [
     needs_root_for_loop,
@@ -59,7 +67,8 @@ GUEST_MODULES = [
 
 # The guest's /init: a writer that puts 4 KiB of one byte at a random block of /dev/vda with O_DIRECT and
 # logs "W <block> <byte>" once the write is done, so that the log is the exact order of completed writes.
-# Commands come on the console: start, stop (then "STOPPED"), md5 (what the guest reads), halt.
+# Commands come on the console: start, stop (then "STOPPED"), md5 (what the guest reads), discard (the
+# first 4 MiB, then "DISCARDED"), halt.
 GUEST_INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
@@ -83,6 +92,7 @@ while read -r command; do
     start) rm -f /tmp/stop; writer & ;;
     stop) touch /tmp/stop; wait ;;
     md5) echo 3 > /proc/sys/vm/drop_caches; echo "MD5 $(md5sum < /dev/vda | cut -d' ' -f1)" ;;
+    discard) blkdiscard -o 0 -l 4194304 /dev/vda && echo DISCARDED ;;
     halt) poweroff -f ;;
   esac
 done
@@ -135,11 +145,16 @@ class Guest:
     """A real Linux guest in QEMU with one virtio-blk disk on a raw volume. Its writes go through the
     disk's BlockBackend as any guest's do; the test reads them back from its console log."""
 
-    def __init__(self, workdir: Path, name: str, volume: str, size: int, shared: bool = False):
-        """shared: the volume is multi-attached (another guest has it too), as Nova sets it up."""
+    def __init__(
+        self, workdir: Path, name: str, volume: str, size: int, shared: bool = False, read_only: bool = False
+    ):
+        """shared: the volume is multi-attached (another guest writes it too), as Nova sets it up.
+        read_only: a read-only attachment (which another guest may write)."""
         self.workdir, self.name, self.volume, self.size, self.shared = workdir, name, volume, size, shared
+        self.read_only = read_only
         self.node, self.qdev = f"vol-{name}", f"disk-{name}"
         self.agent_socket = str(workdir / f"{name}-agent.qmp")
+        self.pidfile = str(workdir / f"{name}-qemu.pid")
         self.test_socket = str(workdir / f"{name}-test.qmp")
         self.console_socket = str(workdir / f"{name}-console.sock")
         self.log = workdir / f"{name}-qemu.log"
@@ -162,6 +177,9 @@ class Guest:
         if self.shared:
             blockdev["file"]["locking"] = "off"
             device += ",share-rw=on"
+        if self.read_only:  # as Nova attaches a multi-attached volume: sharing it with its writer
+            blockdev["read-only"] = True
+            device += ",share-rw=on"
         # TCG, not KVM: under nested KVM (as on this project's machines) the guest kernel hangs early
         # in boot, and a guest this small boots in seconds without it.
         args = [
@@ -178,6 +196,8 @@ class Guest:
             "-m",
             "256",
             "-no-reboot",
+            "-pidfile",
+            self.pidfile,
             "-kernel",
             KERNEL,
             "-initrd",
@@ -295,6 +315,9 @@ class Guest:
         blocks = self.monitor.cmd("query-block")
         return all(b.get("io-status", "ok") == "ok" for b in blocks)
 
+    def wait_stopped(self, timeout: float = 30) -> None:
+        self.process.wait(timeout=timeout)
+
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             try:
@@ -315,28 +338,145 @@ class Guest:
         self.monitor = self.console = None
 
 
+class LibvirtGuest(Guest):
+    """The same guest as a transient libvirt domain whose UUID is the server's id; its console is a unix
+    socket serial port. QEMU runs as libvirt's user (libvirt-qemu), so the test's directory is made
+    traversable for it. Nothing here talks to QEMU's monitor: libvirt's API only."""
+
+    def __init__(self, workdir: Path, name: str, volume: str, size: int, uuid: str = SERVER, **flags):
+        super().__init__(workdir, name, volume, size, **flags)
+        self.uuid, self.qdev, self.node = uuid, "vda", ""
+        self.domain = None
+        self._conn = None
+
+    def _xml(self, initramfs: Path) -> str:
+        kind, attr = ("block", "dev") if self.volume.startswith("/dev/") else ("file", "file")
+        flags = "<shareable/>" if self.shared else ""
+        flags += "<readonly/><shareable/>" if self.read_only else ""
+        return f"""<domain type='qemu'>
+  <name>volcopy-test-{self.name}-{self.uuid[:8]}</name><uuid>{self.uuid}</uuid>
+  <memory unit='MiB'>256</memory><vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type><kernel>{KERNEL}</kernel>
+    <initrd>{initramfs}</initrd><cmdline>console=ttyS0 quiet loglevel=0 panic=-1</cmdline></os>
+  <cpu mode='maximum' check='none'/>
+  <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>
+  <devices><emulator>{QEMU}</emulator>
+    <disk type='{kind}' device='disk'><driver name='qemu' type='raw' cache='none' io='native'/>
+      <source {attr}='{self.volume}'/><target dev='vda' bus='virtio'/>{flags}</disk>
+    <serial type='unix'><source mode='bind' path='{self.console_socket}'/><target port='0'/></serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>"""
+
+    def start(self) -> None:
+        import libvirt
+
+        for directory in (self.workdir, *self.workdir.parents):  # QEMU, as libvirt-qemu, must reach in
+            if str(directory).startswith("/tmp/"):
+                directory.chmod(directory.stat().st_mode | 0o011)
+        initramfs = self.workdir / f"{self.name}-initramfs.cpio"
+        build_initramfs(initramfs, self.size)
+        libvirt.registerErrorHandler(lambda ctx, err: None, None)  # errors are exceptions: no stderr
+        self._conn = libvirt.open(LIBVIRT_URI)
+        try:  # a domain a killed run left
+            self._conn.lookupByUUIDString(self.uuid).destroy()
+        except libvirt.libvirtError:
+            pass
+        if os.path.exists(self.console_socket):
+            os.unlink(self.console_socket)
+        self.domain = self._conn.createXML(self._xml(initramfs), 0)
+        try:
+            self.console = wait_for(self._connect_console, what="the domain's console socket")
+            self._reader = threading.Thread(target=self._read_console, daemon=True)
+            self._reader.start()
+            self.wait_line("READY", timeout=120)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _exited(self) -> None:
+        if not self.domain.isActive():
+            raise RuntimeError(f"the domain {self.uuid} stopped")
+
+    def _live_domain(self):
+        """The domain, through a new connection if libvirtd was restarted since."""
+        import libvirt
+
+        try:
+            self.domain.isActive()  # a call to libvirtd: the old connection fails after its restart
+        except libvirt.libvirtError:
+            self._conn = libvirt.open(LIBVIRT_URI)
+            self.domain = self._conn.lookupByUUIDString(self.uuid)
+        return self.domain
+
+    def running(self) -> bool:
+        try:
+            return bool(self._live_domain().isActive())
+        except Exception:  # noqa: BLE001 - a transient domain that stopped is gone
+            return False
+
+    def wait_stopped(self, timeout: float = 30) -> None:
+        wait_for(lambda: not self.running(), timeout=timeout, what="the domain to stop")
+
+    def io_status_ok(self) -> bool:
+        return self.running() and not self._live_domain().diskErrors()
+
+    def stop(self) -> None:
+        if self.domain is not None and self.running():
+            try:
+                self.domain.destroy()
+            except Exception:  # noqa: BLE001 - it went away by itself meanwhile
+                pass
+        if self.console is not None:
+            try:
+                self.console.close()
+            except OSError:
+                pass
+        self.console = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
 class Agent:
-    """``volcopy compute-agent`` in a subprocess, on a free port of 127.0.0.1."""
+    """``volcopy compute-agent`` in a subprocess, on a free port of 127.0.0.1.
+
+    servers: {server_id: {"qmp": ..., "attachments": {attachment_id: {"qdev", "node", "volume"}}}}.
+    settings: options of the agent's [agent] group (a list is written comma-separated); a dict is a
+    whole section, e.g. ssl={"cert_file": ..., "key_file": ...}."""
 
     def __init__(self, workdir: Path, servers: dict, **settings):
         self.workdir = workdir
-        self.config = workdir / "agent.json"
-        self.config.write_text(
-            json.dumps(
-                {
-                    "listen": "127.0.0.1:0",
-                    "tokens": [TOKEN],
-                    "state_db": str(workdir / "agent.sqlite"),
-                    "overlay_dir": str(workdir / "overlays"),
-                    "allowed_connectors": ["local"],
-                    "allowed_device_prefixes": ["/dev/loop"],
-                    "request_timeout": REQUEST_TIMEOUT,
-                    "overlay_min_free": 16 * MiB,
-                    "servers": servers,
-                }
-                | settings
-            )
-        )
+        self.config = workdir / "agent.conf"
+        agent = {
+            "listen": "127.0.0.1",
+            "listen_port": 0,
+            "auth_strategy": "static",
+            "tokens": [TOKEN],
+            "state_db": str(workdir / "agent.sqlite"),
+            "overlay_dir": str(workdir / "overlays"),
+            "allowed_connectors": ["local"],
+            "allowed_device_prefixes": ["/dev/loop"],
+            "request_timeout": REQUEST_TIMEOUT,
+            "overlay_min_free": 16 * MiB,
+        }
+        sections = {"agent": agent}
+        for name, value in settings.items():
+            if isinstance(value, dict):
+                sections.setdefault(name, {}).update(value)
+            else:
+                agent[name] = value
+        for server_id, server in servers.items():
+            sections[f"server:{server_id}"] = {k: v for k, v in server.items() if k != "attachments"}
+            for attachment_id, a in server["attachments"].items():
+                sections[f"attachment:{attachment_id}"] = {"server": server_id} | a
+        lines = []
+        for section, options in sections.items():
+            lines.append(f"[{section}]")
+            for key, value in options.items():
+                lines.append(f"{key} = {','.join(map(str, value)) if isinstance(value, list) else value}")
+            lines.append("")
+        self.config.write_text("\n".join(lines))
         self.process: subprocess.Popen | None = None
         self.url = ""
         self.log = workdir / "agent.log"
@@ -345,14 +485,14 @@ class Agent:
         """env: the agent's environment (a fault shim's, for one)."""
         log = open(self.log, "a")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "volcopy.cli", "compute-agent", "--config", str(self.config)],
+            [sys.executable, "-m", "volcopy.cli", "compute-agent", "--config-file", str(self.config)],
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
             env=env,
         )
         line = self.process.stdout.readline()
-        match = re.search(r"listening on (http://\S+)", line)
+        match = re.search(r"listening on (https?://\S+)", line)
         if not match:
             raise RuntimeError(f"the agent did not start: {line!r}; log: {self.log.read_text()}")
         self.url = match.group(1)
@@ -374,8 +514,14 @@ class Agent:
 
 
 def server_entry(guest: Guest, attachment_id: str) -> dict:
+    if isinstance(guest, LibvirtGuest):
+        return {
+            "uri": LIBVIRT_URI,
+            "attachments": {attachment_id: {"qdev": guest.qdev, "volume": guest.volume}},
+        }
     return {
         "qmp": guest.agent_socket,
+        "pidfile": guest.pidfile,
         "attachments": {attachment_id: {"qdev": guest.qdev, "node": guest.node, "volume": guest.volume}},
     }
 
@@ -410,9 +556,56 @@ def volumes(workdir, loops):
     return loops.attach(workdir / "src-backing.img"), loops.attach(workdir / "dst-backing.img")
 
 
+def _daemon_pid(pidfile: str) -> int | None:
+    try:
+        pid = int(Path(pidfile).read_text().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.fixture(scope="session")
+def libvirtd():
+    """virtlogd and libvirtd for the session (with no systemd: -d), stopped at its end if started here."""
+    if LIBVIRTD is None or VIRTLOGD is None:
+        pytest.skip("needs libvirtd and virtlogd (Debian: libvirt-daemon-system)")
+    started = []
+    for daemon, pidfile in ((VIRTLOGD, "/run/virtlogd.pid"), (LIBVIRTD, "/run/libvirtd.pid")):
+        if _daemon_pid(pidfile) is None:
+            subprocess.run([daemon, "-d"], check=True)
+            started.append(pidfile)
+    wait_for(lambda: os.path.exists("/run/libvirt/libvirt-sock"), what="libvirtd's socket")
+    yield
+    for pidfile in reversed(started):
+        pid = _daemon_pid(pidfile)
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            wait_for(lambda p=pid: not os.path.exists(f"/proc/{p}"), what="the daemon to stop")
+
+
+def restart_libvirtd() -> None:
+    """libvirtd stopped and started again: the domains it runs keep running."""
+    pid = _daemon_pid("/run/libvirtd.pid")
+    if pid is not None:
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), what="libvirtd to stop")
+    subprocess.run([LIBVIRTD, "-d"], check=True)
+    wait_for(lambda: _daemon_pid("/run/libvirtd.pid") is not None, what="libvirtd to start")
+
+
+# Parametrize a test's guest over both backends: @pytest.mark.parametrize("guest", BACKENDS, indirect=True)
+BACKENDS = ["qmp", "libvirt"]
+
+
 @pytest.fixture
-def guest(workdir, volumes):
-    g = Guest(workdir, "a", volumes[0], SIZE)
+def guest(request, workdir, volumes):
+    backend = getattr(request, "param", "qmp")
+    if backend == "libvirt":
+        request.getfixturevalue("libvirtd")
+        g = LibvirtGuest(workdir, "a", volumes[0], SIZE)
+    else:
+        g = Guest(workdir, "a", volumes[0], SIZE)
     g.start()
     yield g
     g.stop()

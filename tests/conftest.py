@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import xxhash
 
-# The real guests and the compute agent, with their fixtures (volumes, guest, agent, compute).
-pytest_plugins = ["compute_harness"]
+# The real guests and the compute agent, with their fixtures (volumes, guest, agent, compute), and a
+# real Keystone (keystone).
+pytest_plugins = ["compute_harness", "keystone_server"]
 
 MiB = 1 << 20
 ENGINES = ["io_uring", "aio", "sync", "threads"]

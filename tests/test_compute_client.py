@@ -67,7 +67,7 @@ def test_conflict_is_not_retried_and_carries_the_reason():
     compute = NovaCompute(endpoint=server.url, token="t" * 20)
 
     with pytest.raises(ComputeConflict, match="cannot suspend writes: busy") as caught:
-        compute.migration_complete("srv", "att", "new", {"driver_volume_type": "local", "data": {}})
+        compute.migration_complete("srv", "att", "new", {"driver_volume_type": "local", "data": {}}, 1)
     assert caught.value.status == 409
     assert len(server.requests) == 1
     server.shutdown()
@@ -77,7 +77,7 @@ def test_unauthorized_is_typed():
     server = Scripted([(401, {"unauthorized": {"code": 401, "message": "authentication required"}})])
 
     with pytest.raises(ComputeUnauthorized):
-        NovaCompute(endpoint=server.url, token="t" * 20).migration_cancel("srv", "att")
+        NovaCompute(endpoint=server.url, token="t" * 20).migration_cancel("srv", "att", 1)
     server.shutdown()
 
 

@@ -16,6 +16,7 @@ from faultshim import fault_env, injections
 
 import volcopy
 from compute_harness import (
+    BACKENDS,
     DST_ATT,
     REQUEST_TIMEOUT,
     SERVER,
@@ -40,13 +41,18 @@ from volcopy.compute import (
 pytestmark = needs_guest
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 def test_complete_moves_the_guest_onto_dst_with_every_write(guest, compute, volumes):
     src, dst = volumes
     guest.start_writer()
     time.sleep(0.3)
 
     started = compute.migration_start(SERVER, SRC_ATT)
-    assert started["state"] == "fenced"
+    assert started["state"] == "fenced" and started["generation"] == 1
+    assert started["data_location"].startswith("overlay ") and started["data_location"].endswith(
+        f"over src {src}"
+    )
+    gen = started["generation"]
     at_start = read_all(src)
     digest_at_start = volcopy.digest(src)
     volcopy.copy(src, dst)  # Cinder's copy, while the guest keeps writing
@@ -54,7 +60,7 @@ def test_complete_moves_the_guest_onto_dst_with_every_write(guest, compute, volu
     assert volcopy.digest(src) == digest_at_start, "src changed while fenced"
     assert compute.migration_state(SERVER, SRC_ATT)["bytes_written_since_start"] > 0
 
-    done = compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst))
+    done = compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
     assert done["state"] in ("completing", "completed")
     time.sleep(0.3)  # more writes, now onto dst
     guest.stop_writer()
@@ -69,56 +75,59 @@ def test_complete_moves_the_guest_onto_dst_with_every_write(guest, compute, volu
     assert read_all(dst) == guest.model, "dst does not hold src-at-start plus every write"
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 def test_cancel_merges_every_write_back_into_src(guest, compute, volumes):
     src, dst = volumes
     guest.start_writer()
-    compute.migration_start(SERVER, SRC_ATT)
+    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
     digest_at_start = volcopy.digest(src)
     time.sleep(0.5)
     assert volcopy.digest(src) == digest_at_start
 
-    cancelled = compute.migration_cancel(SERVER, SRC_ATT)
+    cancelled = compute.migration_cancel(SERVER, SRC_ATT, gen)
     assert cancelled["state"] in ("cancelling", "cancelled")
     wait_state(compute, "cancelled")
     time.sleep(0.2)  # the guest writes on, to src again
     guest.stop_writer()
 
     with pytest.raises(ComputeConflict, match="cancelled"):
-        compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst))
+        compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
     assert guest.errors == [] and guest.io_status_ok()
     guest.check_guest_reads_model()
     guest.stop()
     assert read_all(src) == guest.model, "src lacks some of the guest's writes"
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 def test_start_and_complete_repeated_are_idempotent(guest, compute, volumes):
     src, dst = volumes
     guest.start_writer()
     first = compute.migration_start(SERVER, SRC_ATT)
     again = compute.migration_start(SERVER, SRC_ATT)
     assert first["state"] == again["state"] == "fenced"
+    assert first["generation"] == again["generation"] == 1
     volcopy.copy(src, dst)
 
-    compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst))
-    repeated = compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst))
+    compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), 1)
+    repeated = compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), 1)
     assert repeated["state"] in ("completing", "completed")
     wait_state(compute, "completed")
-    assert compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst))["state"] == "completed"
+    assert compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), 1)["state"] == "completed"
     with pytest.raises(ComputeConflict, match="completed onto"):
-        compute.migration_complete(SERVER, SRC_ATT, "att-other", local(dst))
+        compute.migration_complete(SERVER, SRC_ATT, "att-other", local(dst), 1)
     guest.stop_writer()
     guest.stop()
     assert read_all(dst) == guest.model
 
 
 def test_cancel_of_a_migration_not_running_is_a_no_op(compute):
-    assert compute.migration_cancel(SERVER, SRC_ATT)["state"] == "none"
+    assert compute.migration_cancel(SERVER, SRC_ATT, 1)["state"] == "none"
     assert compute.migration_state(SERVER, SRC_ATT)["state"] == "none"
 
 
 def test_complete_without_start_is_a_conflict(compute, volumes):
     with pytest.raises(ComputeConflict, match="not started"):
-        compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(volumes[1]))
+        compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(volumes[1]), 1)
 
 
 def test_start_is_refused_when_the_disk_is_not_on_its_volume(guest, compute, workdir):
@@ -182,8 +191,16 @@ def raw(agent, method, path, body, token=TOKEN, version="compute 2.97"):
         ({"volume-migration-start": {"attachment_id": 7}}, "'attachment_id' must be an id"),
         ({"volume-migration-start": {"attachment_id": "a/b"}}, "'attachment_id' must be an id"),
         ({"volume-migration-start": {"attachment_id": SRC_ATT, "force": True}}, "unexpected key"),
+        ({"volume-migration-cancel": {"attachment_id": SRC_ATT}}, "'generation' must be the positive"),
+        ({"volume-migration-cancel": {"attachment_id": SRC_ATT, "generation": "1"}}, "'generation' must"),
         (
-            {"volume-migration-complete": {"attachment_id": SRC_ATT, "new_attachment_id": DST_ATT}},
+            {
+                "volume-migration-complete": {
+                    "attachment_id": SRC_ATT,
+                    "new_attachment_id": DST_ATT,
+                    "generation": 1,
+                }
+            },
             "'connection_info' must be an object",
         ),
         (
@@ -191,6 +208,7 @@ def raw(agent, method, path, body, token=TOKEN, version="compute 2.97"):
                 "volume-migration-complete": {
                     "attachment_id": SRC_ATT,
                     "new_attachment_id": SRC_ATT,
+                    "generation": 1,
                     "connection_info": {"driver_volume_type": "local", "data": {}},
                 }
             },
@@ -216,6 +234,7 @@ def test_stopped_instance_is_fenced_in_state_and_completed_onto_dst(workdir, vol
     src, dst = volumes
     stopped = {
         "qmp": str(workdir / "not-running.qmp"),
+        "pidfile": str(workdir / "not-running.pid"),
         "attachments": {SRC_ATT: {"qdev": "disk-a", "node": "vol-a", "volume": src}},
     }
     agent = Agent(workdir, {SERVER: stopped})
@@ -226,7 +245,7 @@ def test_stopped_instance_is_fenced_in_state_and_completed_onto_dst(workdir, vol
         assert fenced["state"] == "fenced" and fenced["instance_running"] is False
         volcopy.copy(src, dst)
 
-        done = compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst))
+        done = compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), fenced["generation"])
 
         assert done["state"] == "completed"
         assert compute.attachments(SERVER) == [{"id": DST_ATT, "serverId": SERVER, "device_path": dst}]
@@ -235,6 +254,7 @@ def test_stopped_instance_is_fenced_in_state_and_completed_onto_dst(workdir, vol
         agent.stop()
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 def test_agent_restarted_while_fenced_still_knows_and_completes(workdir, guest, volumes):
     src, dst = volumes
     agent = Agent(workdir, {SERVER: server_entry(guest, SRC_ATT)})
@@ -242,7 +262,7 @@ def test_agent_restarted_while_fenced_still_knows_and_completes(workdir, guest, 
     try:
         compute = NovaCompute(endpoint=agent.url, token=TOKEN)
         guest.start_writer()
-        compute.migration_start(SERVER, SRC_ATT)
+        gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
         digest_at_start = volcopy.digest(src)
         agent.kill()
         volcopy.copy(src, dst)
@@ -251,7 +271,7 @@ def test_agent_restarted_while_fenced_still_knows_and_completes(workdir, guest, 
 
         assert compute.migration_state(SERVER, SRC_ATT)["state"] == "fenced"
         assert volcopy.digest(src) == digest_at_start
-        compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst))
+        compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
         agent.kill()  # killed again, maybe while merging the overlay into dst
         agent.start()
         compute = NovaCompute(endpoint=agent.url, token=TOKEN)
@@ -266,9 +286,10 @@ def test_agent_restarted_while_fenced_still_knows_and_completes(workdir, guest, 
         agent.stop()
 
 
-def test_complete_attaches_only_an_allowed_large_enough_new_volume(workdir, guest, volumes, loops):
+def test_complete_attaches_only_an_allowed_large_enough_new_volume(workdir, guest, volumes, loops, request):
     """complete must not give the guest a device of the host's choosing: a connector or a device path
-    the agent's configuration does not allow is 403; a new volume smaller than src, or an attachment
+    (or where its symlink leads) the agent's configuration does not allow, another attachment's volume,
+    or a device mounted on the host is 403; a new volume smaller than src, or an attachment
     id in use, is 409; each leaves the migration fenced, and the guest keeps writing to its overlay,
     which only root may read."""
     src, dst = volumes
@@ -280,14 +301,24 @@ def test_complete_attaches_only_an_allowed_large_enough_new_volume(workdir, gues
     try:
         compute = NovaCompute(endpoint=agent.url, token=TOKEN)
         guest.start_writer()
-        compute.migration_start(SERVER, SRC_ATT)
+        gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
         overlay = next((workdir / "overlays").iterdir())
         assert (overlay.stat().st_mode & 0o777, (workdir / "overlays").stat().st_mode & 0o777) == (
             0o600,
             0o700,
         )
         small = loops.create(SIZE // 2)
+        mounted = loops.create(SIZE)
+        subprocess.run(["mkfs.ext4", "-q", mounted], check=True)
+        (workdir / "mnt").mkdir()
+        subprocess.run(["mount", mounted, str(workdir / "mnt")], check=True)
+        link = f"/dev/loop-volcopy-test-{os.getpid()}"  # under the allowed prefix, leading outside it
+        os.symlink("/dev/zero", link)
+        request.addfinalizer(lambda: (os.unlink(link), subprocess.run(["umount", str(workdir / "mnt")])))
         refusals = [
+            (local(link), DST_ATT, ComputeForbidden, "/dev/zero lies outside"),
+            (local(src), DST_ATT, ComputeForbidden, "the volume of another attachment"),
+            (local(mounted), DST_ATT, ComputeForbidden, "is mounted on this host"),
             (local("/dev/vda"), DST_ATT, ComputeForbidden, "lies outside the paths"),
             (local("/dev/loop0/../vda"), DST_ATT, ComputeForbidden, "/dev/vda lies outside"),
             ({"driver_volume_type": "nfs", "data": {}}, DST_ATT, ComputeForbidden, "'nfs' is not allowed"),
@@ -297,10 +328,10 @@ def test_complete_attaches_only_an_allowed_large_enough_new_volume(workdir, gues
         ]
         for connection_info, new_id, error, message in refusals:
             with pytest.raises(error, match=message):
-                compute.migration_complete(SERVER, SRC_ATT, new_id, connection_info)
+                compute.migration_complete(SERVER, SRC_ATT, new_id, connection_info, gen)
             assert compute.migration_state(SERVER, SRC_ATT)["state"] == "fenced"
 
-        compute.migration_cancel(SERVER, SRC_ATT)
+        compute.migration_cancel(SERVER, SRC_ATT, gen)
         wait_state(compute, "cancelled")
         guest.stop_writer()
         assert guest.errors == [] and guest.io_status_ok()

@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from nbd_devices import nbd_devices
 
 import volcopy
 from compute_harness import (
@@ -30,9 +31,10 @@ from compute_harness import (
 )
 from conftest import read_all
 from volcopy.compute import ComputeError, NovaCompute
-from volcopy.migration import Journal, MigrationCancelled, Migrator
+from volcopy.migration import Journal, MigrationCancelled, MigrationError, Migrator
 
 pytestmark = needs_guest
+__all__ = ["nbd_devices"]  # a fixture, used by name below
 
 ATTACH = f"{SERVER}:{SRC_ATT}:{DST_ATT}"
 UNKNOWN_ATTACH = f"{SERVER}:att-not-here:att-dst-2"
@@ -126,7 +128,7 @@ def test_a_refused_fence_lifts_the_fences_already_set(workdir, guest, agent, com
     guest.start_writer()
     migrator = Migrator(f"sqlite:///{workdir}/journal.sqlite", compute)
 
-    with pytest.raises(MigrationCancelled, match="refused the fence of server-1/att-not-here") as raised:
+    with pytest.raises(MigrationCancelled, match=f"refused the fence of {SERVER}/att-not-here") as raised:
         migrator.migrate(src, dst, attachments=[(SERVER, SRC_ATT, DST_ATT), (SERVER, "att-not-here", "x")])
 
     steps = migrator.steps(raised.value.migration_id)
@@ -146,7 +148,7 @@ def test_a_refused_fence_lifts_the_fences_already_set(workdir, guest, agent, com
     )
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
     assert (
-        "refused the fence of server-1/att-not-here: attachment att-not-here is not attached"
+        f"refused the fence of {SERVER}/att-not-here: attachment att-not-here is not attached"
         in refused.stderr
     )
     check_cancelled(migrator.status(raised.value.migration_id), guest, compute, src)
@@ -154,8 +156,9 @@ def test_a_refused_fence_lifts_the_fences_already_set(workdir, guest, agent, com
 
 @pytest.fixture
 def shared_guests(workdir, volumes):
-    """Two guests with src multi-attached; the first writes, the second only has it attached."""
-    guests = [Guest(workdir, name, volumes[0], SIZE, shared=True) for name in ("a", "b")]
+    """Two guests with src multi-attached: the first writes, the second has it read-only (the agent
+    refuses a second writer: see test_handoff_faults)."""
+    guests = [Guest(workdir, "a", volumes[0], SIZE), Guest(workdir, "b", volumes[0], SIZE, read_only=True)]
     try:
         for g in guests:
             g.start()
@@ -257,3 +260,135 @@ def test_recover_ends_a_migration_killed_at(
     if point == "mid-copy":
         assert recovered[0].resumed_from > 0, "the copy started again instead of resuming"
     assert Migrator(url, compute).recover() == [], "nothing is left to recover"
+
+
+def test_a_merge_into_dst_that_fails_is_never_reported_completed(workdir, guest, nbd_devices, volumes):
+    """dst (a loop device over nbdkit) fails writes from the moment complete is intended: the guest is
+    switched onto dst, but the compute cannot merge its writes there. The migration must not end
+    completed: it stays completing with the data's place in its reason, and once dst heals, recover()
+    completes it with dst holding every write."""
+    src, _ = volumes
+    dst_device = nbd_devices.faulty(size=SIZE)
+    dst = dst_device.path
+    agent = Agent(workdir, {SERVER: server_entry(guest, SRC_ATT)})
+    agent.start()
+    try:
+        compute = NovaCompute(endpoint=agent.url, token=TOKEN)
+        migrator = Migrator(f"sqlite:///{workdir}/journal.sqlite", compute)
+        armed = threading.Event()
+
+        def fail_dst_at_complete():
+            while not armed.is_set():
+                if any(s.name == "complete" for m in migrator.list() for s in migrator.steps(m.id)):
+                    dst_device.fail(write=True)
+                    armed.set()
+                time.sleep(0.005)
+
+        threading.Thread(target=fail_dst_at_complete, daemon=True).start()
+        guest.start_writer()
+        with pytest.raises(
+            MigrationError, match="stays completing: .*could not merge .* over the new volume"
+        ):
+            migrator.migrate(src, dst, attachments=[(SERVER, SRC_ATT, DST_ATT)])
+        armed.set()
+        [m] = migrator.list()
+        assert m.state == "completing" and not m.dst_valid
+        assert compute.migration_state(SERVER, SRC_ATT)["state"] == "failed"
+
+        dst_device.heal()
+        [recovered] = migrator.recover()
+        assert recovered.state == "completed" and recovered.dst_valid
+        guest.stop_writer()
+        assert guest.errors == []
+        guest.check_guest_reads_model()
+        guest.stop()
+        assert read_all(dst) == guest.model
+    finally:
+        agent.stop()
+
+
+def test_a_full_overlay_during_the_copy_cancels_the_migration(workdir, guest, volumes):
+    """The overlay directory (a 6 MiB tmpfs) fills while a throttled copy runs: the compute reports
+    overlay-full, the orchestrator cancels, which merges the overlay back into src and resumes the
+    guest, and the migration ends cancelled with that reason."""
+    src, dst = volumes
+    overlays = workdir / "small"
+    overlays.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(overlays)], check=True)
+    agent = Agent(
+        workdir, {SERVER: server_entry(guest, SRC_ATT)}, overlay_dir=str(overlays), overlay_min_free=1 << 20
+    )
+    try:
+        agent.start()
+        compute = NovaCompute(endpoint=agent.url, token=TOKEN)
+        guest.start_writer()
+        migrator = Migrator(f"sqlite:///{workdir}/journal.sqlite", compute)
+        with pytest.raises(MigrationCancelled, match=f"the compute reports {SERVER}/{SRC_ATT} overlay-full"):
+            migrator.migrate(src, dst, attachments=[(SERVER, SRC_ATT, DST_ATT)], rate_limit=2 << 20)
+        [m] = migrator.list()
+        assert m.state == "cancelled" and not m.dst_valid
+        wait_state(compute, "cancelled")
+        assert list(overlays.iterdir()) == []
+        time.sleep(0.2)
+        guest.stop_writer()
+        assert guest.errors == []  # QEMU keeps io-status "nospace" as the record of the pause
+        guest.check_guest_reads_model()
+        guest.stop()
+        assert read_all(src) == guest.model, "src lacks some of the guest's writes"
+    finally:
+        agent.stop()
+        subprocess.run(["umount", "-l", str(overlays)], check=False)
+
+
+def test_a_stale_generation_is_refused_and_the_newer_fence_is_left_alone(workdir, guest, compute, volumes):
+    """While the copy runs, someone else lifts the fence and sets a new one, as an orchestrator that
+    wrongly took the migration over would. The owner's complete carries the generation of its own
+    start: refused (409); so is its cancel. The migration stays cancelling with that reason, and the
+    newer fence is neither completed nor lifted by it."""
+    src, dst = volumes
+    guest.start_writer()
+    migrator = Migrator(f"sqlite:///{workdir}/journal.sqlite", compute)
+    outcome = {}
+
+    def run():
+        try:
+            migrator.migrate(src, dst, attachments=[(SERVER, SRC_ATT, DST_ATT)], rate_limit=16 << 20)
+        except MigrationError as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    first = wait_state(compute, "fenced")["generation"]
+    compute.migration_cancel(SERVER, SRC_ATT, first)
+    wait_state(compute, "cancelled")
+    second = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    thread.join(timeout=120)
+
+    assert second == first + 1
+    stale = f"generation {first} is stale: the current fence of attachment {SRC_ATT} is generation {second}"
+    [m] = migrator.list()
+    assert str(outcome["error"]) == (
+        f"migration {m.id} stays cancelling: cancel of {SERVER}/{SRC_ATT} failed: {stale}; "
+        "recover() will retry"
+    )
+    assert (m.state, m.dst_valid) == ("cancelling", False)
+    assert m.reason == f"cancel of {SERVER}/{SRC_ATT} failed: {stale}"
+    assert [
+        (s.name, s.status, s.detail) for s in migrator.steps(m.id) if s.name not in ("clone", "copy")
+    ] == [
+        ("start", "done", f"generation {first}"),
+        ("verify", "done", None),
+        ("complete", "failed", f"ComputeConflict: {stale}"),
+        ("cancel", "failed", f"ComputeConflict: {stale}"),
+    ]
+    state = compute.migration_state(SERVER, SRC_ATT)
+    assert (state["state"], state["generation"]) == ("fenced", second), "the newer fence was touched"
+    assert [a["id"] for a in compute.attachments(SERVER)] == [SRC_ATT]
+    compute.migration_cancel(SERVER, SRC_ATT, second)  # the newer fence's holder lifts it
+    wait_state(compute, "cancelled")
+    time.sleep(0.2)
+    guest.stop_writer()
+    assert guest.errors == [] and guest.io_status_ok()
+    guest.check_guest_reads_model()
+    guest.stop()
+    assert read_all(src) == guest.model, "src lacks some of the guest's writes"

@@ -44,3 +44,9 @@ def attach(connection_info: dict) -> Attached:
 
 def detach(attached: Attached) -> None:
     attached.connector.disconnect_volume(attached.connection_info["data"], attached.device_info)
+
+
+def detach_recorded(connection_info: dict, device_info: dict) -> None:
+    """Disconnects a volume attached earlier, possibly by a process that has since ended."""
+    brick = _connector(connection_info["driver_volume_type"])
+    brick.disconnect_volume(connection_info["data"], device_info)

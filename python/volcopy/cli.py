@@ -72,9 +72,12 @@ def _parser() -> argparse.ArgumentParser:
 
     add_migration_parsers(commands, _size)
 
-    a = commands.add_parser("compute-agent", help="run the reference compute side of the migration handoff")
-    a.add_argument("--config", required=True, help="the agent's JSON configuration (see docs/compute-api.md)")
-    a.add_argument("--listen", help="HOST:PORT, overriding the configuration")
+    # its options are oslo.config's (--config-file FILE, oslo.log's): it parses them itself
+    commands.add_parser(
+        "compute-agent",
+        help="run the reference compute side of the migration handoff (--config-file FILE; see "
+        "docs/compute-agent.md)",
+    )
     return parser
 
 
@@ -146,22 +149,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .bench.compare import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["compute-agent"]:
+        from .compute.agent import main as agent_main
+
+        return agent_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "copy":
             return _copy(args)
         if args.command == "digest":
             print(digest(args.path, length=args.length))
-            return 0
-        if args.command == "compute-agent":
-            from .compute.agent import main as agent_main
-            from .compute.agent.config import ConfigError
-
-            try:
-                agent_main(args.config, args.listen)
-            except ConfigError as exc:
-                print(f"volcopy: error: {exc}", file=sys.stderr)
-                return EXIT_ERROR
             return 0
         if args.command in ("migrate", "migrations"):
             import logging

@@ -22,7 +22,9 @@ ACTIONS = (START, CANCEL, COMPLETE)
 
 class State(str, Enum):
     NONE = "none"
+    FENCING = "fencing"  # start is setting the fence (a restarted agent resolves it from QEMU's graph)
     FENCED = "fenced"
+    OVERLAY_FULL = "overlay-full"  # fenced, and the guest paused: the overlay's file system is full
     CANCELLING = "cancelling"
     CANCELLED = "cancelled"
     COMPLETING = "completing"
@@ -41,6 +43,13 @@ def _identifier(body: dict, key: str, action: str) -> str:
     value = body.get(key)
     if not isinstance(value, str) or not _ID.match(value):
         raise BadRequest(f"{action}: '{key}' must be an id string (letters, digits, '._:-', at most 255)")
+    return value
+
+
+def _generation(body: dict, action: str) -> int:
+    value = body.get("generation")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadRequest(f"{action}: 'generation' must be the positive integer start returned")
     return value
 
 
@@ -66,13 +75,20 @@ def parse_action(body) -> tuple[str, dict]:
         raise BadRequest(f"unknown action {action!r}; expected one of {', '.join(ACTIONS)}")
     if not isinstance(args, dict):
         raise BadRequest(f"{action}: the action's value must be an object")
-    if action in (START, CANCEL):
+    if action == START:
         _only_keys(args, {"attachment_id"}, action)
         return action, {"attachment_id": _identifier(args, "attachment_id", action)}
-    _only_keys(args, {"attachment_id", "new_attachment_id", "connection_info"}, action)
+    if action == CANCEL:
+        _only_keys(args, {"attachment_id", "generation"}, action)
+        return action, {
+            "attachment_id": _identifier(args, "attachment_id", action),
+            "generation": _generation(args, action),
+        }
+    _only_keys(args, {"attachment_id", "new_attachment_id", "connection_info", "generation"}, action)
     parsed = {
         "attachment_id": _identifier(args, "attachment_id", action),
         "new_attachment_id": _identifier(args, "new_attachment_id", action),
+        "generation": _generation(args, action),
     }
     info = args.get("connection_info")
     if (

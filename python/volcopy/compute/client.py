@@ -1,11 +1,14 @@
 """The client the Cinder side uses to call the three compute calls (keystoneauth1).
 
-    compute = NovaCompute(endpoint="http://compute:8774", token="...")   # or session=<keystone session>
-    compute.migration_start(server_id, attachment_id)
-    compute.migration_complete(server_id, attachment_id, new_attachment_id, connection_info)
+    compute = NovaCompute(endpoint="https://compute:8774", token="...", verify="/etc/volcopy/ca.pem")
+    compute = NovaCompute(session=keystone_session)    # or OS_* settings from the environment
+    fence = compute.migration_start(server_id, attachment_id)
+    compute.migration_complete(server_id, attachment_id, new_attachment_id, connection_info,
+                               fence["generation"])
 
 Every call is idempotent by contract (a repeated start or complete answers 200, cancel is always a
-202), so connection failures and 502/503/504 are retried for all of them; 4xx never are.
+202), so connection failures and 502/503/504 are retried for all of them; 4xx never are. cancel and
+complete carry the generation start returned, the fencing token: a stale one is a ComputeConflict.
 """
 
 from __future__ import annotations
@@ -21,12 +24,21 @@ from .errors import BY_STATUS, ComputeError
 RETRIABLE_STATUSES = [502, 503, 504]
 
 
-def session_from_environment() -> ks_session.Session:
+def _verify(verify: bool | str | None) -> bool | str:
+    return verify if verify is not None else os.environ.get("OS_CACERT", True)
+
+
+def session_from_environment(verify: bool | str | None = None) -> ks_session.Session:
     """A keystone session from the usual OS_* settings: OS_TOKEN with OS_ENDPOINT, or OS_AUTH_URL
-    with the options of OS_AUTH_TYPE (default: password)."""
+    with the options of OS_AUTH_TYPE (default: password). ``verify``: the CA file (or False) that TLS
+    certificates are checked with, for Keystone and the compute alike; default OS_CACERT, else the
+    system's CAs."""
     env = os.environ
+    verify = _verify(verify)
     if env.get("OS_TOKEN") and env.get("OS_ENDPOINT"):
-        return ks_session.Session(auth=token_endpoint.Token(env["OS_ENDPOINT"], env["OS_TOKEN"]))
+        return ks_session.Session(
+            auth=token_endpoint.Token(env["OS_ENDPOINT"], env["OS_TOKEN"]), verify=verify
+        )
     if env.get("OS_AUTH_URL"):
         loader = loading.get_plugin_loader(env.get("OS_AUTH_TYPE", "password"))
         options = {}
@@ -34,7 +46,7 @@ def session_from_environment() -> ks_session.Session:
             name = "OS_" + option.dest.upper()
             if name in env:
                 options[option.dest] = env[name]
-        return ks_session.Session(auth=loader.load_from_options(**options), verify=env.get("OS_CACERT", True))
+        return ks_session.Session(auth=loader.load_from_options(**options), verify=verify)
     raise ComputeError(
         "no compute credentials: pass endpoint and token, a session, or set OS_TOKEN and "
         "OS_ENDPOINT (or OS_AUTH_URL and friends)"
@@ -52,18 +64,28 @@ class NovaCompute:
         interface: str | None = None,
         timeout: float = 60.0,
         retries: int = 3,
+        verify: bool | str | None = None,
     ):
+        """endpoint: the agent's URL; with a token, the token is sent to it, otherwise the session's
+        (or the OS_* settings') Keystone token is, instead of looking the compute up in the catalog:
+        the reference agent runs on each compute host. verify (without a session): the CA file that
+        the agent's TLS certificate is checked with, or False; default OS_CACERT, else the system's
+        CAs."""
+        endpoint_override = endpoint if endpoint and not token else None
         if session is None:
             if endpoint and token:
-                session = ks_session.Session(auth=token_endpoint.Token(endpoint, token), timeout=timeout)
+                session = ks_session.Session(
+                    auth=token_endpoint.Token(endpoint, token), timeout=timeout, verify=_verify(verify)
+                )
             else:
-                session = session_from_environment()
+                session = session_from_environment(verify)
                 session.timeout = timeout
         self._api = adapter.Adapter(
             session,
             service_type="compute",
             region_name=region_name,
             interface=interface,
+            endpoint_override=endpoint_override,
             default_microversion=api.MICROVERSION,
             connect_retries=retries,
             status_code_retries=retries,
@@ -95,14 +117,21 @@ class NovaCompute:
         """Returns once nothing writes to the attachment's volume; ComputeConflict if that cannot be."""
         return self._action(server_id, api.START, {"attachment_id": attachment_id})
 
-    def migration_cancel(self, server_id: str, attachment_id: str) -> dict:
-        """Returns at once; migration_state() shows when the cancel has finished."""
-        return self._action(server_id, api.CANCEL, {"attachment_id": attachment_id})
+    def migration_cancel(self, server_id: str, attachment_id: str, generation: int) -> dict:
+        """Returns at once; migration_state() shows when the cancel has finished. generation: what
+        migration_start returned (a stale one is a ComputeConflict)."""
+        return self._action(server_id, api.CANCEL, {"attachment_id": attachment_id, "generation": generation})
 
     def migration_complete(
-        self, server_id: str, attachment_id: str, new_attachment_id: str, connection_info: dict
+        self,
+        server_id: str,
+        attachment_id: str,
+        new_attachment_id: str,
+        connection_info: dict,
+        generation: int,
     ) -> dict:
-        """Returns once the guest does its I/O on the new volume."""
+        """Returns once the guest does its I/O on the new volume (state "completing": its writes since
+        the fence are still being merged into it; poll migration_state() until "completed")."""
         return self._action(
             server_id,
             api.COMPLETE,
@@ -110,6 +139,7 @@ class NovaCompute:
                 "attachment_id": attachment_id,
                 "new_attachment_id": new_attachment_id,
                 "connection_info": connection_info,
+                "generation": generation,
             },
         )
 

@@ -53,6 +53,11 @@ PROGRESS_INTERVAL = 1.0  # seconds between progress rows in the journal
 LOCK_CHECK_INTERVAL = 2.0  # seconds between checks, during a copy, that this process still owns it
 CANCEL_WAIT = 300.0  # seconds a restarted fence waits for an earlier cancel to finish
 MAX_ATTEMPTS = 3  # fences set again after a crash while fencing, before giving up
+MERGE_WAIT = 3600.0  # seconds a complete waits for the compute to merge the guest's writes into dst
+MERGE_RETRIES = 3  # completes repeated after the compute's merge failed
+WATCH_INTERVAL = 2.0  # seconds between looks at the fenced attachments during the copy
+# A fenced attachment the copy cannot go on with: the guest's writes are stuck, or its space runs out.
+COMPUTE_TROUBLE = ("failed", "overlay-full")
 
 # A compute's answer that will not change if asked again: the fence (or complete) is refused.
 REFUSED = (ComputeConflict, ComputeNotFound)
@@ -429,6 +434,17 @@ class Migrator:
         if self.journal.get(m.id).cancel_requested:
             raise _Abort("cancelled on request")
 
+    def _generation(self, m: Migration, server: str, src_att: str) -> int | None:
+        """The fencing token start returned for the attachment (in the start step's detail), or, when
+        the answer was lost, the compute's current one for a fence still set (None: nothing set)."""
+        for step in reversed(self.journal.steps(m.id)):
+            if step.name == "start" and step.target == f"{server}/{src_att}":
+                if step.status == j.DONE:
+                    return int(step.detail.removeprefix("generation "))
+                break  # the latest start's answer was lost: an earlier start's token is stale
+        state = self.compute.migration_state(server, src_att)
+        return state["generation"] if state["state"] not in ("none", "cancelled", "completed") else None
+
     def _fence(self, m: Migration) -> None:
         """Step "start" per attachment. Reverted by "cancel" of every attachment whose start was
         intended (it may have reached the compute even if the answer never came back)."""
@@ -436,8 +452,9 @@ class Migrator:
         for number, (server, src_att, _) in enumerate(m.attachments, 1):
             self._check_cancel_requested(m)
             try:
-                with self._step(m, "start", f"{server}/{src_att}", point=f"start-{number}"):
-                    self.compute.migration_start(server, src_att)
+                with self._step(m, "start", f"{server}/{src_att}", point=f"start-{number}") as step:
+                    fence = self.compute.migration_start(server, src_att)
+                    step.detail = f"generation {fence['generation']}"
             except ComputeError as exc:
                 raise _Abort(f"the compute refused the fence of {server}/{src_att}: {exc}") from None
         self._set(m, state=j.COPYING)
@@ -467,6 +484,8 @@ class Migrator:
                 failpoint("after-copy")
         except (JournalError, LostOwnership):
             raise  # nothing can be recorded, or it is another's to record: the flow stops here
+        except _Abort:
+            raise  # a fenced attachment the compute reports in trouble
         except Cancelled:
             raise _Abort("cancelled on request") from None  # only a request in the journal cancels a copy
         except Exception as exc:  # noqa: BLE001 - whatever stopped the copy, the fences are lifted
@@ -491,9 +510,19 @@ class Migrator:
                 step.detail = "the file system cannot share extents"
         return None
 
+    def _compute_trouble(self, m: Migration) -> str | None:
+        """Why the copy cannot go on, if a fenced attachment is failed or its overlay is full."""
+        for server, src_att, _ in m.attachments:
+            state = self.compute.migration_state(server, src_att)
+            if state["state"] in COMPUTE_TROUBLE:
+                reason = f": {state['reason']}" if state.get("reason") else ""
+                return f"the compute reports {server}/{src_att} {state['state']}{reason}"
+        return None
+
     def _copy_with_engine(self, m: Migration, src: str, dst: str, options: dict, progress) -> str:
         cancel = threading.Event()
         last = {"at": time.monotonic(), "done": 0, "checked": time.monotonic()}
+        last.update(watched=time.monotonic(), trouble=None)
 
         def report(done: int, total: int) -> None:
             # LostOwnership raised here stops the copy and is raised again by copier.copy.
@@ -520,15 +549,36 @@ class Migrator:
                     if owner != self.owner:
                         raise LostOwnership(f"now run by {owner}, no longer by {self.owner}", m.id)
                     log.warning("migration %s: its lock died with its session; taken again", m.id)
+            if m.attachments and now - last["watched"] >= WATCH_INTERVAL:
+                last["watched"] = now
+                try:
+                    trouble = self._compute_trouble(m)
+                except ComputeError as exc:
+                    log.warning("migration %s: cannot look at the compute: %s", m.id, exc)
+                    trouble = None
+                if trouble:
+                    last["trouble"] = trouble
+                    cancel.set()
             if 2 * done >= total:
                 failpoint("mid-copy")
 
         # Cinder's volume id knows dst again when os-brick attaches it under another device name.
         dst_id = m.dst_key if m.dst_key.startswith("volume:") else None
-        with self._step(m, "copy", f"{m.src_key} -> {m.dst_key}"):
-            result = copier.copy(
-                src, dst, checkpoint=m.checkpoint, dst_id=dst_id, progress=report, cancel=cancel, **options
-            )
+        try:
+            with self._step(m, "copy", f"{m.src_key} -> {m.dst_key}"):
+                result = copier.copy(
+                    src,
+                    dst,
+                    checkpoint=m.checkpoint,
+                    dst_id=dst_id,
+                    progress=report,
+                    cancel=cancel,
+                    **options,
+                )
+        except Cancelled:
+            if last["trouble"]:
+                raise _Abort(last["trouble"]) from None
+            raise
         self._set(
             m,
             bytes_done=result.size,
@@ -542,16 +592,20 @@ class Migrator:
         """Step "complete" per attachment. Not reverted once one has succeeded (the guest then does its
         I/O on dst): it is repeated until every attachment is done, as the contract makes it idempotent."""
         dst_ref = VolumeRef.from_json(m.dst)
-        done = {s.target for s in self.journal.steps(m.id) if s.name == "complete" and s.status == j.DONE}
+        completes = [s for s in self.journal.steps(m.id) if s.name == "complete"]
+        done = {s.target for s in completes if s.status == j.DONE}
+        # A complete sent before (its answer maybe lost) may have put a guest on dst already.
+        sent_before = bool(completes)
         for number, (server, src_att, dst_att) in enumerate(m.attachments, 1):
             target = f"{server}/{src_att}"
             if target in done:
                 continue
+            generation = self._generation(m, server, src_att)
             try:
                 with self._step(m, "complete", target, point=f"complete-{number}"):
-                    self.compute.migration_complete(server, src_att, dst_att, dst_ref.for_compute())
+                    self._complete_one(server, src_att, dst_att, dst_ref.for_compute(), generation)
             except REFUSED as exc:
-                if not done:  # no guest uses dst yet: going back to src is still possible
+                if not done and not sent_before:  # no guest uses dst yet: going back to src is possible
                     raise _Abort(f"the compute refused to complete {target}: {exc}") from None
                 raise self._left(m, f"complete of {target} refused after others succeeded: {exc}") from None
             except ComputeError as exc:
@@ -560,6 +614,31 @@ class Migrator:
         failpoint("before-finish")
         self._set(m, state=j.COMPLETED, dst_valid=True, reason=None)
         _remove(m.checkpoint)
+
+    def _complete_one(self, server: str, src_att: str, dst_att: str, info: dict, generation: int) -> None:
+        """complete, then wait until the compute has merged the guest's writes into dst: only then
+        does dst hold everything. A failed merge is retried by repeating complete. Once a complete has
+        been answered the guest may run on dst: a refusal after that is no longer a reason to go
+        back to src, so it is raised as a plain ComputeError (the migration then stays completing)."""
+        for attempt in range(MERGE_RETRIES + 1):
+            try:
+                self.compute.migration_complete(server, src_att, dst_att, info, generation)
+            except REFUSED as exc:
+                if attempt == 0:
+                    raise
+                raise ComputeError(f"a repeated complete was refused: {exc}") from None
+            deadline = time.monotonic() + MERGE_WAIT
+            while (state := self.compute.migration_state(server, src_att))["state"] == "completing":
+                if time.monotonic() > deadline:
+                    raise ComputeError(f"the merge into dst did not end in {MERGE_WAIT:.0f} s")
+                time.sleep(0.2)
+            if state["state"] == "completed":
+                return
+            log.warning("complete of %s/%s: %s: %s", server, src_att, state["state"], state.get("reason"))
+        raise ComputeError(
+            f"the compute could not merge the guest's writes into dst ({state.get('reason')}); "
+            f"the data is in {state.get('data_location')}"
+        )
 
     def _left(self, m: Migration, reason: str) -> MigrationError:
         """A failure that rolls nothing back: the migration stays as it is for recover() to go on."""
@@ -576,7 +655,11 @@ class Migrator:
             try:
                 with self._step(m, "cancel", target, point=f"cancel-{number}") as step:
                     try:
-                        self.compute.migration_cancel(server, src_att)
+                        generation = self._generation(m, server, src_att)
+                        if generation is None:
+                            step.detail = "no fence is set"
+                        else:
+                            self.compute.migration_cancel(server, src_att, generation)
                     except ComputeNotFound:  # its start was refused for the same reason: nothing to lift
                         step.detail = "the compute does not know the attachment"
             except ComputeError as exc:

@@ -1,11 +1,15 @@
-"""The agent's own durable state, in SQLite: which volume each attachment is on, and every migration.
+"""The agent's own durable state, in SQLite: which volume each attachment's disk is on, and the volume
+migration of each attachment.
 
 Each change is committed (synchronous=FULL) before the agent acts on it, so a restarted agent knows
-which attachments are fenced and which steps may have been under way.
+which disks are fenced and which steps may have been under way. The file is readable by root alone:
+it holds the connection_info of volumes the agent attached.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sqlite3
 import threading
 import time
@@ -14,22 +18,32 @@ from dataclasses import asdict, dataclass, fields
 from ..api import State
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS attachments (
+CREATE TABLE IF NOT EXISTS disks (
     attachment_id TEXT PRIMARY KEY,
     server_id TEXT NOT NULL,
     qdev TEXT NOT NULL,          -- the guest's disk device
     node TEXT NOT NULL,          -- the block node holding the volume
     volume_path TEXT NOT NULL,
+    volume_format TEXT NOT NULL, -- raw or qcow2
+    connection TEXT,             -- JSON: how os-brick attached the volume (null: not by the agent)
     replaced_by TEXT             -- the attachment that took its place at complete
 );
-CREATE TABLE IF NOT EXISTS migrations (
+CREATE TABLE IF NOT EXISTS volume_migrations (
     attachment_id TEXT PRIMARY KEY,
     server_id TEXT NOT NULL,
     state TEXT NOT NULL,
-    offline INTEGER NOT NULL,    -- fenced while QEMU was not running
-    generation INTEGER NOT NULL, -- one more at each start, so overlays never reuse a name
+    generation INTEGER NOT NULL, -- the fencing token: one more at each start
+    offline INTEGER NOT NULL,    -- QEMU was not running (at start, or it stopped since)
+    read_only INTEGER NOT NULL,  -- a read-only disk: fenced without an overlay
+    pivoted INTEGER NOT NULL,    -- the overlay's backing is dst: there is no way back to src
+    merged INTEGER NOT NULL,     -- the overlay was merged, the disk moved down: never merge it again
+    qemu TEXT,                   -- the QEMU fenced (pid:start time): another one means a restart
+    restarted INTEGER NOT NULL,  -- QEMU was started again on src while fenced
     new_attachment_id TEXT,
     dst_path TEXT,
+    dst_format TEXT,
+    dst_discard INTEGER NOT NULL,
+    dst_connection TEXT,         -- JSON: connection_info and os-brick's device_info of dst
     overlay_path TEXT,
     bytes_written INTEGER NOT NULL,
     reason TEXT,
@@ -39,46 +53,60 @@ CREATE TABLE IF NOT EXISTS migrations (
 
 
 @dataclass
-class Attachment:
+class Disk:
+    """An attachment's disk in its server's QEMU."""
+
     attachment_id: str
     server_id: str
     qdev: str
     node: str
     volume_path: str
+    volume_format: str = "raw"
+    connection: str | None = None
     replaced_by: str | None = None
 
 
 @dataclass
-class Migration:
+class VolumeMigration:
+    """The compute side of one attachment's migration: the API's volume_migration object."""
+
     attachment_id: str
     server_id: str
     state: str = State.NONE.value
-    offline: bool = False
     generation: int = 0
+    offline: bool = False
+    read_only: bool = False
+    pivoted: bool = False
+    merged: bool = False
+    qemu: str | None = None
+    restarted: bool = False
     new_attachment_id: str | None = None
     dst_path: str | None = None
+    dst_format: str | None = None
+    dst_discard: bool = False
+    dst_connection: str | None = None
     overlay_path: str | None = None
     bytes_written: int = 0
     reason: str | None = None
     updated_at: float = 0.0
 
-    def view(self) -> dict:
-        """What the API shows."""
-        return {
-            "server_id": self.server_id,
-            "attachment_id": self.attachment_id,
-            "state": self.state,
-            "new_attachment_id": self.new_attachment_id,
-            "bytes_written_since_start": self.bytes_written,
-            "instance_running": not self.offline,
-            "reason": self.reason,
-            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.updated_at)),
-        }
+    @property
+    def active(self) -> bool:
+        """A fence is set, being set, or being taken down: the volume is not the guest's alone."""
+        return self.state not in (State.NONE.value, State.CANCELLED.value, State.COMPLETED.value)
+
+
+def connection_json(connection_info: dict, device_info: dict) -> str:
+    return json.dumps({"connection_info": connection_info, "device_info": device_info})
+
+
+_BOOLEANS = {f.name for f in fields(VolumeMigration) if f.type == "bool"}
 
 
 class StateStore:
     def __init__(self, path: str):
         self._lock = threading.Lock()
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -99,51 +127,57 @@ class StateStore:
             row = self._db.execute(
                 f"SELECT {', '.join(names)} FROM {table} WHERE attachment_id = ?", (key,)
             ).fetchone()
-        return cls(**dict(zip(names, row, strict=True))) if row else None
+        if not row:
+            return None
+        values = dict(zip(names, row, strict=True))
+        for name in _BOOLEANS & values.keys():
+            values[name] = bool(values[name])
+        return cls(**values)
 
-    def attachment(self, attachment_id: str) -> Attachment | None:
-        return self._get("attachments", Attachment, attachment_id)
-
-    def put_attachment(self, attachment: Attachment) -> None:
-        self._put("attachments", attachment)
-
-    def add_attachment_if_new(self, attachment: Attachment) -> None:
-        """Configuration seeds attachments; what the agent learned since (a complete) wins."""
-        if self.attachment(attachment.attachment_id) is None:
-            self.put_attachment(attachment)
-
-    def attachments_of(self, server_id: str) -> list[Attachment]:
-        """The server's current attachments (not those replaced by a complete)."""
+    def _keys(self, query: str, args: tuple) -> list[str]:
         with self._lock:
-            keys = [
-                r[0]
-                for r in self._db.execute(
-                    "SELECT attachment_id FROM attachments WHERE server_id = ? AND replaced_by IS NULL "
-                    "ORDER BY attachment_id",
-                    (server_id,),
-                )
-            ]
-        return [self.attachment(key) for key in keys]
+            return [r[0] for r in self._db.execute(query, args)]
 
-    def migration(self, attachment_id: str) -> Migration | None:
-        migration = self._get("migrations", Migration, attachment_id)
-        if migration is not None:
-            migration.offline = bool(migration.offline)
-        return migration
+    def disk(self, attachment_id: str) -> Disk | None:
+        return self._get("disks", Disk, attachment_id)
 
-    def put_migration(self, migration: Migration) -> None:
+    def put_disk(self, disk: Disk) -> None:
+        self._put("disks", disk)
+
+    def add_disk_if_new(self, disk: Disk) -> None:
+        """Configuration seeds disks; what the agent learned since (a complete) wins."""
+        if self.disk(disk.attachment_id) is None:
+            self.put_disk(disk)
+
+    def disks_of(self, server_id: str) -> list[Disk]:
+        """The server's current disks (not those replaced by a complete)."""
+        keys = self._keys(
+            "SELECT attachment_id FROM disks WHERE server_id = ? AND replaced_by IS NULL "
+            "ORDER BY attachment_id",
+            (server_id,),
+        )
+        return [self.disk(key) for key in keys]
+
+    def all_disks(self) -> list[Disk]:
+        keys = self._keys("SELECT attachment_id FROM disks", ())
+        return [self.disk(key) for key in keys]
+
+    def migration(self, attachment_id: str) -> VolumeMigration | None:
+        return self._get("volume_migrations", VolumeMigration, attachment_id)
+
+    def put_migration(self, migration: VolumeMigration) -> None:
         migration.updated_at = time.time()
-        self._put("migrations", migration)
+        self._put("volume_migrations", migration)
 
-    def migrations_in(self, states: list[str]) -> list[Migration]:
+    def migrations_of(self, server_id: str) -> list[VolumeMigration]:
+        keys = self._keys("SELECT attachment_id FROM volume_migrations WHERE server_id = ?", (server_id,))
+        return [self.migration(key) for key in keys]
+
+    def migrations_in(self, states: list[str]) -> list[VolumeMigration]:
         marks = ", ".join("?" for _ in states)
-        with self._lock:
-            keys = [
-                r[0]
-                for r in self._db.execute(
-                    f"SELECT attachment_id FROM migrations WHERE state IN ({marks})", tuple(states)
-                )
-            ]
+        keys = self._keys(
+            f"SELECT attachment_id FROM volume_migrations WHERE state IN ({marks})", tuple(states)
+        )
         return [self.migration(key) for key in keys]
 
     def close(self) -> None:

@@ -1,0 +1,244 @@
+"""The hypervisor interface on a domain libvirt owns, as on a Nova compute host: the server's id is the
+domain's UUID, and everything goes through libvirt's public API (volcopy.compute.libvirt's steps), so
+libvirt's view of the disk (domblklist, the persistent XML) follows every step and the domain is never
+tainted.
+
+Whether the guest runs, and which run it is (the domain id), come from libvirt; lifecycle, I/O-error
+and block-job events come from libvirt's event loop on its own thread. A libvirtd that cannot be
+reached is an error, never a sign that the guest stopped.
+
+complete moves the writes with a shallow block copy into a new overlay over dst ("newtop", next to the
+overlay), pivots, then commits newtop into dst; the fence's overlay, out of the chain, is deleted.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import threading
+
+import libvirt
+
+from .. import libvirt as steps
+from .hypervisor import EventCallback, Hypervisor, HypervisorError, HypervisorNotRunning
+from .state import Disk, VolumeMigration
+
+_LIFECYCLE = {
+    libvirt.VIR_DOMAIN_EVENT_STARTED: "STARTED",
+    libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: "SHUTDOWN",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED: "STOPPED",
+    libvirt.VIR_DOMAIN_EVENT_UNDEFINED: "STOPPED",
+    libvirt.VIR_DOMAIN_EVENT_CRASHED: "STOPPED",
+}
+
+
+def newtop_path(m: VolumeMigration) -> str:
+    """The overlay over dst that complete copies the fence's overlay into: named after it."""
+    base = m.overlay_path.removesuffix(".qcow2").removesuffix("-top")
+    return f"{base}-top.qcow2"
+
+
+class LibvirtServer(Hypervisor):
+    """One libvirt domain, found by UUID on one libvirt connection."""
+
+    def __init__(self, uri: str, uuid: str, on_event: EventCallback | None = None):
+        steps.start_event_loop()
+        self.uri, self.uuid, self.on_event = uri, uuid, on_event
+        self.liveness = f"libvirt ({uri}, domain {uuid})"
+        self._lock = threading.Lock()
+        self._conn: libvirt.virConnect | None = None
+        self._jobs: steps.BlockJobs | None = None
+        self._empty: dict[int, int] = {}  # virtual size -> an empty overlay's file size
+
+    # ------------------------------------------------------------------ the connection and its events
+
+    def _connection(self) -> tuple[libvirt.virConnect, steps.BlockJobs]:
+        with self._lock:
+            if self._conn is not None and self._conn.isAlive():
+                return self._conn, self._jobs
+            try:
+                conn = libvirt.open(self.uri)
+            except libvirt.libvirtError as exc:
+                raise HypervisorError(f"cannot connect to libvirt at {self.uri}: {exc}") from None
+            conn.setKeepAlive(5, 3)
+            conn.registerCloseCallback(self._closed, None)
+            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
+            conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_IO_ERROR_REASON, self._io_error, None
+            )
+            self._conn, self._jobs = conn, steps.BlockJobs(conn, self._block_job)
+            return conn, self._jobs
+
+    def _closed(self, conn, reason, opaque) -> None:  # libvirtd went away: reconnect at the next call
+        with self._lock:
+            if self._conn is conn:
+                self._conn = None
+        self._emit("DISCONNECTED", {"reason": reason})
+
+    def _emit(self, name: str, data: dict) -> None:
+        if self.on_event:
+            self.on_event(name, data)
+
+    def _lifecycle(self, conn, dom, event, detail, opaque) -> None:
+        if dom.UUIDString() == self.uuid and event in _LIFECYCLE:
+            self._emit(_LIFECYCLE[event], {"detail": detail})
+
+    def _io_error(self, conn, dom, src_path, dev_alias, action, reason, opaque) -> None:
+        if dom.UUIDString() == self.uuid:
+            self._emit("BLOCK_IO_ERROR", {"nospace": reason == "enospc", "device": dev_alias})
+
+    def _block_job(self, uuid: str, target: str, status: str) -> None:
+        if uuid == self.uuid:
+            self._emit("BLOCK_JOB", {"disk": target, "status": status})
+
+    def _domain(self) -> libvirt.virDomain | None:
+        conn, _ = self._connection()
+        try:
+            return conn.lookupByUUIDString(self.uuid)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise HypervisorError(f"libvirt: domain {self.uuid}: {exc}") from None
+
+    def _running_domain(self) -> libvirt.virDomain:
+        dom = self._domain()
+        if dom is None or not dom.isActive():
+            raise HypervisorNotRunning(f"domain {self.uuid} is not running ({self.uri})")
+        return dom
+
+    def _do(self, step, *args):
+        """A step of volcopy.compute.libvirt on the running domain, its failures as HypervisorError."""
+        dom = self._running_domain()
+        try:
+            return step(dom, *args)
+        except (steps.LibvirtHandoffError, libvirt.libvirtError) as exc:
+            raise HypervisorError(str(exc)) from None
+
+    # ------------------------------------------------------------------ the interface
+
+    def running(self) -> bool:
+        dom = self._domain()
+        try:
+            return dom is not None and bool(dom.isActive())
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"libvirt: domain {self.uuid}: {exc}") from None
+
+    def identity(self) -> str | None:
+        """The domain's id: libvirt gives each start a new one, and keeps it over a libvirtd restart."""
+        dom = self._domain()
+        if dom is None or not dom.isActive():
+            return None
+        return f"{self.uuid}:{dom.ID()}"
+
+    def chain(self, disk: Disk) -> list[str]:
+        return self._do(steps.disk_chain, disk.qdev)
+
+    def writable_and_shared(self, disk: Disk) -> tuple[bool, bool]:
+        return self._do(steps.disk_flags, disk.qdev)
+
+    def prepare_fence(self, disk: Disk, m: VolumeMigration) -> None:
+        try:
+            steps.create_overlay(m.overlay_path, disk.volume_path, disk.volume_format)
+        except steps.LibvirtHandoffError as exc:
+            raise HypervisorError(str(exc)) from None
+
+    def fence(self, disk: Disk, m: VolumeMigration) -> None:
+        self._do(steps.fence, disk.qdev, m.overlay_path)
+
+    def release_overlay(self, disk: Disk, m: VolumeMigration) -> None:
+        """libvirt holds an image only while it is in the chain."""
+
+    def merge_down(self, disk: Disk, m: VolumeMigration, before_switch) -> None:
+        dom = self._running_domain()
+        _, jobs = self._connection()
+        try:
+            steps.commit(dom, disk.qdev, jobs, before_switch)
+        except (steps.LibvirtHandoffError, libvirt.libvirtError) as exc:
+            raise HypervisorError(str(exc)) from None
+
+    def move_onto_dst(self, disk: Disk, m: VolumeMigration) -> str:
+        from ...migration.failpoints import failpoint
+
+        newtop = newtop_path(m)
+        chain = self.chain(disk)
+        if chain[:1] == [m.dst_path] or chain[:2] == [newtop, m.dst_path]:
+            return newtop if chain[0] == newtop else m.overlay_path
+        if chain[:1] != [m.overlay_path]:
+            raise HypervisorError(f"the overlay is not on top of the disk (it is on {chain[0]})")
+        dom = self._running_domain()
+        _, jobs = self._connection()
+        try:
+            steps.copy_onto(
+                dom,
+                disk.qdev,
+                jobs,
+                newtop,
+                m.dst_path,
+                m.dst_format or "raw",
+                lambda: failpoint("agent-before-repoint"),
+            )
+        except (steps.LibvirtHandoffError, libvirt.libvirtError) as exc:
+            try:  # the disk stays on overlay -> src; a copy job left would block the next try
+                if dom.blockJobInfo(disk.qdev, 0):
+                    dom.blockJobAbort(disk.qdev, 0)
+            except libvirt.libvirtError:
+                pass
+            raise HypervisorError(str(exc)) from None
+        return newtop
+
+    def dst_node(self, m: VolumeMigration) -> str:
+        return ""
+
+    def release_src(self, disk: Disk, m: VolumeMigration) -> None:
+        """The pivot released src: it must not be in the chain."""
+        if disk.volume_path in self.chain(disk):
+            raise HypervisorError(f"src {disk.volume_path} is still in the disk's chain")
+
+    def move_read_only(self, disk: Disk, m: VolumeMigration) -> None:
+        raise HypervisorError("moving a read-only disk is not implemented with libvirt yet")
+
+    def bytes_written(self, disk: Disk, m: VolumeMigration) -> int:
+        """What the guest wrote into the overlay since the fence: the highest offset QEMU wrote in the
+        overlay's file (libvirt's block info), less an empty overlay's size. QEMU appends each newly
+        written 64 KiB cluster (and, now and then, a metadata cluster), so this is the data in cluster
+        granules, a little over; the overlay's own table is cached in QEMU, so reading the file would not
+        tell."""
+        dom = self._running_domain()
+        try:
+            capacity, allocation, _ = dom.blockInfo(disk.qdev, 0)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"libvirt: block info of {disk.qdev}: {exc}") from None
+        return max(0, allocation - self._empty_overlay_size(capacity))
+
+    def _empty_overlay_size(self, capacity: int) -> int:
+        if capacity not in self._empty:
+            with tempfile.TemporaryDirectory() as scratch:
+                path = f"{scratch}/empty.qcow2"
+                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, str(capacity)], check=True)
+                self._empty[capacity] = os.stat(path).st_size
+        return self._empty[capacity]
+
+    def paused_on_enospc(self, disk: Disk) -> bool:
+        dom = self._running_domain()
+        state, reason = dom.state()
+        if state != libvirt.VIR_DOMAIN_PAUSED or reason != libvirt.VIR_DOMAIN_PAUSED_IOERROR:
+            return False
+        return any(e == libvirt.VIR_DOMAIN_DISK_ERROR_NO_SPACE for e in dom.diskErrors().values())
+
+    def resume_after_io_error(self) -> None:
+        dom = self._running_domain()
+        if dom.state() == [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR]:
+            dom.resume()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    self._conn.close()
+                except libvirt.libvirtError:
+                    pass
+                self._conn = None
+
+
+__all__ = ["LibvirtServer", "newtop_path"]

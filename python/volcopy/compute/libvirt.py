@@ -1,0 +1,304 @@
+"""The handoff's three steps on a libvirt domain, through libvirt's public API only (no monitor
+commands, so the domain is never tainted), as functions a Nova libvirt driver could call from its Guest
+object. Each takes a ``virDomain`` and a disk's target (``vda``) and returns when done, with the disk's
+chain read back from the live domain XML.
+
+- fence: an external disk-only snapshot (``DISK_ONLY | NO_METADATA | ATOMIC | REUSE_EXT``) puts a qcow2
+  overlay on top of the disk; every other disk is ``snapshot='no'``. From its return on, nothing writes to
+  the volume below.
+- cancel (``commit``): an active block commit of the overlay into the volume below (``ACTIVE | SHALLOW |
+  DELETE``), the READY event, then the pivot (``virDomainBlockJobAbort(PIVOT)``).
+- complete (``copy_onto`` then ``commit``): a new qcow2 (newtop) whose backing is dst; a shallow block copy
+  of the overlay into it (``SHALLOW | REUSE_EXT | TRANSIENT_JOB``; only the overlay's clusters move, and
+  libvirt opens dst at the pivot), READY, the pivot; then newtop is committed into dst as for cancel.
+
+Block-job events come from libvirt's event loop: ``start_event_loop()`` registers libvirt's default
+implementation and runs it on a thread of its own (call it before opening connections, as Nova does),
+and ``BlockJobs(conn)`` follows one connection's block-job events, which every step waits on: no polling.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+
+import libvirt
+
+READY_TIMEOUT = 600.0  # seconds a block job has to become ready (a copy of a large overlay)
+_loop_lock = threading.Lock()
+_loop_started = False
+
+
+class LibvirtHandoffError(Exception):
+    """A step of the handoff failed; the message says which and what libvirt answered."""
+
+
+def start_event_loop() -> None:
+    """libvirt's default event loop on a daemon thread, once per process."""
+    global _loop_started
+    with _loop_lock:
+        if _loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+        # libvirt prints every error on stderr by default; each one reaches the caller as an exception
+        libvirt.registerErrorHandler(lambda ctx, err: None, None)
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _loop_started = True
+
+
+class BlockJobs:
+    """One connection's block-job events (READY, COMPLETED, FAILED, CANCELED), per domain and disk."""
+
+    _NAMES = {
+        libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED: "completed",
+        libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED: "failed",
+        libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED: "canceled",
+        libvirt.VIR_DOMAIN_BLOCK_JOB_READY: "ready",
+    }
+
+    def __init__(self, conn: libvirt.virConnect, on_event: Callable[[str, str, str], None] | None = None):
+        """on_event(domain uuid, target, status) is called on the event loop's thread."""
+        self._cond = threading.Condition()
+        self._last: dict[tuple[str, str], str] = {}
+        self._on_event = on_event
+        self._id = conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._event, None
+        )
+
+    def _event(self, conn, dom, target, job_type, status, opaque) -> None:
+        name = self._NAMES.get(status, str(status))
+        with self._cond:
+            self._last[(dom.UUIDString(), target)] = name
+            self._cond.notify_all()
+        if self._on_event:
+            self._on_event(dom.UUIDString(), target, name)
+
+    def forget(self, dom: libvirt.virDomain, target: str) -> None:
+        """Before a job starts: an older job's last event must not be taken for its."""
+        with self._cond:
+            self._last.pop((dom.UUIDString(), target), None)
+
+    def wait(self, dom: libvirt.virDomain, target: str, timeout: float = READY_TIMEOUT) -> str:
+        """The next status of the disk's job: "ready", "completed", "failed" or "canceled"."""
+        key = (dom.UUIDString(), target)
+        with self._cond:
+            if not self._cond.wait_for(lambda: key in self._last, timeout):
+                raise LibvirtHandoffError(f"disk {target}: no block job event in {timeout:.0f} s")
+            return self._last.pop(key)
+
+
+# ---------------------------------------------------------------------- reading the live XML
+
+
+def _disk_element(dom: libvirt.virDomain, target: str, flags: int = 0) -> ET.Element:
+    for disk in ET.fromstring(dom.XMLDesc(flags)).iter("disk"):
+        t = disk.find("target")
+        if t is not None and t.get("dev") == target:
+            return disk
+    raise LibvirtHandoffError(f"domain {dom.name()} has no disk {target}")
+
+
+def _source_path(element: ET.Element) -> str | None:
+    source = element.find("source")
+    if source is None:
+        return None
+    return source.get("file") or source.get("dev") or source.get("name")
+
+
+def disk_chain(dom: libvirt.virDomain, target: str) -> list[str]:
+    """The disk's images, top first, from the live domain XML."""
+    chain, element = [], _disk_element(dom, target)
+    while element is not None:
+        path = _source_path(element)
+        if path is None:
+            break
+        chain.append(path)
+        element = element.find("backingStore")
+    return chain
+
+
+def disk_flags(dom: libvirt.virDomain, target: str) -> tuple[bool, bool]:
+    """(the guest may write the disk, the disk is shareable: another guest may write its volume)."""
+    disk = _disk_element(dom, target)
+    return disk.find("readonly") is None, disk.find("shareable") is not None
+
+
+def _disk_type(path: str) -> tuple[str, str]:
+    return ("block", "dev") if path.startswith("/dev/") else ("file", "file")
+
+
+def _job_running(dom: libvirt.virDomain, target: str) -> bool:
+    return bool(dom.blockJobInfo(target, 0))
+
+
+def _check(condition: bool, what: str, dom: libvirt.virDomain, target: str) -> None:
+    if not condition:
+        chain = " -> ".join(disk_chain(dom, target))
+        raise LibvirtHandoffError(f"disk {target}: {what} (its chain is {chain})")
+
+
+# ---------------------------------------------------------------------- the steps
+
+
+def create_overlay(path: str, backing: str, backing_format: str) -> None:
+    """A qcow2 image over backing, 0600: the guest's writes will land in it."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
+    os.chmod(path, 0o600)
+    made = subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", backing_format, path],
+        capture_output=True,
+        text=True,
+    )
+    if made.returncode != 0:
+        raise LibvirtHandoffError(f"qemu-img create {path}: {made.stderr.strip()}")
+
+
+def fence(dom: libvirt.virDomain, target: str, overlay: str) -> None:
+    """Puts overlay (made by create_overlay over the disk's image) on top of the disk; the other disks
+    are left alone. Reversion: commit()."""
+    if disk_chain(dom, target)[:1] == [overlay]:
+        return
+    others = "".join(
+        f"<disk name='{t.get('dev')}' snapshot='no'/>"
+        for t in ET.fromstring(dom.XMLDesc(0)).findall("./devices/disk/target")
+        if t.get("dev") != target
+    )
+    xml = (
+        "<domainsnapshot><disks>"
+        f"<disk name='{target}' snapshot='external' type='file'>"
+        f"<driver type='qcow2'/><source file='{overlay}'/></disk>{others}"
+        "</disks></domainsnapshot>"
+    )
+    flags = (
+        libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+        | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+        | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+        | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
+    )
+    try:
+        dom.snapshotCreateXML(xml, flags)
+    except libvirt.libvirtError as exc:
+        raise LibvirtHandoffError(f"disk {target}: the external snapshot failed: {exc}") from None
+    _check(
+        disk_chain(dom, target)[:1] == [overlay], f"{overlay} is not on top after the snapshot", dom, target
+    )
+
+
+def _pivot_when_ready(
+    dom: libvirt.virDomain, target: str, jobs: BlockJobs, what: str, before_pivot: Callable[[], None]
+) -> None:
+    """Waits for the job's READY event, calls before_pivot(), pivots. A job a previous caller left
+    running may have been ready before we listened: its pivot is tried first."""
+    status = jobs.wait(dom, target) if not _ready_already(dom, target) else "ready"
+    if status != "ready":
+        raise LibvirtHandoffError(f"disk {target}: the {what} job ended {status} before it was ready")
+    before_pivot()
+    try:
+        dom.blockJobAbort(target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+    except libvirt.libvirtError as exc:
+        raise LibvirtHandoffError(f"disk {target}: the pivot of the {what} failed: {exc}") from None
+
+
+def _ready_already(dom: libvirt.virDomain, target: str) -> bool:
+    info = dom.blockJobInfo(target, 0)
+    return bool(info) and info.get("end", 0) > 0 and info.get("cur") == info.get("end")
+
+
+def commit(
+    dom: libvirt.virDomain, target: str, jobs: BlockJobs, before_pivot: Callable[[], None] = lambda: None
+) -> None:
+    """Merges the overlay on top into the image below it and moves the disk down onto that image; the
+    overlay's file is deleted by libvirt. before_pivot() runs once the image below holds everything.
+    Picks up a commit a previous caller left running."""
+    chain = disk_chain(dom, target)
+    _check(len(chain) >= 2, "there is no overlay to merge", dom, target)
+    below = chain[1]
+    if not _job_running(dom, target):
+        jobs.forget(dom, target)
+        flags = (
+            libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
+            | libvirt.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW
+            | libvirt.VIR_DOMAIN_BLOCK_COMMIT_DELETE
+        )
+        try:
+            dom.blockCommit(target, None, None, 0, flags)
+        except libvirt.libvirtError as exc:
+            raise LibvirtHandoffError(f"disk {target}: the block commit failed to start: {exc}") from None
+    _pivot_when_ready(dom, target, jobs, "commit", before_pivot)
+    _check(
+        disk_chain(dom, target)[:1] == [below], f"the disk is not on {below} after the commit", dom, target
+    )
+
+
+def copy_onto(
+    dom: libvirt.virDomain,
+    target: str,
+    jobs: BlockJobs,
+    newtop: str,
+    dst: str,
+    dst_format: str = "raw",
+    before_pivot: Callable[[], None] = lambda: None,
+) -> None:
+    """Moves the disk from overlay -> src onto newtop -> dst: newtop (made here, backed by dst) gets a
+    shallow copy of the overlay, then the disk pivots onto it. dst must hold src as of the fence."""
+    chain = disk_chain(dom, target)
+    if chain[:2] == [newtop, dst]:
+        return
+    _check(len(chain) >= 2, "there is no overlay on top", dom, target)
+    if not _job_running(dom, target):
+        create_overlay(newtop, dst, dst_format)  # afresh: a newtop of an earlier try may hold stale data
+        kind, attr = _disk_type(newtop)
+        xml = f"<disk type='{kind}'><driver type='qcow2'/><source {attr}='{newtop}'/></disk>"
+        flags = (
+            libvirt.VIR_DOMAIN_BLOCK_COPY_SHALLOW
+            | libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT
+            | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
+        )
+        jobs.forget(dom, target)
+        try:
+            dom.blockCopy(target, xml, None, flags)
+        except libvirt.libvirtError as exc:
+            raise LibvirtHandoffError(f"disk {target}: the block copy failed to start: {exc}") from None
+    _pivot_when_ready(dom, target, jobs, "copy", before_pivot)
+    _check(disk_chain(dom, target)[:2] == [newtop, dst], f"the disk is not on {newtop} -> {dst}", dom, target)
+
+
+def complete(
+    dom: libvirt.virDomain,
+    target: str,
+    jobs: BlockJobs,
+    newtop: str,
+    dst: str,
+    dst_format: str = "raw",
+) -> None:
+    """The whole of complete: the disk onto newtop -> dst, then newtop merged into dst."""
+    copy_onto(dom, target, jobs, newtop, dst, dst_format)
+    commit(dom, target, jobs)
+
+
+def cancel(dom: libvirt.virDomain, target: str, jobs: BlockJobs) -> None:
+    """The whole of cancel: the overlay merged back into the volume below it."""
+    commit(dom, target, jobs)
+
+
+__all__ = [
+    "BlockJobs",
+    "LibvirtHandoffError",
+    "cancel",
+    "commit",
+    "complete",
+    "copy_onto",
+    "create_overlay",
+    "disk_chain",
+    "disk_flags",
+    "fence",
+    "start_event_loop",
+]

@@ -1,0 +1,454 @@
+"""The handoff's failure paths on a real QEMU with a guest writing throughout. Each case injects its
+failure for real (the agent SIGKILLed at its failure points, QEMU refusing a command, dst failing
+writes, the guest shutting down or started again, a full overlay directory, a second writer, a stale
+token) and ends with the same checks: the guest's view matches its model, the volume it lives on holds
+src-at-fence plus every later write in order, src did not change until the switch, and the state the
+agent reports is true."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+from nbd_devices import nbd_devices
+
+import volcopy
+from compute_harness import (
+    BACKENDS,
+    DST_ATT,
+    SERVER,
+    SIZE,
+    SRC_ATT,
+    TOKEN,
+    Agent,
+    Guest,
+    local,
+    needs_guest,
+    restart_libvirtd,
+    server_entry,
+    wait_for,
+    wait_state,
+)
+from conftest import MiB, read_all
+from volcopy.compute import ComputeConflict, ComputeError, NovaCompute
+
+pytestmark = needs_guest
+__all__ = ["nbd_devices"]  # a fixture, used by name below
+
+
+def client(agent: Agent) -> NovaCompute:
+    return NovaCompute(endpoint=agent.url, token=TOKEN, retries=0)
+
+
+def finish_on(guest: Guest, volume: str) -> None:
+    """The common ending: the guest stops writing, reads its model, and the volume holds the model."""
+    guest.stop_writer()
+    assert guest.errors == [] and guest.io_status_ok()
+    guest.check_guest_reads_model()
+    guest.stop()
+    assert read_all(volume) == guest.model, f"{volume} lacks some of the guest's writes"
+
+
+@pytest.fixture
+def started_agent(workdir, guest):
+    agents = []
+
+    def start(**settings) -> Agent:
+        agent = Agent(workdir, {SERVER: server_entry(guest, SRC_ATT)}, **settings)
+        agents.append(agent)
+        return agent
+
+    yield start
+    for agent in agents:
+        agent.stop()
+
+
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
+@pytest.mark.parametrize("point", ["agent-before-snapshot", "agent-after-snapshot"])
+def test_agent_killed_while_fencing_resolves_from_the_graph(workdir, guest, volumes, started_agent, point):
+    src, dst = volumes
+    agent = started_agent()
+    agent.start(env=dict(os.environ, VOLCOPY_FAILPOINT=point))
+    guest.start_writer()
+    with pytest.raises(ComputeError):
+        client(agent).migration_start(SERVER, SRC_ATT)
+    agent.process.wait(timeout=10)
+    agent.start()
+    compute = client(agent)
+
+    state = compute.migration_state(SERVER, SRC_ATT)
+    if point == "agent-before-snapshot":  # the overlay never reached the chain: no fence, no leftovers
+        assert state["state"] == "none" and "restarted before the fence" in state["reason"]
+        assert list((workdir / "overlays").iterdir()) == []
+        gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+        assert gen == 2
+    else:  # it did: the guest writes to it, so the fence stands
+        assert state["state"] == "fenced" and state["generation"] == 1
+        gen = 1
+    at_fence = volcopy.digest(src)
+    volcopy.copy(src, dst)
+    compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
+    wait_state(compute, "completed")
+    assert volcopy.digest(src) == at_fence, "src was written after its fence"
+    finish_on(guest, dst)
+
+
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
+@pytest.mark.parametrize(
+    "point", ["agent-after-attach", "agent-before-repoint", "agent-after-repoint", "agent-after-merge"]
+)
+def test_agent_killed_while_completing_finishes_on_restart(workdir, guest, volumes, started_agent, point):
+    src, dst = volumes
+    agent = started_agent()
+    agent.start(env=dict(os.environ, VOLCOPY_FAILPOINT=point))
+    compute = client(agent)
+    guest.start_writer()
+    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    at_fence = volcopy.digest(src)
+    volcopy.copy(src, dst)
+    try:
+        compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
+    except ComputeError:
+        pass  # killed before it answered (the merge point is reached after the answer)
+    agent.process.wait(timeout=60)
+    agent.start()
+    compute = client(agent)
+
+    wait_state(compute, "completed")  # the recorded intent is carried out by the restarted agent
+    again = compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
+    assert again["state"] == "completed" and again["data_location"] == f"the new volume {dst}"
+    assert [a["id"] for a in compute.attachments(SERVER)] == [DST_ATT]
+    assert list((workdir / "overlays").iterdir()) == []
+    assert volcopy.digest(src) == at_fence, "src was written after its fence"
+    finish_on(guest, dst)
+
+
+def test_qemu_refusing_to_release_src_is_failed_then_retried(guest, volumes, started_agent, workdir):
+    """Something else holds src's node (an NBD export of it): blockdev-del fails after the overlay was
+    moved onto dst. complete answers 409 and the state is failed, saying the data is in the overlay over
+    dst; cancel cannot go back; once src is free a repeated complete finishes."""
+    src, dst = volumes
+    agent = started_agent()
+    agent.start()
+    compute = client(agent)
+    guest.start_writer()
+    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    volcopy.copy(src, dst)
+    guest.monitor.cmd(
+        "nbd-server-start", addr={"type": "unix", "data": {"path": str(workdir / "export.sock")}}
+    )
+    guest.monitor.cmd("block-export-add", type="nbd", id="holder", **{"node-name": guest.node})
+
+    with pytest.raises(ComputeConflict, match="releasing src after the switch failed: .*blockdev-del"):
+        compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
+    state = compute.migration_state(SERVER, SRC_ATT)
+    assert state["state"] == "failed"
+    assert state["data_location"].startswith("overlay ") and state["data_location"].endswith(
+        f"over the new volume {dst}"
+    )
+    with pytest.raises(ComputeConflict, match="already runs on the new volume"):
+        compute.migration_cancel(SERVER, SRC_ATT, gen)
+
+    guest.monitor.cmd("block-export-del", id="holder")
+    wait_for(lambda: not guest.monitor.cmd("query-block-exports"), what="the export to go")
+    compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
+    wait_state(compute, "completed")
+    finish_on(guest, dst)
+
+
+def test_dst_failing_writes_during_the_merge_is_failed_then_retried(
+    guest, volumes, started_agent, nbd_devices
+):
+    """dst is a loop device over nbdkit whose writes fail during the final merge: the block-commit
+    fails, the state is failed with the data in the overlay over dst, the guest keeps writing; once
+    dst heals, a repeated complete merges everything."""
+    src, _ = volumes
+    dst_device = nbd_devices.faulty(size=SIZE)
+    dst = dst_device.path
+    agent = started_agent()
+    agent.start()
+    compute = client(agent)
+    guest.start_writer()
+    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    volcopy.copy(src, dst)
+    time.sleep(0.5)  # writes for the merge to carry
+
+    dst_device.fail(write=True)
+    compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
+    failed = wait_state(compute, "failed")
+    assert "merging the overlay into the new volume failed" in failed["reason"]
+    assert failed["data_location"].endswith(f"over the new volume {dst}")
+    time.sleep(0.3)
+
+    dst_device.heal()
+    compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
+    wait_state(compute, "completed")
+    finish_on(guest, dst)
+
+
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
+def test_guest_shut_down_while_fenced_is_merged_offline_on_complete(guest, volumes, started_agent, workdir):
+    src, dst = volumes
+    agent = started_agent()
+    agent.start()
+    compute = client(agent)
+    guest.start_writer()
+    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    at_fence = volcopy.digest(src)
+    time.sleep(0.5)
+    guest.stop_writer()
+    assert guest.errors == []
+    guest.check_guest_reads_model()
+    guest.send("halt")
+    guest.wait_stopped(timeout=30)
+
+    stopped = wait_for(
+        lambda: (s := compute.migration_state(SERVER, SRC_ATT))["instance_running"] is False and s,
+        what="the agent to see QEMU stop",
+    )
+    assert stopped["state"] == "fenced" and stopped["data_location"].endswith("(the instance is stopped)")
+    assert volcopy.digest(src) == at_fence
+    volcopy.copy(src, dst)
+    compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
+    wait_state(compute, "completed")
+    assert list((workdir / "overlays").iterdir()) == []
+    assert read_all(dst) == guest.model
+    assert volcopy.digest(src) == at_fence
+
+
+def test_guest_started_again_on_src_while_fenced_is_reported(guest, volumes, started_agent, workdir):
+    src, dst = volumes
+    agent = started_agent()
+    agent.start()
+    compute = client(agent)
+    guest.start_writer()
+    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    time.sleep(0.5)
+    guest.stop_writer()
+    guest.send("halt")
+    guest.wait_stopped(timeout=30)
+    wait_for(lambda: compute.migration_state(SERVER, SRC_ATT)["instance_running"] is False, what="stop seen")
+    overlay = next((workdir / "overlays").iterdir())
+    guest.stop()
+    guest.start()  # the same QEMU command line: on src
+
+    failed = wait_state(compute, "failed")
+    assert "started again while fenced" in failed["reason"]
+    assert f"overlay {overlay} holds the writes made while fenced" in failed["data_location"]
+    with pytest.raises(ComputeConflict, match="started again while fenced"):
+        compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
+    assert compute.migration_cancel(SERVER, SRC_ATT, gen)["state"] == "cancelled"
+    assert overlay.exists(), "the overlay holds writes that are nowhere else: it is never deleted on a guess"
+
+
+def test_full_overlay_directory_is_reported_and_cancel_frees_it(guest, volumes, workdir):
+    """The overlay directory on an 8 MiB tmpfs fills as the guest writes: QEMU pauses the guest,
+    the agent reports overlay-full, and cancel merges the overlay back into src and resumes the guest,
+    whose pending write then lands on src."""
+    src, _ = volumes
+    overlays = workdir / "small"
+    overlays.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(overlays)], check=True)
+    agent = Agent(
+        workdir, {SERVER: server_entry(guest, SRC_ATT)}, overlay_dir=str(overlays), overlay_min_free=MiB
+    )
+    try:
+        agent.start()
+        compute = client(agent)
+        guest.start_writer()
+        gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+        full = wait_state(compute, "overlay-full", timeout=120)
+        assert full["overlay_bytes"] > 4 * MiB and full["generation"] == gen
+
+        compute.migration_cancel(SERVER, SRC_ATT, gen)
+        wait_state(compute, "cancelled")
+        assert list(overlays.iterdir()) == []
+        writes = len(guest.writes)
+        wait_for(lambda: len(guest.writes) > writes + 20, what="the guest to write again")
+        assert guest.monitor.cmd("query-status")["status"] == "running"
+        guest.stop_writer()
+        # QEMU keeps the device's io-status "nospace" as the record of the pause: the guest saw no error.
+        assert guest.errors == []
+        guest.check_guest_reads_model()
+        guest.stop()
+        assert read_all(src) == guest.model, "src lacks some of the guest's writes"
+    finally:
+        agent.stop()
+        subprocess.run(["umount", "-l", str(overlays)], check=False)
+
+
+def test_two_writers_on_a_multi_attached_volume_are_refused(workdir, volumes):
+    src, _ = volumes
+    first = Guest(workdir, "a", src, SIZE, shared=True)
+    second = Guest(workdir, "b", src, SIZE, shared=True)
+    first.start()
+    second.start()
+    agent = Agent(workdir, {SERVER: server_entry(first, SRC_ATT), "server-2": server_entry(second, "att-b")})
+    try:
+        agent.start()
+        compute = client(agent)
+        for server, attachment in ((SERVER, SRC_ATT), ("server-2", "att-b")):
+            with pytest.raises(ComputeConflict, match="writable multi-attachment .* stop seeing each other"):
+                compute.migration_start(server, attachment)
+            assert compute.migration_state(server, attachment)["state"] == "none"
+        assert list((workdir / "overlays").iterdir()) == []
+    finally:
+        agent.stop()
+        first.stop()
+        second.stop()
+
+
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
+def test_a_stale_generation_is_refused(guest, volumes, started_agent):
+    src, dst = volumes
+    agent = started_agent()
+    agent.start()
+    compute = client(agent)
+    guest.start_writer()
+    first = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    compute.migration_cancel(SERVER, SRC_ATT, first)
+    wait_state(compute, "cancelled")
+    second = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    assert second == first + 1
+
+    with pytest.raises(ComputeConflict, match=f"generation {first} is stale: .* is generation {second}"):
+        compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), first)
+    with pytest.raises(ComputeConflict, match=f"generation {first} is stale"):
+        compute.migration_cancel(SERVER, SRC_ATT, first)
+    assert compute.migration_state(SERVER, SRC_ATT)["state"] == "fenced"
+    volcopy.copy(src, dst)
+    compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), second)
+    wait_state(compute, "completed")
+    finish_on(guest, dst)
+
+
+def test_a_qcow2_new_volume_is_opened_as_qcow2(guest, volumes, started_agent, loops, workdir):
+    """connection_info's data.format says how dst is laid out: a qcow2 image on a device is attached
+    as qcow2, and the guest's writes are merged into the image."""
+    src, _ = volumes
+    image = loops.create(SIZE + 4 * MiB)
+    agent = started_agent()
+    agent.start()
+    compute = client(agent)
+    guest.start_writer()
+    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", image, str(SIZE)], check=True)
+    subprocess.run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "qcow2", src, image], check=True)
+    info = {"driver_volume_type": "local", "data": {"device_path": image, "format": "qcow2", "discard": True}}
+    compute.migration_complete(SERVER, SRC_ATT, DST_ATT, info, gen)
+    wait_state(compute, "completed")
+    guest.stop_writer()
+    assert guest.errors == []
+    guest.check_guest_reads_model()
+    guest.stop()
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", image, str(workdir / "out.raw")], check=True
+    )
+    assert (workdir / "out.raw").read_bytes() == guest.model
+
+
+def test_a_read_only_attachment_moves_with_the_writable_one(workdir, volumes, loops):
+    """One writer and one reader of a multi-attached volume: both are fenced, both move to dst, and
+    the reader then reads what the writer wrote."""
+    src, dst = volumes
+    writer = Guest(workdir, "a", src, SIZE)
+    reader = Guest(workdir, "b", src, SIZE, read_only=True)
+    writer.start()
+    reader.start()
+    agent = Agent(workdir, {SERVER: server_entry(writer, SRC_ATT), "server-2": server_entry(reader, "att-b")})
+    try:
+        agent.start()
+        compute = client(agent)
+        writer.start_writer()
+        generations = [
+            compute.migration_start(s, a)["generation"] for s, a in ((SERVER, SRC_ATT), ("server-2", "att-b"))
+        ]
+        at_fence = volcopy.digest(src)
+        volcopy.copy(src, dst)
+        compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), generations[0])
+        compute.migration_complete("server-2", "att-b", "att-b-dst", local(dst), generations[1])
+        wait_state(compute, "completed")
+        wait_state(compute, "completed", attachment="att-b", server="server-2")
+        assert volcopy.digest(src) == at_fence
+        writer.stop_writer()
+        assert writer.errors == [] and reader.errors == []
+        writer.check_guest_reads_model()
+        reader.lines.extend(line for line in writer.lines if line.startswith("W "))  # its model: the writer's
+        reader.check_guest_reads_model()
+        writer.stop()
+        assert read_all(dst) == writer.model
+    finally:
+        agent.stop()
+        writer.stop()
+        reader.stop()
+
+
+def test_a_wrong_pid_file_setting_is_an_error_never_stopped(workdir, guest, volumes):
+    """The agent is told a pid file QEMU does not use. It must not take the running guest for a stopped
+    one (it would "fence" it in its records while the guest writes on): QEMU's lock on the volume
+    proves otherwise, and start answers 409 with the reason."""
+    src, _ = volumes
+    entry = server_entry(guest, SRC_ATT) | {"pidfile": str(workdir / "elsewhere.pid")}
+    agent = Agent(workdir, {SERVER: entry})
+    try:
+        agent.start()
+        compute = client(agent)
+        guest.start_writer()
+        with pytest.raises(
+            ComputeConflict, match=r"in use although the pid file .* says QEMU is not running"
+        ):
+            compute.migration_start(SERVER, SRC_ATT)
+        assert compute.migration_state(SERVER, SRC_ATT)["state"] == "none"
+        finish_on(guest, src)
+    finally:
+        agent.stop()
+
+
+@pytest.mark.parametrize("discard", [True, False])
+def test_discards_reach_the_new_volume_only_when_its_connection_allows(
+    discard, guest, volumes, started_agent, workdir
+):
+    """connection_info's data.discard: the guest's discards (blkdiscard of its first 4 MiB) reach dst,
+    a loop device whose file then has a hole there; without it they are ignored."""
+    src, dst = volumes
+    agent = started_agent()
+    agent.start()
+    compute = client(agent)
+    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    volcopy.copy(src, dst)
+    info = {"driver_volume_type": "local", "data": {"device_path": dst, "discard": discard}}
+    compute.migration_complete(SERVER, SRC_ATT, DST_ATT, info, gen)
+    wait_state(compute, "completed")
+    mark = len(guest.lines)
+    guest.send("discard")
+    guest.wait_line("DISCARDED", after=mark)
+    guest.stop()
+    backing = workdir / "dst-backing.img"
+    with open(backing, "rb") as f:
+        hole_at_start = os.lseek(f.fileno(), 0, os.SEEK_HOLE) == 0
+    assert hole_at_start == discard
+    assert read_all(dst, 4 * MiB) == (bytes(4 * MiB) if discard else read_all(src, 4 * MiB))
+
+
+@pytest.mark.parametrize("guest", ["libvirt"], indirect=True)
+def test_libvirtd_restarted_while_fenced_keeps_the_chain_and_completes(guest, volumes, started_agent):
+    """libvirt only: libvirtd stops and starts again while the guest is fenced. The domain runs on,
+    on its overlay; the agent reconnects, still reports fenced, and complete moves the guest onto dst."""
+    src, dst = volumes
+    agent = started_agent()
+    agent.start()
+    compute = client(agent)
+    guest.start_writer()
+    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    at_fence = volcopy.digest(src)
+    restart_libvirtd()
+    time.sleep(0.3)
+    assert compute.migration_state(SERVER, SRC_ATT)["state"] == "fenced"
+    assert volcopy.digest(src) == at_fence
+    volcopy.copy(src, dst)
+    compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
+    wait_state(compute, "completed")
+    assert volcopy.digest(src) == at_fence, "src was written after its fence"
+    finish_on(guest, dst)
