@@ -40,10 +40,24 @@ class PostgresServer:
 
     def start(self) -> None:
         self._run(f"{BIN}/initdb", "-D", self.data, "-A", "trust", "-U", USER, "--no-sync")
+        self.resume()
+
+    def resume(self) -> None:
+        """Starts the server (again, after halt(): same data, port and socket directory)."""
         options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
         self._run(
             f"{BIN}/pg_ctl", "-D", self.data, "-o", options, "-l", f"{self.directory}/log", "-w", "start"
         )
+
+    def halt(self) -> None:
+        """Stops the server as a crash would (every connection cut), keeping its data for resume()."""
+        self._run(f"{BIN}/pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
+
+    def socket_url(self, url: str) -> str:
+        """The same database through the unix socket directory, which a process in another network
+        namespace still reaches (127.0.0.1 there is another host's loopback)."""
+        database = url.rsplit("/", 1)[1]
+        return f"postgresql+psycopg://{USER}@/{database}?host={self.directory}&port={self.port}"
 
     def new_database(self) -> str:
         """A fresh, empty database; returns its SQLAlchemy URL."""

@@ -338,3 +338,57 @@ def test_a_full_overlay_during_the_copy_cancels_the_migration(workdir, guest, vo
     finally:
         agent.stop()
         subprocess.run(["umount", "-l", str(overlays)], check=False)
+
+
+def test_a_stale_generation_is_refused_and_the_newer_fence_is_left_alone(workdir, guest, compute, volumes):
+    """While the copy runs, someone else lifts the fence and sets a new one, as an orchestrator that
+    wrongly took the migration over would. The owner's complete carries the generation of its own
+    start: refused (409); so is its cancel. The migration stays cancelling with that reason, and the
+    newer fence is neither completed nor lifted by it."""
+    src, dst = volumes
+    guest.start_writer()
+    migrator = Migrator(f"sqlite:///{workdir}/journal.sqlite", compute)
+    outcome = {}
+
+    def run():
+        try:
+            migrator.migrate(src, dst, attachments=[(SERVER, SRC_ATT, DST_ATT)], rate_limit=16 << 20)
+        except MigrationError as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    first = wait_state(compute, "fenced")["generation"]
+    compute.migration_cancel(SERVER, SRC_ATT, first)
+    wait_state(compute, "cancelled")
+    second = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    thread.join(timeout=120)
+
+    assert second == first + 1
+    stale = f"generation {first} is stale: the current fence of attachment {SRC_ATT} is generation {second}"
+    [m] = migrator.list()
+    assert str(outcome["error"]) == (
+        f"migration {m.id} stays cancelling: cancel of {SERVER}/{SRC_ATT} failed: {stale}; "
+        "recover() will retry"
+    )
+    assert (m.state, m.dst_valid) == ("cancelling", False)
+    assert m.reason == f"cancel of {SERVER}/{SRC_ATT} failed: {stale}"
+    assert [
+        (s.name, s.status, s.detail) for s in migrator.steps(m.id) if s.name not in ("clone", "copy")
+    ] == [
+        ("start", "done", f"generation {first}"),
+        ("verify", "done", None),
+        ("complete", "failed", f"ComputeConflict: {stale}"),
+        ("cancel", "failed", f"ComputeConflict: {stale}"),
+    ]
+    state = compute.migration_state(SERVER, SRC_ATT)
+    assert (state["state"], state["generation"]) == ("fenced", second), "the newer fence was touched"
+    assert [a["id"] for a in compute.attachments(SERVER)] == [SRC_ATT]
+    compute.migration_cancel(SERVER, SRC_ATT, second)  # the newer fence's holder lifts it
+    wait_state(compute, "cancelled")
+    time.sleep(0.2)
+    guest.stop_writer()
+    assert guest.errors == [] and guest.io_status_ok()
+    guest.check_guest_reads_model()
+    guest.stop()
+    assert read_all(src) == guest.model, "src lacks some of the guest's writes"

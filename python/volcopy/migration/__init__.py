@@ -22,6 +22,8 @@ _PUBLIC = {
     "MigrationNotFound": "errors",
     "VolumeBusy": "errors",
     "JournalError": "errors",
+    "JournalUnreachable": "errors",
+    "LostOwnership": "errors",
 }
 
 __all__ = list(_PUBLIC)

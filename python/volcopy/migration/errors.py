@@ -35,3 +35,13 @@ class MigrationConflict(MigrationError):
 
 class JournalError(MigrationError):
     """The journal cannot be reached or used (wrong URL, server down, unknown schema version)."""
+
+
+class JournalUnreachable(JournalError):
+    """The journal's database did not answer within the journal's retry time (``retry_for``)."""
+
+
+class LostOwnership(MigrationError):
+    """This process no longer owns the migration: its lock died with its database session and another
+    process took (or may have taken) the migration over. It stops before any further external effect;
+    the journal holds what it did, for the new owner."""

@@ -1,7 +1,10 @@
 """The journal: every migration and every step it takes, in a database that outlives the process.
 
 A step is written as *intended* before its external effect and as *done* (or *failed*) after it, so a
-restarted orchestrator knows exactly what may have happened. A volume belongs to at most one running
+restarted orchestrator knows exactly what may have happened. The owner's writes are conditional on it
+still being the owner (``as_owner``): a process that lost a migration to another cannot overwrite what
+the new owner records. A lost connection to the database is retried with backoff for ``retry_for``
+seconds (logged at each attempt), then is one JournalUnreachable. A volume belongs to at most one running
 migration: the claim is a primary key, so the database itself refuses a second migration of it, from
 any process on any host sharing the journal. Any SQLAlchemy URL works; SQLite is the embedded default
 and PostgreSQL the shared one.
@@ -10,8 +13,12 @@ and PostgreSQL the shared one.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -39,9 +46,13 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from .errors import JournalError, MigrationNotFound, VolumeBusy
+from .errors import JournalError, JournalUnreachable, LostOwnership, MigrationNotFound, VolumeBusy
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+RETRY_FOR = 60.0  # seconds a call waits for an unreachable database before giving up
+RETRY_FIRST, RETRY_MAX = 0.1, 5.0  # seconds between attempts: doubling from the first, at most the max
 
 # Migration states. Final ones release the volumes' claims.
 PENDING = "pending"  # recorded; nothing external done yet
@@ -145,9 +156,25 @@ def _sqlite_pragmas(connection, _record) -> None:
     cursor.close()
 
 
+T = TypeVar("T")
+
+
+def _retried(method: Callable[..., T]) -> Callable[..., T]:
+    """The call again, as one transaction, while the database is unreachable (see Journal._retry)."""
+
+    @functools.wraps(method)
+    def call(self: Journal, *args, **kwargs) -> T:
+        return self._retry(method.__name__, lambda: method(self, *args, **kwargs))
+
+    return call
+
+
 class Journal:
-    def __init__(self, url: str):
+    def __init__(self, url: str, retry_for: float = RETRY_FOR):
+        """url: a SQLAlchemy URL. retry_for: seconds each call retries a lost connection before it
+        raises JournalUnreachable (opening the journal is not retried: a wrong URL is told at once)."""
         self.url = url
+        self.retry_for = retry_for
         try:
             self.engine = create_engine(url, pool_pre_ping=True)
         except (ArgumentError, NoSuchModuleError, ImportError) as exc:
@@ -174,8 +201,8 @@ class Journal:
 
     def _error(self, exc: DBAPIError) -> JournalError:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        if isinstance(exc, OperationalError):
-            return JournalError(f"journal {self.where} is unreachable: {reason}")
+        if isinstance(exc, OperationalError) or exc.connection_invalidated:
+            return JournalUnreachable(f"journal {self.where} is unreachable: {reason}")
         return JournalError(f"journal {self.where} refused the request: {reason}")
 
     def _create_schema(self) -> None:
@@ -198,8 +225,40 @@ class Journal:
                 f"journal {self.where} has schema version {versions}; this volcopy knows {SCHEMA_VERSION}"
             )
 
+    def _retry(self, what: str, call: Callable[[], T]) -> T:
+        """Runs call() until it does not find the database unreachable, for at most retry_for seconds.
+        Each call is one transaction, so a failed attempt changed nothing; one whose commit reached the
+        database but whose answer was lost is made harmless by the callers (see create, take_over)."""
+        deadline = time.monotonic() + self.retry_for
+        delay = RETRY_FIRST
+        while True:
+            try:
+                return call()
+            except JournalUnreachable as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                log.warning("%s: %s; retrying in %.1f s (giving up in %.0f s)", what, exc, delay, left)
+                time.sleep(min(delay, left))
+                delay = min(2 * delay, RETRY_MAX)
+
+    def _check_owner(self, s: Session, migration_id: str, owner: str | None) -> None:
+        """In the caller's transaction: the migration is still ``owner``'s (None: anyone may write).
+        The row stays locked to the end of the transaction, so a take-over waits for it."""
+        if owner is None:
+            return
+        result = s.execute(
+            update(Migration)
+            .where(Migration.id == migration_id, Migration.owner == owner)
+            .values(updated_at=utcnow())
+        )
+        if result.rowcount != 1:
+            now = s.scalar(select(Migration.owner).where(Migration.id == migration_id))
+            raise LostOwnership(f"now run by {now}, no longer by {owner}", migration_id)
+
     # ---------------------------------------------------------------- migrations
 
+    @_retried
     def create(self, migration: Migration) -> Migration:
         """Records a new migration and claims its volumes, in one transaction."""
         try:
@@ -211,6 +270,9 @@ class Journal:
                     for key in (migration.src_key, migration.dst_key)
                 )
         except IntegrityError:
+            with self._session() as s:
+                if s.get(Migration, migration.id) is not None:
+                    return migration  # an earlier attempt was committed; only its answer was lost
             holder = self.claimant(migration.src_key) or self.claimant(migration.dst_key)
             raise VolumeBusy(
                 f"volume is already in migration {holder or '(just finished)'}; one migration per volume"
@@ -219,10 +281,12 @@ class Journal:
             ) from None
         return migration
 
+    @_retried
     def claimant(self, volume_key: str) -> str | None:
         with self._session() as s:
             return s.scalar(select(VolumeClaim.migration_id).where(VolumeClaim.volume == volume_key))
 
+    @_retried
     def get(self, migration_id: str) -> Migration:
         with self._session() as s:
             m = s.get(Migration, migration_id)
@@ -230,6 +294,7 @@ class Journal:
             raise MigrationNotFound(f"no migration {migration_id} in journal {self.where}", migration_id)
         return m
 
+    @_retried
     def list(self, unfinished_only: bool = False) -> list[Migration]:
         query = select(Migration).order_by(Migration.created_at)
         if unfinished_only:
@@ -237,30 +302,39 @@ class Journal:
         with self._session() as s:
             return list(s.scalars(query))
 
-    def update(self, migration_id: str, **fields) -> None:
-        """Changes fields of a migration; a final state also releases its volumes."""
+    @_retried
+    def update(self, migration_id: str, as_owner: str | None = None, **fields) -> None:
+        """Changes fields of a migration; a final state also releases its volumes. as_owner: only while
+        the migration is still this owner's (LostOwnership otherwise, and nothing changes)."""
         fields["updated_at"] = utcnow()
         if fields.get("state") in FINAL_STATES:
             fields["finished_at"] = fields["updated_at"]
         with self._session() as s:
+            self._check_owner(s, migration_id, as_owner)
             s.execute(update(Migration).where(Migration.id == migration_id).values(**fields))
             if fields.get("state") in FINAL_STATES:
                 s.execute(delete(VolumeClaim).where(VolumeClaim.migration_id == migration_id))
 
+    @_retried
     def take_over(self, migration_id: str, previous_owner: str, owner: str) -> bool:
         """Makes ``owner`` run the migration if ``previous_owner`` still had it: of several processes
-        recovering at once, exactly one gets each migration."""
+        recovering at once, exactly one gets each migration. (Already ``owner``'s is True: an earlier
+        attempt was committed and only its answer was lost.)"""
         with self._session() as s:
             result = s.execute(
                 update(Migration)
-                .where(Migration.id == migration_id, Migration.owner == previous_owner)
+                .where(Migration.id == migration_id, Migration.owner.in_([previous_owner, owner]))
                 .values(owner=owner, updated_at=utcnow())
             )
             return result.rowcount == 1
 
-    def report_progress(self, migration_id: str, done: int, total: int, rate: float) -> bool:
-        """Writes progress; returns whether a cancel was asked for meanwhile (read in the same round)."""
+    def report_progress(
+        self, migration_id: str, done: int, total: int, rate: float, as_owner: str | None = None
+    ) -> bool:
+        """Writes progress; returns whether a cancel was asked for meanwhile (read in the same round).
+        Never retried: the copy does not wait for a progress row; the next one will do."""
         with self._session() as s:
+            self._check_owner(s, migration_id, as_owner)
             s.execute(
                 update(Migration)
                 .where(Migration.id == migration_id)
@@ -270,19 +344,27 @@ class Journal:
 
     # ---------------------------------------------------------------- steps
 
-    def step_intended(self, migration_id: str, name: str, target: str = "") -> int:
+    @_retried
+    def step_intended(
+        self, migration_id: str, name: str, target: str = "", as_owner: str | None = None
+    ) -> int:
+        """Records a step about to be taken; as_owner: only while the migration is still this owner's.
+        (A step ended is recorded whoever owns the migration now: it is what happened.)"""
         with self._session() as s:
+            self._check_owner(s, migration_id, as_owner)
             step = Step(migration_id=migration_id, name=name, target=target, status=INTENDED)
             s.add(step)
             s.flush()
             return step.id
 
+    @_retried
     def step_ended(self, step_id: int, status: str, detail: str | None = None) -> None:
         with self._session() as s:
             s.execute(
                 update(Step).where(Step.id == step_id).values(status=status, detail=detail, ended_at=utcnow())
             )
 
+    @_retried
     def steps(self, migration_id: str) -> list[Step]:
         with self._session() as s:
             return list(s.scalars(select(Step).where(Step.migration_id == migration_id).order_by(Step.id)))

@@ -7,6 +7,12 @@
 The flow is a state machine in the journal (pending -> fencing -> copying -> completing -> completed,
 or -> cancelling -> cancelled). Each external effect is a step recorded as intended before and done
 after, so recover() in a restarted process finishes or rolls back whatever was running.
+
+Who runs a migration is who holds its tooz lock (see owners.py): any host's recover() takes over
+exactly the migrations whose lock it can take, the running owner checks it still holds it before each
+external effect (and every few seconds during a copy), and all its journal writes are conditional on
+it still being the owner. A journal that does not answer is waited for (Journal.retry_for); a step
+that cannot be recorded is not taken, so the fences stay as recorded for recover().
 """
 
 from __future__ import annotations
@@ -27,21 +33,29 @@ from ..errors import Cancelled, InvalidRequest, VolcopyError
 from ..volume import size_of
 from . import journal as j
 from .clone import can_clone, clone_file
-from .errors import JournalError, MigrationCancelled, MigrationConflict, MigrationError
+from .errors import (
+    JournalError,
+    JournalUnreachable,
+    LostOwnership,
+    MigrationCancelled,
+    MigrationConflict,
+    MigrationError,
+)
 from .failpoints import failpoint
-from .journal import Journal, Migration
-from .owners import process_alive, this_process
+from .journal import RETRY_FIRST, RETRY_MAX, Journal, Migration
+from .owners import HELD, LOST, REGAINED, Owners, coordination_url, this_process
 from .volumes import VolumeRef
 
 log = logging.getLogger(__name__)
 
 COPY_OPTIONS = {"engine", "block_size", "queue_depth", "direct", "sparse", "dst_is_zero", "rate_limit"}
 PROGRESS_INTERVAL = 1.0  # seconds between progress rows in the journal
+LOCK_CHECK_INTERVAL = 2.0  # seconds between checks, during a copy, that this process still owns it
 CANCEL_WAIT = 300.0  # seconds a restarted fence waits for an earlier cancel to finish
 MAX_ATTEMPTS = 3  # fences set again after a crash while fencing, before giving up
 MERGE_WAIT = 3600.0  # seconds a complete waits for the compute to merge the guest's writes into dst
 MERGE_RETRIES = 3  # completes repeated after the compute's merge failed
-WATCH_INTERVAL = 5.0  # seconds between looks at the fenced attachments during the copy
+WATCH_INTERVAL = 2.0  # seconds between looks at the fenced attachments during the copy
 # A fenced attachment the copy cannot go on with: the guest's writes are stuck, or its space runs out.
 COMPUTE_TROUBLE = ("failed", "overlay-full")
 
@@ -122,15 +136,35 @@ class Migrator:
         compute=None,
         checkpoint_dir: str | None = None,
         clone: Callable[[str, str], bool] | None = None,
+        coordination_url: str | None = None,
     ):
         """journal: a SQLAlchemy URL ("sqlite:///PATH", "postgresql+psycopg://...") or a Journal.
         compute: a NovaCompute (needed only for attached volumes). clone: the driver's own clone for
-        every migration, recovered ones too (see migrate())."""
+        every migration, recovered ones too (see migrate()). coordination_url: the tooz URL of the
+        migrations' locks; by default the journal's own PostgreSQL database, or a lock directory
+        beside a SQLite journal (PATH.locks)."""
         self.journal = journal if isinstance(journal, Journal) else Journal(journal)
         self.compute = compute
         self.clone = clone
         self.checkpoint_dir = checkpoint_dir or default_checkpoint_dir(self.journal)
         self.owner = this_process()
+        self.coordination_url = coordination_url
+        self._owners: Owners | None = None
+
+    @property
+    def owners(self) -> Owners:
+        """The locks; connected on first use (reading the journal needs none)."""
+        if self._owners is None:
+            self._owners = Owners(
+                self.coordination_url or coordination_url(self.journal.engine.url), self.owner
+            )
+        return self._owners
+
+    def close(self) -> None:
+        """Releases the locks' connections (a process that ends releases them anyway)."""
+        if self._owners is not None:
+            self._owners.stop()
+            self._owners = None
 
     # ---------------------------------------------------------------- the public calls
 
@@ -165,7 +199,24 @@ class Migrator:
         if src_ref.key == dst_ref.key:
             raise InvalidRequest(f"src and dst are the same volume ({src_ref})")
         _check_copy_options(copy_options)
-        migration_id = str(uuid.uuid4())
+        migration_id = self._new_id()
+        try:
+            return self._migrate(
+                migration_id, src_ref, dst_ref, checked, verify, clone, progress, copy_options
+            )
+        finally:
+            self.owners.release(migration_id)
+
+    def _new_id(self) -> str:
+        """A new migration's id, with its lock taken: one whose lock is held already shares its key
+        with a running migration's (tooz's postgresql driver hashes names into 65,536 keys)."""
+        for _ in range(100):
+            migration_id = str(uuid.uuid4())
+            if self.owners.acquire(migration_id):
+                return migration_id
+        raise MigrationError(f"no free lock in coordination {self.owners.where} after 100 draws")
+
+    def _migrate(self, migration_id, src_ref, dst_ref, checked, verify, clone, progress, copy_options):
         os.makedirs(self.checkpoint_dir, exist_ok=True)
         m = self.journal.create(
             Migration(
@@ -198,8 +249,8 @@ class Migrator:
 
     def cancel(self, migration_id: str, wait: float = 0.0) -> Migration:
         """Cancels a migration that has not reached completing. A migration running in a live process
-        is asked to (it stops within about a second) and waited for up to ``wait`` seconds; one
-        whose process is gone is cancelled here."""
+        (on any host) is asked to (it stops within about a second) and waited for up to ``wait``
+        seconds; one whose owner is gone is cancelled here."""
         m = self.journal.get(migration_id)
         if m.state == j.CANCELLED:
             return m
@@ -208,46 +259,84 @@ class Migrator:
                 f"migration {m.id} is {m.state}: the guest already uses dst, it cannot be cancelled", m.id
             )
         self.journal.update(m.id, cancel_requested=True)
-        if not self._take_over(m):  # its process sees the request within about a second
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and not self.journal.get(m.id).finished:
-                time.sleep(0.1)
-            return self.journal.get(m.id)
-        self._cancel(m, "cancelled on request", raise_after=False)
-        return self.journal.get(m.id)
+        with self._owned(m.id) as m:
+            if m is not None:
+                if not m.finished:
+                    self._run_guarded(m, lambda: self._cancel(m, "cancelled on request", raise_after=False))
+                return self.journal.get(m.id)
+        # its process sees the request within about a second
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and not self.journal.get(migration_id).finished:
+            time.sleep(0.1)
+        return self.journal.get(migration_id)
 
     def recover(self) -> list[Migration]:
-        """Finishes or rolls back every migration of this host whose process is gone: a copy resumes
-        from its checkpoint, a fence being set is lifted and set again, a complete is repeated, a
-        cancel is finished. Returns those migrations as they ended (a failure is logged and the
-        migration left for the next recover())."""
+        """Finishes or rolls back every unfinished migration whose owner is gone, on any host sharing
+        the journal: exactly those whose lock this process can take (a live owner holds its lock). A
+        copy resumes from its checkpoint, a fence being set is lifted and set again, a complete is
+        repeated, a cancel is finished. Returns those migrations as they ended (a failure is logged
+        and the migration left for the next recover())."""
         recovered = []
-        for m in self.journal.list(unfinished_only=True):
+        for listed in self.journal.list(unfinished_only=True):
+            taken = False
             try:
-                if not self._take_over(m):
-                    continue
-                self._recover_one(m)
-            except MigrationCancelled:
-                pass  # an ending like any other: the reason is in the journal
+                with self._owned(listed.id) as m:
+                    if m is None or m.finished:
+                        continue
+                    taken = True
+                    try:
+                        self._run_guarded(m, lambda m=m: self._recover_one(m))
+                    except MigrationCancelled:
+                        pass  # an ending like any other: the reason is in the journal
             except VolcopyError as exc:
-                log.error("migration %s: recover stopped: %s", m.id, exc)
-            recovered.append(self.journal.get(m.id))
+                log.error("migration %s: recover stopped: %s", listed.id, exc)
+            if taken:
+                recovered.append(self.journal.get(listed.id))
         return recovered
 
     # ---------------------------------------------------------------- the flow
 
-    def _take_over(self, m: Migration) -> bool:
-        """Makes this process the migration's owner, unless a live thread or process runs it (or
-        another process took it over first)."""
-        if self._running_elsewhere(m):
-            return False
-        if m.attachments and self.compute is None:
-            raise InvalidRequest(f"migration {m.id} has attachments: a compute is needed to go on with it")
-        if not self.journal.take_over(m.id, m.owner, self.owner):
-            return False
-        log.info("migration %s: taken over from %s in state %s", m.id, m.owner, m.state)
-        m.owner = self.owner
-        return True
+    @contextmanager
+    def _owned(self, migration_id: str) -> Iterator[Migration | None]:
+        """The migration, made this process's, with its lock held to the end of the block; None when a
+        live owner (this process's other thread, or any process on any host) holds its lock."""
+        if migration_id in _RUNNING or not self.owners.acquire(migration_id):
+            yield None
+            return
+        try:
+            m = self.journal.get(migration_id)  # read again under the lock: its owner may have gone on
+            if m.finished:
+                yield m
+                return
+            if m.attachments and self.compute is None:
+                raise InvalidRequest(
+                    f"migration {m.id} has attachments: a compute is needed to go on with it"
+                )
+            if not self.journal.take_over(m.id, m.owner, self.owner):
+                yield None  # another process took it over and ended between our read and the lock
+                return
+            if m.owner != self.owner:
+                log.info("migration %s: taken over from %s in state %s", m.id, m.owner, m.state)
+            m.owner = self.owner
+            yield m
+        finally:
+            self.owners.release(migration_id)
+
+    def _run_guarded(self, m: Migration, flow: Callable[[], None]) -> None:
+        """Runs flow as this migration's owner; an error that leaves the migration as recorded says so."""
+        _RUNNING.add(m.id)
+        try:
+            flow()
+        except LostOwnership as exc:
+            raise LostOwnership(
+                f"migration {m.id}: {exc}; this process stopped before any further external effect", m.id
+            ) from None
+        except JournalError as exc:
+            raise JournalError(
+                f"migration {m.id} stays {m.state} as recorded: {exc}; recover() goes on from there", m.id
+            ) from None
+        finally:
+            _RUNNING.discard(m.id)
 
     def _recover_one(self, m: Migration) -> None:
         if m.state == j.CANCELLING or (m.cancel_requested and m.state != j.COMPLETING):
@@ -258,18 +347,16 @@ class Migrator:
                 self._cancel(m, f"fencing was interrupted {m.attempts} times", raise_after=False)
                 return
             self._set(m, state=j.PENDING, attempts=m.attempts + 1)
-            self._run(m, clone=self.clone)
+            self._flow(m, clone=self.clone)
         else:
-            self._run(m, clone=self.clone)  # pending starts, copying resumes, completing repeats
-
-    def _running_elsewhere(self, m: Migration) -> bool:
-        """Whether another thread or process runs this migration now (then it is not ours to take)."""
-        if m.owner == self.owner:
-            return m.id in _RUNNING
-        return process_alive(m.owner)
+            self._flow(m, clone=self.clone)  # pending starts, copying resumes, completing repeats
 
     def _run(self, m: Migration, clone=None, progress=None) -> Migration:
-        _RUNNING.add(m.id)
+        self._run_guarded(m, lambda: self._flow(m, clone, progress))
+        log.info("migration %s: %s", m.id, m.state)
+        return self.journal.get(m.id)
+
+    def _flow(self, m: Migration, clone=None, progress=None) -> None:
         try:
             if m.state == j.PENDING:
                 self._fence(m)
@@ -283,22 +370,54 @@ class Migrator:
             if m.state == j.COMPLETING:
                 raise  # a guest may already use dst: only going forward is safe, by recover()
             self._cancel(m, "interrupted")
-        finally:
-            _RUNNING.discard(m.id)
-        log.info("migration %s: %s", m.id, m.state)
-        return self.journal.get(m.id)
 
     def _set(self, m: Migration, **fields) -> None:
-        """Writes fields to the journal and to the caller's copy of the row."""
-        self.journal.update(m.id, **fields)
+        """Writes fields to the journal, while this process still owns the migration, and to the
+        caller's copy of the row."""
+        self.journal.update(m.id, as_owner=self.owner, **fields)
         for name, value in fields.items():
             setattr(m, name, value)
+
+    def _ensure_owner(self, m: Migration) -> None:
+        """Before an external effect: this process still holds the migration's lock (taken again if it
+        died with its session and nobody took the migration meanwhile). Waits for an unreachable
+        database as the journal does, then raises JournalUnreachable; LostOwnership if another
+        process has the lock or the migration."""
+        deadline = time.monotonic() + self.journal.retry_for
+        delay = RETRY_FIRST
+        while True:
+            found = self.owners.check(m.id)
+            if found == HELD:
+                return
+            if found == REGAINED:
+                owner = self.journal.get(m.id).owner
+                if owner == self.owner:
+                    log.warning("migration %s: its lock died with its session; taken again", m.id)
+                    return
+                self.owners.release(m.id)
+                raise LostOwnership(f"now run by {owner}, no longer by {self.owner}", m.id)
+            if found == LOST:
+                raise LostOwnership("its lock is held by another process", m.id)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise JournalUnreachable(
+                    f"coordination {self.owners.where} is unreachable: the lock of migration {m.id} "
+                    f"cannot be checked for {self.journal.retry_for:.0f} s"
+                )
+            log.warning("migration %s: its lock cannot be checked; retrying in %.1f s", m.id, delay)
+            time.sleep(min(delay, left))
+            delay = min(2 * delay, RETRY_MAX)
 
     @contextmanager
     def _step(
         self, m: Migration, name: str, target: str = "", point: str | None = None
     ) -> Iterator[_Outcome]:
-        step_id = self.journal.step_intended(m.id, name, target)
+        step_id = self.journal.step_intended(m.id, name, target, as_owner=self.owner)
+        try:
+            self._ensure_owner(m)
+        except BaseException as exc:
+            self.journal.step_ended(step_id, j.FAILED, f"not taken: {_one_line(exc)}")
+            raise
         if point:
             failpoint(f"before-{point}")
         outcome = _Outcome()
@@ -319,8 +438,10 @@ class Migrator:
         """The fencing token start returned for the attachment (in the start step's detail), or, when
         the answer was lost, the compute's current one for a fence still set (None: nothing set)."""
         for step in reversed(self.journal.steps(m.id)):
-            if step.name == "start" and step.target == f"{server}/{src_att}" and step.status == j.DONE:
-                return int(step.detail.removeprefix("generation "))
+            if step.name == "start" and step.target == f"{server}/{src_att}":
+                if step.status == j.DONE:
+                    return int(step.detail.removeprefix("generation "))
+                break  # the latest start's answer was lost: an earlier start's token is stale
         state = self.compute.migration_state(server, src_att)
         return state["generation"] if state["state"] not in ("none", "cancelled", "completed") else None
 
@@ -361,8 +482,8 @@ class Migrator:
                         src_digest = src_digest or digest(src)
                         dst_digest = digest(dst, length=size_of(src))
                 failpoint("after-copy")
-        except JournalError:
-            raise  # nothing can be recorded: recover() goes on from what was
+        except (JournalError, LostOwnership):
+            raise  # nothing can be recorded, or it is another's to record: the flow stops here
         except _Abort:
             raise  # a fenced attachment the compute reports in trouble
         except Cancelled:
@@ -400,9 +521,11 @@ class Migrator:
 
     def _copy_with_engine(self, m: Migration, src: str, dst: str, options: dict, progress) -> str:
         cancel = threading.Event()
-        last = {"at": time.monotonic(), "done": 0, "watched": time.monotonic(), "trouble": None}
+        last = {"at": time.monotonic(), "done": 0, "checked": time.monotonic()}
+        last.update(watched=time.monotonic(), trouble=None)
 
         def report(done: int, total: int) -> None:
+            # LostOwnership raised here stops the copy and is raised again by copier.copy.
             if progress is not None:
                 progress(done, total)
             now = time.monotonic()
@@ -410,10 +533,22 @@ class Migrator:
                 rate = (done - last["done"]) / (now - last["at"])
                 last.update(at=now, done=done)
                 try:
-                    if self.journal.report_progress(m.id, done, total, rate):
+                    if self.journal.report_progress(m.id, done, total, rate, as_owner=self.owner):
                         cancel.set()
+                except LostOwnership:
+                    raise
                 except MigrationError as exc:  # the journal hiccuped: the copy goes on
                     log.warning("migration %s: progress not recorded: %s", m.id, exc)
+            if now - last["checked"] >= LOCK_CHECK_INTERVAL:
+                last["checked"] = now
+                found = self.owners.check(m.id)
+                if found == LOST:
+                    raise LostOwnership("its lock is held by another process", m.id)
+                if found == REGAINED:
+                    owner = self.journal.get(m.id).owner
+                    if owner != self.owner:
+                        raise LostOwnership(f"now run by {owner}, no longer by {self.owner}", m.id)
+                    log.warning("migration %s: its lock died with its session; taken again", m.id)
             if m.attachments and now - last["watched"] >= WATCH_INTERVAL:
                 last["watched"] = now
                 try:
@@ -457,7 +592,10 @@ class Migrator:
         """Step "complete" per attachment. Not reverted once one has succeeded (the guest then does its
         I/O on dst): it is repeated until every attachment is done, as the contract makes it idempotent."""
         dst_ref = VolumeRef.from_json(m.dst)
-        done = {s.target for s in self.journal.steps(m.id) if s.name == "complete" and s.status == j.DONE}
+        completes = [s for s in self.journal.steps(m.id) if s.name == "complete"]
+        done = {s.target for s in completes if s.status == j.DONE}
+        # A complete sent before (its answer maybe lost) may have put a guest on dst already.
+        sent_before = bool(completes)
         for number, (server, src_att, dst_att) in enumerate(m.attachments, 1):
             target = f"{server}/{src_att}"
             if target in done:
@@ -467,7 +605,7 @@ class Migrator:
                 with self._step(m, "complete", target, point=f"complete-{number}"):
                     self._complete_one(server, src_att, dst_att, dst_ref.for_compute(), generation)
             except REFUSED as exc:
-                if not done:  # no guest uses dst yet: going back to src is still possible
+                if not done and not sent_before:  # no guest uses dst yet: going back to src is possible
                     raise _Abort(f"the compute refused to complete {target}: {exc}") from None
                 raise self._left(m, f"complete of {target} refused after others succeeded: {exc}") from None
             except ComputeError as exc:
@@ -479,9 +617,16 @@ class Migrator:
 
     def _complete_one(self, server: str, src_att: str, dst_att: str, info: dict, generation: int) -> None:
         """complete, then wait until the compute has merged the guest's writes into dst: only then
-        does dst hold everything. A failed merge is retried by repeating complete."""
-        for _ in range(MERGE_RETRIES + 1):
-            self.compute.migration_complete(server, src_att, dst_att, info, generation)
+        does dst hold everything. A failed merge is retried by repeating complete. Once a complete has
+        been answered the guest may run on dst: a refusal after that is no longer a reason to go
+        back to src, so it is raised as a plain ComputeError (the migration then stays completing)."""
+        for attempt in range(MERGE_RETRIES + 1):
+            try:
+                self.compute.migration_complete(server, src_att, dst_att, info, generation)
+            except REFUSED as exc:
+                if attempt == 0:
+                    raise
+                raise ComputeError(f"a repeated complete was refused: {exc}") from None
             deadline = time.monotonic() + MERGE_WAIT
             while (state := self.compute.migration_state(server, src_att))["state"] == "completing":
                 if time.monotonic() > deadline:
