@@ -62,7 +62,7 @@ COMPUTE_TROUBLE = ("failed", "overlay-full")
 # A compute's answer that will not change if asked again: the fence (or complete) is refused.
 REFUSED = (ComputeConflict, ComputeNotFound)
 
-Attachment = tuple[str, str, str]  # (server_id, src_attachment_id, dst_attachment_id)
+AttachmentMove = tuple[str, str, str]  # (server_id, src_attachment_id, dst_attachment_id)
 
 
 _RUNNING: set[str] = set()  # ids of the migrations this process is running now
@@ -172,7 +172,7 @@ class Migrator:
         self,
         src,
         dst,
-        attachments: Sequence[Attachment] | None = None,
+        attachments: Sequence[AttachmentMove] | None = None,
         *,
         verify: bool = True,
         clone: Callable[[str, str], bool] | None = None,
