@@ -415,3 +415,25 @@ def test_start_is_refused_when_the_overlay_directory_is_short_of_space(workdir, 
     finally:
         agent.stop()
         subprocess.run(["umount", "-l", str(overlays)], check=False)
+
+
+def test_a_guest_moves_back_onto_the_volume_it_left(guest, compute, volumes):
+    """A volume released by a complete is no other attachment's any more: the guest can be moved back
+    onto it (found by the handoff benchmark, which moves a guest back and forth)."""
+    src, dst = volumes
+    guest.start_writer()
+    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    volcopy.copy(src, dst)
+    compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
+    wait_state(compute, "completed")
+
+    gen = compute.migration_start(SERVER, DST_ATT)["generation"]
+    volcopy.copy(dst, src)
+    compute.migration_complete(SERVER, DST_ATT, "att-back", local(src), gen)
+    wait_state(compute, "completed", attachment=DST_ATT)
+    assert [a["id"] for a in compute.attachments(SERVER)] == ["att-back"]
+    guest.stop_writer()
+    assert guest.errors == []
+    guest.check_guest_reads_model()
+    guest.stop()
+    assert read_all(src) == guest.model

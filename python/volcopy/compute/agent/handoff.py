@@ -560,9 +560,11 @@ class Handoff:
         try:
             disks = self.store.all_disks()
             # A multi-attached volume moves to one new volume: where another attachment of src went is
-            # not another volume's.
+            # not another volume's. A replaced attachment's volume was released by its complete.
             moved_with = {d.replaced_by for d in disks if d.replaced_by and d.volume_path == src.volume_path}
-            in_use = {d.volume_path for d in disks if d.attachment_id not in moved_with}
+            in_use = {
+                d.volume_path for d in disks if d.replaced_by is None and d.attachment_id not in moved_with
+            }
             check_not_in_use(dst.path, in_use)
         except ComputeForbidden:
             _detach_quietly(dst)
