@@ -8,7 +8,7 @@ packages=(
     # (liburing is linked statically from liburing-dev; libaio1 comes with libaio-dev)
     python3-venv python3-dev gcc make liburing-dev libaio-dev libxxhash-dev
     # run and test: loop devices, file systems, the peers the benchmarks compare against
-    util-linux mount fio qemu-utils qemu-system-x86 libnbd-bin time
+    util-linux mount e2fsprogs fio qemu-utils qemu-system-x86 libnbd-bin time
     # the compute handoff tests: a real guest (a kernel and busybox for its initramfs)
     linux-image-cloud-amd64 busybox-static
     # the compute side through libvirt: libvirtd and virtlogd (the tests start them), and what the

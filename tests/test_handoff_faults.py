@@ -188,12 +188,9 @@ def test_dst_failing_writes_during_the_merge_is_failed_then_retried(
     finish_on(guest, dst)
 
 
-@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
-def test_guest_shut_down_while_fenced_is_merged_offline_on_complete(guest, volumes, started_agent, workdir):
-    src, dst = volumes
-    agent = started_agent()
-    agent.start()
-    compute = client(agent)
+def fence_then_halt(guest, compute, src) -> tuple[int, str, dict]:
+    """Fenced, the guest writes to its overlay, then shuts down: (the generation, src's digest at the
+    fence, the state once the agent has seen QEMU stop)."""
     guest.start_writer()
     gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
     at_fence = volcopy.digest(src)
@@ -203,11 +200,20 @@ def test_guest_shut_down_while_fenced_is_merged_offline_on_complete(guest, volum
     guest.check_guest_reads_model()
     guest.send("halt")
     guest.wait_stopped(timeout=30)
-
     stopped = wait_for(
         lambda: (s := compute.migration_state(SERVER, SRC_ATT))["instance_running"] is False and s,
         what="the agent to see QEMU stop",
     )
+    return gen, at_fence, stopped
+
+
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
+def test_guest_shut_down_while_fenced_is_merged_offline_on_complete(guest, volumes, started_agent, workdir):
+    src, dst = volumes
+    agent = started_agent()
+    agent.start()
+    compute = client(agent)
+    gen, at_fence, stopped = fence_then_halt(guest, compute, src)
     assert stopped["state"] == "fenced" and stopped["data_location"].endswith("(the instance is stopped)")
     assert volcopy.digest(src) == at_fence
     volcopy.copy(src, dst)
@@ -223,13 +229,7 @@ def test_guest_started_again_on_src_while_fenced_is_reported(guest, volumes, sta
     agent = started_agent()
     agent.start()
     compute = client(agent)
-    guest.start_writer()
-    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
-    time.sleep(0.5)
-    guest.stop_writer()
-    guest.send("halt")
-    guest.wait_stopped(timeout=30)
-    wait_for(lambda: compute.migration_state(SERVER, SRC_ATT)["instance_running"] is False, what="stop seen")
+    gen, _, _ = fence_then_halt(guest, compute, src)
     overlay = next((workdir / "overlays").iterdir())
     guest.stop()
     guest.start()  # the same QEMU command line: on src
