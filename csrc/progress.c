@@ -67,6 +67,7 @@ void tick(struct engine *g)
         g->last_progress_ns = now;
         if (g->p->progress(g->p->progress_ctx, g->done, g->total) && !g->status)
             fail_with(g, ECANCELED, VC_SIDE_NONE, VC_OP_NONE, g->pos, "cancelled");
+        now = vc_now_ns(); /* a slow callback must not put off a checkpoint that fell due meanwhile */
     }
     if (g->ckpt_open && !stop_requested(g) &&
         (now - g->ckpt_last_ns >= CHECKPOINT_NS || g->done - g->ckpt_last_done >= CHECKPOINT_BYTES))
