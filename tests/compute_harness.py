@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -38,8 +39,9 @@ BUSYBOX = shutil.which("busybox")
 KERNELS = sorted(glob.glob("/boot/vmlinuz-*"))
 KERNEL = KERNELS[-1] if KERNELS else None
 SIZE = 64 * MiB  # of each test volume
-# The server's id is a UUID, as Nova's are: a libvirt domain is found by it.
-SERVER, SRC_ATT, DST_ATT = "3f2c8a4e-6b1d-4c9a-9e57-1a0b2c3d4e5f", "att-src-1", "att-dst-1"
+# The server's id is a UUID, as Nova's are: a libvirt domain is found by it. A new one for each test
+# run, so that two runs on one host (one libvirtd) never take each other's domains.
+SERVER, SRC_ATT, DST_ATT = str(uuid.uuid4()), "att-src-1", "att-dst-1"
 LIBVIRT_URI = "qemu:///system"
 LIBVIRTD, VIRTLOGD = (
     shutil.which("libvirtd", path="/usr/sbin:/usr/bin"),
