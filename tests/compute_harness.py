@@ -70,7 +70,8 @@ GUEST_MODULES = [
 # The guest's /init: a writer that puts 4 KiB of one byte at a random block of /dev/vda with O_DIRECT and
 # logs "W <block> <byte>" once the write is done, so that the log is the exact order of completed writes.
 # Commands come on the console: start, stop (then "STOPPED"), md5 (what the guest reads), discard (the
-# first 4 MiB, then "DISCARDED"), halt.
+# first 4 MiB, then "DISCARDED"), "fill <first block> <count> <byte>" (count blocks in one O_DIRECT dd, then
+# "F <first> <count> <byte>"; with the writer stopped, so that the order of writes stays known), halt.
 GUEST_INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
@@ -95,6 +96,10 @@ while read -r command; do
     stop) touch /tmp/stop; wait ;;
     md5) echo 3 > /proc/sys/vm/drop_caches; echo "MD5 $(md5sum < /dev/vda | cut -d' ' -f1)" ;;
     discard) blkdiscard -o 0 -l 4194304 /dev/vda && echo DISCARDED ;;
+    fill\\ *) set -- $command; octal=$(printf '%03o' $4)
+      if dd if=/dev/zero bs=4096 count=$3 2>/dev/null | tr '\\000' "\\\\$octal" |
+         dd of=/dev/vda bs=4096 seek=$2 oflag=direct iflag=fullblock conv=notrunc 2>/dev/null
+      then echo "F $2 $3 $4"; else echo "ERROR filling from block $2"; fi ;;
     halt) poweroff -f ;;
   esac
 done
@@ -287,12 +292,24 @@ class Guest:
         self.send("stop")
         self.wait_line("STOPPED", after=mark)
 
+    def fill(self, first: int, count: int, byte: int) -> None:
+        """count blocks from block first written with byte, in one go (the writer must be stopped)."""
+        mark = len(self.lines)
+        self.send(f"fill {first} {count} {byte}")
+        self.wait_line("F ", after=mark, timeout=120)
+
     @property
     def writes(self) -> list[tuple[int, int]]:
-        return [
-            (int(b), int(v))
-            for _, b, v in (line.split() for line in list(self.lines) if line.startswith("W "))
-        ]
+        """Every completed write of one block, in order (a fill is its blocks)."""
+        done = []
+        for line in list(self.lines):
+            if line.startswith("W "):
+                _, block, byte = line.split()
+                done.append((int(block), int(byte)))
+            elif line.startswith("F "):
+                first, count, byte = map(int, line.split()[1:])
+                done.extend((block, byte) for block in range(first, first + count))
+        return done
 
     @property
     def errors(self) -> list[str]:
@@ -567,23 +584,33 @@ def _daemon_pid(pidfile: str) -> int | None:
         return None
 
 
-@pytest.fixture(scope="session")
-def libvirtd():
-    """virtlogd and libvirtd for the session (with no systemd: -d), stopped at its end if started here."""
-    if LIBVIRTD is None or VIRTLOGD is None:
-        pytest.skip("needs libvirtd and virtlogd (Debian: libvirt-daemon-system)")
+def start_libvirt_daemons() -> list[str]:
+    """virtlogd and libvirtd (with no systemd: -d) unless they run; the pid files of those started here."""
     started = []
     for daemon, pidfile in ((VIRTLOGD, "/run/virtlogd.pid"), (LIBVIRTD, "/run/libvirtd.pid")):
         if _daemon_pid(pidfile) is None:
             subprocess.run([daemon, "-d"], check=True)
             started.append(pidfile)
     wait_for(lambda: os.path.exists("/run/libvirt/libvirt-sock"), what="libvirtd's socket")
-    yield
-    for pidfile in reversed(started):
+    return started
+
+
+def stop_daemons(pidfiles: list[str]) -> None:
+    for pidfile in reversed(pidfiles):
         pid = _daemon_pid(pidfile)
         if pid is not None:
             os.kill(pid, signal.SIGTERM)
             wait_for(lambda p=pid: not os.path.exists(f"/proc/{p}"), what="the daemon to stop")
+
+
+@pytest.fixture(scope="session")
+def libvirtd():
+    """virtlogd and libvirtd for the session, stopped at its end if started here."""
+    if LIBVIRTD is None or VIRTLOGD is None:
+        pytest.skip("needs libvirtd and virtlogd (Debian: libvirt-daemon-system)")
+    started = start_libvirt_daemons()
+    yield
+    stop_daemons(started)
 
 
 def restart_libvirtd() -> None:
