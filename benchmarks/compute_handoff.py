@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -202,8 +203,7 @@ def main() -> None:
                 run.stop()
                 for device in volumes:
                     subprocess.run(["losetup", "-d", device], check=False)
-                for name in ("a.img", "b.img"):
-                    (workdir / name).unlink(missing_ok=True)
+                shutil.rmtree(workdir)
     finally:
         stop_daemons(daemons)
 
