@@ -1,4 +1,4 @@
-"""The client the Cinder side uses to call the three compute calls (keystoneauth1).
+"""The client the Cinder side uses to call the compute calls (keystoneauth1).
 
     compute = NovaCompute(endpoint="https://compute:8774", token="...", verify="/etc/volcopy/ca.pem")
     compute = NovaCompute(session=keystone_session)    # or OS_* settings from the environment

@@ -1,4 +1,4 @@
-"""The compute side's state machine: start (fence), cancel, complete, for the servers the agent owns.
+"""The compute side's state machine: start (fence), cancel, prepare, complete, for the servers the agent owns.
 
 Rules that keep every guest write:
 - Every step records its intent in the state store before it touches QEMU, and every step that can
@@ -486,10 +486,11 @@ class Handoff:
         connection_info: dict,
         generation: int,
     ) -> dict:
-        """Attaches dst, re-points the overlay onto it and releases src before answering; the overlay
-        is merged into dst in the background. Reversion: until the overlay's backing moves to dst the
-        migration stays fenced on src (dst is detached again); after that there is no going back, and
-        a repeated complete (or a restarted agent) finishes the remaining steps."""
+        """Attaches dst (unless prepare did), re-points the overlay onto it (picking up a move prepare
+        started) and releases src before answering; the overlay is merged into dst in the background.
+        Reversion: until the overlay's backing moves to dst the migration stays fenced on src (dst is
+        detached again, unless prepare attached it); after that there is no going back, and a repeated
+        complete (or a restarted agent) finishes the remaining steps."""
         disk = self._disk(server_id, attachment_id)
         with self._lock(attachment_id):
             m = self._migration(disk)
