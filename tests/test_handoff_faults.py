@@ -503,7 +503,8 @@ def test_a_block_copy_that_stops_after_prepare_is_reported_and_complete_moves(
     compute.migration_prepare(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
     guest.domain.blockJobAbort(guest.qdev, 0)
 
-    state = compute.migration_state(SERVER, SRC_ATT)
+    # seen at libvirt's block-job event, or at the latest by this GET
+    state = wait_for(lambda: (s := compute.migration_state(SERVER, SRC_ATT))["reason"] and s, what="a reason")
     assert state["state"] == "fenced" and "the block copy onto the new volume stopped" in state["reason"]
     assert state["data_location"].endswith(f"over src {src}")
     volcopy.copy(src, dst)
