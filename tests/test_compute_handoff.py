@@ -24,6 +24,7 @@ from compute_harness import (
     SRC_ATT,
     TOKEN,
     Agent,
+    LibvirtGuest,
     local,
     needs_guest,
     server_entry,
@@ -37,12 +38,36 @@ from volcopy.compute import (
     ComputeUnauthorized,
     NovaCompute,
 )
+from volcopy.compute.libvirt import disk_chain
 
 pytestmark = needs_guest
 
 
+def prepare_before_the_copy(guest, compute, src: str, dst: str, gen: int) -> None:
+    """prepare with dst, as the Cinder side does before its copy: the migration stays fenced on src,
+    dst named; on libvirt the block copy runs, and the disk's chain is still [overlay, src] (dst is not
+    opened). Another new volume is refused and changes nothing."""
+    prepared = compute.migration_prepare(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
+    assert (prepared["state"], prepared["new_attachment_id"], prepared["reason"]) == ("fenced", DST_ATT, None)
+    assert prepared["data_location"].endswith(f"over src {src}")
+    again = compute.migration_prepare(SERVER, SRC_ATT, DST_ATT, local(dst), gen)  # idempotent
+    assert (again["state"], again["new_attachment_id"], again["generation"]) == ("fenced", DST_ATT, gen)
+    for new_id, info in [("att-other", local(dst)), (DST_ATT, local(src))]:
+        with pytest.raises(ComputeConflict, match=f"prepared onto attachment {DST_ATT}"):
+            compute.migration_prepare(SERVER, SRC_ATT, new_id, info, gen)
+        with pytest.raises(ComputeConflict, match=f"prepared onto attachment {DST_ATT}"):
+            compute.migration_complete(SERVER, SRC_ATT, new_id, info, gen)
+        state = compute.migration_state(SERVER, SRC_ATT)
+        assert (state["state"], state["new_attachment_id"]) == ("fenced", DST_ATT)
+    if isinstance(guest, LibvirtGuest):
+        chain = disk_chain(guest.domain, guest.qdev)
+        assert chain == [chain[0], src] and chain[0].endswith(f"-{gen}.qcow2"), "dst opened before the pivot"
+        assert guest.domain.blockJobInfo(guest.qdev, 0), "the block copy does not run"
+
+
 @pytest.mark.parametrize("guest", BACKENDS, indirect=True)
-def test_complete_moves_the_guest_onto_dst_with_every_write(guest, compute, volumes):
+@pytest.mark.parametrize("prepared", [False, True], ids=["", "prepared"])
+def test_complete_moves_the_guest_onto_dst_with_every_write(guest, compute, volumes, prepared):
     src, dst = volumes
     guest.start_writer()
     time.sleep(0.3)
@@ -55,6 +80,8 @@ def test_complete_moves_the_guest_onto_dst_with_every_write(guest, compute, volu
     gen = started["generation"]
     at_start = read_all(src)
     digest_at_start = volcopy.digest(src)
+    if prepared:
+        prepare_before_the_copy(guest, compute, src, dst, gen)
     volcopy.copy(src, dst)  # Cinder's copy, while the guest keeps writing
     time.sleep(0.3)
     assert volcopy.digest(src) == digest_at_start, "src changed while fenced"
@@ -76,17 +103,22 @@ def test_complete_moves_the_guest_onto_dst_with_every_write(guest, compute, volu
 
 
 @pytest.mark.parametrize("guest", BACKENDS, indirect=True)
-def test_cancel_merges_every_write_back_into_src(guest, compute, volumes):
+@pytest.mark.parametrize("prepared", [False, True], ids=["", "prepared"])
+def test_cancel_merges_every_write_back_into_src(guest, compute, volumes, workdir, prepared):
     src, dst = volumes
     guest.start_writer()
     gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
     digest_at_start = volcopy.digest(src)
+    if prepared:
+        prepare_before_the_copy(guest, compute, src, dst, gen)
     time.sleep(0.5)
     assert volcopy.digest(src) == digest_at_start
 
     cancelled = compute.migration_cancel(SERVER, SRC_ATT, gen)
     assert cancelled["state"] in ("cancelling", "cancelled")
+    assert cancelled["new_attachment_id"] is None, "dst is still attached"
     wait_state(compute, "cancelled")
+    assert list((workdir / "overlays").iterdir()) == [], "an overlay (or newtop) was left"
     time.sleep(0.2)  # the guest writes on, to src again
     guest.stop_writer()
 

@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -455,3 +456,35 @@ def test_a_missing_configuration_file_exits_2(workdir):
         done.stderr
         == f"volcopy compute-agent: error: Failed to find some config files: {workdir}/nope.conf\n"
     )
+
+
+def test_the_state_database_of_an_older_agent_is_read_and_gains_the_new_columns(start_agent, workdir):
+    """An agent upgraded on a host keeps its state: the table an older agent made (without `prepared`,
+    which prepare added) gets the column, and the recorded migration reads as before."""
+    db = sqlite3.connect(workdir / "agent.sqlite")
+    db.execute(  # volume_migrations as agents before prepare made it
+        "CREATE TABLE volume_migrations (attachment_id TEXT PRIMARY KEY, server_id TEXT NOT NULL, "
+        "state TEXT NOT NULL, generation INTEGER NOT NULL, offline INTEGER NOT NULL, "
+        "read_only INTEGER NOT NULL, pivoted INTEGER NOT NULL, merged INTEGER NOT NULL, qemu TEXT, "
+        "restarted INTEGER NOT NULL, new_attachment_id TEXT, dst_path TEXT, dst_format TEXT, "
+        "dst_discard INTEGER NOT NULL, dst_connection TEXT, overlay_path TEXT, "
+        "bytes_written INTEGER NOT NULL, reason TEXT, updated_at REAL NOT NULL)"
+    )
+    db.execute(
+        "INSERT INTO volume_migrations VALUES (?, ?, 'cancelled', 2, 0, 0, 0, 0, NULL, 0, NULL, NULL, "
+        "NULL, 0, NULL, NULL, 0, NULL, 0)",
+        (SRC_ATT, SERVER),
+    )
+    db.commit()
+    db.close()
+    agent = start_agent()
+
+    status, body = request(agent, "GET", f"/servers/{SERVER}/volume-migrations/{SRC_ATT}")
+    assert (status, body["volume_migration"]["state"], body["volume_migration"]["generation"]) == (
+        200,
+        "cancelled",
+        2,
+    )
+    db = sqlite3.connect(workdir / "agent.sqlite")
+    assert db.execute("SELECT prepared FROM volume_migrations").fetchall() == [(0,)]
+    db.close()

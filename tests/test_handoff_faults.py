@@ -24,6 +24,7 @@ from compute_harness import (
     TOKEN,
     Agent,
     Guest,
+    LibvirtGuest,
     local,
     needs_guest,
     restart_libvirtd,
@@ -450,5 +451,65 @@ def test_libvirtd_restarted_while_fenced_keeps_the_chain_and_completes(guest, vo
     volcopy.copy(src, dst)
     compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
     wait_state(compute, "completed")
+    assert volcopy.digest(src) == at_fence, "src was written after its fence"
+    finish_on(guest, dst)
+
+
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
+def test_agent_killed_after_prepare_completes_on_restart(workdir, guest, volumes, started_agent):
+    """The agent is SIGKILLed once prepare has attached dst (and, on libvirt, started the block copy):
+    the restarted agent reports the migration fenced and prepared, and complete picks up the copy the
+    hypervisor kept running (libvirt) or moves at complete (QMP)."""
+    src, dst = volumes
+    agent = started_agent()
+    agent.start(env=dict(os.environ, VOLCOPY_FAILPOINT="agent-after-prepare"))
+    compute = client(agent)
+    guest.start_writer()
+    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    at_fence = volcopy.digest(src)
+    with pytest.raises(ComputeError):
+        compute.migration_prepare(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
+    agent.process.wait(timeout=10)
+    agent.start()
+    compute = client(agent)
+
+    state = compute.migration_state(SERVER, SRC_ATT)
+    assert (state["state"], state["new_attachment_id"], state["reason"]) == ("fenced", DST_ATT, None)
+    if isinstance(guest, LibvirtGuest):
+        assert guest.domain.blockJobInfo(guest.qdev, 0), "the block copy does not run any more"
+    volcopy.copy(src, dst)
+    compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
+    wait_state(compute, "completed")
+    assert [a["id"] for a in compute.attachments(SERVER)] == [DST_ATT]
+    assert list((workdir / "overlays").iterdir()) == []
+    assert volcopy.digest(src) == at_fence, "src was written after its fence"
+    finish_on(guest, dst)
+
+
+@pytest.mark.parametrize("guest", ["libvirt"], indirect=True)
+def test_a_block_copy_that_stops_after_prepare_is_reported_and_complete_moves(
+    workdir, guest, volumes, started_agent
+):
+    """libvirt only (QMP moves at complete): the block copy prepare started ends before complete
+    (aborted from outside, through libvirt's API). GET says so, the guest stays on its overlay over
+    src, and complete starts the copy again and moves the guest onto dst with every write."""
+    src, dst = volumes
+    agent = started_agent()
+    agent.start()
+    compute = client(agent)
+    guest.start_writer()
+    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    at_fence = volcopy.digest(src)
+    compute.migration_prepare(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
+    guest.domain.blockJobAbort(guest.qdev, 0)
+
+    # seen at libvirt's block-job event, or at the latest by this GET
+    state = wait_for(lambda: (s := compute.migration_state(SERVER, SRC_ATT))["reason"] and s, what="a reason")
+    assert state["state"] == "fenced" and "the block copy onto the new volume stopped" in state["reason"]
+    assert state["data_location"].endswith(f"over src {src}")
+    volcopy.copy(src, dst)
+    compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
+    wait_state(compute, "completed")
+    assert list((workdir / "overlays").iterdir()) == []
     assert volcopy.digest(src) == at_fence, "src was written after its fence"
     finish_on(guest, dst)

@@ -17,6 +17,7 @@ from nbd_devices import nbd_devices
 
 import volcopy
 from compute_harness import (
+    BACKENDS,
     DST_ATT,
     SERVER,
     SIZE,
@@ -111,7 +112,10 @@ def check_back_on_src(guest, compute, src) -> None:
     assert read_all(src) == guest.model, "src lacks some of the guest's writes"
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 def test_an_attached_volume_moves_while_the_guest_writes(journal_url, guest, compute, volumes):
+    """The migrator prepares each attachment before the copy (on libvirt the guest's writes move onto dst
+    while the copy runs), then completes."""
     src, dst = volumes
     guest.start_writer()
     with FenceWatcher(compute, src) as watcher:
@@ -121,6 +125,7 @@ def test_an_attached_volume_moves_while_the_guest_writes(journal_url, guest, com
     steps = Migrator(journal_url).steps(m.id)
     assert [(s.name, s.target, s.status) for s in steps] == [
         ("start", f"{SERVER}/{SRC_ATT}", "done"),
+        ("prepare", f"{SERVER}/{SRC_ATT}", "done"),
         ("copy", f"path:{src} -> path:{dst}", "done"),
         ("verify", "local volume", "done"),
         ("complete", f"{SERVER}/{SRC_ATT}", "done"),
@@ -192,6 +197,8 @@ def test_a_multi_attached_volume_is_fenced_everywhere_before_the_copy(workdir, s
         assert [(s.name, s.target) for s in migrator.steps(m.id)] == [
             ("start", "server-a/att-a"),
             ("start", "server-b/att-b"),
+            ("prepare", "server-a/att-a"),
+            ("prepare", "server-b/att-b"),
             ("copy", f"path:{src} -> path:{dst}"),
             ("verify", dst),
             ("complete", "server-a/att-a"),
@@ -382,6 +389,7 @@ def test_a_stale_generation_is_refused_and_the_newer_fence_is_left_alone(workdir
         (s.name, s.status, s.detail) for s in migrator.steps(m.id) if s.name not in ("clone", "copy")
     ] == [
         ("start", "done", f"generation {first}"),
+        ("prepare", "done", None),
         ("verify", "done", None),
         ("complete", "failed", f"ComputeConflict: {stale}"),
         ("cancel", "failed", f"ComputeConflict: {stale}"),

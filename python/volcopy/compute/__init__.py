@@ -1,4 +1,4 @@
-"""The compute handoff: the three calls of the migration contract (start, cancel, complete).
+"""The compute handoff: the calls of the migration contract (start, cancel, complete; prepare optional).
 
 ``NovaCompute`` is the client the Cinder side uses; ``volcopy.compute.agent`` is the reference
 compute side built on QEMU. docs/compute-api.md is the REST reference.

@@ -16,8 +16,9 @@ LEGACY_VERSION_HEADER = "X-OpenStack-Nova-API-Version"
 
 START = "volume-migration-start"
 CANCEL = "volume-migration-cancel"
+PREPARE = "volume-migration-prepare"  # optional, between start and complete: the new volume known early
 COMPLETE = "volume-migration-complete"
-ACTIONS = (START, CANCEL, COMPLETE)
+ACTIONS = (START, CANCEL, PREPARE, COMPLETE)
 
 
 class State(str, Enum):
@@ -84,6 +85,7 @@ def parse_action(body) -> tuple[str, dict]:
             "attachment_id": _identifier(args, "attachment_id", action),
             "generation": _generation(args, action),
         }
+    # prepare and complete take the same arguments: the new volume
     _only_keys(args, {"attachment_id", "new_attachment_id", "connection_info", "generation"}, action)
     parsed = {
         "attachment_id": _identifier(args, "attachment_id", action),

@@ -1,8 +1,10 @@
-"""The client the Cinder side uses to call the three compute calls (keystoneauth1).
+"""The client the Cinder side uses to call the compute calls (keystoneauth1).
 
     compute = NovaCompute(endpoint="https://compute:8774", token="...", verify="/etc/volcopy/ca.pem")
     compute = NovaCompute(session=keystone_session)    # or OS_* settings from the environment
     fence = compute.migration_start(server_id, attachment_id)
+    compute.migration_prepare(server_id, attachment_id, new_attachment_id, connection_info,
+                              fence["generation"])    # optional, before the copy
     compute.migration_complete(server_id, attachment_id, new_attachment_id, connection_info,
                                fence["generation"])
 
@@ -121,6 +123,28 @@ class NovaCompute:
         """Returns at once; migration_state() shows when the cancel has finished. generation: what
         migration_start returned (a stale one is a ComputeConflict)."""
         return self._action(server_id, api.CANCEL, {"attachment_id": attachment_id, "generation": generation})
+
+    def migration_prepare(
+        self,
+        server_id: str,
+        attachment_id: str,
+        new_attachment_id: str,
+        connection_info: dict,
+        generation: int,
+    ) -> dict:
+        """Optional, while fenced, with what complete will be given: the compute attaches the new volume
+        and may start moving the guest's writes onto it while the copy still writes it, so that complete
+        is shorter. An agent without it answers 404 or 400 (complete works without it)."""
+        return self._action(
+            server_id,
+            api.PREPARE,
+            {
+                "attachment_id": attachment_id,
+                "new_attachment_id": new_attachment_id,
+                "connection_info": connection_info,
+                "generation": generation,
+            },
+        )
 
     def migration_complete(
         self,

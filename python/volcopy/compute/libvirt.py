@@ -11,6 +11,8 @@ chain read back from the live domain XML.
 - complete (``copy_onto`` then ``commit``): a new qcow2 (newtop) whose backing is dst; a shallow block copy
   of the overlay into it (``SHALLOW | REUSE_EXT | TRANSIENT_JOB``; only the overlay's clusters move, and
   libvirt opens dst at the pivot), READY, the pivot; then newtop is committed into dst as for cancel.
+  The copy may be started early (``start_copy``), while dst is still being written, so that complete is
+  the pivot and the commit; ``abandon_copy`` takes it back.
 
 Block-job events come from libvirt's event loop: ``start_event_loop()`` registers libvirt's default
 implementation and runs it on a thread of its own (call it before opening connections, as Nova does),
@@ -208,6 +210,11 @@ def _pivot_when_ready(
 
 
 def _ready_already(dom: libvirt.virDomain, target: str) -> bool:
+    """The live XML's <mirror ready='yes'> says so even while new writes keep cur below end, as when
+    the copy was started by a caller (an agent since restarted) that got the READY event."""
+    mirror = _disk_element(dom, target).find("mirror")
+    if mirror is not None and mirror.get("ready") == "yes":
+        return True
     info = dom.blockJobInfo(target, 0)
     return bool(info) and info.get("end", 0) > 0 and info.get("cur") == info.get("end")
 
@@ -238,6 +245,36 @@ def commit(
     )
 
 
+def start_copy(
+    dom: libvirt.virDomain,
+    target: str,
+    jobs: BlockJobs,
+    newtop: str,
+    dst: str,
+    dst_format: str = "raw",
+) -> None:
+    """Starts the shallow copy of the overlay into newtop (made here, backed by dst) and returns
+    without waiting for it: libvirt opens dst only at the pivot, so dst may still be written until
+    copy_onto pivots. A copy already running (or a disk already on newtop -> dst) is left alone."""
+    chain = disk_chain(dom, target)
+    if chain[:2] == [newtop, dst] or _job_running(dom, target):
+        return
+    _check(len(chain) >= 2, "there is no overlay on top", dom, target)
+    create_overlay(newtop, dst, dst_format)  # afresh: a newtop of an earlier try may hold stale data
+    kind, attr = _disk_type(newtop)
+    xml = f"<disk type='{kind}'><driver type='qcow2'/><source {attr}='{newtop}'/></disk>"
+    flags = (
+        libvirt.VIR_DOMAIN_BLOCK_COPY_SHALLOW
+        | libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT
+        | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
+    )
+    jobs.forget(dom, target)
+    try:
+        dom.blockCopy(target, xml, None, flags)
+    except libvirt.libvirtError as exc:
+        raise LibvirtHandoffError(f"disk {target}: the block copy failed to start: {exc}") from None
+
+
 def copy_onto(
     dom: libvirt.virDomain,
     target: str,
@@ -247,28 +284,26 @@ def copy_onto(
     dst_format: str = "raw",
     before_pivot: Callable[[], None] = lambda: None,
 ) -> None:
-    """Moves the disk from overlay -> src onto newtop -> dst: newtop (made here, backed by dst) gets a
-    shallow copy of the overlay, then the disk pivots onto it. dst must hold src as of the fence."""
-    chain = disk_chain(dom, target)
-    if chain[:2] == [newtop, dst]:
+    """Moves the disk from overlay -> src onto newtop -> dst: the copy start_copy started (or starts
+    now), then the pivot once it is ready. dst must hold src as of the fence by then."""
+    if disk_chain(dom, target)[:2] == [newtop, dst]:
         return
-    _check(len(chain) >= 2, "there is no overlay on top", dom, target)
-    if not _job_running(dom, target):
-        create_overlay(newtop, dst, dst_format)  # afresh: a newtop of an earlier try may hold stale data
-        kind, attr = _disk_type(newtop)
-        xml = f"<disk type='{kind}'><driver type='qcow2'/><source {attr}='{newtop}'/></disk>"
-        flags = (
-            libvirt.VIR_DOMAIN_BLOCK_COPY_SHALLOW
-            | libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT
-            | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
-        )
-        jobs.forget(dom, target)
-        try:
-            dom.blockCopy(target, xml, None, flags)
-        except libvirt.libvirtError as exc:
-            raise LibvirtHandoffError(f"disk {target}: the block copy failed to start: {exc}") from None
+    start_copy(dom, target, jobs, newtop, dst, dst_format)
     _pivot_when_ready(dom, target, jobs, "copy", before_pivot)
     _check(disk_chain(dom, target)[:2] == [newtop, dst], f"the disk is not on {newtop} -> {dst}", dom, target)
+
+
+def abandon_copy(dom: libvirt.virDomain, target: str, newtop: str) -> None:
+    """Reversion of start_copy: the copy job aborted without a pivot (the disk stays on the overlay),
+    then newtop deleted, once the chain shows it is not in it."""
+    if dom.isActive() and _job_running(dom, target):
+        try:
+            dom.blockJobAbort(target, 0)  # synchronous: the job has ended on return
+        except libvirt.libvirtError as exc:
+            raise LibvirtHandoffError(f"disk {target}: aborting the block copy failed: {exc}") from None
+    _check(newtop not in disk_chain(dom, target), f"{newtop} is in the chain", dom, target)
+    if os.path.exists(newtop):
+        os.unlink(newtop)
 
 
 def complete(
@@ -292,6 +327,7 @@ def cancel(dom: libvirt.virDomain, target: str, jobs: BlockJobs) -> None:
 __all__ = [
     "BlockJobs",
     "LibvirtHandoffError",
+    "abandon_copy",
     "cancel",
     "commit",
     "complete",
@@ -300,5 +336,6 @@ __all__ = [
     "disk_chain",
     "disk_flags",
     "fence",
+    "start_copy",
     "start_event_loop",
 ]

@@ -1,4 +1,4 @@
-"""The compute side's state machine: start (fence), cancel, complete, for the servers the agent owns.
+"""The compute side's state machine: start (fence), cancel, prepare, complete, for the servers the agent owns.
 
 Rules that keep every guest write:
 - Every step records its intent in the state store before it touches QEMU, and every step that can
@@ -244,6 +244,11 @@ class Handoff:
         if m.qemu is not None and self.servers[m.server_id].identity() != m.qemu:
             m.restarted = True
             self._fail(m, "QEMU was started again while fenced, on src: its overlay is no longer in use")
+        elif m.prepared and m.state == State.FENCED.value and m.reason is None:
+            stopped = self.servers[m.server_id].move_stopped(self.store.disk(m.attachment_id), m)
+            if stopped:
+                log.warning("attachment %s: %s; complete moves instead", m.attachment_id, stopped)
+                self._set(m, State.FENCED, f"{stopped}; complete moves instead")
 
     # ------------------------------------------------------------------ the calls
 
@@ -450,12 +455,28 @@ class Handoff:
                     f"the guest of attachment {attachment_id} already runs on the new volume: complete "
                     "again to finish the migration"
                 )
+            if m.prepared:
+                self._unprepare(m, disk)
             if m.restarted or m.read_only:  # nothing to merge (restarted: not on a guess)
                 self._set(m, State.CANCELLED, m.reason)
                 return self._answer(m)
             self._set(m, State.CANCELLING)
             self._start_merge(m)
         return self._answer(m)
+
+    def _unprepare(self, m: VolumeMigration, disk: Disk) -> None:
+        """For cancel: the move prepare started is stopped (never switched) and what it made deleted
+        once out of the chain, then dst is detached. 409 if the move cannot be stopped: nothing merges
+        then, the guest stays on its overlay over src."""
+        if m.overlay_path:
+            try:
+                self.servers[m.server_id].abandon_move(disk, m)
+            except HypervisorError as exc:
+                m.reason = f"cannot stop moving onto the new volume: {exc}"
+                self.store.put_migration(m)
+                raise ComputeConflict(m.reason) from None
+        self._detach_new_volume(m)
+        self.store.put_migration(m)
 
     def complete(
         self,
@@ -465,10 +486,11 @@ class Handoff:
         connection_info: dict,
         generation: int,
     ) -> dict:
-        """Attaches dst, re-points the overlay onto it and releases src before answering; the overlay
-        is merged into dst in the background. Reversion: until the overlay's backing moves to dst the
-        migration stays fenced on src (dst is detached again); after that there is no going back, and
-        a repeated complete (or a restarted agent) finishes the remaining steps."""
+        """Attaches dst (unless prepare did), re-points the overlay onto it (picking up a move prepare
+        started) and releases src before answering; the overlay is merged into dst in the background.
+        Reversion: until the overlay's backing moves to dst the migration stays fenced on src (dst is
+        detached again, unless prepare attached it); after that there is no going back, and a repeated
+        complete (or a restarted agent) finishes the remaining steps."""
         disk = self._disk(server_id, attachment_id)
         with self._lock(attachment_id):
             m = self._migration(disk)
@@ -493,14 +515,10 @@ class Handoff:
             self._check_generation(m, generation)
             if m.restarted:
                 raise ComputeConflict(f"{m.reason}; cancel it, and migrate again")
-            if self.store.disk(new_attachment_id) is not None:
-                raise ComputeConflict(f"attachment {new_attachment_id} exists already: choose a new id")
-            self.policy.check(connection_info)
-            dst = self._attach_dst(connection_info, disk)
-            data = connection_info["data"]
-            m.new_attachment_id, m.dst_path = new_attachment_id, dst.path
-            m.dst_format, m.dst_discard = data.get("format", "raw"), bool(data.get("discard", False))
-            m.dst_connection = connection_json(connection_info, dst.device_info)
+            if m.prepared:
+                self._check_prepared(m, new_attachment_id, connection_info)
+            else:
+                self._attach_new_volume(m, disk, new_attachment_id, connection_info)
             self._set(m, State.COMPLETING)
             failpoint("agent-after-attach")
             if m.offline and not m.overlay_path:  # fenced while stopped: only the record moves
@@ -509,30 +527,26 @@ class Handoff:
                 self._set(m, State.COMPLETED)
                 return self._answer(m)
             if m.read_only:
-                self._move_read_only(m, dst)
+                self._move_read_only(m)
                 return self._answer(m)
             if not m.offline:
                 try:
                     self._switch(m)
                 except HypervisorError as exc:
                     if not m.pivoted:  # the guest is still on overlay -> src: stay fenced there
-                        _detach_quietly(dst)
-                        m.new_attachment_id = m.dst_path = m.dst_connection = None
-                        self._set(m, State.FENCED, f"moving the overlay onto the new volume failed: {exc}")
+                        self._stay_fenced(m, f"moving the overlay onto the new volume failed: {exc}")
                     else:
                         self._fail(m, f"releasing src after the switch failed: {exc}")
                     raise ComputeConflict(m.reason) from None
             self._start_merge(m)
         return self._answer(m)
 
-    def _move_read_only(self, m: VolumeMigration, dst: Attached) -> None:
+    def _move_read_only(self, m: VolumeMigration) -> None:
         disk, server = self.store.disk(m.attachment_id), self.servers[m.server_id]
         try:
             server.move_read_only(disk, m)
         except HypervisorError as exc:
-            _detach_quietly(dst)
-            m.new_attachment_id = m.dst_path = m.dst_connection = None
-            self._set(m, State.FENCED, f"moving the read-only disk onto the new volume failed: {exc}")
+            self._stay_fenced(m, f"moving the read-only disk onto the new volume failed: {exc}")
             raise ComputeConflict(m.reason) from None
         m.pivoted = True
         self._replace_disk(m, node=disk.node)
@@ -549,6 +563,85 @@ class Handoff:
         if m.state == State.FAILED.value:
             self._set(m, State.COMPLETING)
         self._start_merge(m)  # none runs: a completing whose merge thread died goes on too
+
+    def prepare(
+        self,
+        server_id: str,
+        attachment_id: str,
+        new_attachment_id: str,
+        connection_info: dict,
+        generation: int,
+    ) -> dict:
+        """While fenced: checks and attaches dst as complete would, records it, and lets the backend
+        start moving the overlay's writes onto it (libvirt's block copy, which opens dst only at the
+        pivot, so the copy onto dst may still run); complete with the same new volume then only
+        switches. A move that fails or stops is not an error: complete moves at complete time, and the
+        reason is shown. Reversion: cancel detaches dst."""
+        disk = self._disk(server_id, attachment_id)
+        with self._lock(attachment_id):
+            m = self._migration(disk)
+            self._settle(m)
+            if m.state != State.FENCED.value:
+                raise ComputeConflict(
+                    f"the migration of attachment {attachment_id} is {m.state}: prepare needs it fenced"
+                )
+            self._check_generation(m, generation)
+            if m.prepared:
+                self._check_prepared(m, new_attachment_id, connection_info)
+            else:
+                self._attach_new_volume(m, disk, new_attachment_id, connection_info)
+                m.prepared = True
+                self.store.put_migration(m)
+            if not m.offline and not m.read_only:
+                try:
+                    self.servers[server_id].prepare_move(disk, m)
+                    m.reason = None
+                except HypervisorError as exc:
+                    m.reason = f"moving early onto the new volume failed, complete moves instead: {exc}"
+                    log.warning("attachment %s: %s", attachment_id, m.reason)
+                self.store.put_migration(m)
+            failpoint("agent-after-prepare")
+        return self._answer(m)
+
+    def _check_prepared(self, m: VolumeMigration, new_attachment_id: str, connection_info: dict) -> None:
+        """A migration prepared onto a new volume goes on with that one only."""
+        prepared_info = json.loads(m.dst_connection)["connection_info"]
+        if new_attachment_id != m.new_attachment_id or connection_info != prepared_info:
+            raise ComputeConflict(
+                f"attachment {m.attachment_id} is prepared onto attachment {m.new_attachment_id} and its "
+                "connection_info: complete with the same, or cancel the migration"
+            )
+
+    def _attach_new_volume(
+        self, m: VolumeMigration, disk: Disk, new_attachment_id: str, connection_info: dict
+    ) -> None:
+        """Every check of the new volume before anything runs, then dst attached and named in the
+        record (which the caller stores)."""
+        if self.store.disk(new_attachment_id) is not None:
+            raise ComputeConflict(f"attachment {new_attachment_id} exists already: choose a new id")
+        self.policy.check(connection_info)
+        dst = self._attach_dst(connection_info, disk)
+        data = connection_info["data"]
+        m.new_attachment_id, m.dst_path = new_attachment_id, dst.path
+        m.dst_format, m.dst_discard = data.get("format", "raw"), bool(data.get("discard", False))
+        m.dst_connection = connection_json(connection_info, dst.device_info)
+
+    def _stay_fenced(self, m: VolumeMigration, reason: str) -> None:
+        """complete could not move the guest: it stays fenced on src. A new volume that prepare attached
+        stays for the next complete (cancel detaches it); one this complete attached is detached."""
+        if not m.prepared:
+            self._detach_new_volume(m)
+        self._set(m, State.FENCED, reason)
+
+    def _detach_new_volume(self, m: VolumeMigration) -> None:
+        """dst detached (quietly: a refusal or a cancel stands either way) and no longer in the record."""
+        recorded = json.loads(m.dst_connection)
+        try:
+            detach_recorded(recorded["connection_info"], recorded["device_info"])
+        except Exception as exc:  # noqa: BLE001 - os-brick raises many kinds
+            log.warning("could not detach the new volume %s: %s", m.dst_path, mask_password(str(exc)))
+        m.prepared = False
+        m.new_attachment_id = m.dst_path = m.dst_format = m.dst_connection = None
 
     def _attach_dst(self, connection_info: dict, src: Disk) -> Attached:
         """dst, attached, and at least as large as src: a smaller one cannot hold the guest's disk."""

@@ -78,6 +78,20 @@ class Hypervisor(ABC):
         returns the path of the overlay the disk is then on, over dst. Raises, with the disk still on the
         overlay over src, if it cannot."""
 
+    def prepare_move(self, disk: Disk, m: VolumeMigration) -> None:  # noqa: B027 - moves at complete
+        """Starts moving the overlay's writes over dst ahead of complete, without waiting for it and
+        without opening dst (it may still be written until move_onto_dst); move_onto_dst picks it up. A
+        move under way is left alone. A backend that moves only at complete (QMP) does nothing."""
+
+    def move_stopped(self, disk: Disk, m: VolumeMigration) -> str | None:
+        """Why a move prepare_move started is no longer under way (move_onto_dst then starts it again),
+        or None."""
+        return None
+
+    def abandon_move(self, disk: Disk, m: VolumeMigration) -> None:  # noqa: B027 - nothing was started
+        """Stops a move prepare_move started without switching, and deletes what it made once the chain
+        shows it is not in it; raises if it cannot."""
+
     @abstractmethod
     def dst_node(self, m: VolumeMigration) -> str:
         """What the backend calls dst in the new attachment's disk record (its Disk.node)."""

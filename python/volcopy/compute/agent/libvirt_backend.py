@@ -8,7 +8,8 @@ and block-job events come from libvirt's event loop on its own thread. A libvirt
 reached is an error, never a sign that the guest stopped.
 
 complete moves the writes with a shallow block copy into a new overlay over dst ("newtop", next to the
-overlay), pivots, then commits newtop into dst; the fence's overlay, out of the chain, is deleted.
+overlay), pivots, then commits newtop into dst; the fence's overlay, out of the chain, is deleted. After
+prepare the copy already runs (libvirt opens dst only at the pivot), and complete picks it up.
 """
 
 from __future__ import annotations
@@ -186,6 +187,28 @@ class LibvirtServer(Hypervisor):
                 pass
             raise HypervisorError(str(exc)) from None
         return newtop
+
+    def prepare_move(self, disk: Disk, m: VolumeMigration) -> None:
+        chain = self.chain(disk)
+        if chain[:1] != [m.overlay_path]:
+            raise HypervisorError(f"the overlay is not on top of the disk (it is on {chain[0]})")
+        _, jobs = self._connection()
+        self._do(steps.start_copy, disk.qdev, jobs, newtop_path(m), m.dst_path, m.dst_format or "raw")
+
+    def move_stopped(self, disk: Disk, m: VolumeMigration) -> str | None:
+        dom = self._running_domain()
+        if self.chain(disk)[:1] == [m.overlay_path] and not dom.blockJobInfo(disk.qdev, 0):
+            return "the block copy onto the new volume stopped before complete (failed or aborted)"
+        return None
+
+    def abandon_move(self, disk: Disk, m: VolumeMigration) -> None:
+        dom = self._domain()
+        if dom is None:  # no chain to read: newtop stays
+            raise HypervisorError(f"domain {self.uuid} is not defined ({self.uri})")
+        try:
+            steps.abandon_copy(dom, disk.qdev, newtop_path(m))
+        except (steps.LibvirtHandoffError, libvirt.libvirtError) as exc:
+            raise HypervisorError(str(exc)) from None
 
     def dst_node(self, m: VolumeMigration) -> str:
         return ""

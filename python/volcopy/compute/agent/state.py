@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS volume_migrations (
     merged INTEGER NOT NULL,     -- the overlay was merged, the disk moved down: never merge it again
     qemu TEXT,                   -- the QEMU fenced (pid:start time): another one means a restart
     restarted INTEGER NOT NULL,  -- QEMU was started again on src while fenced
+    prepared INTEGER NOT NULL DEFAULT 0, -- prepare attached dst while fenced (new_attachment_id, dst_*)
     new_attachment_id TEXT,
     dst_path TEXT,
     dst_format TEXT,
@@ -50,6 +51,10 @@ CREATE TABLE IF NOT EXISTS volume_migrations (
     updated_at REAL NOT NULL
 );
 """
+
+# Columns added after the first release, with their declarations: a database an older agent made gets
+# them (CREATE TABLE IF NOT EXISTS leaves an existing table as it is).
+_ADDED_COLUMNS = {"volume_migrations": {"prepared": "INTEGER NOT NULL DEFAULT 0"}}
 
 
 @dataclass
@@ -80,6 +85,7 @@ class VolumeMigration:
     merged: bool = False
     qemu: str | None = None
     restarted: bool = False
+    prepared: bool = False
     new_attachment_id: str | None = None
     dst_path: str | None = None
     dst_format: str | None = None
@@ -111,6 +117,11 @@ class StateStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        for table, columns in _ADDED_COLUMNS.items():
+            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for name, declaration in columns.items():
+                if name not in present:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
 
     def _put(self, table: str, row) -> None:
         values = asdict(row)

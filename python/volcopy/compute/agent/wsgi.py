@@ -1,6 +1,6 @@
 """The agent's REST API as a WSGI app: Nova-style server actions with a microversion header.
 
-POST /servers/{server_id}/action                              the three calls
+POST /servers/{server_id}/action                              start, cancel, prepare, complete
 GET  /servers/{server_id}/volume-migrations/{attachment_id}   a migration's state
 GET  /servers/{server_id}/os-volume_attachments               the server's attachments
 
@@ -162,7 +162,8 @@ class AgentApp:
             if action == api.CANCEL:
                 view = handoff.cancel(server_id, args["attachment_id"], args["generation"])
                 return 202, {"volume_migration": view}
-            view = handoff.complete(
+            step = handoff.prepare if action == api.PREPARE else handoff.complete
+            view = step(
                 server_id,
                 args["attachment_id"],
                 args["new_attachment_id"],
