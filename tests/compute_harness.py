@@ -341,13 +341,25 @@ class Guest:
 
 
 class LibvirtGuest(Guest):
-    """The same guest as a transient libvirt domain whose UUID is the server's id; its console is a unix
-    socket serial port. QEMU runs as libvirt's user (libvirt-qemu), so the test's directory is made
-    traversable for it. Nothing here talks to QEMU's monitor: libvirt's API only."""
+    """The same guest as a libvirt domain whose UUID is the server's id; its console is a unix socket
+    serial port. QEMU runs as libvirt's user (libvirt-qemu), so the test's directory is made traversable
+    for it. Nothing here talks to QEMU's monitor: libvirt's API only.
 
-    def __init__(self, workdir: Path, name: str, volume: str, size: int, uuid: str = SERVER, **flags):
+    The domain is transient (createXML: gone once it stops) unless persistent, as Nova's are (defineXML
+    and create: it can be started again from its definition, boot(); undefined by stop())."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        volume: str,
+        size: int,
+        uuid: str = SERVER,
+        persistent: bool = False,
+        **flags,
+    ):
         super().__init__(workdir, name, volume, size, **flags)
-        self.uuid, self.qdev, self.node = uuid, "vda", ""
+        self.uuid, self.qdev, self.node, self.persistent = uuid, "vda", "", persistent
         self.domain = None
         self._conn = None
 
@@ -381,20 +393,50 @@ class LibvirtGuest(Guest):
         libvirt.registerErrorHandler(lambda ctx, err: None, None)  # errors are exceptions: no stderr
         self._conn = libvirt.open(LIBVIRT_URI)
         try:  # a domain a killed run left
-            self._conn.lookupByUUIDString(self.uuid).destroy()
+            self._remove(self._conn.lookupByUUIDString(self.uuid))
         except libvirt.libvirtError:
             pass
+        if self.persistent:
+            self.domain = self._conn.defineXML(self._xml(initramfs))
+            self.boot()
+        else:
+            self.domain = self._conn.createXML(self._xml(initramfs), 0)
+            self._wait_ready()
+
+    def boot(self) -> None:
+        """Starts the persistent domain (again) from its definition; its writes add to the model."""
+        if self.console is not None:  # a console of the previous run
+            self.console.close()
         if os.path.exists(self.console_socket):
             os.unlink(self.console_socket)
-        self.domain = self._conn.createXML(self._xml(initramfs), 0)
+        self.domain.create()
+        self._wait_ready()
+
+    def inactive_chain(self) -> list[str]:
+        """The disk's images in the persistent definition, top first."""
+        import libvirt
+
+        from volcopy.compute.libvirt import disk_chain
+
+        return disk_chain(self._live_domain(), self.qdev, libvirt.VIR_DOMAIN_XML_INACTIVE)
+
+    def _wait_ready(self) -> None:
+        mark = len(self.lines)
         try:
             self.console = wait_for(self._connect_console, what="the domain's console socket")
             self._reader = threading.Thread(target=self._read_console, daemon=True)
             self._reader.start()
-            self.wait_line("READY", timeout=120)
+            self.wait_line("READY", timeout=120, after=mark)
         except BaseException:
             self.stop()
             raise
+
+    @staticmethod
+    def _remove(domain) -> None:
+        if domain.isActive():
+            domain.destroy()
+        if domain.isPersistent():
+            domain.undefine()
 
     def _exited(self) -> None:
         if not self.domain.isActive():
@@ -424,9 +466,9 @@ class LibvirtGuest(Guest):
         return self.running() and not self._live_domain().diskErrors()
 
     def stop(self) -> None:
-        if self.domain is not None and self.running():
+        if self.domain is not None:
             try:
-                self.domain.destroy()
+                self._remove(self._live_domain())
             except Exception:  # noqa: BLE001 - it went away by itself meanwhile
                 pass
         if self.console is not None:

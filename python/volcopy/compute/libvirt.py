@@ -113,9 +113,10 @@ def _source_path(element: ET.Element) -> str | None:
     return source.get("file") or source.get("dev") or source.get("name")
 
 
-def disk_chain(dom: libvirt.virDomain, target: str) -> list[str]:
-    """The disk's images, top first, from the live domain XML."""
-    chain, element = [], _disk_element(dom, target)
+def disk_chain(dom: libvirt.virDomain, target: str, flags: int = 0) -> list[str]:
+    """The disk's images, top first, from the live domain XML (the persistent definition with
+    ``VIR_DOMAIN_XML_INACTIVE``)."""
+    chain, element = [], _disk_element(dom, target, flags)
     while element is not None:
         path = _source_path(element)
         if path is None:
