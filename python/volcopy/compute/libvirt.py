@@ -126,6 +126,29 @@ def disk_chain(dom: libvirt.virDomain, target: str, flags: int = 0) -> list[str]
     return chain
 
 
+def define_disk_on(dom: libvirt.virDomain, target: str, path: str, image_format: str) -> None:
+    """The domain's persistent definition redefined with the disk on path alone (its format
+    image_format, no backing chain): the domain starts on it next time. libvirt updates the definition
+    itself at the snapshot and at the copy's and the commit's pivots; an image merged offline (qemu-img)
+    is not its doing. The definition is read with its secrets, so that none is lost."""
+    root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE))
+    disk = next(
+        (d for d in root.iter("disk") if (t := d.find("target")) is not None and t.get("dev") == target), None
+    )
+    if disk is None:
+        raise LibvirtHandoffError(f"the definition of domain {dom.name()} has no disk {target}")
+    kind, attr = _disk_type(path)
+    disk.set("type", kind)
+    disk.find("driver").set("type", image_format)
+    for element in disk.findall("backingStore") + disk.findall("source"):
+        disk.remove(element)
+    disk.insert(1, ET.Element("source", {attr: path}))  # after <driver>, as libvirt writes it
+    try:
+        dom.connect().defineXML(ET.tostring(root, encoding="unicode"))
+    except libvirt.libvirtError as exc:
+        raise LibvirtHandoffError(f"disk {target}: redefining the domain on {path} failed: {exc}") from None
+
+
 def disk_flags(dom: libvirt.virDomain, target: str) -> tuple[bool, bool]:
     """(the guest may write the disk, the disk is shareable: another guest may write its volume)."""
     disk = _disk_element(dom, target)
@@ -298,6 +321,7 @@ __all__ = [
     "complete",
     "copy_onto",
     "create_overlay",
+    "define_disk_on",
     "disk_chain",
     "disk_flags",
     "fence",
