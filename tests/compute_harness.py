@@ -569,9 +569,9 @@ def server_entry(guest: Guest, attachment_id: str) -> dict:
     }
 
 
-def overlay_files(workdir: Path) -> list[Path]:
-    """The files in the agent's overlay directory (each in its instance's directory), wherever they are."""
-    return sorted(p for p in (workdir / "overlays").rglob("*") if p.is_file())
+def overlay_files(directory: Path) -> list[Path]:
+    """The files in an overlay directory (each in its instance's directory), wherever they are."""
+    return sorted(p for p in directory.rglob("*") if p.is_file())
 
 
 def check_overlay_placement(workdir: Path, guest: Guest, generation: int, moved: bool = False) -> None:
@@ -585,7 +585,7 @@ def check_overlay_placement(workdir: Path, guest: Guest, generation: int, moved:
     libvirt_backend = isinstance(guest, LibvirtGuest)
     name = f"volcopy-{SRC_ATT}-{generation}{'-top' if moved and libvirt_backend else ''}.qcow2"
     directory = workdir / "overlays" / SERVER
-    assert overlay_files(workdir) == [directory / name]
+    assert overlay_files(workdir / "overlays") == [directory / name]
     owner = (0, 0)
     if libvirt_backend:
         owner = (pwd.getpwnam("libvirt-qemu").pw_uid, grp.getgrnam("libvirt-qemu").gr_gid)

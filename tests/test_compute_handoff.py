@@ -148,7 +148,7 @@ def test_start_is_refused_when_the_disk_is_not_on_its_volume(guest, compute, wor
     with pytest.raises(ComputeConflict, match="cannot suspend writes: .*not on its volume"):
         compute.migration_start(SERVER, SRC_ATT)
     assert compute.migration_state(SERVER, SRC_ATT)["state"] == "none"
-    assert overlay_files(workdir) == [], "a refused fence leaves no overlay behind"
+    assert overlay_files(workdir / "overlays") == [], "a refused fence leaves no overlay behind"
 
 
 def test_unknown_server_or_attachment_is_404(compute):
@@ -277,7 +277,7 @@ def test_a_persistent_domain_is_defined_on_the_volume_the_handoff_ends_on(
     guest.start_writer()
     gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
     check_overlay_placement(workdir, guest, gen)
-    (overlay,) = overlay_files(workdir)
+    (overlay,) = overlay_files(workdir / "overlays")
     assert guest.chain(libvirt.VIR_DOMAIN_XML_INACTIVE) == [str(overlay), src]
     at_fence = volcopy.digest(src)
     volcopy.copy(src, dst)
@@ -292,7 +292,7 @@ def test_a_persistent_domain_is_defined_on_the_volume_the_handoff_ends_on(
         volume = src
     guest.stop_writer()
     assert guest.errors == []
-    assert overlay_files(workdir) == []
+    assert overlay_files(workdir / "overlays") == []
     if ending == "complete":
         assert volcopy.digest(src) == at_fence, "src was written after its fence"
     boot_again_on(guest, volume)
@@ -429,7 +429,7 @@ def test_a_fence_that_fails_after_the_snapshot_is_merged_back_never_deleted(work
         guest.stop_writer()
         assert guest.errors == [] and guest.io_status_ok()
         guest.check_guest_reads_model()
-        assert overlay_files(workdir) == []
+        assert overlay_files(workdir / "overlays") == []
         guest.stop()
         assert read_all(src) == guest.model, "a write the guest made between snapshot and failure is lost"
     finally:
@@ -451,7 +451,7 @@ def test_start_is_refused_when_the_overlay_directory_is_short_of_space(workdir, 
         with pytest.raises(ComputeConflict, match=r"has \d+ bytes free, less than the 67108864 configured"):
             compute.migration_start(SERVER, SRC_ATT)
         assert compute.migration_state(SERVER, SRC_ATT)["state"] == "none"
-        assert list(overlays.iterdir()) == []
+        assert overlay_files(overlays) == []
     finally:
         agent.stop()
         subprocess.run(["umount", "-l", str(overlays)], check=False)

@@ -84,7 +84,7 @@ def test_agent_killed_while_fencing_resolves_from_the_graph(workdir, guest, volu
     state = compute.migration_state(SERVER, SRC_ATT)
     if point == "agent-before-snapshot":  # the overlay never reached the chain: no fence, no leftovers
         assert state["state"] == "none" and "restarted before the fence" in state["reason"]
-        assert overlay_files(workdir) == []
+        assert overlay_files(workdir / "overlays") == []
         gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
         assert gen == 2
     else:  # it did: the guest writes to it, so the fence stands
@@ -125,7 +125,7 @@ def test_agent_killed_while_completing_finishes_on_restart(workdir, guest, volum
     again = compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
     assert again["state"] == "completed" and again["data_location"] == f"the new volume {dst}"
     assert [a["id"] for a in compute.attachments(SERVER)] == [DST_ATT]
-    assert overlay_files(workdir) == []
+    assert overlay_files(workdir / "overlays") == []
     assert volcopy.digest(src) == at_fence, "src was written after its fence"
     finish_on(guest, dst)
 
@@ -235,7 +235,7 @@ def test_guest_shut_down_while_fenced_is_merged_offline(guest, volumes, started_
         compute.migration_cancel(SERVER, SRC_ATT, gen)
         wait_state(compute, "cancelled")
         volume = src
-    assert overlay_files(workdir) == []
+    assert overlay_files(workdir / "overlays") == []
     assert read_all(volume) == guest.model
     if getattr(guest, "persistent", False):
         boot_again_on(guest, volume)
@@ -247,7 +247,7 @@ def test_guest_started_again_on_src_while_fenced_is_reported(guest, volumes, sta
     agent.start()
     compute = client(agent)
     gen, _, _ = fence_then_halt(guest, compute, src)
-    (overlay,) = overlay_files(workdir)
+    (overlay,) = overlay_files(workdir / "overlays")
     guest.stop()
     guest.start()  # the same QEMU command line: on src
 
@@ -281,7 +281,7 @@ def test_full_overlay_directory_is_reported_and_cancel_frees_it(guest, volumes, 
 
         compute.migration_cancel(SERVER, SRC_ATT, gen)
         wait_state(compute, "cancelled")
-        assert list(overlays.iterdir()) == []
+        assert overlay_files(overlays) == []
         writes = len(guest.writes)
         wait_for(lambda: len(guest.writes) > writes + 20, what="the guest to write again")
         assert guest.monitor.cmd("query-status")["status"] == "running"
@@ -310,7 +310,7 @@ def test_two_writers_on_a_multi_attached_volume_are_refused(workdir, volumes):
             with pytest.raises(ComputeConflict, match="writable multi-attachment .* stop seeing each other"):
                 compute.migration_start(server, attachment)
             assert compute.migration_state(server, attachment)["state"] == "none"
-        assert overlay_files(workdir) == []
+        assert overlay_files(workdir / "overlays") == []
     finally:
         agent.stop()
         first.stop()
