@@ -139,10 +139,14 @@ def define_disk_on(dom: libvirt.virDomain, target: str, path: str, image_format:
         raise LibvirtHandoffError(f"the definition of domain {dom.name()} has no disk {target}")
     kind, attr = _disk_type(path)
     disk.set("type", kind)
-    disk.find("driver").set("type", image_format)
+    driver = disk.find("driver")
+    if driver is None:
+        driver = ET.Element("driver", {"name": "qemu"})
+        disk.insert(0, driver)
+    driver.set("type", image_format)
     for element in disk.findall("backingStore") + disk.findall("source"):
         disk.remove(element)
-    disk.insert(1, ET.Element("source", {attr: path}))  # after <driver>, as libvirt writes it
+    disk.insert(list(disk).index(driver) + 1, ET.Element("source", {attr: path}))
     try:
         dom.connect().defineXML(ET.tostring(root, encoding="unicode"))
     except libvirt.libvirtError as exc:

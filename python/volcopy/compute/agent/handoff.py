@@ -10,8 +10,9 @@ Rules that keep every guest write:
   that cannot be merged stays, and the migration is "failed" with the reason and the data's place
   (cancel or complete retry from there).
 - Whether QEMU runs comes from QEMU (its locked pid file), never from a connection error. A guest
-  that stops while fenced keeps its overlay, which cancel or complete merge with qemu-img; a QEMU
-  started again on src while fenced is reported.
+  that stops while fenced keeps its overlay, which cancel or complete merge with qemu-img (then put
+  the guest's own configuration, a persistent libvirt domain's, on the merged volume); a QEMU started
+  again on src while fenced is reported.
 
 The hypervisor operations are hypervisor.py's interface, implemented over QMP (qemu.py) and libvirt
 (libvirt_backend.py); the state machine speaks of images and chains only. The HTTP rules are wsgi.py's
