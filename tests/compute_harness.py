@@ -28,7 +28,7 @@ import pytest
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from conftest import MiB, needs_root_for_loop
+from conftest import MiB, needs_root_for_loop, read_all
 
 BLOCK = 4096
 INITIAL = 0xA5  # every block of the volume starts with this byte
@@ -358,13 +358,25 @@ class Guest:
 
 
 class LibvirtGuest(Guest):
-    """The same guest as a transient libvirt domain whose UUID is the server's id; its console is a unix
-    socket serial port. QEMU runs as libvirt's user (libvirt-qemu), so the test's directory is made
-    traversable for it. Nothing here talks to QEMU's monitor: libvirt's API only."""
+    """The same guest as a libvirt domain whose UUID is the server's id; its console is a unix socket
+    serial port. QEMU runs as libvirt's user (libvirt-qemu), so the test's directory is made traversable
+    for it. Nothing here talks to QEMU's monitor: libvirt's API only.
 
-    def __init__(self, workdir: Path, name: str, volume: str, size: int, uuid: str = SERVER, **flags):
+    The domain is transient (createXML: gone once it stops) unless persistent, as Nova's are (defineXML
+    and create: it can be started again from its definition, boot(); undefined by stop())."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        volume: str,
+        size: int,
+        uuid: str = SERVER,
+        persistent: bool = False,
+        **flags,
+    ):
         super().__init__(workdir, name, volume, size, **flags)
-        self.uuid, self.qdev, self.node = uuid, "vda", ""
+        self.uuid, self.qdev, self.node, self.persistent = uuid, "vda", "", persistent
         self.domain = None
         self._conn = None
 
@@ -398,20 +410,49 @@ class LibvirtGuest(Guest):
         libvirt.registerErrorHandler(lambda ctx, err: None, None)  # errors are exceptions: no stderr
         self._conn = libvirt.open(LIBVIRT_URI)
         try:  # a domain a killed run left
-            self._conn.lookupByUUIDString(self.uuid).destroy()
+            self._remove(self._conn.lookupByUUIDString(self.uuid))
         except libvirt.libvirtError:
             pass
+        if self.persistent:
+            self.domain = self._conn.defineXML(self._xml(initramfs))
+            self.boot()
+        else:
+            self.domain = self._conn.createXML(self._xml(initramfs), 0)
+            self._wait_ready()
+
+    def boot(self) -> None:
+        """Starts the persistent domain (again) from its definition; its writes add to the model."""
+        if self.console is not None:  # a console of the previous run
+            self.console.close()
         if os.path.exists(self.console_socket):
             os.unlink(self.console_socket)
-        self.domain = self._conn.createXML(self._xml(initramfs), 0)
+        self.domain.create()
+        self._wait_ready()
+
+    def chain(self, flags: int = 0) -> list[str]:
+        """The disk's images, top first: the running domain's (the persistent definition's with
+        VIR_DOMAIN_XML_INACTIVE)."""
+        from volcopy.compute.libvirt import disk_chain
+
+        return disk_chain(self._live_domain(), self.qdev, flags)
+
+    def _wait_ready(self) -> None:
+        mark = len(self.lines)
         try:
             self.console = wait_for(self._connect_console, what="the domain's console socket")
             self._reader = threading.Thread(target=self._read_console, daemon=True)
             self._reader.start()
-            self.wait_line("READY", timeout=120)
+            self.wait_line("READY", timeout=120, after=mark)
         except BaseException:
             self.stop()
             raise
+
+    @staticmethod
+    def _remove(domain) -> None:
+        if domain.isActive():
+            domain.destroy()
+        if domain.isPersistent():
+            domain.undefine()
 
     def _exited(self) -> None:
         if not self.domain.isActive():
@@ -441,9 +482,9 @@ class LibvirtGuest(Guest):
         return self.running() and not self._live_domain().diskErrors()
 
     def stop(self) -> None:
-        if self.domain is not None and self.running():
+        if self.domain is not None:
             try:
-                self.domain.destroy()
+                self._remove(self._live_domain())
             except Exception:  # noqa: BLE001 - it went away by itself meanwhile
                 pass
         if self.console is not None:
@@ -545,6 +586,54 @@ def server_entry(guest: Guest, attachment_id: str) -> dict:
     }
 
 
+def overlay_files(directory: Path) -> list[Path]:
+    """The files in an overlay directory (each in its instance's directory), wherever they are."""
+    return sorted(p for p in directory.rglob("*") if p.is_file())
+
+
+def check_overlay_placement(workdir: Path, guest: Guest, generation: int, moved: bool = False) -> None:
+    """The fence's overlay alone in the instance's directory of the overlay directory, 0600 (moved onto
+    dst: with libvirt, complete's newtop). It stays root's with QMP; libvirt's DAC driver makes an image
+    in the chain its QEMU's (libvirt-qemu:libvirt-qemu) and leaves the mode. The directories the agent
+    made are 0700, 0711 with libvirt: libvirt-qemu must reach the file, and may not list them."""
+    import grp
+    import pwd
+
+    libvirt_backend = isinstance(guest, LibvirtGuest)
+    name = f"volcopy-{SRC_ATT}-{generation}{'-top' if moved and libvirt_backend else ''}.qcow2"
+    directory = workdir / "overlays" / SERVER
+    assert overlay_files(workdir / "overlays") == [directory / name]
+    owner = (0, 0)
+    if libvirt_backend:
+        owner = (pwd.getpwnam("libvirt-qemu").pw_uid, grp.getgrnam("libvirt-qemu").gr_gid)
+    st = (directory / name).stat()
+    assert (st.st_mode & 0o777, (st.st_uid, st.st_gid)) == (0o600, owner)
+    mode = 0o711 if libvirt_backend else 0o700
+    assert [d.stat().st_mode & 0o777 for d in (workdir / "overlays", directory)] == [mode, mode]
+
+
+def boot_again_on(guest: LibvirtGuest, volume: str) -> None:
+    """A persistent domain, shut down and started again from its definition, boots on volume alone
+    and reads every write it ever made (those made while fenced too); a write then lands on volume. The
+    guest is stopped at the end."""
+    import libvirt
+
+    assert guest.chain(libvirt.VIR_DOMAIN_XML_INACTIVE) == [volume]
+    if guest.running():
+        guest.send("halt")
+        guest.wait_stopped()
+    guest.boot()
+    assert guest.chain() == [volume]
+    guest.check_guest_reads_model()
+    guest.start_writer()
+    time.sleep(0.2)
+    guest.stop_writer()
+    assert guest.errors == []
+    guest.check_guest_reads_model()
+    guest.stop()
+    assert read_all(volume) == guest.model, f"{volume} lacks some of the guest's writes"
+
+
 def local(path: str) -> dict:
     """Cinder's connection_info for a volume that is a local device."""
     return {"driver_volume_type": "local", "data": {"device_path": path}}
@@ -624,15 +713,16 @@ def restart_libvirtd() -> None:
 
 
 # Parametrize a test's guest over both backends: @pytest.mark.parametrize("guest", BACKENDS, indirect=True)
+# ("libvirt-persistent": a defined domain, as Nova's are; "libvirt" is a transient one)
 BACKENDS = ["qmp", "libvirt"]
 
 
 @pytest.fixture
 def guest(request, workdir, volumes):
     backend = getattr(request, "param", "qmp")
-    if backend == "libvirt":
+    if backend.startswith("libvirt"):
         request.getfixturevalue("libvirtd")
-        g = LibvirtGuest(workdir, "a", volumes[0], SIZE)
+        g = LibvirtGuest(workdir, "a", volumes[0], SIZE, persistent=backend == "libvirt-persistent")
     else:
         g = Guest(workdir, "a", volumes[0], SIZE)
     g.start()

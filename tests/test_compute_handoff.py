@@ -25,8 +25,11 @@ from compute_harness import (
     TOKEN,
     Agent,
     LibvirtGuest,
+    boot_again_on,
+    check_overlay_placement,
     local,
     needs_guest,
+    overlay_files,
     server_entry,
     wait_state,
 )
@@ -177,7 +180,7 @@ def test_start_is_refused_when_the_disk_is_not_on_its_volume(guest, compute, wor
     with pytest.raises(ComputeConflict, match="cannot suspend writes: .*not on its volume"):
         compute.migration_start(SERVER, SRC_ATT)
     assert compute.migration_state(SERVER, SRC_ATT)["state"] == "none"
-    assert not os.listdir(workdir / "overlays"), "a refused fence leaves no overlay behind"
+    assert overlay_files(workdir / "overlays") == [], "a refused fence leaves no overlay behind"
 
 
 def test_unknown_server_or_attachment_is_404(compute):
@@ -262,14 +265,18 @@ def test_microversion_is_required(agent):
     assert status == 406
 
 
-def test_stopped_instance_is_fenced_in_state_and_completed_onto_dst(workdir, volumes):
+@pytest.mark.parametrize("guest", ["qmp", "libvirt-persistent"], indirect=True)
+def test_stopped_instance_is_fenced_in_state_and_completed_onto_dst(workdir, guest, volumes):
+    """The guest wrote, then was shut down before start: start fences it in the agent's state alone,
+    complete moves the record (and a persistent domain's definition) onto dst, where the guest, started
+    again, finds every write."""
     src, dst = volumes
-    stopped = {
-        "qmp": str(workdir / "not-running.qmp"),
-        "pidfile": str(workdir / "not-running.pid"),
-        "attachments": {SRC_ATT: {"qdev": "disk-a", "node": "vol-a", "volume": src}},
-    }
-    agent = Agent(workdir, {SERVER: stopped})
+    guest.start_writer()
+    time.sleep(0.3)
+    guest.stop_writer()
+    guest.send("halt")
+    guest.wait_stopped()
+    agent = Agent(workdir, {SERVER: server_entry(guest, SRC_ATT)})
     agent.start()
     try:
         compute = NovaCompute(endpoint=agent.url, token=TOKEN)
@@ -281,9 +288,46 @@ def test_stopped_instance_is_fenced_in_state_and_completed_onto_dst(workdir, vol
 
         assert done["state"] == "completed"
         assert compute.attachments(SERVER) == [{"id": DST_ATT, "serverId": SERVER, "device_path": dst}]
-        assert read_all(dst) == read_all(src)
+        assert read_all(dst) == read_all(src) == guest.model
+        if getattr(guest, "persistent", False):
+            boot_again_on(guest, dst)
     finally:
         agent.stop()
+
+
+@pytest.mark.parametrize("guest", ["libvirt-persistent"], indirect=True)
+@pytest.mark.parametrize("ending", ["complete", "cancel"])
+def test_a_persistent_domain_is_defined_on_the_volume_the_handoff_ends_on(
+    workdir, guest, compute, volumes, ending
+):
+    """Nova's domains are persistent. libvirt 9.0 updates the definition itself at the fence's snapshot
+    and at each pivot: it shows the overlay over src while fenced, and the volume the handoff ended on
+    alone. The domain, shut down and started again from it, boots there with every write."""
+    import libvirt
+
+    src, dst = volumes
+    guest.start_writer()
+    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    check_overlay_placement(workdir, guest, gen)
+    (overlay,) = overlay_files(workdir / "overlays")
+    assert guest.chain(libvirt.VIR_DOMAIN_XML_INACTIVE) == [str(overlay), src]
+    at_fence = volcopy.digest(src)
+    volcopy.copy(src, dst)
+    time.sleep(0.3)
+    if ending == "complete":
+        compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
+        wait_state(compute, "completed")
+        volume = dst
+    else:
+        compute.migration_cancel(SERVER, SRC_ATT, gen)
+        wait_state(compute, "cancelled")
+        volume = src
+    guest.stop_writer()
+    assert guest.errors == []
+    assert overlay_files(workdir / "overlays") == []
+    if ending == "complete":
+        assert volcopy.digest(src) == at_fence, "src was written after its fence"
+    boot_again_on(guest, volume)
 
 
 @pytest.mark.parametrize("guest", BACKENDS, indirect=True)
@@ -334,11 +378,7 @@ def test_complete_attaches_only_an_allowed_large_enough_new_volume(workdir, gues
         compute = NovaCompute(endpoint=agent.url, token=TOKEN)
         guest.start_writer()
         gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
-        overlay = next((workdir / "overlays").iterdir())
-        assert (overlay.stat().st_mode & 0o777, (workdir / "overlays").stat().st_mode & 0o777) == (
-            0o600,
-            0o700,
-        )
+        check_overlay_placement(workdir, guest, gen)
         small = loops.create(SIZE // 2)
         mounted = loops.create(SIZE)
         subprocess.run(["mkfs.ext4", "-q", mounted], check=True)
@@ -421,7 +461,7 @@ def test_a_fence_that_fails_after_the_snapshot_is_merged_back_never_deleted(work
         guest.stop_writer()
         assert guest.errors == [] and guest.io_status_ok()
         guest.check_guest_reads_model()
-        assert list((workdir / "overlays").iterdir()) == []
+        assert overlay_files(workdir / "overlays") == []
         guest.stop()
         assert read_all(src) == guest.model, "a write the guest made between snapshot and failure is lost"
     finally:
@@ -443,7 +483,7 @@ def test_start_is_refused_when_the_overlay_directory_is_short_of_space(workdir, 
         with pytest.raises(ComputeConflict, match=r"has \d+ bytes free, less than the 67108864 configured"):
             compute.migration_start(SERVER, SRC_ATT)
         assert compute.migration_state(SERVER, SRC_ATT)["state"] == "none"
-        assert list(overlays.iterdir()) == []
+        assert overlay_files(overlays) == []
     finally:
         agent.stop()
         subprocess.run(["umount", "-l", str(overlays)], check=False)

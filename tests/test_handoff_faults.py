@@ -25,8 +25,11 @@ from compute_harness import (
     Agent,
     Guest,
     LibvirtGuest,
+    boot_again_on,
+    check_overlay_placement,
     local,
     needs_guest,
+    overlay_files,
     restart_libvirtd,
     server_entry,
     wait_for,
@@ -82,7 +85,7 @@ def test_agent_killed_while_fencing_resolves_from_the_graph(workdir, guest, volu
     state = compute.migration_state(SERVER, SRC_ATT)
     if point == "agent-before-snapshot":  # the overlay never reached the chain: no fence, no leftovers
         assert state["state"] == "none" and "restarted before the fence" in state["reason"]
-        assert list((workdir / "overlays").iterdir()) == []
+        assert overlay_files(workdir / "overlays") == []
         gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
         assert gen == 2
     else:  # it did: the guest writes to it, so the fence stands
@@ -114,6 +117,8 @@ def test_agent_killed_while_completing_finishes_on_restart(workdir, guest, volum
     except ComputeError:
         pass  # killed before it answered (the merge point is reached after the answer)
     agent.process.wait(timeout=60)
+    if point == "agent-after-repoint":  # the guest is on the overlay (libvirt: newtop) over dst
+        check_overlay_placement(workdir, guest, gen, moved=True)
     agent.start()
     compute = client(agent)
 
@@ -121,7 +126,7 @@ def test_agent_killed_while_completing_finishes_on_restart(workdir, guest, volum
     again = compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
     assert again["state"] == "completed" and again["data_location"] == f"the new volume {dst}"
     assert [a["id"] for a in compute.attachments(SERVER)] == [DST_ATT]
-    assert list((workdir / "overlays").iterdir()) == []
+    assert overlay_files(workdir / "overlays") == []
     assert volcopy.digest(src) == at_fence, "src was written after its fence"
     finish_on(guest, dst)
 
@@ -208,8 +213,12 @@ def fence_then_halt(guest, compute, src) -> tuple[int, str, dict]:
     return gen, at_fence, stopped
 
 
-@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
-def test_guest_shut_down_while_fenced_is_merged_offline_on_complete(guest, volumes, started_agent, workdir):
+@pytest.mark.parametrize("guest", [*BACKENDS, "libvirt-persistent"], indirect=True)
+@pytest.mark.parametrize("ending", ["complete", "cancel"])
+def test_guest_shut_down_while_fenced_is_merged_offline(guest, volumes, started_agent, workdir, ending):
+    """The overlay is merged with qemu-img into dst (complete) or src (cancel). A persistent domain's
+    definition, which names the overlay over src, is then on that volume alone: started again, the
+    guest boots there with every write."""
     src, dst = volumes
     agent = started_agent()
     agent.start()
@@ -218,11 +227,19 @@ def test_guest_shut_down_while_fenced_is_merged_offline_on_complete(guest, volum
     assert stopped["state"] == "fenced" and stopped["data_location"].endswith("(the instance is stopped)")
     assert volcopy.digest(src) == at_fence
     volcopy.copy(src, dst)
-    compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
-    wait_state(compute, "completed")
-    assert list((workdir / "overlays").iterdir()) == []
-    assert read_all(dst) == guest.model
-    assert volcopy.digest(src) == at_fence
+    if ending == "complete":
+        compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
+        wait_state(compute, "completed")
+        volume = dst
+        assert volcopy.digest(src) == at_fence
+    else:
+        compute.migration_cancel(SERVER, SRC_ATT, gen)
+        wait_state(compute, "cancelled")
+        volume = src
+    assert overlay_files(workdir / "overlays") == []
+    assert read_all(volume) == guest.model
+    if getattr(guest, "persistent", False):
+        boot_again_on(guest, volume)
 
 
 def test_guest_started_again_on_src_while_fenced_is_reported(guest, volumes, started_agent, workdir):
@@ -231,7 +248,7 @@ def test_guest_started_again_on_src_while_fenced_is_reported(guest, volumes, sta
     agent.start()
     compute = client(agent)
     gen, _, _ = fence_then_halt(guest, compute, src)
-    overlay = next((workdir / "overlays").iterdir())
+    (overlay,) = overlay_files(workdir / "overlays")
     guest.stop()
     guest.start()  # the same QEMU command line: on src
 
@@ -265,7 +282,7 @@ def test_full_overlay_directory_is_reported_and_cancel_frees_it(guest, volumes, 
 
         compute.migration_cancel(SERVER, SRC_ATT, gen)
         wait_state(compute, "cancelled")
-        assert list(overlays.iterdir()) == []
+        assert overlay_files(overlays) == []
         writes = len(guest.writes)
         wait_for(lambda: len(guest.writes) > writes + 20, what="the guest to write again")
         assert guest.monitor.cmd("query-status")["status"] == "running"
@@ -294,7 +311,7 @@ def test_two_writers_on_a_multi_attached_volume_are_refused(workdir, volumes):
             with pytest.raises(ComputeConflict, match="writable multi-attachment .* stop seeing each other"):
                 compute.migration_start(server, attachment)
             assert compute.migration_state(server, attachment)["state"] == "none"
-        assert list((workdir / "overlays").iterdir()) == []
+        assert overlay_files(workdir / "overlays") == []
     finally:
         agent.stop()
         first.stop()

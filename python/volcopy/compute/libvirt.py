@@ -115,9 +115,10 @@ def _source_path(element: ET.Element) -> str | None:
     return source.get("file") or source.get("dev") or source.get("name")
 
 
-def disk_chain(dom: libvirt.virDomain, target: str) -> list[str]:
-    """The disk's images, top first, from the live domain XML."""
-    chain, element = [], _disk_element(dom, target)
+def disk_chain(dom: libvirt.virDomain, target: str, flags: int = 0) -> list[str]:
+    """The disk's images, top first, from the live domain XML (the persistent definition with
+    ``VIR_DOMAIN_XML_INACTIVE``)."""
+    chain, element = [], _disk_element(dom, target, flags)
     while element is not None:
         path = _source_path(element)
         if path is None:
@@ -125,6 +126,33 @@ def disk_chain(dom: libvirt.virDomain, target: str) -> list[str]:
         chain.append(path)
         element = element.find("backingStore")
     return chain
+
+
+def define_disk_on(dom: libvirt.virDomain, target: str, path: str, image_format: str) -> None:
+    """The domain's persistent definition redefined with the disk on path alone (its format
+    image_format, no backing chain): the domain starts on it next time. libvirt updates the definition
+    itself at the snapshot and at the copy's and the commit's pivots; an image merged offline (qemu-img)
+    is not its doing. The definition is read with its secrets, so that none is lost."""
+    root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE))
+    disk = next(
+        (d for d in root.iter("disk") if (t := d.find("target")) is not None and t.get("dev") == target), None
+    )
+    if disk is None:
+        raise LibvirtHandoffError(f"the definition of domain {dom.name()} has no disk {target}")
+    kind, attr = _disk_type(path)
+    disk.set("type", kind)
+    driver = disk.find("driver")
+    if driver is None:
+        driver = ET.Element("driver", {"name": "qemu"})
+        disk.insert(0, driver)
+    driver.set("type", image_format)
+    for element in disk.findall("backingStore") + disk.findall("source"):
+        disk.remove(element)
+    disk.insert(list(disk).index(driver) + 1, ET.Element("source", {attr: path}))
+    try:
+        dom.connect().defineXML(ET.tostring(root, encoding="unicode"))
+    except libvirt.libvirtError as exc:
+        raise LibvirtHandoffError(f"disk {target}: redefining the domain on {path} failed: {exc}") from None
 
 
 def disk_flags(dom: libvirt.virDomain, target: str) -> tuple[bool, bool]:
@@ -333,6 +361,7 @@ __all__ = [
     "complete",
     "copy_onto",
     "create_overlay",
+    "define_disk_on",
     "disk_chain",
     "disk_flags",
     "fence",

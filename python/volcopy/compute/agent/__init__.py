@@ -46,11 +46,12 @@ def _protect(app, config: AgentConfig):
 def serve(config: AgentConfig) -> None:
     """Runs until SIGTERM or SIGINT. Prints the URL it listens on (useful with port 0)."""
     ssl_context = _tls(config)  # a bad certificate is a configuration error: before anything starts
-    os.makedirs(config.overlay_dir, mode=0o700, exist_ok=True)
-    if any(server.uri for server in config.servers.values()):
-        # libvirt's QEMU runs as its own user (libvirt-qemu), which must reach the overlays it is given
-        # (libvirt makes them its own); their names are not listed to it, and each is 0600.
-        os.chmod(config.overlay_dir, 0o711)
+    if not os.path.isdir(config.overlay_dir):  # an existing one (Nova's instances directory) keeps its mode
+        os.makedirs(config.overlay_dir, mode=0o700)
+        if any(server.uri for server in config.servers.values()):
+            # libvirt's QEMU runs as its own user (libvirt-qemu), which must reach the overlays it is
+            # given (libvirt makes them its own); their names are not listed to it, and each is 0600.
+            os.chmod(config.overlay_dir, 0o711)
     store = StateStore(config.state_db)
     policy = DstPolicy(config.allowed_connectors, config.allowed_device_prefixes)
     handoff = Handoff(config.servers, store, config.overlay_dir, policy, config.overlay_min_free)

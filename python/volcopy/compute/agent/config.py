@@ -46,9 +46,11 @@ agent_opts = [
     ),
     cfg.StrOpt(
         "overlay_dir",
-        default="/var/lib/volcopy/overlays",
-        help="Where start creates each fenced guest's overlay (created 0700; overlays are 0600). The "
-        "guest's writes land here until complete or cancel.",
+        default="/var/lib/nova/instances",
+        help="Where start creates each fenced guest's overlay, in the instance's directory "
+        "(<overlay_dir>/<server id>/volcopy-<attachment id>-<generation>.qcow2, 0600), as Nova keeps "
+        "an instance's disks. Directories the agent makes are 0700 (0711 with libvirt servers); "
+        "existing ones keep their mode. The guest's writes land here until complete or cancel.",
     ),
     cfg.IntOpt(
         "overlay_min_free",

@@ -10,8 +10,9 @@ Rules that keep every guest write:
   that cannot be merged stays, and the migration is "failed" with the reason and the data's place
   (cancel or complete retry from there).
 - Whether QEMU runs comes from QEMU (its locked pid file), never from a connection error. A guest
-  that stops while fenced keeps its overlay, which cancel or complete merge with qemu-img; a QEMU
-  started again on src while fenced is reported.
+  that stops while fenced keeps its overlay, which cancel or complete merge with qemu-img (then put
+  the guest's own configuration, a persistent libvirt domain's, on the merged volume); a QEMU started
+  again on src while fenced is reported.
 
 The hypervisor operations are hypervisor.py's interface, implemented over QMP (qemu.py) and libvirt
 (libvirt_backend.py); the state machine speaks of images and chains only. The HTTP rules are wsgi.py's
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections import defaultdict
@@ -74,6 +76,16 @@ def _allocated_bytes(path: str | None) -> int:
         return os.stat(path).st_blocks * 512 if path else 0
     except FileNotFoundError:
         return 0
+
+
+def _make_directory_like(path: str, parent: str) -> None:
+    """The instance's directory in the overlay directory (as Nova keeps each instance's disks in one),
+    made with the parent's mode if missing: one that exists (Nova's) keeps its own."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    os.chmod(path, stat.S_IMODE(os.stat(parent).st_mode))
 
 
 def _fsync_volume(path: str) -> None:
@@ -334,7 +346,7 @@ class Handoff:
                 self._set(m, State.FENCED)
                 return self._answer(m)
             m.overlay_path = os.path.join(
-                self.overlay_dir, f"{server_id}-{attachment_id}-{m.generation}.qcow2"
+                self.overlay_dir, server_id, f"volcopy-{attachment_id}-{m.generation}.qcow2"
             )
             m.qemu = server.identity()
             self._set(m, State.FENCING)
@@ -396,6 +408,7 @@ class Handoff:
         top = server.chain(disk)[0]
         if top != disk.volume_path:
             raise HypervisorError(f"the disk is on {top}, not on its volume {disk.volume_path}")
+        _make_directory_like(os.path.dirname(m.overlay_path), self.overlay_dir)
         server.prepare_fence(disk, m)
         failpoint("agent-before-snapshot")
         server.fence(disk, m)
@@ -521,10 +534,8 @@ class Handoff:
                 self._attach_new_volume(m, disk, new_attachment_id, connection_info)
             self._set(m, State.COMPLETING)
             failpoint("agent-after-attach")
-            if m.offline and not m.overlay_path:  # fenced while stopped: only the record moves
-                self._replace_disk(m)
-                self._release_old_connection(m)
-                self._set(m, State.COMPLETED)
+            if m.offline and not m.overlay_path:  # fenced while stopped: the record and configuration move
+                self._converge_locked(m)
                 return self._answer(m)
             if m.read_only:
                 self._move_read_only(m)
@@ -799,11 +810,14 @@ class Handoff:
             volume, volume_format = m.dst_path, m.dst_format or "raw"
         else:
             volume, volume_format = disk.volume_path, disk.volume_format
-        if m.overlay_path and os.path.exists(m.overlay_path):
-            if not m.merged:  # merged: the volume holds all of it, and writes made since
-                merge_offline(m.overlay_path, volume, volume_format)
-                self._mark_merged(m)
-            os.unlink(m.overlay_path)
+        overlay = m.overlay_path if m.overlay_path and os.path.exists(m.overlay_path) else None
+        if overlay and not m.merged:  # merged: the volume holds all of it, and writes made since
+            merge_offline(overlay, volume, volume_format)
+            self._mark_merged(m)
+        # The guest's configuration may name the overlay: it goes onto the volume before the overlay goes.
+        self.servers[m.server_id].repoint_stopped(disk, m, volume, volume_format)
+        if overlay:
+            os.unlink(overlay)
         if completing and disk.replaced_by is None:
             self._replace_disk(m)
 

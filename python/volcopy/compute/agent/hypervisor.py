@@ -117,6 +117,11 @@ class Hypervisor(ABC):
     def resume_after_io_error(self) -> None:
         """Resumes a guest paused on a write error once its cause is gone; other pauses stay."""
 
+    def repoint_stopped(self, disk: Disk, m: VolumeMigration, path: str, image_format: str) -> None:  # noqa: B027
+        """A stopped guest's own configuration put on the image path alone (after an offline merge, or a
+        complete while stopped), so that the guest starts on it with every write. A no-op where that
+        configuration is not the hypervisor's to change (QMP: the operator's command line)."""
+
     def close(self) -> None:  # noqa: B027 - a backend without connections has nothing to close
         """Releases the backend's connections."""
 

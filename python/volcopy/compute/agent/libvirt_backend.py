@@ -218,6 +218,34 @@ class LibvirtServer(Hypervisor):
         if disk.volume_path in self.chain(disk):
             raise HypervisorError(f"src {disk.volume_path} is still in the disk's chain")
 
+    def repoint_stopped(self, disk: Disk, m: VolumeMigration, path: str, image_format: str) -> None:
+        """The persistent definition of a domain that is shut off, on path alone. A transient domain
+        that stopped is gone (nothing starts it again); a definition on an image that is none of this
+        migration's is the operator's, and left as it is."""
+        dom = self._domain()
+        try:
+            if dom is None or not dom.isPersistent():
+                return
+            if dom.isActive():
+                raise HypervisorError(f"domain {self.uuid} runs: its definition is not changed under it")
+            chain = steps.disk_chain(dom, disk.qdev, libvirt.VIR_DOMAIN_XML_INACTIVE)
+            if chain == [path]:
+                return
+            ours = {disk.volume_path, m.dst_path, m.overlay_path}
+            if m.overlay_path:
+                ours.add(newtop_path(m))
+            if chain[0] not in ours:
+                raise HypervisorError(
+                    f"the definition of domain {self.uuid} has {disk.qdev} on {chain[0]}, no image of "
+                    "this migration: it is left as it is"
+                )
+            steps.define_disk_on(dom, disk.qdev, path, image_format)
+            chain = steps.disk_chain(dom, disk.qdev, libvirt.VIR_DOMAIN_XML_INACTIVE)
+        except (steps.LibvirtHandoffError, libvirt.libvirtError) as exc:
+            raise HypervisorError(str(exc)) from None
+        if chain != [path]:
+            raise HypervisorError(f"the definition of {disk.qdev} is {' -> '.join(chain)}, not {path}")
+
     def move_read_only(self, disk: Disk, m: VolumeMigration) -> None:
         raise HypervisorError("moving a read-only disk is not implemented with libvirt yet")
 
