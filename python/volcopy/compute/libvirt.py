@@ -271,6 +271,26 @@ def copy_onto(
     _check(disk_chain(dom, target)[:2] == [newtop, dst], f"the disk is not on {newtop} -> {dst}", dom, target)
 
 
+def move_read_only(dom: libvirt.virDomain, target: str, jobs: BlockJobs, dst: str) -> None:
+    """Moves a read-only disk (no overlay: its guest writes nothing) onto dst, a raw volume: a block copy
+    of the disk onto dst as it is (``REUSE_EXT | TRANSIENT_JOB``), READY, the pivot. The copy writes the
+    disk's data onto dst, so dst must hold that data already (the copy of the fenced src) and no guest
+    may write dst until the pivot: libvirt's block copy cannot skip the data (QEMU's sync=none)."""
+    if disk_chain(dom, target) == [dst]:
+        return
+    if not _job_running(dom, target):
+        kind, attr = _disk_type(dst)
+        xml = f"<disk type='{kind}'><driver type='raw'/><source {attr}='{dst}'/></disk>"
+        flags = libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
+        jobs.forget(dom, target)
+        try:
+            dom.blockCopy(target, xml, None, flags)
+        except libvirt.libvirtError as exc:
+            raise LibvirtHandoffError(f"disk {target}: the block copy failed to start: {exc}") from None
+    _pivot_when_ready(dom, target, jobs, "copy", lambda: None)
+    _check(disk_chain(dom, target) == [dst], f"the disk is not on {dst}", dom, target)
+
+
 def complete(
     dom: libvirt.virDomain,
     target: str,
@@ -300,5 +320,6 @@ __all__ = [
     "disk_chain",
     "disk_flags",
     "fence",
+    "move_read_only",
     "start_event_loop",
 ]
