@@ -340,6 +340,16 @@ class Guest:
         self.monitor.cmd("blockdev-add", driver="qcow2", backing=None, file=file, **{"node-name": "other"})
         self.monitor.cmd("blockdev-snapshot", node=self.node, overlay="other")
 
+    def export_disk(self) -> None:
+        """Something else uses src: an NBD export of its node, in the guest's QEMU. end_export() ends it."""
+        socket_path = str(self.workdir / f"{self.name}-export.sock")
+        self.monitor.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": socket_path}})
+        self.monitor.cmd("block-export-add", type="nbd", id="holder", **{"node-name": self.node})
+
+    def end_export(self) -> None:
+        self.monitor.cmd("block-export-del", id="holder")
+        wait_for(lambda: not self.monitor.cmd("query-block-exports"), what="the export to go")
+
     def wait_stopped(self, timeout: float = 30) -> None:
         self.process.wait(timeout=timeout)
 
@@ -454,6 +464,23 @@ class LibvirtGuest(Guest):
     def destroy(self) -> None:
         """virDomainDestroy, as Nova's hard stop: QEMU is killed, not shut down by its guest."""
         self._live_domain().destroy()
+
+    def export_disk(self) -> None:
+        """Something else uses the disk: a pull-mode backup job, which exports it over NBD (on a socket
+        in a directory of libvirt's QEMU user). end_export() ends it."""
+        exports = self.workdir / f"{self.name}-exports"
+        exports.mkdir()
+        shutil.chown(exports, "libvirt-qemu")
+        xml = (
+            f"<domainbackup mode='pull'><server transport='unix' socket='{exports}/export.sock'/><disks>"
+            f"<disk name='{self.qdev}' backup='yes' type='file'><scratch file='{exports}/scratch.qcow2'/>"
+            "</disk></disks></domainbackup>"
+        )
+        self._live_domain().backupBegin(xml, None, 0)
+
+    def end_export(self) -> None:
+        self._live_domain().abortJob()
+        wait_for(lambda: not self._live_domain().blockJobInfo(self.qdev, 0), what="the backup job to go")
 
     def snapshot_onto(self, overlay: str) -> None:
         """Something other than the agent (a backup, another snapshot) puts a qcow2 overlay on the disk:

@@ -25,6 +25,7 @@ from compute_harness import (
     TOKEN,
     Agent,
     Guest,
+    LibvirtGuest,
     local,
     needs_guest,
     restart_libvirtd,
@@ -126,10 +127,14 @@ def test_agent_killed_while_completing_finishes_on_restart(workdir, guest, volum
     finish_on(guest, dst)
 
 
-def test_qemu_refusing_to_release_src_is_failed_then_retried(guest, volumes, started_agent, workdir):
-    """Something else holds src's node (an NBD export of it): blockdev-del fails after the overlay was
-    moved onto dst. complete answers 409 and the state is failed, saying the data is in the overlay over
-    dst; cancel cannot go back; once src is free a repeated complete finishes."""
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
+def test_qemu_refusing_to_release_src_is_failed_then_retried(guest, volumes, started_agent):
+    """Something else uses the disk while complete runs. QMP: an NBD export of src's node, so that
+    blockdev-del of src fails after the overlay was moved onto dst: complete answers 409 and the state is
+    failed, saying the data is in the overlay over dst; cancel cannot go back. libvirt: a backup job
+    (pull mode, an NBD export of the disk), which no block copy may join: complete answers 409 and the
+    migration stays fenced on src, the other job left alone. Once the export ends, a repeated complete
+    finishes."""
     src, dst = volumes
     agent = started_agent()
     agent.start()
@@ -137,23 +142,26 @@ def test_qemu_refusing_to_release_src_is_failed_then_retried(guest, volumes, sta
     guest.start_writer()
     gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
     volcopy.copy(src, dst)
-    guest.monitor.cmd(
-        "nbd-server-start", addr={"type": "unix", "data": {"path": str(workdir / "export.sock")}}
-    )
-    guest.monitor.cmd("block-export-add", type="nbd", id="holder", **{"node-name": guest.node})
+    guest.export_disk()
 
-    with pytest.raises(ComputeConflict, match="releasing src after the switch failed: .*blockdev-del"):
-        compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
-    state = compute.migration_state(SERVER, SRC_ATT)
-    assert state["state"] == "failed"
-    assert state["data_location"].startswith("overlay ") and state["data_location"].endswith(
-        f"over the new volume {dst}"
-    )
-    with pytest.raises(ComputeConflict, match="already runs on the new volume"):
-        compute.migration_cancel(SERVER, SRC_ATT, gen)
+    if isinstance(guest, LibvirtGuest):
+        refused = r"moving the overlay onto the new volume failed: .*another block job runs on it \(a backup"
+        with pytest.raises(ComputeConflict, match=refused):
+            compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
+        state = compute.migration_state(SERVER, SRC_ATT)
+        assert state["state"] == "fenced" and state["data_location"].endswith(f"over src {src}")
+    else:
+        with pytest.raises(ComputeConflict, match="releasing src after the switch failed: .*blockdev-del"):
+            compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
+        state = compute.migration_state(SERVER, SRC_ATT)
+        assert state["state"] == "failed"
+        assert state["data_location"].startswith("overlay ") and state["data_location"].endswith(
+            f"over the new volume {dst}"
+        )
+        with pytest.raises(ComputeConflict, match="already runs on the new volume"):
+            compute.migration_cancel(SERVER, SRC_ATT, gen)
 
-    guest.monitor.cmd("block-export-del", id="holder")
-    wait_for(lambda: not guest.monitor.cmd("query-block-exports"), what="the export to go")
+    guest.end_export()
     compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
     wait_state(compute, "completed")
     finish_on(guest, dst)
@@ -392,6 +400,33 @@ def test_a_read_only_attachment_moves_with_the_writable_one(workdir, volumes, ma
         agent.stop()
 
 
+def test_a_read_only_attachment_after_its_writer_is_refused_with_libvirt(workdir, volumes, make_guest):
+    """libvirt only: a read-only disk moves by a block copy of src onto dst, which would undo the writes
+    of a writer that already runs on dst. Its complete is refused (409, nothing moved, the reader still
+    fenced on src) and dst keeps every write of the writer."""
+    src, dst = volumes
+    writer = make_guest("libvirt", "a", src)
+    reader = make_guest("libvirt", "b", src, SERVER_2, read_only=True)
+    agent = Agent(workdir, {SERVER: server_entry(writer, SRC_ATT), SERVER_2: server_entry(reader, "att-b")})
+    try:
+        agent.start()
+        compute = client(agent)
+        writer.start_writer()
+        generations = [
+            compute.migration_start(s, a)["generation"] for s, a in ((SERVER, SRC_ATT), (SERVER_2, "att-b"))
+        ]
+        volcopy.copy(src, dst)
+        compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), generations[0])
+        wait_state(compute, "completed")
+        with pytest.raises(ComputeConflict, match="complete the read-only attachments first"):
+            compute.migration_complete(SERVER_2, "att-b", "att-b-dst", local(dst), generations[1])
+        assert compute.migration_state(SERVER_2, "att-b")["state"] == "fenced"
+        assert [a["id"] for a in compute.attachments(SERVER_2)] == ["att-b"]
+        finish_on(writer, dst)
+    finally:
+        agent.stop()
+
+
 @pytest.mark.parametrize(
     "guest,setting,message",
     [
@@ -425,12 +460,15 @@ def test_a_wrong_pid_file_setting_is_an_error_never_stopped(workdir, guest, volu
         agent.stop()
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 @pytest.mark.parametrize("discard", [True, False])
 def test_discards_reach_the_new_volume_only_when_its_connection_allows(
     discard, guest, volumes, started_agent, workdir
 ):
     """connection_info's data.discard: the guest's discards (blkdiscard of its first 4 MiB) reach dst,
-    a loop device whose file then has a hole there; without it they are ignored."""
+    a loop device whose file then has a hole there; without it they are ignored. libvirt keeps one
+    discard setting for the whole disk (the domain's <driver discard>, here none), which a running
+    domain cannot change: the guest's discards are ignored there either way, as they were on src."""
     src, dst = volumes
     agent = started_agent()
     agent.start()
@@ -447,8 +485,9 @@ def test_discards_reach_the_new_volume_only_when_its_connection_allows(
     backing = workdir / "dst-backing.img"
     with open(backing, "rb") as f:
         hole_at_start = os.lseek(f.fileno(), 0, os.SEEK_HOLE) == 0
-    assert hole_at_start == discard
-    assert read_all(dst, 4 * MiB) == (bytes(4 * MiB) if discard else read_all(src, 4 * MiB))
+    passed_on = discard and not isinstance(guest, LibvirtGuest)
+    assert hole_at_start == passed_on
+    assert read_all(dst, 4 * MiB) == (bytes(4 * MiB) if passed_on else read_all(src, 4 * MiB))
 
 
 @pytest.mark.parametrize("guest", ["libvirt"], indirect=True)

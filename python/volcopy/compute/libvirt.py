@@ -135,8 +135,35 @@ def _disk_type(path: str) -> tuple[str, str]:
     return ("block", "dev") if path.startswith("/dev/") else ("file", "file")
 
 
-def _job_running(dom: libvirt.virDomain, target: str) -> bool:
-    return bool(dom.blockJobInfo(target, 0))
+_JOB_KINDS = {
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL: "pull",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY: "copy",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT: "commit",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT: "active commit",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_BACKUP: "backup",
+}
+
+
+def _job_running(dom: libvirt.virDomain, target: str, kind: int) -> bool:
+    """Whether a job of this kind runs on the disk: one a previous caller left, picked up. A job of
+    another kind (a backup, someone's pull) is not ours to wait for or pivot: an error."""
+    info = dom.blockJobInfo(target, 0)
+    if not info:
+        return False
+    if info["type"] != kind:
+        running = _JOB_KINDS.get(info["type"], f"type {info['type']}")
+        raise LibvirtHandoffError(f"disk {target}: another block job runs on it (a {running} job)")
+    return True
+
+
+def abort_copy(dom: libvirt.virDomain, target: str) -> None:
+    """Aborts a copy job left on the disk (it would block the next try); another job is left alone."""
+    try:
+        info = dom.blockJobInfo(target, 0)
+        if info and info["type"] == libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY:
+            dom.blockJobAbort(target, 0)
+    except libvirt.libvirtError:
+        pass
 
 
 def _check(condition: bool, what: str, dom: libvirt.virDomain, target: str) -> None:
@@ -221,7 +248,7 @@ def commit(
     chain = disk_chain(dom, target)
     _check(len(chain) >= 2, "there is no overlay to merge", dom, target)
     below = chain[1]
-    if not _job_running(dom, target):
+    if not _job_running(dom, target, libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT):
         jobs.forget(dom, target)
         flags = (
             libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
@@ -253,7 +280,7 @@ def copy_onto(
     if chain[:2] == [newtop, dst]:
         return
     _check(len(chain) >= 2, "there is no overlay on top", dom, target)
-    if not _job_running(dom, target):
+    if not _job_running(dom, target, libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY):
         create_overlay(newtop, dst, dst_format)  # afresh: a newtop of an earlier try may hold stale data
         kind, attr = _disk_type(newtop)
         xml = f"<disk type='{kind}'><driver type='qcow2'/><source {attr}='{newtop}'/></disk>"
@@ -278,7 +305,7 @@ def move_read_only(dom: libvirt.virDomain, target: str, jobs: BlockJobs, dst: st
     may write dst until the pivot: libvirt's block copy cannot skip the data (QEMU's sync=none)."""
     if disk_chain(dom, target) == [dst]:
         return
-    if not _job_running(dom, target):
+    if not _job_running(dom, target, libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY):
         kind, attr = _disk_type(dst)
         xml = f"<disk type='{kind}'><driver type='raw'/><source {attr}='{dst}'/></disk>"
         flags = libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
@@ -311,6 +338,7 @@ def cancel(dom: libvirt.virDomain, target: str, jobs: BlockJobs) -> None:
 
 __all__ = [
     "BlockJobs",
+    "abort_copy",
     "LibvirtHandoffError",
     "cancel",
     "commit",

@@ -198,11 +198,7 @@ class LibvirtServer(Hypervisor):
                 lambda: failpoint("agent-before-repoint"),
             )
         except (steps.LibvirtHandoffError, libvirt.libvirtError) as exc:
-            try:  # the disk stays on overlay -> src; a copy job left would block the next try
-                if dom.blockJobInfo(disk.qdev, 0):
-                    dom.blockJobAbort(disk.qdev, 0)
-            except libvirt.libvirtError:
-                pass
+            steps.abort_copy(dom, disk.qdev)  # the disk stays on overlay -> src
             raise HypervisorError(str(exc)) from None
         return newtop
 
@@ -223,11 +219,7 @@ class LibvirtServer(Hypervisor):
         try:
             steps.move_read_only(dom, disk.qdev, jobs, m.dst_path)
         except (steps.LibvirtHandoffError, libvirt.libvirtError) as exc:
-            try:  # the disk stays on src; a copy job left would block the next try
-                if dom.blockJobInfo(disk.qdev, 0):
-                    dom.blockJobAbort(disk.qdev, 0)
-            except libvirt.libvirtError:
-                pass
+            steps.abort_copy(dom, disk.qdev)  # the disk stays on src
             raise HypervisorError(str(exc)) from None
 
     def bytes_written(self, disk: Disk, m: VolumeMigration) -> int:
