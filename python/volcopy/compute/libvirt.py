@@ -11,6 +11,8 @@ chain read back from the live domain XML.
 - complete (``copy_onto`` then ``commit``): a new qcow2 (newtop) whose backing is dst; a shallow block copy
   of the overlay into it (``SHALLOW | REUSE_EXT | TRANSIENT_JOB``; only the overlay's clusters move, and
   libvirt opens dst at the pivot), READY, the pivot; then newtop is committed into dst as for cancel.
+- complete of a read-only disk (``move_read_only``, no overlay): a block copy of the disk onto dst
+  (``REUSE_EXT | TRANSIENT_JOB``), READY, the pivot.
 
 Block-job events come from libvirt's event loop: ``start_event_loop()`` registers libvirt's default
 implementation and runs it on a thread of its own (call it before opening connections, as Nova does),
@@ -338,8 +340,8 @@ def cancel(dom: libvirt.virDomain, target: str, jobs: BlockJobs) -> None:
 
 __all__ = [
     "BlockJobs",
-    "abort_copy",
     "LibvirtHandoffError",
+    "abort_copy",
     "cancel",
     "commit",
     "complete",
