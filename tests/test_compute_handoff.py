@@ -18,6 +18,7 @@ import volcopy
 from compute_harness import (
     BACKENDS,
     DST_ATT,
+    LIBVIRT_URI,
     REQUEST_TIMEOUT,
     SERVER,
     SIZE,
@@ -223,13 +224,18 @@ def test_microversion_is_required(agent):
     assert status == 406
 
 
-def test_stopped_instance_is_fenced_in_state_and_completed_onto_dst(workdir, volumes):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stopped_instance_is_fenced_in_state_and_completed_onto_dst(workdir, volumes, backend, request):
     src, dst = volumes
-    stopped = {
-        "qmp": str(workdir / "not-running.qmp"),
-        "pidfile": str(workdir / "not-running.pid"),
-        "attachments": {SRC_ATT: {"qdev": "disk-a", "node": "vol-a", "volume": src}},
-    }
+    if backend == "libvirt":  # no domain of the server's UUID runs
+        request.getfixturevalue("libvirtd")
+        stopped = {"uri": LIBVIRT_URI, "attachments": {SRC_ATT: {"qdev": "vda", "volume": src}}}
+    else:
+        stopped = {
+            "qmp": str(workdir / "not-running.qmp"),
+            "pidfile": str(workdir / "not-running.pid"),
+            "attachments": {SRC_ATT: {"qdev": "disk-a", "node": "vol-a", "volume": src}},
+        }
     agent = Agent(workdir, {SERVER: stopped})
     agent.start()
     try:
