@@ -42,6 +42,7 @@ SIZE = 64 * MiB  # of each test volume
 # The server's id is a UUID, as Nova's are: a libvirt domain is found by it. A new one for each test
 # run, so that two runs on one host (one libvirtd) never take each other's domains.
 SERVER, SRC_ATT, DST_ATT = str(uuid.uuid4()), "att-src-1", "att-dst-1"
+SERVER_2 = str(uuid.uuid4())  # a second guest's server, for the tests with two
 LIBVIRT_URI = "qemu:///system"
 LIBVIRTD, VIRTLOGD = (
     shutil.which("libvirtd", path="/usr/sbin:/usr/bin"),
@@ -70,8 +71,9 @@ GUEST_MODULES = [
 # The guest's /init: a writer that puts 4 KiB of one byte at a random block of /dev/vda with O_DIRECT and
 # logs "W <block> <byte>" once the write is done, so that the log is the exact order of completed writes.
 # Commands come on the console: start, stop (then "STOPPED"), md5 (what the guest reads), discard (the
-# first 4 MiB, then "DISCARDED"), "fill <first block> <count> <byte>" (count blocks in one O_DIRECT dd, then
-# "F <first> <count> <byte>"; with the writer stopped, so that the order of writes stays known), halt.
+# first 4 MiB, then "DISCARDED"), flush (the disk's write cache, then "FLUSHED"), "fill <first block>
+# <count> <byte>" (count blocks in one O_DIRECT dd, then "F <first> <count> <byte>"; with the writer
+# stopped, so that the order of writes stays known), halt.
 GUEST_INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
@@ -100,6 +102,7 @@ while read -r command; do
       if dd if=/dev/zero bs=4096 count=$3 2>/dev/null | tr '\\000' "\\\\$octal" |
          dd of=/dev/vda bs=4096 seek=$2 oflag=direct iflag=fullblock conv=notrunc 2>/dev/null
       then echo "F $2 $3 $4"; else echo "ERROR filling from block $2"; fi ;;
+    flush) sync /dev/vda && echo FLUSHED ;;
     halt) poweroff -f ;;
   esac
 done
@@ -334,6 +337,37 @@ class Guest:
         blocks = self.monitor.cmd("query-block")
         return all(b.get("io-status", "ok") == "ok" for b in blocks)
 
+    def paused(self) -> bool:
+        return self.monitor.cmd("query-status")["status"] != "running"
+
+    def flush(self) -> None:
+        """The guest flushes its disk's write cache: what it wrote is then on the disk's images."""
+        mark = len(self.lines)
+        self.send("flush")
+        self.wait_line("FLUSHED", after=mark)
+
+    def destroy(self) -> None:
+        """QEMU killed (SIGKILL), as a host's OOM killer or an operator would: no clean shutdown."""
+        self.process.kill()
+        self.process.wait()
+
+    def snapshot_onto(self, overlay: str) -> None:
+        """Something other than the agent (a backup, another snapshot) puts a qcow2 overlay on the disk."""
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", overlay, str(self.size)], check=True)
+        file = {"driver": "file", "filename": overlay}
+        self.monitor.cmd("blockdev-add", driver="qcow2", backing=None, file=file, **{"node-name": "other"})
+        self.monitor.cmd("blockdev-snapshot", node=self.node, overlay="other")
+
+    def export_disk(self) -> None:
+        """Something else uses src: an NBD export of its node, in the guest's QEMU. end_export() ends it."""
+        socket_path = str(self.workdir / f"{self.name}-export.sock")
+        self.monitor.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": socket_path}})
+        self.monitor.cmd("block-export-add", type="nbd", id="holder", **{"node-name": self.node})
+
+    def end_export(self) -> None:
+        self.monitor.cmd("block-export-del", id="holder")
+        wait_for(lambda: not self.monitor.cmd("query-block-exports"), what="the export to go")
+
     def wait_stopped(self, timeout: float = 30) -> None:
         self.process.wait(timeout=timeout)
 
@@ -480,6 +514,44 @@ class LibvirtGuest(Guest):
 
     def io_status_ok(self) -> bool:
         return self.running() and not self._live_domain().diskErrors()
+
+    def paused(self) -> bool:
+        import libvirt
+
+        return self._live_domain().state()[0] != libvirt.VIR_DOMAIN_RUNNING
+
+    def destroy(self) -> None:
+        """virDomainDestroy, as Nova's hard stop: QEMU is killed, not shut down by its guest."""
+        self._live_domain().destroy()
+
+    def export_disk(self) -> None:
+        """Something else uses the disk: a pull-mode backup job, which exports it over NBD (on a socket
+        in a directory of libvirt's QEMU user). end_export() ends it."""
+        exports = self.workdir / f"{self.name}-exports"
+        exports.mkdir()
+        shutil.chown(exports, "libvirt-qemu")
+        xml = (
+            f"<domainbackup mode='pull'><server transport='unix' socket='{exports}/export.sock'/><disks>"
+            f"<disk name='{self.qdev}' backup='yes' type='file'><scratch file='{exports}/scratch.qcow2'/>"
+            "</disk></disks></domainbackup>"
+        )
+        self._live_domain().backupBegin(xml, None, 0)
+
+    def end_export(self) -> None:
+        self._live_domain().abortJob()
+        wait_for(lambda: not self._live_domain().blockJobInfo(self.qdev, 0), what="the backup job to go")
+
+    def snapshot_onto(self, overlay: str) -> None:
+        """Something other than the agent (a backup, another snapshot) puts a qcow2 overlay on the disk:
+        an external disk-only snapshot, through libvirt."""
+        import libvirt
+
+        xml = (
+            f"<domainsnapshot><disks><disk name='{self.qdev}' snapshot='external' type='file'>"
+            f"<driver type='qcow2'/><source file='{overlay}'/></disk></disks></domainsnapshot>"
+        )
+        flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+        self._live_domain().snapshotCreateXML(xml, flags)
 
     def stop(self) -> None:
         if self.domain is not None:
@@ -664,6 +736,20 @@ def volumes(workdir, loops):
     return loops.attach(workdir / "src-backing.img"), loops.attach(workdir / "dst-backing.img")
 
 
+@pytest.fixture
+def small_overlays(request, workdir):
+    """A directory for the overlays on a tmpfs of request.param bytes (8 MiB unless parametrized), for a
+    guest to fill. Ask for it before the guest: libvirt starts QEMU in a mount namespace of its own, which
+    sees a mount made later only where the host's mounts propagate (on this project's machines they do
+    not)."""
+    small = workdir / "small"
+    small.mkdir()
+    size = getattr(request, "param", 8 * MiB)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(small)], check=True)
+    yield small
+    subprocess.run(["umount", "-l", str(small)], check=False)
+
+
 def _daemon_pid(pidfile: str) -> int | None:
     try:
         pid = int(Path(pidfile).read_text().strip())
@@ -718,16 +804,30 @@ BACKENDS = ["qmp", "libvirt"]
 
 
 @pytest.fixture
-def guest(request, workdir, volumes):
-    backend = getattr(request, "param", "qmp")
-    if backend.startswith("libvirt"):
-        request.getfixturevalue("libvirtd")
-        g = LibvirtGuest(workdir, "a", volumes[0], SIZE, persistent=backend == "libvirt-persistent")
-    else:
-        g = Guest(workdir, "a", volumes[0], SIZE)
-    g.start()
-    yield g
-    g.stop()
+def guest(request, make_guest, volumes):
+    return make_guest(getattr(request, "param", "qmp"), "a", volumes[0])
+
+
+@pytest.fixture
+def make_guest(request, workdir):
+    """For a test that makes its guests: make_guest(backend, name, volume, server=SERVER, **flags) is a
+    started guest of that backend (for libvirt, the domain whose UUID is server), stopped at the end."""
+    made = []
+
+    def make(backend: str, name: str, volume: str, server: str = SERVER, **flags) -> Guest:
+        if backend.startswith("libvirt"):
+            request.getfixturevalue("libvirtd")
+            persistent = backend == "libvirt-persistent"
+            g = LibvirtGuest(workdir, name, volume, SIZE, uuid=server, persistent=persistent, **flags)
+        else:
+            g = Guest(workdir, name, volume, SIZE, **flags)
+        made.append(g)
+        g.start()
+        return g
+
+    yield make
+    for g in made:
+        g.stop()
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -126,9 +127,13 @@ def ramfs(tmp_path) -> Iterable[Path]:
 
 
 @pytest.fixture
-def workdir(tmp_path) -> Path:
-    """A directory on a disk file system (tmp_path lives on the root file system here, not tmpfs)."""
-    return tmp_path
+def workdir(tmp_path) -> Iterable[Path]:
+    """A directory on a disk file system (/tmp is on the root file system here, not tmpfs), outside
+    pytest's base directory: QEMU run by libvirt, as another user, must reach into it, and pytest makes
+    its base directory 0700 whenever a session starts, another run's too."""
+    directory = Path(tempfile.mkdtemp(prefix=f"volcopy-{tmp_path.name}-"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 Factory = Callable[..., str]

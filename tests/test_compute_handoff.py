@@ -165,17 +165,10 @@ def test_complete_without_start_is_a_conflict(compute, volumes):
         compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(volumes[1]), 1)
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 def test_start_is_refused_when_the_disk_is_not_on_its_volume(guest, compute, workdir):
     """Something else (a backup, another snapshot) already sits on the disk: 409 with the reason."""
-    os.system(f"qemu-img create -q -f qcow2 {workdir}/other.qcow2 {SIZE}")
-    guest.monitor.cmd(
-        "blockdev-add",
-        driver="qcow2",
-        backing=None,
-        file={"driver": "file", "filename": f"{workdir}/other.qcow2"},
-        **{"node-name": "other"},
-    )
-    guest.monitor.cmd("blockdev-snapshot", node=guest.node, overlay="other")
+    guest.snapshot_onto(f"{workdir}/other.qcow2")
 
     with pytest.raises(ComputeConflict, match="cannot suspend writes: .*not on its volume"):
         compute.migration_start(SERVER, SRC_ATT)
@@ -265,7 +258,7 @@ def test_microversion_is_required(agent):
     assert status == 406
 
 
-@pytest.mark.parametrize("guest", ["qmp", "libvirt-persistent"], indirect=True)
+@pytest.mark.parametrize("guest", [*BACKENDS, "libvirt-persistent"], indirect=True)
 def test_stopped_instance_is_fenced_in_state_and_completed_onto_dst(workdir, guest, volumes):
     """The guest wrote, then was shut down before start: start fences it in the agent's state alone,
     complete moves the record (and a persistent domain's definition) onto dst, where the guest, started
@@ -362,6 +355,7 @@ def test_agent_restarted_while_fenced_still_knows_and_completes(workdir, guest, 
         agent.stop()
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 def test_complete_attaches_only_an_allowed_large_enough_new_volume(workdir, guest, volumes, loops, request):
     """complete must not give the guest a device of the host's choosing: a connector or a device path
     (or where its symlink leads) the agent's configuration does not allow, another attachment's volume,
@@ -442,6 +436,7 @@ def test_the_transport_refuses_bad_lengths_large_bodies_and_silent_connections(a
     assert silent == b"" and REQUEST_TIMEOUT <= closed_after < REQUEST_TIMEOUT + 2
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 def test_a_fence_that_fails_after_the_snapshot_is_merged_back_never_deleted(workdir, guest, volumes):
     """The agent's fsync of src after the snapshot fails (LD_PRELOAD): the overlay is in the disk's chain
     by then and holds the guest's writes since. start answers 409 and leaves the guest on src with every
@@ -468,6 +463,7 @@ def test_a_fence_that_fails_after_the_snapshot_is_merged_back_never_deleted(work
         agent.stop()
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 def test_start_is_refused_when_the_overlay_directory_is_short_of_space(workdir, guest, volumes):
     """The overlay directory on a 32 MiB tmpfs, 64 MiB required free: start answers 409 with the reason
     and sets no fence (it used to answer 500 and stay "fencing" when the overlay could not be made)."""
@@ -489,6 +485,7 @@ def test_start_is_refused_when_the_overlay_directory_is_short_of_space(workdir, 
         subprocess.run(["umount", "-l", str(overlays)], check=False)
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 def test_a_guest_moves_back_onto_the_volume_it_left(guest, compute, volumes):
     """A volume released by a complete is no other attachment's any more: the guest can be moved back
     onto it (found by the handoff benchmark, which moves a guest back and forth)."""

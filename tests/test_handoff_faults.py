@@ -19,6 +19,7 @@ from compute_harness import (
     BACKENDS,
     DST_ATT,
     SERVER,
+    SERVER_2,
     SIZE,
     SRC_ATT,
     TOKEN,
@@ -131,10 +132,14 @@ def test_agent_killed_while_completing_finishes_on_restart(workdir, guest, volum
     finish_on(guest, dst)
 
 
-def test_qemu_refusing_to_release_src_is_failed_then_retried(guest, volumes, started_agent, workdir):
-    """Something else holds src's node (an NBD export of it): blockdev-del fails after the overlay was
-    moved onto dst. complete answers 409 and the state is failed, saying the data is in the overlay over
-    dst; cancel cannot go back; once src is free a repeated complete finishes."""
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
+def test_qemu_refusing_to_release_src_is_failed_then_retried(guest, volumes, started_agent):
+    """Something else uses the disk while complete runs. QMP: an NBD export of src's node, so that
+    blockdev-del of src fails after the overlay was moved onto dst: complete answers 409 and the state is
+    failed, saying the data is in the overlay over dst; cancel cannot go back. libvirt: a backup job
+    (pull mode, an NBD export of the disk), which no block copy may join: complete answers 409 and the
+    migration stays fenced on src, the other job left alone. Once the export ends, a repeated complete
+    finishes."""
     src, dst = volumes
     agent = started_agent()
     agent.start()
@@ -142,28 +147,32 @@ def test_qemu_refusing_to_release_src_is_failed_then_retried(guest, volumes, sta
     guest.start_writer()
     gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
     volcopy.copy(src, dst)
-    guest.monitor.cmd(
-        "nbd-server-start", addr={"type": "unix", "data": {"path": str(workdir / "export.sock")}}
-    )
-    guest.monitor.cmd("block-export-add", type="nbd", id="holder", **{"node-name": guest.node})
+    guest.export_disk()
 
-    with pytest.raises(ComputeConflict, match="releasing src after the switch failed: .*blockdev-del"):
-        compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
-    state = compute.migration_state(SERVER, SRC_ATT)
-    assert state["state"] == "failed"
-    assert state["data_location"].startswith("overlay ") and state["data_location"].endswith(
-        f"over the new volume {dst}"
-    )
-    with pytest.raises(ComputeConflict, match="already runs on the new volume"):
-        compute.migration_cancel(SERVER, SRC_ATT, gen)
+    if isinstance(guest, LibvirtGuest):
+        refused = r"moving the overlay onto the new volume failed: .*another block job runs on it \(a backup"
+        with pytest.raises(ComputeConflict, match=refused):
+            compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
+        state = compute.migration_state(SERVER, SRC_ATT)
+        assert state["state"] == "fenced" and state["data_location"].endswith(f"over src {src}")
+    else:
+        with pytest.raises(ComputeConflict, match="releasing src after the switch failed: .*blockdev-del"):
+            compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
+        state = compute.migration_state(SERVER, SRC_ATT)
+        assert state["state"] == "failed"
+        assert state["data_location"].startswith("overlay ") and state["data_location"].endswith(
+            f"over the new volume {dst}"
+        )
+        with pytest.raises(ComputeConflict, match="already runs on the new volume"):
+            compute.migration_cancel(SERVER, SRC_ATT, gen)
 
-    guest.monitor.cmd("block-export-del", id="holder")
-    wait_for(lambda: not guest.monitor.cmd("query-block-exports"), what="the export to go")
+    guest.end_export()
     compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
     wait_state(compute, "completed")
     finish_on(guest, dst)
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 def test_dst_failing_writes_during_the_merge_is_failed_then_retried(
     guest, volumes, started_agent, nbd_devices
 ):
@@ -194,9 +203,11 @@ def test_dst_failing_writes_during_the_merge_is_failed_then_retried(
     finish_on(guest, dst)
 
 
-def fence_then_halt(guest, compute, src) -> tuple[int, str, dict]:
-    """Fenced, the guest writes to its overlay, then shuts down: (the generation, src's digest at the
-    fence, the state once the agent has seen QEMU stop)."""
+def fence_then_stop(guest, compute, src, how: str = "halt") -> tuple[int, str, dict]:
+    """Fenced, the guest writes to its overlay, then goes away: it shuts down ("halt"), or its QEMU is
+    killed ("destroy": SIGKILL, or virDomainDestroy) once the guest flushed its writes, which are then
+    on the overlay. Returns (the generation, src's digest at the fence, the state once the agent has
+    seen QEMU stop)."""
     guest.start_writer()
     gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
     at_fence = volcopy.digest(src)
@@ -204,7 +215,11 @@ def fence_then_halt(guest, compute, src) -> tuple[int, str, dict]:
     guest.stop_writer()
     assert guest.errors == []
     guest.check_guest_reads_model()
-    guest.send("halt")
+    if how == "halt":
+        guest.send("halt")
+    else:
+        guest.flush()
+        guest.destroy()
     guest.wait_stopped(timeout=30)
     stopped = wait_for(
         lambda: (s := compute.migration_state(SERVER, SRC_ATT))["instance_running"] is False and s,
@@ -214,16 +229,17 @@ def fence_then_halt(guest, compute, src) -> tuple[int, str, dict]:
 
 
 @pytest.mark.parametrize("guest", [*BACKENDS, "libvirt-persistent"], indirect=True)
-@pytest.mark.parametrize("ending", ["complete", "cancel"])
-def test_guest_shut_down_while_fenced_is_merged_offline(guest, volumes, started_agent, workdir, ending):
-    """The overlay is merged with qemu-img into dst (complete) or src (cancel). A persistent domain's
-    definition, which names the overlay over src, is then on that volume alone: started again, the
-    guest boots there with every write."""
+@pytest.mark.parametrize("ending,how", [("complete", "halt"), ("cancel", "halt"), ("complete", "destroy")])
+def test_guest_stopped_while_fenced_is_merged_offline(guest, volumes, started_agent, workdir, ending, how):
+    """The guest shuts down, or is destroyed, while fenced: the agent reports the instance stopped and
+    the fence kept. The overlay is merged with qemu-img into dst (complete) or src (cancel). A persistent
+    domain's definition, which names the overlay over src, is then on that volume alone: started again,
+    the guest boots there with every write."""
     src, dst = volumes
     agent = started_agent()
     agent.start()
     compute = client(agent)
-    gen, at_fence, stopped = fence_then_halt(guest, compute, src)
+    gen, at_fence, stopped = fence_then_stop(guest, compute, src, how)
     assert stopped["state"] == "fenced" and stopped["data_location"].endswith("(the instance is stopped)")
     assert volcopy.digest(src) == at_fence
     volcopy.copy(src, dst)
@@ -242,12 +258,13 @@ def test_guest_shut_down_while_fenced_is_merged_offline(guest, volumes, started_
         boot_again_on(guest, volume)
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 def test_guest_started_again_on_src_while_fenced_is_reported(guest, volumes, started_agent, workdir):
     src, dst = volumes
     agent = started_agent()
     agent.start()
     compute = client(agent)
-    gen, _, _ = fence_then_halt(guest, compute, src)
+    gen, _, _ = fence_then_stop(guest, compute, src)
     (overlay,) = overlay_files(workdir / "overlays")
     guest.stop()
     guest.start()  # the same QEMU command line: on src
@@ -261,16 +278,14 @@ def test_guest_started_again_on_src_while_fenced_is_reported(guest, volumes, sta
     assert overlay.exists(), "the overlay holds writes that are nowhere else: it is never deleted on a guess"
 
 
-def test_full_overlay_directory_is_reported_and_cancel_frees_it(guest, volumes, workdir):
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
+def test_full_overlay_directory_is_reported_and_cancel_frees_it(small_overlays, guest, volumes, workdir):
     """The overlay directory on an 8 MiB tmpfs fills as the guest writes: QEMU pauses the guest,
     the agent reports overlay-full, and cancel merges the overlay back into src and resumes the guest,
     whose pending write then lands on src."""
     src, _ = volumes
-    overlays = workdir / "small"
-    overlays.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(overlays)], check=True)
     agent = Agent(
-        workdir, {SERVER: server_entry(guest, SRC_ATT)}, overlay_dir=str(overlays), overlay_min_free=MiB
+        workdir, {SERVER: server_entry(guest, SRC_ATT)}, overlay_dir=str(small_overlays), overlay_min_free=MiB
     )
     try:
         agent.start()
@@ -282,10 +297,10 @@ def test_full_overlay_directory_is_reported_and_cancel_frees_it(guest, volumes, 
 
         compute.migration_cancel(SERVER, SRC_ATT, gen)
         wait_state(compute, "cancelled")
-        assert overlay_files(overlays) == []
+        assert overlay_files(small_overlays) == []
         writes = len(guest.writes)
         wait_for(lambda: len(guest.writes) > writes + 20, what="the guest to write again")
-        assert guest.monitor.cmd("query-status")["status"] == "running"
+        assert not guest.paused()
         guest.stop_writer()
         # QEMU keeps the device's io-status "nospace" as the record of the pause: the guest saw no error.
         assert guest.errors == []
@@ -294,28 +309,24 @@ def test_full_overlay_directory_is_reported_and_cancel_frees_it(guest, volumes, 
         assert read_all(src) == guest.model, "src lacks some of the guest's writes"
     finally:
         agent.stop()
-        subprocess.run(["umount", "-l", str(overlays)], check=False)
 
 
-def test_two_writers_on_a_multi_attached_volume_are_refused(workdir, volumes):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_writers_on_a_multi_attached_volume_are_refused(workdir, volumes, make_guest, backend):
     src, _ = volumes
-    first = Guest(workdir, "a", src, SIZE, shared=True)
-    second = Guest(workdir, "b", src, SIZE, shared=True)
-    first.start()
-    second.start()
-    agent = Agent(workdir, {SERVER: server_entry(first, SRC_ATT), "server-2": server_entry(second, "att-b")})
+    first = make_guest(backend, "a", src, shared=True)
+    second = make_guest(backend, "b", src, SERVER_2, shared=True)
+    agent = Agent(workdir, {SERVER: server_entry(first, SRC_ATT), SERVER_2: server_entry(second, "att-b")})
     try:
         agent.start()
         compute = client(agent)
-        for server, attachment in ((SERVER, SRC_ATT), ("server-2", "att-b")):
+        for server, attachment in ((SERVER, SRC_ATT), (SERVER_2, "att-b")):
             with pytest.raises(ComputeConflict, match="writable multi-attachment .* stop seeing each other"):
                 compute.migration_start(server, attachment)
             assert compute.migration_state(server, attachment)["state"] == "none"
         assert overlay_files(workdir / "overlays") == []
     finally:
         agent.stop()
-        first.stop()
-        second.stop()
 
 
 @pytest.mark.parametrize("guest", BACKENDS, indirect=True)
@@ -342,6 +353,7 @@ def test_a_stale_generation_is_refused(guest, volumes, started_agent):
     finish_on(guest, dst)
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 def test_a_qcow2_new_volume_is_opened_as_qcow2(guest, volumes, started_agent, loops, workdir):
     """connection_info's data.format says how dst is laid out: a qcow2 image on a device is attached
     as qcow2, and the guest's writes are merged into the image."""
@@ -367,28 +379,28 @@ def test_a_qcow2_new_volume_is_opened_as_qcow2(guest, volumes, started_agent, lo
     assert (workdir / "out.raw").read_bytes() == guest.model
 
 
-def test_a_read_only_attachment_moves_with_the_writable_one(workdir, volumes, loops):
-    """One writer and one reader of a multi-attached volume: both are fenced, both move to dst, and
-    the reader then reads what the writer wrote."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_read_only_attachment_moves_with_the_writable_one(workdir, volumes, make_guest, backend):
+    """One writer and one reader of a multi-attached volume: both are fenced, both move to dst (the
+    reader first: with libvirt its move is a block copy of src onto dst, which must not meet the
+    writer's newer writes there), and the reader then reads what the writer wrote."""
     src, dst = volumes
-    writer = Guest(workdir, "a", src, SIZE)
-    reader = Guest(workdir, "b", src, SIZE, read_only=True)
-    writer.start()
-    reader.start()
-    agent = Agent(workdir, {SERVER: server_entry(writer, SRC_ATT), "server-2": server_entry(reader, "att-b")})
+    writer = make_guest(backend, "a", src)
+    reader = make_guest(backend, "b", src, SERVER_2, read_only=True)
+    agent = Agent(workdir, {SERVER: server_entry(writer, SRC_ATT), SERVER_2: server_entry(reader, "att-b")})
     try:
         agent.start()
         compute = client(agent)
         writer.start_writer()
         generations = [
-            compute.migration_start(s, a)["generation"] for s, a in ((SERVER, SRC_ATT), ("server-2", "att-b"))
+            compute.migration_start(s, a)["generation"] for s, a in ((SERVER, SRC_ATT), (SERVER_2, "att-b"))
         ]
         at_fence = volcopy.digest(src)
         volcopy.copy(src, dst)
+        compute.migration_complete(SERVER_2, "att-b", "att-b-dst", local(dst), generations[1])
         compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), generations[0])
-        compute.migration_complete("server-2", "att-b", "att-b-dst", local(dst), generations[1])
         wait_state(compute, "completed")
-        wait_state(compute, "completed", attachment="att-b", server="server-2")
+        wait_state(compute, "completed", attachment="att-b", server=SERVER_2)
         assert volcopy.digest(src) == at_fence
         writer.stop_writer()
         assert writer.errors == [] and reader.errors == []
@@ -399,24 +411,61 @@ def test_a_read_only_attachment_moves_with_the_writable_one(workdir, volumes, lo
         assert read_all(dst) == writer.model
     finally:
         agent.stop()
-        writer.stop()
-        reader.stop()
 
 
-def test_a_wrong_pid_file_setting_is_an_error_never_stopped(workdir, guest, volumes):
-    """The agent is told a pid file QEMU does not use. It must not take the running guest for a stopped
-    one (it would "fence" it in its records while the guest writes on): QEMU's lock on the volume
-    proves otherwise, and start answers 409 with the reason."""
+def test_a_read_only_attachment_after_its_writer_is_refused_with_libvirt(workdir, volumes, make_guest):
+    """libvirt only: a read-only disk moves by a block copy of src onto dst, which would undo the writes
+    of a writer that already runs on dst. Its complete is refused (409, nothing moved, the reader still
+    fenced on src) and dst keeps every write of the writer."""
+    src, dst = volumes
+    writer = make_guest("libvirt", "a", src)
+    reader = make_guest("libvirt", "b", src, SERVER_2, read_only=True)
+    agent = Agent(workdir, {SERVER: server_entry(writer, SRC_ATT), SERVER_2: server_entry(reader, "att-b")})
+    try:
+        agent.start()
+        compute = client(agent)
+        writer.start_writer()
+        generations = [
+            compute.migration_start(s, a)["generation"] for s, a in ((SERVER, SRC_ATT), (SERVER_2, "att-b"))
+        ]
+        volcopy.copy(src, dst)
+        compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), generations[0])
+        wait_state(compute, "completed")
+        with pytest.raises(ComputeConflict, match="complete the read-only attachments first"):
+            compute.migration_complete(SERVER_2, "att-b", "att-b-dst", local(dst), generations[1])
+        assert compute.migration_state(SERVER_2, "att-b")["state"] == "fenced"
+        assert [a["id"] for a in compute.attachments(SERVER_2)] == ["att-b"]
+        finish_on(writer, dst)
+    finally:
+        agent.stop()
+
+
+@pytest.mark.parametrize(
+    "guest,setting,message",
+    [
+        ("qmp", {"pidfile": "elsewhere.pid"}, r"in use although the pid file .* says QEMU is not running"),
+        # a libvirt that does not run the domain (the test driver, in the client library)
+        ("libvirt", {"uri": "test:///default"}, r"in use although libvirt \(test:///default.* not running"),
+        # a libvirtd that cannot be reached
+        ("libvirt", {"uri": "qemu+unix:///system?socket=/nonexistent"}, "cannot connect to libvirt at"),
+    ],
+    indirect=["guest"],
+)
+def test_a_wrong_pid_file_setting_is_an_error_never_stopped(workdir, guest, volumes, setting, message):
+    """The agent is told a pid file QEMU does not use, or a libvirt URI that does not lead to the
+    domain. It must not take the running guest for a stopped one (it would "fence" it in its records
+    while the guest writes on): QEMU's lock on the volume proves otherwise, a libvirtd that does not
+    answer proves nothing, and start answers 409 with the reason."""
     src, _ = volumes
-    entry = server_entry(guest, SRC_ATT) | {"pidfile": str(workdir / "elsewhere.pid")}
+    entry = server_entry(guest, SRC_ATT) | setting
+    if "pidfile" in setting:  # in the test's directory
+        entry["pidfile"] = str(workdir / setting["pidfile"])
     agent = Agent(workdir, {SERVER: entry})
     try:
         agent.start()
         compute = client(agent)
         guest.start_writer()
-        with pytest.raises(
-            ComputeConflict, match=r"in use although the pid file .* says QEMU is not running"
-        ):
+        with pytest.raises(ComputeConflict, match=message):
             compute.migration_start(SERVER, SRC_ATT)
         assert compute.migration_state(SERVER, SRC_ATT)["state"] == "none"
         finish_on(guest, src)
@@ -424,12 +473,15 @@ def test_a_wrong_pid_file_setting_is_an_error_never_stopped(workdir, guest, volu
         agent.stop()
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 @pytest.mark.parametrize("discard", [True, False])
 def test_discards_reach_the_new_volume_only_when_its_connection_allows(
     discard, guest, volumes, started_agent, workdir
 ):
     """connection_info's data.discard: the guest's discards (blkdiscard of its first 4 MiB) reach dst,
-    a loop device whose file then has a hole there; without it they are ignored."""
+    a loop device whose file then has a hole there; without it they are ignored. libvirt keeps one
+    discard setting for the whole disk (the domain's <driver discard>, here none), which a running
+    domain cannot change: the guest's discards are ignored there either way, as they were on src."""
     src, dst = volumes
     agent = started_agent()
     agent.start()
@@ -446,8 +498,9 @@ def test_discards_reach_the_new_volume_only_when_its_connection_allows(
     backing = workdir / "dst-backing.img"
     with open(backing, "rb") as f:
         hole_at_start = os.lseek(f.fileno(), 0, os.SEEK_HOLE) == 0
-    assert hole_at_start == discard
-    assert read_all(dst, 4 * MiB) == (bytes(4 * MiB) if discard else read_all(src, 4 * MiB))
+    passed_on = discard and not isinstance(guest, LibvirtGuest)
+    assert hole_at_start == passed_on
+    assert read_all(dst, 4 * MiB) == (bytes(4 * MiB) if passed_on else read_all(src, 4 * MiB))
 
 
 @pytest.mark.parametrize("guest", ["libvirt"], indirect=True)

@@ -20,18 +20,18 @@ from compute_harness import (
     BACKENDS,
     DST_ATT,
     SERVER,
+    SERVER_2,
     SIZE,
     SRC_ATT,
     TOKEN,
     Agent,
-    Guest,
     local,
     needs_guest,
     overlay_files,
     server_entry,
     wait_state,
 )
-from conftest import read_all
+from conftest import MiB, read_all
 from volcopy.compute import ComputeError, NovaCompute
 from volcopy.migration import Journal, MigrationCancelled, MigrationError, Migrator
 
@@ -134,6 +134,7 @@ def test_an_attached_volume_moves_while_the_guest_writes(journal_url, guest, com
     check_completed(m, guest, compute, src, dst, watcher)
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 def test_a_refused_fence_lifts_the_fences_already_set(workdir, guest, agent, compute, volumes):
     src, dst = volumes
     guest.start_writer()
@@ -165,27 +166,16 @@ def test_a_refused_fence_lifts_the_fences_already_set(workdir, guest, agent, com
     check_cancelled(migrator.status(raised.value.migration_id), guest, compute, src)
 
 
-@pytest.fixture
-def shared_guests(workdir, volumes):
-    """Two guests with src multi-attached: the first writes, the second has it read-only (the agent
-    refuses a second writer: see test_handoff_faults)."""
-    guests = [Guest(workdir, "a", volumes[0], SIZE), Guest(workdir, "b", volumes[0], SIZE, read_only=True)]
-    try:
-        for g in guests:
-            g.start()
-        yield guests
-    finally:
-        for g in guests:
-            g.stop()
-
-
-def test_a_multi_attached_volume_is_fenced_everywhere_before_the_copy(workdir, shared_guests, volumes):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_multi_attached_volume_is_fenced_everywhere_before_the_copy(workdir, make_guest, volumes, backend):
+    """src multi-attached to two guests: the first writes, the second has it read-only (the agent refuses
+    a second writer: see test_handoff_faults). The reader is named first, so that it also completes
+    first, as a libvirt read-only disk must (see docs/compute-agent.md)."""
     src, dst = volumes
-    writer, idle = shared_guests
-    attachments = [("server-a", "att-a", "att-a-dst"), ("server-b", "att-b", "att-b-dst")]
-    agent = Agent(
-        workdir, {"server-a": server_entry(writer, "att-a"), "server-b": server_entry(idle, "att-b")}
-    )
+    writer = make_guest(backend, "a", src)
+    reader = make_guest(backend, "b", src, SERVER_2, read_only=True)
+    attachments = [(SERVER_2, "att-b", "att-b-dst"), (SERVER, "att-a", "att-a-dst")]
+    agent = Agent(workdir, {SERVER: server_entry(writer, "att-a"), SERVER_2: server_entry(reader, "att-b")})
     agent.start()
     try:
         compute = NovaCompute(endpoint=agent.url, token=TOKEN)
@@ -196,14 +186,14 @@ def test_a_multi_attached_volume_is_fenced_everywhere_before_the_copy(workdir, s
 
         assert m.state == "completed"
         assert [(s.name, s.target) for s in migrator.steps(m.id)] == [
-            ("start", "server-a/att-a"),
-            ("start", "server-b/att-b"),
-            ("prepare", "server-a/att-a"),
-            ("prepare", "server-b/att-b"),
+            ("start", f"{SERVER_2}/att-b"),
+            ("start", f"{SERVER}/att-a"),
+            ("prepare", f"{SERVER_2}/att-b"),
+            ("prepare", f"{SERVER}/att-a"),
             ("copy", f"path:{src} -> path:{dst}"),
             ("verify", dst),
-            ("complete", "server-a/att-a"),
-            ("complete", "server-b/att-b"),
+            ("complete", f"{SERVER_2}/att-b"),
+            ("complete", f"{SERVER}/att-a"),
         ]
         time.sleep(0.3)
         writer.stop_writer()
@@ -212,8 +202,8 @@ def test_a_multi_attached_volume_is_fenced_everywhere_before_the_copy(workdir, s
             assert [a["id"] for a in compute.attachments(server)] == [new]
         assert writer.errors == [] and writer.io_status_ok()
         writer.check_guest_reads_model()
-        for g in shared_guests:
-            g.stop()
+        writer.stop()
+        reader.stop()
         assert read_all(dst) == writer.model
     finally:
         agent.stop()
@@ -237,6 +227,7 @@ CASES = [(*case, "sqlite") for case in FAILPOINTS] + [
 ]
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 @pytest.mark.parametrize(
     "point,killed_in,ending,journal", CASES, ids=[f"{case[0]}-{case[3]}" for case in CASES]
 )
@@ -275,6 +266,7 @@ def test_recover_ends_a_migration_killed_at(
     assert Migrator(url, compute).recover() == [], "nothing is left to recover"
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 def test_a_merge_into_dst_that_fails_is_never_reported_completed(workdir, guest, nbd_devices, volumes):
     """dst (a loop device over nbdkit) fails writes from the moment complete is intended: the guest is
     switched onto dst, but the compute cannot merge its writes there. The migration must not end
@@ -320,16 +312,18 @@ def test_a_merge_into_dst_that_fails_is_never_reported_completed(workdir, guest,
         agent.stop()
 
 
-def test_a_full_overlay_during_the_copy_cancels_the_migration(workdir, guest, volumes):
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
+@pytest.mark.parametrize("small_overlays", [6 * MiB], indirect=True)
+def test_a_full_overlay_during_the_copy_cancels_the_migration(small_overlays, workdir, guest, volumes):
     """The overlay directory (a 6 MiB tmpfs) fills while a throttled copy runs: the compute reports
     overlay-full, the orchestrator cancels, which merges the overlay back into src and resumes the
     guest, and the migration ends cancelled with that reason."""
     src, dst = volumes
-    overlays = workdir / "small"
-    overlays.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(overlays)], check=True)
     agent = Agent(
-        workdir, {SERVER: server_entry(guest, SRC_ATT)}, overlay_dir=str(overlays), overlay_min_free=1 << 20
+        workdir,
+        {SERVER: server_entry(guest, SRC_ATT)},
+        overlay_dir=str(small_overlays),
+        overlay_min_free=1 << 20,
     )
     try:
         agent.start()
@@ -341,7 +335,7 @@ def test_a_full_overlay_during_the_copy_cancels_the_migration(workdir, guest, vo
         [m] = migrator.list()
         assert m.state == "cancelled" and not m.dst_valid
         wait_state(compute, "cancelled")
-        assert overlay_files(overlays) == []
+        assert overlay_files(small_overlays) == []
         time.sleep(0.2)
         guest.stop_writer()
         assert guest.errors == []  # QEMU keeps io-status "nospace" as the record of the pause
@@ -350,9 +344,9 @@ def test_a_full_overlay_during_the_copy_cancels_the_migration(workdir, guest, vo
         assert read_all(src) == guest.model, "src lacks some of the guest's writes"
     finally:
         agent.stop()
-        subprocess.run(["umount", "-l", str(overlays)], check=False)
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 def test_a_stale_generation_is_refused_and_the_newer_fence_is_left_alone(workdir, guest, compute, volumes):
     """While the copy runs, someone else lifts the fence and sets a new one, as an orchestrator that
     wrongly took the migration over would. The owner's complete carries the generation of its own

@@ -13,6 +13,8 @@ chain read back from the live domain XML.
   libvirt opens dst at the pivot), READY, the pivot; then newtop is committed into dst as for cancel.
   The copy may be started early (``start_copy``), while dst is still being written, so that complete is
   the pivot and the commit; ``abandon_copy`` takes it back.
+- complete of a read-only disk (``move_read_only``, no overlay): a block copy of the disk onto dst
+  (``REUSE_EXT | TRANSIENT_JOB``), READY, the pivot.
 
 Block-job events come from libvirt's event loop: ``start_event_loop()`` registers libvirt's default
 implementation and runs it on a thread of its own (call it before opening connections, as Nova does),
@@ -165,8 +167,35 @@ def _disk_type(path: str) -> tuple[str, str]:
     return ("block", "dev") if path.startswith("/dev/") else ("file", "file")
 
 
-def _job_running(dom: libvirt.virDomain, target: str) -> bool:
-    return bool(dom.blockJobInfo(target, 0))
+_JOB_KINDS = {
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL: "pull",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY: "copy",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT: "commit",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT: "active commit",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_BACKUP: "backup",
+}
+
+
+def _job_running(dom: libvirt.virDomain, target: str, kind: int) -> bool:
+    """Whether a job of this kind runs on the disk: one a previous caller left, picked up. A job of
+    another kind (a backup, someone's pull) is not ours to wait for or pivot: an error."""
+    info = dom.blockJobInfo(target, 0)
+    if not info:
+        return False
+    if info["type"] != kind:
+        running = _JOB_KINDS.get(info["type"], f"type {info['type']}")
+        raise LibvirtHandoffError(f"disk {target}: another block job runs on it (a {running} job)")
+    return True
+
+
+def abort_copy(dom: libvirt.virDomain, target: str) -> None:
+    """Aborts a copy job left on the disk (it would block the next try); another job is left alone."""
+    try:
+        info = dom.blockJobInfo(target, 0)
+        if info and info["type"] == libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY:
+            dom.blockJobAbort(target, 0)
+    except libvirt.libvirtError:
+        pass
 
 
 def _check(condition: bool, what: str, dom: libvirt.virDomain, target: str) -> None:
@@ -256,7 +285,7 @@ def commit(
     chain = disk_chain(dom, target)
     _check(len(chain) >= 2, "there is no overlay to merge", dom, target)
     below = chain[1]
-    if not _job_running(dom, target):
+    if not _job_running(dom, target, libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT):
         jobs.forget(dom, target)
         flags = (
             libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
@@ -285,7 +314,7 @@ def start_copy(
     without waiting for it: libvirt opens dst only at the pivot, so dst may still be written until
     copy_onto pivots. A copy already running (or a disk already on newtop -> dst) is left alone."""
     chain = disk_chain(dom, target)
-    if chain[:2] == [newtop, dst] or _job_running(dom, target):
+    if chain[:2] == [newtop, dst] or _job_running(dom, target, libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY):
         return
     _check(len(chain) >= 2, "there is no overlay on top", dom, target)
     create_overlay(newtop, dst, dst_format)  # afresh: a newtop of an earlier try may hold stale data
@@ -324,7 +353,7 @@ def copy_onto(
 def abandon_copy(dom: libvirt.virDomain, target: str, newtop: str) -> None:
     """Reversion of start_copy: the copy job aborted without a pivot (the disk stays on the overlay),
     then newtop deleted, once the chain shows it is not in it."""
-    if dom.isActive() and _job_running(dom, target):
+    if dom.isActive() and _job_running(dom, target, libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY):
         try:
             dom.blockJobAbort(target, 0)  # synchronous: the job has ended on return
         except libvirt.libvirtError as exc:
@@ -332,6 +361,26 @@ def abandon_copy(dom: libvirt.virDomain, target: str, newtop: str) -> None:
     _check(newtop not in disk_chain(dom, target), f"{newtop} is in the chain", dom, target)
     if os.path.exists(newtop):
         os.unlink(newtop)
+
+
+def move_read_only(dom: libvirt.virDomain, target: str, jobs: BlockJobs, dst: str) -> None:
+    """Moves a read-only disk (no overlay: its guest writes nothing) onto dst, a raw volume: a block copy
+    of the disk onto dst as it is (``REUSE_EXT | TRANSIENT_JOB``), READY, the pivot. The copy writes the
+    disk's data onto dst, so dst must hold that data already (the copy of the fenced src) and no guest
+    may write dst until the pivot: libvirt's block copy cannot skip the data (QEMU's sync=none)."""
+    if disk_chain(dom, target) == [dst]:
+        return
+    if not _job_running(dom, target, libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY):
+        kind, attr = _disk_type(dst)
+        xml = f"<disk type='{kind}'><driver type='raw'/><source {attr}='{dst}'/></disk>"
+        flags = libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
+        jobs.forget(dom, target)
+        try:
+            dom.blockCopy(target, xml, None, flags)
+        except libvirt.libvirtError as exc:
+            raise LibvirtHandoffError(f"disk {target}: the block copy failed to start: {exc}") from None
+    _pivot_when_ready(dom, target, jobs, "copy", lambda: None)
+    _check(disk_chain(dom, target) == [dst], f"the disk is not on {dst}", dom, target)
 
 
 def complete(
@@ -356,6 +405,7 @@ __all__ = [
     "BlockJobs",
     "LibvirtHandoffError",
     "abandon_copy",
+    "abort_copy",
     "cancel",
     "commit",
     "complete",
@@ -365,6 +415,7 @@ __all__ = [
     "disk_chain",
     "disk_flags",
     "fence",
+    "move_read_only",
     "start_copy",
     "start_event_loop",
 ]

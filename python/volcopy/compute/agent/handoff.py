@@ -555,6 +555,8 @@ class Handoff:
     def _move_read_only(self, m: VolumeMigration) -> None:
         disk, server = self.store.disk(m.attachment_id), self.servers[m.server_id]
         try:
+            if server.read_only_move_writes_dst:
+                self._check_no_writer_on(m.dst_path, disk)
             server.move_read_only(disk, m)
         except HypervisorError as exc:
             self._stay_fenced(m, f"moving the read-only disk onto the new volume failed: {exc}")
@@ -562,6 +564,18 @@ class Handoff:
         m.pivoted = True
         self._replace_disk(m, node=disk.node)
         self._set(m, State.COMPLETED)
+
+    def _check_no_writer_on(self, dst: str, disk: Disk) -> None:
+        """A move that writes src's data onto dst would undo the writes of a guest of the same volume that
+        already runs on dst: the read-only attachments of a volume must move before its writer."""
+        for other in self.store.all_disks():
+            om = self.store.migration(other.attachment_id)
+            writer = om is not None and not om.read_only
+            if other.volume_path == disk.volume_path and writer and om.pivoted and om.dst_path == dst:
+                raise HypervisorError(
+                    f"attachment {other.attachment_id} already writes to {dst}, and this backend moves a "
+                    "read-only disk by copying src onto it: complete the read-only attachments first"
+                )
 
     def _repeat_complete(self, m: VolumeMigration) -> None:
         """The switch, checked again from the graph; a failed merge is retried."""

@@ -101,6 +101,10 @@ class Hypervisor(ABC):
         """After move_onto_dst: lets go of src (and of an overlay that is no longer on the chain); raises
         if the hypervisor still holds src."""
 
+    # Whether move_read_only writes the disk's data onto dst (libvirt's block copy): dst must then hold
+    # that data already, and no other guest may write dst yet.
+    read_only_move_writes_dst = False
+
     @abstractmethod
     def move_read_only(self, disk: Disk, m: VolumeMigration) -> None:
         """A read-only disk (no overlay) moved onto dst, a raw volume."""

@@ -43,6 +43,8 @@ def newtop_path(m: VolumeMigration) -> str:
 class LibvirtServer(Hypervisor):
     """One libvirt domain, found by UUID on one libvirt connection."""
 
+    read_only_move_writes_dst = True
+
     def __init__(self, uri: str, uuid: str, on_event: EventCallback | None = None):
         steps.start_event_loop()
         self.uri, self.uuid, self.on_event = uri, uuid, on_event
@@ -62,14 +64,31 @@ class LibvirtServer(Hypervisor):
                 conn = libvirt.open(self.uri)
             except libvirt.libvirtError as exc:
                 raise HypervisorError(f"cannot connect to libvirt at {self.uri}: {exc}") from None
-            conn.setKeepAlive(5, 3)
-            conn.registerCloseCallback(self._closed, None)
-            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
-            conn.domainEventRegisterAny(
-                None, libvirt.VIR_DOMAIN_EVENT_ID_IO_ERROR_REASON, self._io_error, None
-            )
-            self._conn, self._jobs = conn, steps.BlockJobs(conn, self._block_job)
+            try:
+                self._keep_alive(conn)
+                conn.registerCloseCallback(self._closed, None)
+                conn.domainEventRegisterAny(
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None
+                )
+                conn.domainEventRegisterAny(
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_IO_ERROR_REASON, self._io_error, None
+                )
+                jobs = steps.BlockJobs(conn, self._block_job)
+            except libvirt.libvirtError as exc:
+                conn.close()
+                raise HypervisorError(f"libvirt at {self.uri}: {exc}") from None
+            self._conn, self._jobs = conn, jobs
             return conn, self._jobs
+
+    @staticmethod
+    def _keep_alive(conn: libvirt.virConnect) -> None:
+        """Keepalive messages, so that a libvirtd gone silent is noticed; a driver that runs in this
+        process (no libvirtd to lose) has none."""
+        try:
+            conn.setKeepAlive(5, 3)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+                raise
 
     def _closed(self, conn, reason, opaque) -> None:  # libvirtd went away: reconnect at the next call
         with self._lock:
@@ -180,11 +199,7 @@ class LibvirtServer(Hypervisor):
                 lambda: failpoint("agent-before-repoint"),
             )
         except (steps.LibvirtHandoffError, libvirt.libvirtError) as exc:
-            try:  # the disk stays on overlay -> src; a copy job left would block the next try
-                if dom.blockJobInfo(disk.qdev, 0):
-                    dom.blockJobAbort(disk.qdev, 0)
-            except libvirt.libvirtError:
-                pass
+            steps.abort_copy(dom, disk.qdev)  # the disk stays on overlay -> src
             raise HypervisorError(str(exc)) from None
         return newtop
 
@@ -247,7 +262,16 @@ class LibvirtServer(Hypervisor):
             raise HypervisorError(f"the definition of {disk.qdev} is {' -> '.join(chain)}, not {path}")
 
     def move_read_only(self, disk: Disk, m: VolumeMigration) -> None:
-        raise HypervisorError("moving a read-only disk is not implemented with libvirt yet")
+        """A block copy of the disk onto dst and its pivot (libvirt has no re-open of a disk's image)."""
+        if (m.dst_format or "raw") != "raw":
+            raise HypervisorError("a read-only disk moves onto a raw volume only")
+        dom = self._running_domain()
+        _, jobs = self._connection()
+        try:
+            steps.move_read_only(dom, disk.qdev, jobs, m.dst_path)
+        except (steps.LibvirtHandoffError, libvirt.libvirtError) as exc:
+            steps.abort_copy(dom, disk.qdev)  # the disk stays on src
+            raise HypervisorError(str(exc)) from None
 
     def bytes_written(self, disk: Disk, m: VolumeMigration) -> int:
         """What the guest wrote into the overlay since the fence: the highest offset QEMU wrote in the

@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 import struct
 import subprocess
 import time
@@ -64,15 +65,36 @@ def _process_identity(pid: int) -> str | None:
 
 def volume_in_use(path: str) -> bool:
     """Whether a process holds QEMU's image lock on the volume (QEMU locks bytes 100-299 of every image
-    and device it opens, with open file description locks): the proof that a QEMU whose pid file is
-    not locked really has stopped, and not that the pid file setting is wrong."""
+    and device it opens, with open file description locks), or a QEMU has the volume's block device
+    open: the proof that a QEMU whose pid file is not locked (or that libvirt does not show) really has
+    stopped, and not that the agent's server setting is wrong."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 100, 200, 0)
         kind = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_OFD_GETLK, query))[0]
     finally:
         os.close(fd)
-    return kind != fcntl.F_UNLCK
+    return kind != fcntl.F_UNLCK or _qemu_has_open(path)
+
+
+def _qemu_has_open(path: str) -> bool:
+    """Whether a QEMU process has the block device open. A lock is on a device node, and libvirt gives
+    its QEMU a /dev of its own (a mount namespace) whose nodes are not the host's: the lock is not seen
+    from here, the open device is."""
+    device = os.stat(path)
+    if not stat.S_ISBLK(device.st_mode):
+        return False
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if not os.path.basename(os.readlink(f"/proc/{pid}/exe")).startswith("qemu"):
+                continue
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                opened = os.stat(f"/proc/{pid}/fd/{fd}")
+                if stat.S_ISBLK(opened.st_mode) and opened.st_rdev == device.st_rdev:
+                    return True
+        except OSError:  # the process, or the descriptor, went away meanwhile
+            continue
+    return False
 
 
 def pid_holding(pidfile: str) -> int | None:
