@@ -212,7 +212,13 @@ class LibvirtServer(Hypervisor):
 
     def move_stopped(self, disk: Disk, m: VolumeMigration) -> str | None:
         dom = self._running_domain()
-        if self.chain(disk)[:1] == [m.overlay_path] and not dom.blockJobInfo(disk.qdev, 0):
+        if self.chain(disk)[:1] != [m.overlay_path]:
+            return None
+        try:
+            copying = dom.blockJobInfo(disk.qdev, 0)
+        except libvirt.libvirtError as exc:  # the domain stopped meanwhile, for one
+            raise HypervisorError(f"libvirt: block job of {disk.qdev}: {exc}") from None
+        if not copying:
             return "the block copy onto the new volume stopped before complete (failed or aborted)"
         return None
 
