@@ -203,14 +203,18 @@ def test_dst_failing_writes_during_the_merge_is_failed_then_retried(
     finish_on(guest, dst)
 
 
-def fence_then_stop(guest, compute, src, how: str = "halt") -> tuple[int, str, dict]:
-    """Fenced, the guest writes to its overlay, then goes away: it shuts down ("halt"), or its QEMU is
-    killed ("destroy": SIGKILL, or virDomainDestroy) once the guest flushed its writes, which are then
-    on the overlay. Returns (the generation, src's digest at the fence, the state once the agent has
-    seen QEMU stop)."""
+def fence_then_stop(
+    guest, compute, src, how: str = "halt", prepared_onto: str | None = None
+) -> tuple[int, str, dict]:
+    """Fenced (and prepared onto the volume prepared_onto, if given), the guest writes to its overlay,
+    then goes away: it shuts down ("halt"), or its QEMU is killed ("destroy": SIGKILL, or
+    virDomainDestroy) once the guest flushed its writes, which are then on the overlay. Returns (the
+    generation, src's digest at the fence, the state once the agent has seen QEMU stop)."""
     guest.start_writer()
     gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
     at_fence = volcopy.digest(src)
+    if prepared_onto:
+        compute.migration_prepare(SERVER, SRC_ATT, DST_ATT, local(prepared_onto), gen)
     time.sleep(0.5)
     guest.stop_writer()
     assert guest.errors == []
@@ -252,6 +256,37 @@ def test_guest_stopped_while_fenced_is_merged_offline(guest, volumes, started_ag
         compute.migration_cancel(SERVER, SRC_ATT, gen)
         wait_state(compute, "cancelled")
         volume = src
+    assert overlay_files(workdir / "overlays") == []
+    assert read_all(volume) == guest.model
+    if getattr(guest, "persistent", False):
+        boot_again_on(guest, volume)
+
+
+@pytest.mark.parametrize("guest", ["libvirt", "libvirt-persistent"], indirect=True)
+@pytest.mark.parametrize("ending", ["cancel", "complete"])
+def test_guest_stopped_after_prepare_is_merged_offline(guest, volumes, started_agent, workdir, ending):
+    """libvirt (QMP starts nothing at prepare): prepare started the block copy into newtop, then the
+    guest shuts down, and its job ends with QEMU (a transient domain is gone with it). cancel detaches
+    dst and merges the overlay into src, complete merges it into dst; neither the overlay nor newtop is
+    left, and a persistent domain boots on the volume with every write."""
+    src, dst = volumes
+    agent = started_agent()
+    agent.start()
+    compute = client(agent)
+    gen, at_fence, stopped = fence_then_stop(guest, compute, src, prepared_onto=dst)
+    assert (stopped["state"], stopped["new_attachment_id"]) == ("fenced", DST_ATT)
+    assert len(overlay_files(workdir / "overlays")) == 2, "the overlay and newtop"
+    if ending == "cancel":
+        compute.migration_cancel(SERVER, SRC_ATT, gen)
+        assert wait_state(compute, "cancelled")["new_attachment_id"] is None
+        volume, attachment = src, SRC_ATT
+    else:
+        volcopy.copy(src, dst)
+        compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
+        wait_state(compute, "completed")
+        assert volcopy.digest(src) == at_fence
+        volume, attachment = dst, DST_ATT
+    assert [a["id"] for a in compute.attachments(SERVER)] == [attachment]
     assert overlay_files(workdir / "overlays") == []
     assert read_all(volume) == guest.model
     if getattr(guest, "persistent", False):

@@ -223,9 +223,13 @@ class LibvirtServer(Hypervisor):
         return None
 
     def abandon_move(self, disk: Disk, m: VolumeMigration) -> None:
+        """A domain that does not run has no job; a persistent one's definition is read for newtop
+        (abandon_copy), and a transient one that stopped is gone: nothing names newtop any more."""
         dom = self._domain()
-        if dom is None:  # no chain to read: newtop stays
-            raise HypervisorError(f"domain {self.uuid} is not defined ({self.uri})")
+        if dom is None:
+            if os.path.exists(newtop_path(m)):
+                os.unlink(newtop_path(m))
+            return
         try:
             steps.abandon_copy(dom, disk.qdev, newtop_path(m))
         except (steps.LibvirtHandoffError, libvirt.libvirtError) as exc:
@@ -240,30 +244,40 @@ class LibvirtServer(Hypervisor):
             raise HypervisorError(f"src {disk.volume_path} is still in the disk's chain")
 
     def repoint_stopped(self, disk: Disk, m: VolumeMigration, path: str, image_format: str) -> None:
-        """The persistent definition of a domain that is shut off, on path alone. A transient domain
-        that stopped is gone (nothing starts it again); a definition on an image that is none of this
-        migration's is the operator's, and left as it is."""
+        """The persistent definition of a domain that is shut off, on path alone; then newtop of a block
+        copy prepare started (which ended with QEMU) is deleted: no definition names it any more. A
+        transient domain that stopped is gone (nothing starts it again); a definition on an image that is
+        none of this migration's is the operator's, and left as it is."""
         dom = self._domain()
         try:
-            if dom is None or not dom.isPersistent():
-                return
-            if dom.isActive():
-                raise HypervisorError(f"domain {self.uuid} runs: its definition is not changed under it")
-            chain = steps.disk_chain(dom, disk.qdev, libvirt.VIR_DOMAIN_XML_INACTIVE)
-            if chain == [path]:
-                return
-            ours = {disk.volume_path, m.dst_path, m.overlay_path}
-            if m.overlay_path:
-                ours.add(newtop_path(m))
-            if chain[0] not in ours:
-                raise HypervisorError(
-                    f"the definition of domain {self.uuid} has {disk.qdev} on {chain[0]}, no image of "
-                    "this migration: it is left as it is"
-                )
-            steps.define_disk_on(dom, disk.qdev, path, image_format)
-            chain = steps.disk_chain(dom, disk.qdev, libvirt.VIR_DOMAIN_XML_INACTIVE)
+            if dom is not None and not dom.isPersistent():
+                return  # a transient domain that exists runs: nothing of it is touched
+            if dom is not None:
+                self._define_on(dom, disk, m, path, image_format)
         except (steps.LibvirtHandoffError, libvirt.libvirtError) as exc:
             raise HypervisorError(str(exc)) from None
+        newtop = newtop_path(m) if m.overlay_path else None
+        if newtop and newtop != m.overlay_path and os.path.exists(newtop):  # after a switch: the overlay
+            os.unlink(newtop)
+
+    def _define_on(
+        self, dom: libvirt.virDomain, disk: Disk, m: VolumeMigration, path: str, image_format: str
+    ) -> None:
+        if dom.isActive():
+            raise HypervisorError(f"domain {self.uuid} runs: its definition is not changed under it")
+        chain = steps.disk_chain(dom, disk.qdev, libvirt.VIR_DOMAIN_XML_INACTIVE)
+        if chain == [path]:
+            return
+        ours = {disk.volume_path, m.dst_path, m.overlay_path}
+        if m.overlay_path:
+            ours.add(newtop_path(m))
+        if chain[0] not in ours:
+            raise HypervisorError(
+                f"the definition of domain {self.uuid} has {disk.qdev} on {chain[0]}, no image of "
+                "this migration: it is left as it is"
+            )
+        steps.define_disk_on(dom, disk.qdev, path, image_format)
+        chain = steps.disk_chain(dom, disk.qdev, libvirt.VIR_DOMAIN_XML_INACTIVE)
         if chain != [path]:
             raise HypervisorError(f"the definition of {disk.qdev} is {' -> '.join(chain)}, not {path}")
 
