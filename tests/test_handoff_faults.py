@@ -262,6 +262,65 @@ def test_guest_stopped_while_fenced_is_merged_offline(guest, volumes, started_ag
         boot_again_on(guest, volume)
 
 
+@pytest.mark.parametrize("guest", ["libvirt-persistent"], indirect=True)
+@pytest.mark.parametrize("ending", ["complete", "cancel"])
+def test_repoint_failing_after_an_offline_merge_keeps_to_the_merged_volume(
+    guest, volumes, started_agent, workdir, ending
+):
+    """The guest stopped while fenced; the agent is SIGKILLed between the offline merge (into dst for
+    complete, src for cancel) and the repoint of the persistent definition, which meanwhile was put on
+    an image of someone else's: the restarted agent's repoint fails. The migration is failed with the
+    data in the volume the merge went into, the other ending is refused and the overlay kept; with the
+    definition back, the first ending finishes on that volume with every write."""
+    import libvirt
+
+    from volcopy.compute.libvirt import define_disk_on
+
+    src, dst = volumes
+    agent = started_agent()
+    agent.start(env=dict(os.environ, VOLCOPY_FAILPOINT="agent-after-offline-merge"))
+    compute = client(agent)
+    gen, at_fence, _ = fence_then_stop(guest, compute, src)
+    volcopy.copy(src, dst)
+    end = {
+        "complete": lambda: compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen),
+        "cancel": lambda: compute.migration_cancel(SERVER, SRC_ATT, gen),
+    }
+    try:
+        end[ending]()
+    except ComputeError:
+        pass  # killed before it answered
+    agent.process.wait(timeout=60)
+    definition = guest.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+    define_disk_on(guest.domain, guest.qdev, str(workdir / "elsewhere.qcow2"), "qcow2")
+    (overlay,) = overlay_files(workdir / "overlays")
+    agent.start()
+    compute = client(agent)
+
+    failed = wait_state(compute, "failed")
+    assert "no image of this migration" in failed["reason"]
+    volume, named = (dst, f"the new volume {dst}") if ending == "complete" else (src, f"src {src}")
+    merged = f"{named}, into which overlay {overlay} was merged (the instance is stopped)"
+    assert failed["data_location"] == merged
+    if ending == "complete":
+        with pytest.raises(ComputeConflict, match="already runs on the new volume"):
+            end["cancel"]()
+    else:
+        with pytest.raises(ComputeConflict, match="was merged back into src: cancel again"):
+            end["complete"]()
+    assert compute.migration_state(SERVER, SRC_ATT)["data_location"] == merged
+    assert overlay.exists()
+
+    guest.domain.connect().defineXML(definition)
+    end[ending]()
+    wait_state(compute, "completed" if ending == "complete" else "cancelled")
+    assert overlay_files(workdir / "overlays") == []
+    if ending == "complete":
+        assert volcopy.digest(src) == at_fence
+    assert read_all(volume) == guest.model
+    boot_again_on(guest, volume)
+
+
 @pytest.mark.parametrize("guest", ["libvirt", "libvirt-persistent"], indirect=True)
 @pytest.mark.parametrize("ending", ["cancel", "complete"])
 def test_guest_stopped_after_prepare_is_merged_offline(guest, volumes, started_agent, workdir, ending):

@@ -172,6 +172,8 @@ class Handoff:
         if overlay is None:
             return f"src {src}{stopped}"
         below = f"the new volume {m.dst_path}" if m.pivoted else f"src {src}"
+        if m.merged and m.offline:  # the overlay stays until the guest's configuration is off it
+            return f"{below}, into which overlay {overlay} was merged{stopped}"
         return f"overlay {overlay} over {below}{stopped}"
 
     # ------------------------------------------------------------------ what QEMU says
@@ -521,6 +523,11 @@ class Handoff:
                 return self._answer(m)
             if m.state in (State.CANCELLING.value, State.CANCELLED.value):
                 raise ComputeConflict(f"the migration of attachment {attachment_id} was cancelled")
+            if m.merged and not m.pivoted:  # a cancel that failed after its merge: src holds the writes
+                raise ComputeConflict(
+                    f"the overlay of attachment {attachment_id} was merged back into src: cancel again "
+                    "to finish"
+                )
             if m.state not in (State.FENCED.value, State.FAILED.value):
                 raise ComputeConflict(
                     f"the migration of attachment {attachment_id} was not started ({m.state})"
@@ -825,9 +832,13 @@ class Handoff:
         else:
             volume, volume_format = disk.volume_path, disk.volume_format
         overlay = m.overlay_path if m.overlay_path and os.path.exists(m.overlay_path) else None
+        if completing and not m.pivoted:  # before the merge: from then on dst alone may hold the writes
+            m.pivoted = True
+            self.store.put_migration(m)
         if overlay and not m.merged:  # merged: the volume holds all of it, and writes made since
             merge_offline(overlay, volume, volume_format)
             self._mark_merged(m)
+            failpoint("agent-after-offline-merge")
         # The guest's configuration may name the overlay: it goes onto the volume before the overlay goes.
         self.servers[m.server_id].repoint_stopped(disk, m, volume, volume_format)
         if overlay:
