@@ -29,6 +29,7 @@ from compute_harness import (
     needs_guest,
     overlay_files,
     server_entry,
+    wait_for,
     wait_state,
 )
 from conftest import MiB, read_all
@@ -366,6 +367,13 @@ def test_a_stale_generation_is_refused_and_the_newer_fence_is_left_alone(workdir
     thread = threading.Thread(target=run)
     thread.start()
     first = wait_state(compute, "fenced")["generation"]
+
+    def prepared() -> bool:  # the copy runs once prepare is done: the takeover happens while it runs
+        return any(
+            s.name == "prepare" and s.status == "done" for m in migrator.list() for s in migrator.steps(m.id)
+        )
+
+    wait_for(prepared, what="the migrator's prepare")
     compute.migration_cancel(SERVER, SRC_ATT, first)
     wait_state(compute, "cancelled")
     second = compute.migration_start(SERVER, SRC_ATT)["generation"]
