@@ -598,9 +598,11 @@ def test_discards_reach_the_new_volume_only_when_its_connection_allows(
 
 
 @pytest.mark.parametrize("guest", ["libvirt"], indirect=True)
-def test_libvirtd_restarted_while_fenced_keeps_the_chain_and_completes(guest, volumes, started_agent):
-    """libvirt only: libvirtd stops and starts again while the guest is fenced. The domain runs on,
-    on its overlay; the agent reconnects, still reports fenced, and complete moves the guest onto dst."""
+@pytest.mark.parametrize("ending", ["complete", "prepared complete", "cancel"])
+def test_libvirtd_restarted_while_fenced_keeps_the_chain_and_ends(guest, volumes, started_agent, ending):
+    """libvirt only: libvirtd stops and starts again while the guest is fenced (and, prepared, while
+    the block copy into newtop runs). The domain runs on, on its overlay; the agent reconnects, still
+    reports fenced, and complete moves the guest onto dst, or cancel back onto src."""
     src, dst = volumes
     agent = started_agent()
     agent.start()
@@ -608,10 +610,17 @@ def test_libvirtd_restarted_while_fenced_keeps_the_chain_and_completes(guest, vo
     guest.start_writer()
     gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
     at_fence = volcopy.digest(src)
+    if ending == "prepared complete":
+        compute.migration_prepare(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
     restart_libvirtd()
     time.sleep(0.3)
     assert compute.migration_state(SERVER, SRC_ATT)["state"] == "fenced"
     assert volcopy.digest(src) == at_fence
+    if ending == "cancel":
+        compute.migration_cancel(SERVER, SRC_ATT, gen)
+        wait_state(compute, "cancelled")
+        finish_on(guest, src)
+        return
     volcopy.copy(src, dst)
     compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
     wait_state(compute, "completed")
