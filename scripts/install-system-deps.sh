@@ -20,6 +20,10 @@ packages=(
     postgresql xfsprogs
     # device faults and power loss under the engine: nbdkit (error filter, a Python plugin) behind nbdfuse
     nbdkit nbdkit-plugin-python nbdfuse fuse3
+    # Ceph RBD: librbd for the native endpoint (optional at build time), a one-mon one-OSD cluster for
+    # the tests, the rbd command and Python bindings (Debian-only) for the peers and os-brick's RBD
+    # connector, and QEMU's rbd block driver for the compute handoff
+    librbd-dev ceph-mon ceph-osd ceph-common python3-rados python3-rbd qemu-block-extra
 )
 
 missing=()
