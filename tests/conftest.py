@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import xxhash
 
-# The real guests and the compute agent, with their fixtures (volumes, guest, agent, compute), and a
-# real Keystone (keystone).
-pytest_plugins = ["compute_harness", "keystone_server"]
+# The real guests and the compute agent, with their fixtures (volumes, guest, agent, compute), a real
+# Keystone (keystone) and a real single-node Ceph (ceph, ceph_pool).
+pytest_plugins = ["compute_harness", "keystone_server", "ceph_cluster"]
 
 MiB = 1 << 20
 ENGINES = ["io_uring", "aio", "sync", "threads"]
