@@ -22,6 +22,9 @@
 /* Without a bound, an I/O to a stopped OSD waits for it forever; the caller's settings may change it. */
 #define DEFAULT_OSD_OP_TIMEOUT "120"
 
+struct vc_rbd;
+static int load_extents(struct vc_rbd *r);
+
 struct vc_rbd {
     rados_t cluster;
     rados_ioctx_t ioctx;
@@ -209,6 +212,63 @@ int vc_rbd_remove(struct vc_rbd *r)
     }
     vc_rbd_close(r);
     return rc;
+}
+
+/* ---- a copy by the cluster itself ---- */
+
+static int replaceable(struct vc_rbd *src, struct vc_rbd *dst, struct vc_error *e)
+{
+    uint64_t src_size, dst_size;
+    int max_snaps = 1, rc;
+    rbd_snap_info_t snap;
+
+    if ((rc = rbd_get_size(src->image, &src_size)) < 0 || (rc = rbd_get_size(dst->image, &dst_size)) < 0 ||
+        (rc = load_extents(dst)) < 0)
+        return vc_fail(e, -rc, VC_SIDE_DST, VC_OP_SETUP, 0, "cannot inspect the images: %s", strerror(-rc));
+    if (src_size != dst_size)
+        return vc_fail(e, EEXIST, VC_SIDE_DST, VC_OP_SETUP, 0, "dst holds %llu bytes, src %llu: not replaced",
+                       (unsigned long long)dst_size, (unsigned long long)src_size);
+    if (dst->n_extents)
+        return vc_fail(e, EEXIST, VC_SIDE_DST, VC_OP_SETUP, (uint64_t)dst->extents[0],
+                       "dst holds data: not replaced");
+    /* Room for the list's terminator only: 0 when there is no snapshot, -ERANGE when there is one. */
+    rc = rbd_snap_list(dst->image, &snap, &max_snaps);
+    if (rc == -ERANGE)
+        return vc_fail(e, EEXIST, VC_SIDE_DST, VC_OP_SETUP, 0, "dst has snapshots: not replaced");
+    if (rc < 0)
+        return vc_fail(e, -rc, VC_SIDE_DST, VC_OP_SETUP, 0, "cannot list dst's snapshots: %s", strerror(-rc));
+    return 0;
+}
+
+int vc_rbd_deep_copy(struct vc_rbd *src, struct vc_rbd *dst, struct vc_error *error)
+{
+    rbd_image_options_t options;
+    int rc;
+
+    memset(error, 0, sizeof(*error));
+    rc = replaceable(src, dst, error);
+    if (rc < 0)
+        return rc;
+    rbd_close(dst->image);
+    dst->image = NULL;
+    dst->has_extents = false;
+    /* Refused (EBUSY) while anyone else has dst open: nothing is lost then. */
+    rc = rbd_remove(dst->ioctx, dst->name);
+    if (rc < 0) {
+        vc_fail(error, -rc, VC_SIDE_DST, VC_OP_SETUP, 0, "cannot replace dst: %s",
+                rc == -EBUSY ? "it is open elsewhere" : strerror(-rc));
+    } else {
+        rbd_image_options_create(&options);
+        rc = rbd_deep_copy(src->image, dst->ioctx, dst->name, options);
+        rbd_image_options_destroy(options);
+        if (rc < 0)
+            vc_fail(error, -rc, VC_SIDE_DST, VC_OP_WRITE, 0, "the cluster's deep copy failed: %s", strerror(-rc));
+    }
+    /* dst's handle stays usable whatever happened (a failed deep copy leaves a partial image to remove). */
+    int reopened = rbd_open(dst->ioctx, dst->name, &dst->image, NULL);
+    if (reopened < 0)
+        dst->image = NULL;
+    return rc < 0 ? rc : reopened;
 }
 
 /* ---- asynchronous I/O ---- */

@@ -72,3 +72,8 @@ const struct vc_endpoint_ops vc_endpoint_rbd_ops = {
     .flush = no_flush,
     .size = no_size,
 };
+
+int vc_rbd_deep_copy(struct vc_rbd *src, struct vc_rbd *dst, struct vc_error *error)
+{
+    return vc_fail(error, EOPNOTSUPP, VC_SIDE_NONE, VC_OP_SETUP, 0, WHY);
+}

@@ -183,5 +183,10 @@ int64_t vc_rbd_read(struct vc_rbd *image, void *buf, uint64_t len, uint64_t offs
 /* Closes the image and deletes it: for an image this process created and did not finish. */
 int vc_rbd_remove(struct vc_rbd *image);
 void vc_rbd_close(struct vc_rbd *image);
+/* A copy inside one cluster done by the OSDs (rbd_deep_copy): src's data, never through this host.
+ * dst (opened with VC_RBD_WRITE) is replaced: it must be empty (no allocated object), of src's size,
+ * with no snapshot, and open nowhere else; it is removed, made again by the copy under its name, and
+ * reopened in the same handle. -EEXIST (with the reason) when dst may not be replaced. */
+int vc_rbd_deep_copy(struct vc_rbd *src, struct vc_rbd *dst, struct vc_error *error);
 
 #endif

@@ -410,3 +410,11 @@ def rbd_remove(handle) -> None:
     rc = lib.vc_rbd_remove(handle)
     if rc < 0:
         raise OSError(-rc, "cannot remove the image")
+
+
+def rbd_deep_copy(src, dst) -> None:
+    """The cluster copies src into dst's name (dst is replaced: see vc_rbd_deep_copy)."""
+    error = ffi.new("struct vc_error *")
+    rc = lib.vc_rbd_deep_copy(src, dst, error)
+    if rc < 0:
+        raise OSError(error.err or -rc, ffi.string(error.message).decode(errors="replace"))

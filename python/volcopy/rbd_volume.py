@@ -185,6 +185,21 @@ class RBDImage:
             _core.rbd_close(self.handle)
             self.handle = None
 
+    def same_cluster(self, other: RBDImage) -> bool:
+        return self.info.fsid == other.info.fsid
+
+    def deep_copy_to(self, dst: RBDImage) -> None:
+        """The cluster copies this image into dst's name, no byte through this host. dst (opened for
+        writing) must be empty, of this size, without snapshots, and open nowhere else: it is removed
+        and made again. InvalidRequest when dst may not be replaced."""
+        try:
+            _core.rbd_deep_copy(self.handle, dst.handle)
+        except OSError as exc:
+            if exc.errno == errno.EEXIST:
+                raise InvalidRequest(f"{dst.spec}: {exc.strerror}") from None
+            raise CopyIOError(exc.errno, exc.strerror, str(dst.spec), 0, "deep copy") from None
+        dst.info = _core.rbd_info(dst.handle)
+
     def remove(self) -> None:
         """Deletes the image (one this process created and did not finish)."""
         handle, self.handle = self.handle, None
