@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <rados/librados.h>
 #include <rbd/librbd.h>
@@ -92,6 +93,54 @@ static int connect_cluster(struct vc_rbd *r, const struct vc_rbd_spec *spec, str
     return 0;
 }
 
+/* librbd's exclusive lock is cooperative: a guest's QEMU would hand it over at our first write and
+ * take it back at its next, both writing. So an image someone else has open (a watch besides ours) is
+ * refused, as O_EXCL refuses a block device that is mounted or held.
+ *
+ * A client that died (a copy SIGKILLed, to be resumed) leaves its watch behind until the OSD's
+ * osd_client_watch_timeout lapses: wait that long (plus a margin) for other watches to go before
+ * refusing. A live client keeps its watch, and is refused at the end. */
+static int other_clients(struct vc_rbd *r, size_t *n_other)
+{
+    rbd_image_watcher_t watchers[8];
+    size_t n = 8;
+    int rc = rbd_watchers_list(r->image, watchers, &n);
+    if (rc == -ERANGE) { /* more than 8 */
+        *n_other = n - 1;
+        return 0;
+    }
+    if (rc < 0)
+        return rc;
+    rbd_watchers_list_cleanup(watchers, n);
+    *n_other = n ? n - 1 : 0; /* ours is one of them */
+    return 0;
+}
+
+static int check_not_in_use(struct vc_rbd *r, struct vc_error *e)
+{
+    char timeout[32] = "";
+    size_t n_other = 0;
+    int rc;
+
+    if (rados_conf_get(r->cluster, "osd_client_watch_timeout", timeout, sizeof(timeout)) < 0)
+        snprintf(timeout, sizeof(timeout), "30");
+    uint64_t deadline = vc_now_ns() + (uint64_t)((strtod(timeout, NULL) + 2) * 1e9);
+    for (;;) {
+        rc = other_clients(r, &n_other);
+        if (rc < 0)
+            return vc_fail(e, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "cannot list the image's clients: %s",
+                           strerror(-rc));
+        if (n_other == 0)
+            return 0;
+        if (vc_now_ns() >= deadline)
+            break;
+        usleep(500 * 1000);
+    }
+    return vc_fail(e, EBUSY, VC_SIDE_NONE, VC_OP_SETUP, 0,
+                   "the image is open elsewhere (%zu other clients, still there after %s s): it is not written "
+                   "under them", n_other, timeout);
+}
+
 static int open_image(struct vc_rbd *r, const struct vc_rbd_spec *spec, int flags, uint64_t create_size,
                       int *created, struct vc_error *e)
 {
@@ -120,7 +169,7 @@ static int open_image(struct vc_rbd *r, const struct vc_rbd_spec *spec, int flag
                                          : "the image does not exist";
         return vc_fail(e, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "%s", what);
     }
-    return 0;
+    return (flags & VC_RBD_WRITE) && !*created ? check_not_in_use(r, e) : 0;
 }
 
 int vc_rbd_open(const struct vc_rbd_spec *spec, int flags, uint64_t create_size, struct vc_rbd **out, int *created,

@@ -70,6 +70,9 @@ osd pool default pg num = 8
 osd pool default pgp num = 8
 osd pool default pg autoscale mode = off
 osd crush chooseleaf type = 0
+# How long the watch of a client that died (SIGKILL) outlives it; volcopy waits that long for such a
+# watch to lapse before it calls an image in use (30 s by default: 3 s keeps the resume tests short).
+osd client watch timeout = 3
 
 [mon]
 mon data = {directory}/mon-$id

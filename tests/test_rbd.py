@@ -155,6 +155,23 @@ def test_one_image_under_two_spellings_is_refused(ceph, ceph_pool, source_image,
     assert ceph.read(ceph_pool, "src", 0, SIZE) == content
 
 
+def test_an_image_open_elsewhere_is_not_written(ceph, ceph_pool, source_image, content):
+    """librbd's exclusive lock is handed over on request: a guest's QEMU and the copy would take turns
+    writing. An image another client has open (a watch) is refused, like a mounted device."""
+    import rados
+    import rbd as librbd
+
+    ceph.create_image(ceph_pool, "in-use", SIZE)
+    ceph.write(ceph_pool, "in-use", 0, b"guest data" * 100)
+    with rados.Rados(conffile=ceph.conf) as cluster, cluster.open_ioctx(ceph_pool) as ioctx:
+        with librbd.Image(ioctx, "in-use"):
+            with pytest.raises(volcopy.InvalidRequest, match="open elsewhere"):
+                volcopy.copy(source_image, rbd(ceph, ceph_pool, "in-use"))
+            assert ceph.read(ceph_pool, "in-use", 0, 1000) == b"guest data" * 100
+    volcopy.copy(source_image, rbd(ceph, ceph_pool, "in-use"))  # closed: now it may be written
+    assert ceph.read(ceph_pool, "in-use", 0, SIZE) == content
+
+
 # ---------------------------------------------------------------- faults
 
 

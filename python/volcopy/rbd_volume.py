@@ -20,7 +20,15 @@ PREFIX = "rbd:"
 # Settings whose value is a secret: never printed.
 _SECRET_KEYS = {"key", "keyfile"}
 # What a caller's mistake looks like; anything else (a cluster not answering) is an I/O failure.
-_REQUEST_ERRORS = {errno.ENOENT, errno.EINVAL, errno.EROFS, errno.EOPNOTSUPP, errno.EEXIST, errno.EPERM}
+_REQUEST_ERRORS = {
+    errno.ENOENT,
+    errno.EINVAL,
+    errno.EROFS,
+    errno.EOPNOTSUPP,
+    errno.EEXIST,
+    errno.EPERM,
+    errno.EBUSY,
+}
 
 
 @dataclass(frozen=True)
