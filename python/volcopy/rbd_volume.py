@@ -189,13 +189,15 @@ class RBDImage:
         return self.info.fsid == other.info.fsid
 
     def deep_copy_to(self, dst: RBDImage) -> None:
-        """The cluster copies this image into dst's name, no byte through this host. dst (opened for
-        writing) must be empty, of this size, without snapshots, and open nowhere else: it is removed
-        and made again. InvalidRequest when dst may not be replaced."""
+        """librbd copies this image into dst's name in one call (rbd_deep_copy): whole objects, holes
+        skipped; the bytes still pass through this host. dst (opened for writing) must be empty, of this
+        size, without snapshots, and open nowhere else, and this image must have no snapshot (they would
+        be carried onto dst): dst is removed and made again with its own layout (features, object size,
+        striping, data pool), flattened. InvalidRequest when dst may not be replaced."""
         try:
             _core.rbd_deep_copy(self.handle, dst.handle)
         except OSError as exc:
-            if exc.errno == errno.EEXIST:
+            if exc.errno in (errno.EEXIST, errno.EBUSY):
                 raise InvalidRequest(f"{dst.spec}: {exc.strerror}") from None
             raise CopyIOError(exc.errno, exc.strerror, str(dst.spec), 0, "deep copy") from None
         dst.info = _core.rbd_info(dst.handle)
