@@ -23,25 +23,6 @@ ALLOCATED = {  # the objects holding data
 }
 
 
-def connection_info(ceph, pool: str, image: str) -> dict:
-    """What Cinder's RBD driver hands out (auth none on the test cluster)."""
-    host, port = ceph.mon_host.rsplit(":", 1)
-    return {
-        "driver_volume_type": "rbd",
-        "data": {
-            "name": f"{pool}/{image}",
-            "hosts": [host],
-            "ports": [port],
-            "cluster_name": "ceph",
-            "auth_enabled": False,
-            "auth_username": None,
-            "secret_type": "ceph",
-            "secret_uuid": None,
-            "volume_id": f"volume-{image}",
-        },
-    }
-
-
 @pytest.fixture
 def brick():
     """os-brick's real RBD connector, as Cinder builds it (no local attach: the wrapper, no krbd)."""
@@ -64,13 +45,9 @@ def images(ceph, ceph_pool):
     return ceph_pool, bytes(content)
 
 
-def spec(ceph, pool: str, image: str) -> str:
-    return f"rbd:{pool}/{image}:conf={ceph.conf}"
-
-
 def test_os_brick_rbd_wrappers_are_copied_by_the_native_endpoint(ceph, images, brick):
     pool, content = images
-    src_info, dst_info = connection_info(ceph, pool, "src"), connection_info(ceph, pool, "dst")
+    src_info, dst_info = ceph.connection_info(pool, "src"), ceph.connection_info(pool, "dst")
     src_device = brick.connect_volume(src_info["data"])
     dst_device = brick.connect_volume(dst_info["data"])
     try:
@@ -88,12 +65,12 @@ def test_os_brick_rbd_wrappers_are_copied_by_the_native_endpoint(ceph, images, b
         brick.disconnect_volume(dst_info["data"], dst_device)
     assert not os.path.exists(src.rbd_conf), "os-brick's disconnect removed the conf it wrote"
     assert ceph.read(pool, "dst", 0, SIZE) == content, "the garbage where src is zero is gone"
-    assert volcopy.digest(spec(ceph, pool, "dst")) == volcopy.digest(spec(ceph, pool, "src")) == result.digest
+    assert volcopy.digest(ceph.spec(pool, "dst")) == volcopy.digest(ceph.spec(pool, "src")) == result.digest
 
 
 def test_wrapper_and_connection_info_to_and_from_a_file(ceph, images, brick, workdir):
     pool, content = images
-    src_info = connection_info(ceph, pool, "src")
+    src_info = ceph.connection_info(pool, "src")
     src_device = brick.connect_volume(src_info["data"])
     try:
         exported = copy_volume(src_device["path"], workdir / "exported.img", SIZE // MiB, "1M", sparse=True)
@@ -102,12 +79,12 @@ def test_wrapper_and_connection_info_to_and_from_a_file(ceph, images, brick, wor
     assert exported.bytes_skipped > 0 and read_all(workdir / "exported.img") == content
 
     local = write_layout(workdir / "local.img", SIZE, [(MiB, 5 * MiB)], seed=31)
-    imported = copy_volume(str(workdir / "local.img"), connection_info(ceph, pool, "dst"), SIZE // MiB, "1M")
+    imported = copy_volume(str(workdir / "local.img"), ceph.connection_info(pool, "dst"), SIZE // MiB, "1M")
     assert ceph.read(pool, "dst", 0, SIZE) == local
-    assert volcopy.digest(spec(ceph, pool, "dst")) == imported.digest == volcopy.digest(workdir / "local.img")
+    assert volcopy.digest(ceph.spec(pool, "dst")) == imported.digest == volcopy.digest(workdir / "local.img")
 
-    from_info = copy_volume(connection_info(ceph, pool, "src"), str(workdir / "again.img"), SIZE // MiB, "1M")
-    assert from_info.digest == exported.digest == volcopy.digest(spec(ceph, pool, "src"))
+    from_info = copy_volume(ceph.connection_info(pool, "src"), str(workdir / "again.img"), SIZE // MiB, "1M")
+    assert from_info.digest == exported.digest == volcopy.digest(ceph.spec(pool, "src"))
 
 
 def test_what_cannot_be_opened_directly_is_refused(ceph, images, workdir):
@@ -116,8 +93,8 @@ def test_what_cannot_be_opened_directly_is_refused(ceph, images, workdir):
     with pytest.raises(InvalidRequest, match="iscsi connection_info cannot be opened directly"):
         copy_volume(iscsi, str(workdir / "dst.img"), 1, "1M")
     with pytest.raises(InvalidRequest, match="is an RBD volume and the other side a handle without"):
-        copy_volume(connection_info(ceph, pool, "src"), io.BytesIO(), 1, "1M")
-    missing = connection_info(ceph, pool, "nosuch")
+        copy_volume(ceph.connection_info(pool, "src"), io.BytesIO(), 1, "1M")
+    missing = ceph.connection_info(pool, "nosuch")
     with pytest.raises(InvalidRequest, match="the image does not exist"):
         copy_volume(missing, str(workdir / "dst.img"), 1, "1M")
     assert not os.path.exists(workdir / "dst.img")

@@ -189,7 +189,9 @@ void vc_rbd_close(struct vc_rbd *image);
  * open nowhere else, and src must have no snapshot (they would be carried onto dst); dst is removed,
  * made again by the copy under its name with its own layout (features, object size, striping, data
  * pool), flattened, and reopened in the same handle. -EEXIST (with the reason) when dst may not be
- * replaced, -EBUSY when it is open elsewhere. */
-int vc_rbd_deep_copy(struct vc_rbd *src, struct vc_rbd *dst, struct vc_error *error);
+ * replaced, -EBUSY when it is open elsewhere. progress (or NULL) is called from librbd's threads with the
+ * objects copied and their number; librbd ignores what it returns: the copy cannot be stopped. */
+int vc_rbd_deep_copy(struct vc_rbd *src, struct vc_rbd *dst, int (*progress)(void *ctx, uint64_t done, uint64_t total),
+                     void *progress_ctx, struct vc_error *error);
 
 #endif
