@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ from ceph_cluster import CephCluster, missing_requirements
 from conftest import MiB
 from volcopy.errors import InvalidRequest
 from volcopy.migration import Migrator
+from volcopy.migration.volumes import redacted
 
 VOLCOPY = [sys.executable, "-m", "volcopy.cli"]
 SIZE = 32 * MiB
@@ -336,3 +338,47 @@ def test_recover_after_a_sigkill_in_the_middle_of_a_deep_copy(ceph, ceph_pool, o
         ("verify", dst, "done"),
     ]
     assert ceph.read(other_pool, "dst", 0, SIZE) == content
+
+
+def test_volcopy_migrate_takes_rbd_connection_info_and_specs(ceph, ceph_pool, other_pool, journal, workdir):
+    content = write_src(ceph, ceph_pool)
+    ceph.create_image(other_pool, "dst", SIZE)
+    (workdir / "src.json").write_text(json.dumps(ceph.connection_info(ceph_pool, "src")))
+    dst = ceph.spec(other_pool, "dst")
+
+    migrated = subprocess.run(
+        VOLCOPY + ["migrate", f"@{workdir / 'src.json'}", dst, "--journal", journal, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert migrated.returncode == 0, migrated.stderr
+    m = json.loads(migrated.stdout)
+    assert m["state"] == "completed" and m["copy_path"] == "rbd-deep-copy"
+    assert m["src"]["connection_info"]["data"]["name"] == f"{ceph_pool}/src"
+    assert m["dst"] == {
+        "rbd": {
+            "pool": other_pool,
+            "namespace": "",
+            "image": "dst",
+            "snap": None,
+            "conf": ceph.conf,
+            "user": None,
+            "options": {},
+        }
+    }
+    assert m["src_digest"] == m["dst_digest"] == volcopy.digest(ceph.spec(ceph_pool, "src"))
+    assert ceph.read(other_pool, "dst", 0, SIZE) == content
+    shown = subprocess.run(
+        VOLCOPY + ["migrations", "--journal", journal, "show", m["id"]],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    lines = shown.splitlines()
+    rows = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in lines if line[2] != " ")
+    assert (rows["dst"], rows["path"], rows["digest"]) == (dst, "rbd-deep-copy", m["dst_digest"])
+    assert json.loads(rows["src"]) == redacted(ceph.connection_info(ceph_pool, "src"))
+    steps_shown = [line.split()[1:] for line in lines if line[2] == " "]
+    assert steps_shown == [["clone", "done", "rbd-deep-copy"], ["verify", "done", dst]]
