@@ -247,7 +247,7 @@ static int replaceable(struct vc_rbd *src, struct vc_rbd *dst, struct vc_error *
     if (rc < 0)
         return vc_fail(e, -rc, VC_SIDE_DST, VC_OP_SETUP, 0, "cannot list dst's snapshots: %s", strerror(-rc));
     /* A deep copy carries every snapshot of src (up to the one read) onto dst: a volume with snapshots
-     * its owner never took, which Cinder could then not delete. */
+     * its owner never took. */
     rc = has_snapshots(src);
     if (rc > 0)
         return vc_fail(e, EEXIST, VC_SIDE_SRC, VC_OP_SETUP, 0,
