@@ -304,6 +304,29 @@ class CephCluster:
         with self._cluster.open_ioctx(pool) as ioctx, rbd.Image(ioctx, image) as img:
             img.create_snap(snap)
 
+    def connection_info(self, pool: str, image: str) -> dict:
+        """Cinder's RBD connection_info for an image of this cluster, as its RBD driver hands it out
+        (auth none here: no user, no secret)."""
+        host, port = self.mon_host.rsplit(":", 1)
+        return {
+            "driver_volume_type": "rbd",
+            "data": {
+                "name": f"{pool}/{image}",
+                "hosts": [host],
+                "ports": [port],
+                "cluster_name": "ceph",
+                "auth_enabled": False,
+                "auth_username": None,
+                "secret_type": "ceph",
+                "secret_uuid": None,
+                "volume_id": f"{pool}-{image}",
+            },
+        }
+
+    def spec(self, pool: str, image: str, **settings: str) -> str:
+        """The image as volcopy names it, rbd:POOL/IMAGE:conf=...[:KEY=VALUE...]."""
+        return f"rbd:{pool}/{image}:conf={self.conf}" + "".join(f":{k}={v}" for k, v in settings.items())
+
     def size(self, pool: str, image: str) -> int:
         import rbd
 

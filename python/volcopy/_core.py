@@ -412,9 +412,16 @@ def rbd_remove(handle) -> None:
         raise OSError(-rc, "cannot remove the image")
 
 
-def rbd_deep_copy(src, dst) -> None:
-    """The cluster copies src into dst's name (dst is replaced: see vc_rbd_deep_copy)."""
+def rbd_deep_copy(src, dst, progress: Callable[[int, int], bool] | None = None) -> None:
+    """librbd copies src into dst's name (dst is replaced: see vc_rbd_deep_copy). progress(objects
+    done, objects) is called from librbd's threads; an exception it raises is raised here once the
+    copy has ended (librbd cannot stop one)."""
     error = ffi.new("struct vc_error *")
-    rc = lib.vc_rbd_deep_copy(src, dst, error)
+    reporter = _Progress(progress) if progress is not None else None
+    handle = ffi.new_handle(reporter) if reporter is not None else ffi.NULL
+    callback = lib._vc_progress_callback if reporter is not None else ffi.NULL
+    rc = lib.vc_rbd_deep_copy(src, dst, callback, handle, error)
+    if reporter is not None and reporter.exception is not None:
+        raise reporter.exception
     if rc < 0:
         raise OSError(error.err or -rc, ffi.string(error.message).decode(errors="replace"))

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import errno
 import re
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from . import _core
@@ -196,14 +197,25 @@ class RBDImage:
     def same_cluster(self, other: RBDImage) -> bool:
         return self.info.fsid == other.info.fsid
 
-    def deep_copy_to(self, dst: RBDImage) -> None:
-        """The cluster copies this image into dst's name, no byte through this host. dst (opened for
-        writing) must be empty, of this size, without snapshots, and open nowhere else: it is removed
-        and made again. InvalidRequest when dst may not be replaced."""
+    def deep_copy_to(self, dst: RBDImage, progress: Callable[[int, int], None] | None = None) -> None:
+        """librbd copies this image into dst's name in one call (rbd_deep_copy): whole objects, holes
+        skipped; the bytes still pass through this host. dst (opened for writing) must be empty, of this
+        size, without snapshots, and open nowhere else, and this image must have no snapshot (they would
+        be carried onto dst): dst is removed and made again with its own layout (features, object size,
+        striping, data pool), flattened. InvalidRequest when dst may not be replaced. progress(done,
+        total) gets bytes as librbd finishes objects, from its threads; librbd cannot stop a deep copy,
+        so an exception progress raises is raised once the copy has ended."""
+        size, one_at_a_time = self.info.size, threading.Lock()
+
+        def objects_done(done: int, total: int) -> bool:
+            with one_at_a_time:  # librbd may report from more than one thread
+                progress(size * done // total if total else size, size)
+            return False
+
         try:
-            _core.rbd_deep_copy(self.handle, dst.handle)
+            _core.rbd_deep_copy(self.handle, dst.handle, objects_done if progress is not None else None)
         except OSError as exc:
-            if exc.errno == errno.EEXIST:
+            if exc.errno in (errno.EEXIST, errno.EBUSY):
                 raise InvalidRequest(f"{dst.spec}: {exc.strerror}") from None
             raise CopyIOError(exc.errno, exc.strerror, str(dst.spec), 0, "deep copy") from None
         dst.info = _core.rbd_info(dst.handle)
