@@ -64,6 +64,10 @@ static int connect_cluster(struct vc_rbd *r, const struct vc_rbd_spec *spec, str
     if (rc < 0 && spec->conf)
         return vc_fail(e, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "cannot read the Ceph configuration %s: %s",
                        spec->conf, strerror(-rc));
+    /* CEPH_ARGS, as every Ceph client takes it: settings for a host without a conf to edit. */
+    rc = rados_conf_parse_env(r->cluster, NULL);
+    if (rc < 0)
+        return vc_fail(e, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "CEPH_ARGS is refused: %s", strerror(-rc));
     if (!option_given(spec, "rbd_cache"))
         rados_conf_set(r->cluster, "rbd_cache", "false");
     if (!option_given(spec, "rados_osd_op_timeout")) {
@@ -116,7 +120,7 @@ static int other_clients(struct vc_rbd *r, size_t *n_other)
     return 0;
 }
 
-static int check_not_in_use(struct vc_rbd *r, struct vc_error *e)
+static int check_not_in_use(struct vc_rbd *r, uint32_t own_clients, struct vc_error *e)
 {
     char timeout[32] = "";
     size_t n_other = 0;
@@ -130,7 +134,7 @@ static int check_not_in_use(struct vc_rbd *r, struct vc_error *e)
         if (rc < 0)
             return vc_fail(e, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "cannot list the image's clients: %s",
                            strerror(-rc));
-        if (n_other == 0)
+        if (n_other <= own_clients)
             return 0;
         if (vc_now_ns() >= deadline)
             break;
@@ -169,7 +173,7 @@ static int open_image(struct vc_rbd *r, const struct vc_rbd_spec *spec, int flag
                                          : "the image does not exist";
         return vc_fail(e, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "%s", what);
     }
-    return (flags & VC_RBD_WRITE) && !*created ? check_not_in_use(r, e) : 0;
+    return (flags & VC_RBD_WRITE) && !*created ? check_not_in_use(r, spec->own_clients, e) : 0;
 }
 
 int vc_rbd_open(const struct vc_rbd_spec *spec, int flags, uint64_t create_size, struct vc_rbd **out, int *created,

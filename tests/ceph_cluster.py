@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import shutil
 import signal
 import socket
@@ -46,6 +47,9 @@ CEPH_MON = shutil.which("ceph-mon")
 CEPH_OSD = shutil.which("ceph-osd")
 MONMAPTOOL = shutil.which("monmaptool")
 MiB = 1 << 20
+# How long the watch of a client that died (SIGKILL) outlives it (30 s by default); volcopy waits that
+# long for such a watch to lapse before it calls an image in use: 3 s keeps the resume tests short.
+WATCH_TIMEOUT = 3
 
 CONFIG = """
 [global]
@@ -70,9 +74,7 @@ osd pool default pg num = 8
 osd pool default pgp num = 8
 osd pool default pg autoscale mode = off
 osd crush chooseleaf type = 0
-# How long the watch of a client that died (SIGKILL) outlives it; volcopy waits that long for such a
-# watch to lapse before it calls an image in use (30 s by default: 3 s keeps the resume tests short).
-osd client watch timeout = 3
+osd client watch timeout = {watch_timeout}
 
 [mon]
 mon data = {directory}/mon-$id
@@ -149,6 +151,7 @@ class CephCluster:
                 mon_host=f"v2:{self.mon_host}",
                 directory=self.directory,
                 memstore_bytes=self.memstore_bytes,
+                watch_timeout=WATCH_TIMEOUT,
             )
         )
         Path(self.conf).chmod(0o644)
@@ -355,11 +358,19 @@ def ceph():
     if missing:
         pytest.skip(missing)
     cluster = CephCluster()
+    # A client named by mon_host alone (as Cinder's connection_info names it) reads no conf: it learns
+    # the OSDs' short watch timeout (volcopy waits it out for a killed client's watch) here.
+    saved = os.environ.get("CEPH_ARGS")
+    os.environ["CEPH_ARGS"] = f"--osd_client_watch_timeout={WATCH_TIMEOUT}"
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
+        if saved is None:
+            os.environ.pop("CEPH_ARGS")
+        else:
+            os.environ["CEPH_ARGS"] = saved
 
 
 @pytest.fixture

@@ -154,6 +154,8 @@ struct vc_rbd_spec {
     const char *user;           /* NULL: "admin" (the client.admin entity) */
     const char *const *options; /* key, value, key, value, ...: more librados settings (mon_host, keyring) */
     uint32_t n_options;         /* pairs */
+    uint32_t own_clients;       /* clients of the caller's own that have the image open (os-brick's
+                                 * wrapper): not counted as someone else using it */
 };
 
 enum vc_rbd_flags {

@@ -105,7 +105,8 @@ def rbd_spec_of_wrapper(handle) -> RBDSpec | None:
     cluster = getattr(client, "rbd_cluster_name", None) or "ceph"
     if not conf and cluster != "ceph":  # librados' default search looks for ceph.conf only
         conf = f"/etc/ceph/{cluster}.conf"
-    return RBDSpec(pool, namespace or "", name, None, conf or None, user or None)
+    # The wrapper has the image open itself (a watch): that is the caller's, not someone else's use.
+    return RBDSpec(pool, namespace or "", name, None, conf or None, user or None, own_clients=1)
 
 
 def _same_image(spec: RBDSpec, handle, role: str) -> None:

@@ -12,7 +12,7 @@ import errno
 import re
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import _core
 from .errors import CopyIOError, InvalidRequest
@@ -41,6 +41,9 @@ class RBDSpec:
     conf: str | None = None
     user: str | None = None
     options: tuple[tuple[str, str], ...] = ()
+    # Clients of the caller's own with the image open (os-brick's wrapper that handed it over): not
+    # someone else using it. Not part of the name.
+    own_clients: int = field(default=0, compare=False)
 
     def __str__(self) -> str:
         where = "/".join(_escape(p) for p in (self.pool, self.namespace, self.image) if p)
@@ -240,6 +243,7 @@ def open_image(spec, role: str, *, write: bool = False, create_size: int | None 
             spec.options,
             write=write,
             create_size=create_size,
+            own_clients=spec.own_clients,
         )
     except OSError as exc:
         if exc.errno in _REQUEST_ERRORS:
