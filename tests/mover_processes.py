@@ -2,33 +2,23 @@
 the session's Redis (tests/redis_server.py), with a short membership timeout so that a dead mover lapses
 in seconds. A started mover has printed its "joined" line; its log (stderr) is kept in a file.
 
-``MoverProcesses.start()`` runs one on this host; with ``host=`` it runs in a network and UTS namespace
-of its own (``unshare --net --uts``): another host name, no route to this host's 127.0.0.1, Redis
-reached through its unix socket.
+``MoverProcesses.start()`` runs one on this host; with ``host=`` (a NetnsHost, tests/netns_hosts.py)
+it runs on that host: its own network namespace, address and host name, reaching Redis at the host's
+gateway, where Redis listens for as long as the mover's processes run.
 """
 
 from __future__ import annotations
 
-import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
-
 MEMBERSHIP_TIMEOUT = 2.0  # seconds after its last heartbeat that a mover leaves the group
 HEARTBEAT_INTERVAL = MEMBERSHIP_TIMEOUT / 3  # the mover's default: a third of the membership timeout
 JOIN_TIMEOUT = 30.0  # a mover's start: Python, oslo, os-brick and tooz imports on a busy 2-core machine
-
-needs_unshare = pytest.mark.skipif(
-    shutil.which("unshare") is None or os.geteuid() != 0,
-    reason="a mover on another host is a process in its own network and UTS namespace: needs root and "
-    "unshare (util-linux)",
-)
 
 
 def coordination_url(base: str) -> str:
@@ -76,12 +66,13 @@ class MoverProcess:
 
 
 class MoverProcesses:
-    def __init__(self, directory: Path, url: str, group: str, socket_url: str | None = None):
+    def __init__(self, directory: Path, redis, group: str):
         self.directory = directory
-        self.url = url
-        self.socket_url = socket_url
+        self.redis = redis
+        self.url = coordination_url(redis.url)
         self.group = group
         self.started: list[MoverProcess] = []
+        self.gateways: list[str] = []  # where Redis listens for this object's hosts
 
     def config(
         self, name: str, transports: list[str], slots: int = 2, bandwidth: str = "0", url=None
@@ -104,17 +95,21 @@ class MoverProcesses:
         transports: list[str],
         slots: int = 2,
         bandwidth: str = "0",
-        host: str | None = None,
+        host=None,
         wait: bool = True,
     ) -> MoverProcess:
-        """A mover; with ``host``, in a network and UTS namespace of its own named ``host``."""
-        url = self.socket_url if host else self.url
+        """A mover; with ``host`` (a NetnsHost), on that host."""
+        url = self.url
+        if host is not None:
+            if host.gateway not in self.gateways:
+                self.redis.listen_on(host.gateway)
+                self.gateways.append(host.gateway)
+            url = coordination_url(f"redis://{host.gateway}:{self.redis.port}")
         config = self.config(name, transports, slots, bandwidth, url)
         log = self.directory / f"mover-{name}-{len(self.started)}.log"
         command = [sys.executable, "-m", "volcopy.cli", "mover", "--config-file", str(config)]
-        if host:
-            command = ["unshare", "--net", "--uts", "--", "sh", "-c", f'hostname {host} && exec "$@"', "sh"]
-            command += [sys.executable, "-m", "volcopy.cli", "mover", "--config-file", str(config)]
+        if host is not None:
+            command = host.command(command)
         with open(log, "w") as stderr:
             process = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, text=True
@@ -131,3 +126,6 @@ class MoverProcesses:
                 mover.kill()
             mover.process.stdout.close()
         self.started.clear()
+        for gateway in self.gateways:
+            self.redis.stop_listening_on(gateway)
+        self.gateways.clear()

@@ -1,9 +1,10 @@
-"""A throwaway Redis for the data movers' tests: its own directory, a private port on 127.0.0.1 and a unix
-socket, no persistence, started once per test session and removed after (the ``redis`` fixture).
+"""A throwaway Redis for the data movers' tests: its own directory, a private port on 127.0.0.1 (and on the
+gateways of test hosts in network namespaces while they exist, tests/netns_hosts.py), no persistence,
+started once per test session and removed after (the ``redis`` fixture).
 
 The server runs in the foreground as a child of the test process, so that ``stop()`` reaps it and the
 kernel ends it if the test process dies. ``kill()`` and ``start()`` again are a Redis crash and its
-restart for fault tests: the same port and socket, and nothing kept (no RDB, no AOF), as a Redis that
+restart for fault tests: the same port and addresses, and nothing kept (no RDB, no AOF), as a Redis that
 lost its memory, which is what the movers must survive.
 """
 
@@ -40,25 +41,19 @@ class RedisServer:
     def __init__(self):
         self.directory = Path(tempfile.mkdtemp(prefix="volcopy-redis-"))
         self.port = _free_port()
-        self.socket = self.directory / "redis.sock"
         self.process: subprocess.Popen | None = None
+        self.addresses = ["127.0.0.1"]  # where it listens; listen_on() adds test hosts' gateways
 
     @property
     def url(self) -> str:
         """tooz's URL of this server over TCP."""
         return f"redis://127.0.0.1:{self.port}"
 
-    @property
-    def socket_url(self) -> str:
-        """The same server through its unix socket, which a process in another network namespace
-        still reaches (127.0.0.1 there is another host's loopback)."""
-        return f"redis://{self.socket}"
-
     def start(self) -> None:
-        """Starts the server (again after kill(): the same port and socket, empty)."""
-        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1"]
-        args += ["--unixsocket", str(self.socket), "--unixsocketperm", "700", "--dir", str(self.directory)]
-        args += ["--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "no"]
+        """Starts the server (again after kill(): the same port and addresses, empty)."""
+        args = [REDIS_SERVER, "--port", str(self.port), "--bind", *self.addresses]
+        args += ["--dir", str(self.directory), "--save", "", "--appendonly", "no", "--daemonize", "no"]
+        args += ["--protected-mode", "no"]  # no password: it listens only where the tests put it
         args += ["--logfile", str(self.directory / "redis.log")]
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + START_TIMEOUT
@@ -69,6 +64,22 @@ class RedisServer:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"redis-server did not answer on port {self.port} in {START_TIMEOUT} s")
             time.sleep(0.02)
+
+    def listen_on(self, address: str) -> None:
+        """Listens on ``address`` too (a test host's gateway, tests/netns_hosts.py), at once."""
+        self.addresses.append(address)
+        self._bind()
+
+    def stop_listening_on(self, address: str) -> None:
+        """Before the address goes away: a restart would fail to bind it."""
+        self.addresses.remove(address)
+        if self.ping():  # else its next start() listens where it should
+            self._bind()
+
+    def _bind(self) -> None:
+        import redis
+
+        redis.Redis(host="127.0.0.1", port=self.port).config_set("bind", " ".join(self.addresses))
 
     def ping(self) -> bool:
         try:

@@ -2,7 +2,7 @@
 os-brick), placement among several `volcopy mover` processes with different transports (a copy lands
 only on a mover that reaches both of its transports; the least loaded with a free slot first; a clear
 error naming the transports and the movers seen when none fits), `volcopy movers list`, and the
-mover's refusals at start."""
+mover's refusals at start. Movers on hosts of their own: test_movers_hosts.py."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from mover_processes import HEARTBEAT_INTERVAL, MoverProcesses, coordination_url, needs_unshare
+from mover_processes import HEARTBEAT_INTERVAL, MoverProcesses, coordination_url
 from volcopy import cli
 from volcopy._core import rbd_compiled
 from volcopy.movers import config as mover_config
@@ -142,7 +142,7 @@ def test_the_mover_command_exits_1_when_its_backend_is_unreachable(tmp_path, red
 def three_movers(redis, tmp_path_factory):
     """Three movers with different transports, started together once for this module."""
     group = f"volcopy-movers-placement-{os.getpid()}"
-    processes = MoverProcesses(tmp_path_factory.mktemp("movers"), coordination_url(redis.url), group)
+    processes = MoverProcesses(tmp_path_factory.mktemp("movers"), redis, group)
     started = [
         processes.start("mover-a", ["file", "local"], slots=2, bandwidth="200M", wait=False),
         processes.start("mover-b", ["local", "rbd"] if rbd_compiled() else ["local"], slots=2, wait=False),
@@ -286,48 +286,3 @@ def test_movers_list(redis, three_movers, capsys, monkeypatch):
         capsys.readouterr().err
         == "volcopy: error: give --coordination-url URL or set $VOLCOPY_COORDINATION_URL\n"
     )
-
-
-def test_movers_list_as_a_command(redis, three_movers):
-    """The installed command, once: its output is the one above."""
-    shown = volcopy(
-        "movers", "list", "--coordination-url", coordination_url(redis.url), "--group", three_movers.group
-    )
-    assert shown.returncode == 0, shown.stderr
-    assert [line.split()[0] for line in shown.stdout.splitlines()] == [
-        "MOVER",
-        "mover-a",
-        "mover-b",
-        "mover-c",
-    ]
-
-
-# ---------------------------------------------------------------- movers on hosts of their own
-
-
-@needs_unshare
-@needs_librbd
-def test_movers_on_hosts_of_their_own(redis, mover_group, tmp_path):
-    """Each mover in its own network and UTS namespace: its own host name, no route to this host's
-    127.0.0.1; they reach Redis through its unix socket, and placement tells them apart by transports."""
-    processes = MoverProcesses(
-        tmp_path, coordination_url(redis.url), mover_group, coordination_url(redis.socket_url)
-    )
-    try:
-        processes.start("mover-x", ["file"], host="volcopy-host-x", wait=False)
-        processes.start("mover-y", ["rbd"], host="volcopy-host-y", wait=False)
-        for mover in processes.started:
-            mover.wait_joined()
-        with Fleet(coordination_url(redis.url), mover_group) as fleet:
-            movers = {m.name: m for m in fleet.movers()}
-            assert {name: (m.host, m.transports) for name, m in movers.items()} == {
-                "mover-x": ("volcopy-host-x", ("file",)),
-                "mover-y": ("volcopy-host-y", ("rbd",)),
-            }
-            assert fleet.place("/a", "/b").host == "volcopy-host-x"
-            assert fleet.place(RBD_INFO, RBD_INFO).host == "volcopy-host-y"
-        started = time.monotonic()
-        assert [m.terminate() for m in processes.started] == [0, 0]
-        assert time.monotonic() - started < 5
-    finally:
-        processes.stop_all()

@@ -22,7 +22,7 @@ POLL = 0.05
 
 @pytest.fixture
 def processes(redis, mover_group, tmp_path):
-    processes = MoverProcesses(tmp_path, coordination_url(redis.url), mover_group)
+    processes = MoverProcesses(tmp_path, redis, mover_group)
     yield processes
     processes.stop_all()
 

@@ -1,19 +1,11 @@
-"""The Redis the movers' tests use: started once, reachable over TCP and its unix socket, and a crash
-followed by a start that keeps its port and loses what it held (the fault the movers must survive)."""
+"""The Redis the movers' tests use: started once, and a crash followed by a start that keeps its port and
+loses what it held (the fault the movers must survive)."""
 
 from __future__ import annotations
 
 import time
 
 import redis as redis_client
-
-
-def test_reachable_over_tcp_and_the_unix_socket(redis):
-    tcp = redis_client.Redis(host="127.0.0.1", port=redis.port)
-    unix = redis_client.Redis(unix_socket_path=str(redis.socket))
-    tcp.set(b"volcopy-test-key", b"1")
-    assert unix.get(b"volcopy-test-key") == b"1"
-    tcp.delete(b"volcopy-test-key")
 
 
 def test_killed_and_started_again_on_the_same_port_with_nothing_kept(redis):
