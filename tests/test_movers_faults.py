@@ -67,8 +67,9 @@ def test_a_sigkilled_mover_drops_out_once_its_heartbeat_lapses(processes, fleet)
     wait_until(lambda: "mover-victim" not in names(fleet), "the victim lapses", timeout=10)
     gone_after = time.monotonic() - killed_at
 
-    # Its last beat was at most one interval before the kill; it lapses a membership timeout after it.
-    assert MEMBERSHIP_TIMEOUT - HEARTBEAT_INTERVAL - 0.2 <= gone_after <= MEMBERSHIP_TIMEOUT + 0.5, gone_after
+    # Its last beat was at most one interval before the kill (a beat late on a busy machine: 0.5 s more);
+    # it lapses a membership timeout after it.
+    assert MEMBERSHIP_TIMEOUT - HEARTBEAT_INTERVAL - 0.5 <= gone_after <= MEMBERSHIP_TIMEOUT + 0.5, gone_after
     assert names(fleet) == ["mover-survivor"]
     assert survivor.process.poll() is None
     with pytest.raises(

@@ -80,7 +80,7 @@ def test_a_host_cut_off_drops_out_once_its_heartbeat_lapses_and_rejoins_when_its
         assert time.monotonic() - cut_at < 10, "the cut-off mover did not lapse"
         time.sleep(POLL)
     lapsed_after = time.monotonic() - cut_at
-    assert MEMBERSHIP_TIMEOUT - HEARTBEAT_INTERVAL - 0.3 <= lapsed_after <= MEMBERSHIP_TIMEOUT + 0.5, (
+    assert MEMBERSHIP_TIMEOUT - HEARTBEAT_INTERVAL - 0.5 <= lapsed_after <= MEMBERSHIP_TIMEOUT + 0.5, (
         lapsed_after
     )
     assert list(hosts_of(fleet)) == ["mover-local"]
