@@ -135,6 +135,16 @@ def test_the_mover_command_exits_1_when_its_backend_is_unreachable(tmp_path, red
     assert time.monotonic() - started < 20  # Python's start on a busy machine; no retry with backoff
 
 
+def test_the_volcopy_command_does_not_import_tooz_to_build_its_parser():
+    """tooz (with eventlet) takes 1 to 2 s to import: a copy must not wait for the movers' commands."""
+    probe = (
+        "import sys, volcopy.cli as c; c._parser(); "
+        "print(sorted(m for m in ('tooz', 'eventlet') if m in sys.modules))"
+    )
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert (shown.returncode, shown.stdout) == (0, "[]\n"), shown.stderr
+
+
 # ---------------------------------------------------------------- placement among mover processes
 
 

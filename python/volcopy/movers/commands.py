@@ -7,7 +7,7 @@ import os
 import time
 
 from ..units import format_size
-from .membership import DEFAULT_GROUP
+from .defaults import DEFAULT_GROUP
 
 COORDINATION_ENVIRONMENT = "VOLCOPY_COORDINATION_URL"
 

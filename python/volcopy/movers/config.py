@@ -10,7 +10,7 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from ..units import parse_size
-from .membership import DEFAULT_GROUP, DEFAULT_URL
+from .defaults import DEFAULT_GROUP, DEFAULT_URL
 from .transports import KNOWN, usable
 
 mover_opts = [

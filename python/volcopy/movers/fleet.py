@@ -10,8 +10,9 @@
 from __future__ import annotations
 
 from . import membership
+from .defaults import DEFAULT_GROUP
 from .errors import CoordinationUnreachable
-from .membership import DEFAULT_GROUP, MoverInfo
+from .membership import MoverInfo
 from .placement import choose
 from .transports import transport_of
 

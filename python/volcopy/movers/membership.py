@@ -17,8 +17,6 @@ from dataclasses import asdict, dataclass
 
 from .errors import CoordinationUnreachable
 
-DEFAULT_GROUP = "volcopy-movers"
-DEFAULT_URL = "redis://127.0.0.1:6379"
 FORMAT = 1  # of the capabilities; a member that publishes another is not listed as a mover
 
 
