@@ -121,7 +121,8 @@ def test_rbd_workloads_run_every_tool_on_a_cluster_of_their_own_and_check_every_
         "| qemu-img | yes |",
         "| Cinder's path (os-brick) | yes |",
         "| rbd deep cp (beside: Ceph's own copy) | yes |",
-        "| limit: read + write at once | n/a |",
+        "| limit: rbd bench read + write | n/a |",
+        "| limit: fio read + write (librbd's C API) | n/a |",
         "| os-brick's import, in Cinder's path | n/a |",
     ):
         assert tool in text
@@ -129,7 +130,7 @@ def test_rbd_workloads_run_every_tool_on_a_cluster_of_their_own_and_check_every_
     assert text.count("| volcopy | yes |") == 6
     assert "| target | measured | floor | verdict |" in text
     assert "R1 16.0 MiB (5%) RBD to RBD: volcopy / fastest client peer" in text
-    assert "R2 dense 4.0 MiB RBD to RBD: volcopy / limit <= 1.10" in text
+    assert "R2 dense 4.0 MiB RBD to RBD: volcopy / rbd bench limit <= 1.10" in text
     assert (results / "rbd.png").stat().st_size > 10_000
     assert not (tmp_path / "work").exists()
     assert _ceph_daemons_of_this_process() == []  # the harness's cluster is stopped and reaped
@@ -172,6 +173,6 @@ def test_a_failed_limit_stops_the_run(ceph, tmp_path, monkeypatch):
     monkeypatch.setattr(rbd_compare, "TOOLS", tools)
     bench = Workbench(tmp_path / "work", 1 / 256)
 
-    failed = r"^limit: read \+ write at once failed on R2 dense 4.0 MiB RBD to RBD: no OSD"
+    failed = r"^limit: rbd bench read \+ write failed on R2 dense 4.0 MiB RBD to RBD: no OSD"
     with pytest.raises(RuntimeError, match=failed):
         rbd_compare.compare(ceph, bench, {"R2"}, rounds=1)

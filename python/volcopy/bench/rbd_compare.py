@@ -80,10 +80,13 @@ def _image(pool: str, name: str, conf: str) -> str:
     return str(RBDSpec(pool, "", name, conf=conf))
 
 
-def make_cases(bench: Workbench, only: set[str], conf: str, src_pool: str, dst_pool: str) -> list[RBDCase]:
+def make_cases(
+    bench: Workbench, only: set[str], cluster: CephCluster, src_pool: str, dst_pool: str
+) -> list[RBDCase]:
     """The cases of the chosen workloads, each with its source file generated (an image's source file
     is imported into src_pool before its case)."""
-    w, cases = bench.workdir, []
+    w, cases, conf = bench.workdir, [], cluster.conf
+    fio_conf = cluster.client_conf(rbd_cache="false", rbd_disable_zero_copy_writes="false")
     sparse_size, dense_size = bench.size(4 * GiB), bench.size(1 * GiB)
     volumes = []
     if only & {"R1", "R3", "R4"}:
@@ -104,7 +107,10 @@ def make_cases(bench: Workbench, only: set[str], conf: str, src_pool: str, dst_p
         for workload, (applies, src, dst, how) in directions.items():
             if workload in only and applies:
                 name = f"{workload} {label} {how}"
-                cases.append(RBDCase(name, workload, src, dst, size, allocated, dense, generated=path))
+                case = RBDCase(
+                    name, workload, src, dst, size, allocated, dense, generated=path, fio_conf=fio_conf
+                )
+                cases.append(case)
     order = {w: i for i, w in enumerate(RBD_WORKLOADS)}
     return sorted(cases, key=lambda c: (order[c.workload], not c.dense))
 
@@ -162,7 +168,7 @@ def run_case(cluster: CephCluster, case: RBDCase, rounds: int, results: RBDResul
 def compare(cluster: CephCluster, bench: Workbench, only: set[str], rounds: int) -> RBDResults:
     results = RBDResults()
     src_pool, dst_pool = cluster.new_pool(), cluster.new_pool()
-    for case in make_cases(bench, only, cluster.conf, src_pool, dst_pool):
+    for case in make_cases(bench, only, cluster, src_pool, dst_pool):
         source = case.src_rbd
         if source:
             import_source(cluster, source, case.generated)
