@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import volcopy
-from conftest import MiB, needs_root_for_loop, read_all, reference_digest
+from conftest import MiB, needs_root, needs_root_for_loop, read_all, reference_digest
 
 SIZE = 64 * MiB
 OBJECT = 4 * MiB  # rbd's default object size
@@ -153,6 +153,23 @@ def test_one_image_under_two_spellings_is_refused(ceph, ceph_pool, source_image,
     with pytest.raises(volcopy.InvalidRequest, match="same volume"):
         volcopy.copy(f"rbd:{ceph_pool}/src@s1:conf={ceph.conf}", source_image)
     assert ceph.read(ceph_pool, "src", 0, SIZE) == content
+
+
+def test_an_image_open_elsewhere_is_not_written(ceph, ceph_pool, source_image, content):
+    """librbd's exclusive lock is handed over on request: a guest's QEMU and the copy would take turns
+    writing. An image another client has open (a watch) is refused, like a mounted device."""
+    import rados
+    import rbd as librbd
+
+    ceph.create_image(ceph_pool, "in-use", SIZE)
+    ceph.write(ceph_pool, "in-use", 0, b"guest data" * 100)
+    with rados.Rados(conffile=ceph.conf) as cluster, cluster.open_ioctx(ceph_pool) as ioctx:
+        with librbd.Image(ioctx, "in-use"):
+            with pytest.raises(volcopy.InvalidRequest, match="open elsewhere"):
+                volcopy.copy(source_image, rbd(ceph, ceph_pool, "in-use"))
+            assert ceph.read(ceph_pool, "in-use", 0, 1000) == b"guest data" * 100
+    volcopy.copy(source_image, rbd(ceph, ceph_pool, "in-use"))  # closed: now it may be written
+    assert ceph.read(ceph_pool, "in-use", 0, SIZE) == content
 
 
 # ---------------------------------------------------------------- faults
@@ -307,3 +324,55 @@ def test_the_cli_names_images(ceph, ceph_pool, source_image, content, tmp_path):
         check=True,
     ).stdout
     assert reference_digest(content) in out
+
+
+# ---------------------------------------------------------------- librbd loaded on first use
+
+
+def _python(code: str, *args: str, wrap: list[str] | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", code, *args]
+    return subprocess.run((wrap or []) + command, capture_output=True, text=True, timeout=120)
+
+
+def test_librbd_is_loaded_only_when_an_image_is_named(ceph, ceph_pool, source_image, tmp_path):
+    (tmp_path / "a.img").write_bytes(b"x" * MiB)
+    code = (
+        "import sys, volcopy\n"
+        "maps = lambda: open('/proc/self/maps').read()\n"
+        "volcopy.copy(sys.argv[1], sys.argv[2])\n"
+        "print('librados' in maps(), 'librbd' in maps())\n"
+        "volcopy.digest(sys.argv[3])\n"
+        "print('librados' in maps(), 'librbd' in maps())\n"
+    )
+    out = _python(code, str(tmp_path / "a.img"), str(tmp_path / "b.img"), source_image)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["False False", "True True"]
+
+
+@needs_root
+def test_without_librbd_at_run_time_images_are_refused_and_files_still_copy(tmp_path):
+    """librbd1 hidden in a mount namespace (an empty file bound over it), as on a host without it."""
+    cache = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=True).stdout
+    library = next(line.split(" => ")[1] for line in cache.splitlines() if "librbd.so.1 " in line)
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "a.img").write_bytes(b"y" * MiB)
+    code = (
+        "import sys, volcopy\n"
+        "print(volcopy.copy(sys.argv[1], sys.argv[2]).digest)\n"
+        "try:\n"
+        "    volcopy.digest('rbd:pool/image')\n"
+        "except volcopy.InvalidRequest as e:\n"
+        "    print(e)\n"
+    )
+    script = f'mount --bind {tmp_path / "empty"} {library} && exec "$@"'
+    out = _python(
+        code,
+        str(tmp_path / "a.img"),
+        str(tmp_path / "b.img"),
+        wrap=["unshare", "-m", "sh", "-c", script, "-"],
+    )
+
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == reference_digest(b"y" * MiB)
+    assert lines[1].startswith("source rbd:pool/image: RBD: librbd.so.1 cannot be loaded (Debian: librbd1): ")

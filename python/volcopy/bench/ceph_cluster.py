@@ -46,6 +46,9 @@ CEPH_MON = shutil.which("ceph-mon")
 CEPH_OSD = shutil.which("ceph-osd")
 MONMAPTOOL = shutil.which("monmaptool")
 MiB = 1 << 20
+# How long the watch of a client that died (SIGKILL) outlives it (30 s by default); volcopy waits that
+# long for such a watch to lapse before it calls an image in use: 3 s keeps the resume tests short.
+WATCH_TIMEOUT = 3
 
 CONFIG = """
 [global]
@@ -70,6 +73,7 @@ osd pool default pg num = 8
 osd pool default pgp num = 8
 osd pool default pg autoscale mode = off
 osd crush chooseleaf type = 0
+osd client watch timeout = {watch_timeout}
 
 [mon]
 mon data = {directory}/mon-$id
@@ -146,6 +150,7 @@ class CephCluster:
                 mon_host=f"v2:{self.mon_host}",
                 directory=self.directory,
                 memstore_bytes=self.memstore_bytes,
+                watch_timeout=WATCH_TIMEOUT,
             )
         )
         Path(self.conf).chmod(0o644)
@@ -281,6 +286,55 @@ class CephCluster:
         with self._cluster.open_ioctx(pool) as ioctx:
             rbd.RBD().create(ioctx, name, size)
 
+    def write(self, pool: str, image: str, offset: int, data: bytes) -> None:
+        import rbd
+
+        with self._cluster.open_ioctx(pool) as ioctx, rbd.Image(ioctx, image) as img:
+            assert img.write(data, offset) == len(data)
+            img.flush()
+
+    def read(self, pool: str, image: str, offset: int, length: int, snapshot: str | None = None) -> bytes:
+        import rbd
+
+        with self._cluster.open_ioctx(pool) as ioctx:
+            with rbd.Image(ioctx, image, snapshot=snapshot, read_only=snapshot is not None) as img:
+                return img.read(offset, length)
+
+    def snapshot(self, pool: str, image: str, snap: str) -> None:
+        import rbd
+
+        with self._cluster.open_ioctx(pool) as ioctx, rbd.Image(ioctx, image) as img:
+            img.create_snap(snap)
+
+    def connection_info(self, pool: str, image: str) -> dict:
+        """Cinder's RBD connection_info for an image of this cluster, as its RBD driver hands it out
+        (auth none here: no user, no secret)."""
+        host, port = self.mon_host.rsplit(":", 1)
+        return {
+            "driver_volume_type": "rbd",
+            "data": {
+                "name": f"{pool}/{image}",
+                "hosts": [host],
+                "ports": [port],
+                "cluster_name": "ceph",
+                "auth_enabled": False,
+                "auth_username": None,
+                "secret_type": "ceph",
+                "secret_uuid": None,
+                "volume_id": f"{pool}-{image}",
+            },
+        }
+
+    def spec(self, pool: str, image: str, **settings: str) -> str:
+        """The image as volcopy names it, rbd:POOL/IMAGE:conf=...[:KEY=VALUE...]."""
+        return f"rbd:{pool}/{image}:conf={self.conf}" + "".join(f":{k}={v}" for k, v in settings.items())
+
+    def size(self, pool: str, image: str) -> int:
+        import rbd
+
+        with self._cluster.open_ioctx(pool) as ioctx, rbd.Image(ioctx, image, read_only=True) as img:
+            return img.size()
+
     def remove_image(self, pool: str, name: str) -> None:
         """Removes an image if there is one, giving its memory back to the OSD."""
         import rbd
@@ -304,32 +358,6 @@ class CephCluster:
         """User and system CPU the OSD has used so far (it serves every byte of every image)."""
         fields = Path(f"/proc/{self.osd.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def write(self, pool: str, image: str, offset: int, data: bytes) -> None:
-        import rbd
-
-        with self._cluster.open_ioctx(pool) as ioctx, rbd.Image(ioctx, image) as img:
-            assert img.write(data, offset) == len(data)
-            img.flush()
-
-    def read(self, pool: str, image: str, offset: int, length: int, snapshot: str | None = None) -> bytes:
-        import rbd
-
-        with self._cluster.open_ioctx(pool) as ioctx:
-            with rbd.Image(ioctx, image, snapshot=snapshot, read_only=snapshot is not None) as img:
-                return img.read(offset, length)
-
-    def snapshot(self, pool: str, image: str, snap: str) -> None:
-        import rbd
-
-        with self._cluster.open_ioctx(pool) as ioctx, rbd.Image(ioctx, image) as img:
-            img.create_snap(snap)
-
-    def size(self, pool: str, image: str) -> int:
-        import rbd
-
-        with self._cluster.open_ioctx(pool) as ioctx, rbd.Image(ioctx, image, read_only=True) as img:
-            return img.size()
 
 
 def missing_requirements() -> str | None:
