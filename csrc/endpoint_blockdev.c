@@ -9,9 +9,9 @@
 
 #include "internal.h"
 
-static int blockdev_next_data(int fd, uint64_t off, uint64_t end, uint64_t *start, uint64_t *stop)
+static int blockdev_next_data(const struct vc_endpoint *ep, uint64_t off, uint64_t end, uint64_t *start, uint64_t *stop)
 {
-    (void)fd;
+    (void)ep;
     *start = off;
     *stop = end;
     return 0;
@@ -21,31 +21,31 @@ static int blockdev_next_data(int fd, uint64_t off, uint64_t end, uint64_t *star
  * back to writing (a thin device stays thin, and the zeros are guaranteed, unlike a plain discard); a
  * device without it refuses. Then BLKZEROOUT, which may write zeros but never unmaps: a loop device
  * turns it into FALLOC_FL_ZERO_RANGE of its file, which stays allocated. */
-static int blockdev_zero(int fd, uint64_t off, uint64_t len)
+static int blockdev_zero(const struct vc_endpoint *ep, uint64_t off, uint64_t len)
 {
     uint64_t range[2] = {off, len};
 
     /* Both want whole 512-byte sectors; an unaligned tail is written as zeros by the caller. */
     if (off % 512 || len % 512)
         return -EOPNOTSUPP;
-    if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
+    if (fallocate(ep->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
         return 0;
     if (errno != EOPNOTSUPP && errno != EINVAL && errno != ENOTTY)
         return -errno;
-    if (ioctl(fd, BLKZEROOUT, range) == 0)
+    if (ioctl(ep->fd, BLKZEROOUT, range) == 0)
         return 0;
     return (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOTTY) ? -EOPNOTSUPP : -errno;
 }
 
-static int blockdev_flush(int fd)
+static int blockdev_flush(const struct vc_endpoint *ep)
 {
     /* fsync on a block device writes back its page cache and flushes the device's volatile cache. */
-    return fsync(fd) == 0 ? 0 : -errno;
+    return fsync(ep->fd) == 0 ? 0 : -errno;
 }
 
-static int blockdev_size(int fd, uint64_t *size)
+static int blockdev_size(const struct vc_endpoint *ep, uint64_t *size)
 {
-    return ioctl(fd, BLKGETSIZE64, size) == 0 ? 0 : -errno;
+    return ioctl(ep->fd, BLKGETSIZE64, size) == 0 ? 0 : -errno;
 }
 
 const struct vc_endpoint_ops vc_endpoint_blockdev_ops = {

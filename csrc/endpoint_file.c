@@ -8,9 +8,9 @@
 
 #include "internal.h"
 
-static int file_next_data(int fd, uint64_t off, uint64_t end, uint64_t *start, uint64_t *stop)
+static int file_next_data(const struct vc_endpoint *ep, uint64_t off, uint64_t end, uint64_t *start, uint64_t *stop)
 {
-    off_t data = lseek(fd, (off_t)off, SEEK_DATA);
+    off_t data = lseek(ep->fd, (off_t)off, SEEK_DATA);
     if (data < 0) {
         if (errno == ENXIO) { /* no data after off */
             *start = *stop = end;
@@ -27,7 +27,7 @@ static int file_next_data(int fd, uint64_t off, uint64_t end, uint64_t *start, u
         *start = *stop = end;
         return 0;
     }
-    off_t hole = lseek(fd, data, SEEK_HOLE);
+    off_t hole = lseek(ep->fd, data, SEEK_HOLE);
     if (hole < 0)
         return -errno;
     *start = (uint64_t)data;
@@ -35,27 +35,27 @@ static int file_next_data(int fd, uint64_t off, uint64_t end, uint64_t *start, u
     return 0;
 }
 
-static int file_zero(int fd, uint64_t off, uint64_t len)
+static int file_zero(const struct vc_endpoint *ep, uint64_t off, uint64_t len)
 {
-    if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
+    if (fallocate(ep->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
         return 0;
     if (errno != EOPNOTSUPP && errno != ENOSYS)
         return -errno;
     /* Some file systems cannot punch but can still zero without writing data. */
-    if (fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
+    if (fallocate(ep->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
         return 0;
     return (errno == EOPNOTSUPP || errno == ENOSYS) ? -EOPNOTSUPP : -errno;
 }
 
-static int file_flush(int fd)
+static int file_flush(const struct vc_endpoint *ep)
 {
-    return fdatasync(fd) == 0 ? 0 : -errno;
+    return fdatasync(ep->fd) == 0 ? 0 : -errno;
 }
 
-static int file_size(int fd, uint64_t *size)
+static int file_size(const struct vc_endpoint *ep, uint64_t *size)
 {
     struct stat st;
-    if (fstat(fd, &st) < 0)
+    if (fstat(ep->fd, &st) < 0)
         return -errno;
     *size = (uint64_t)st.st_size;
     return 0;
@@ -71,5 +71,12 @@ const struct vc_endpoint_ops vc_endpoint_file_ops = {
 
 const struct vc_endpoint_ops *vc_endpoint_ops_for(int kind)
 {
-    return kind == VC_KIND_BLOCKDEV ? &vc_endpoint_blockdev_ops : &vc_endpoint_file_ops;
+    switch (kind) {
+    case VC_KIND_BLOCKDEV:
+        return &vc_endpoint_blockdev_ops;
+    case VC_KIND_RBD:
+        return &vc_endpoint_rbd_ops;
+    default:
+        return &vc_endpoint_file_ops;
+    }
 }

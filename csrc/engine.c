@@ -81,7 +81,7 @@ static int setup(struct engine *g)
         .n_buffers = g->n_slots,
         .buffer_size = p->block_size,
         .fds = {p->src.fd, g->has_dst ? p->dst.fd : -1},
-        .one_write_at_a_time = g->has_dst && vc_in_memory(p->dst.fd),
+        .one_write_at_a_time = g->has_dst && p->dst.kind != VC_KIND_RBD && vc_in_memory(p->dst.fd),
     };
     rc = choose_engine(g, &io_setup);
     if (rc < 0)
@@ -201,7 +201,7 @@ int vc_copy(const struct vc_copy_params *params, struct vc_copy_result *result, 
     g.e = error;
     g.end = params->length;
     g.fail_floor = UINT64_MAX;
-    g.has_dst = params->dst.fd >= 0;
+    g.has_dst = params->dst.fd >= 0 || params->dst.rbd;
     g.digest = (params->flags & VC_FLAG_DIGEST) != 0;
     g.sparse = (params->flags & VC_FLAG_SPARSE) != 0;
     g.any_direct = params->src.direct || (g.has_dst && params->dst.direct);
@@ -216,7 +216,7 @@ int vc_copy(const struct vc_copy_params *params, struct vc_copy_result *result, 
         if (!g.status) /* a src that shrank under the copy was read in part as end of file or holes */
             check_src_size(&g, g.end);
         if (!g.status && g.has_dst) {
-            rc = g.dst_ops->flush(params->dst.fd);
+            rc = g.dst_ops->flush(&params->dst);
             if (rc < 0)
                 fail(&g, -rc, VC_SIDE_DST, VC_OP_FLUSH, 0, "flush");
         }

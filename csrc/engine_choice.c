@@ -27,17 +27,24 @@ int choose_engine(struct engine *g, const struct vc_io_setup *setup)
     static const int on_devices[] = {VC_ENGINE_URING, VC_ENGINE_AIO, VC_ENGINE_THREADS, VC_ENGINE_SYNC, -1};
     static const int in_memory_files[] = {VC_ENGINE_THREADS, VC_ENGINE_SYNC, -1};
     const struct vc_copy_params *p = g->p;
+    bool rbd = p->src.kind == VC_KIND_RBD || (g->has_dst && p->dst.kind == VC_KIND_RBD);
 
-    if (p->engine != VC_ENGINE_AUTO) {
-        g->io.ops = vc_io_backend(p->engine);
+    /* librbd does its own asynchronous I/O; the threads engine is the one that waits on it beside files. */
+    if (rbd && p->engine != VC_ENGINE_AUTO && p->engine != VC_ENGINE_THREADS)
+        return vc_fail(g->e, EINVAL, VC_SIDE_NONE, VC_OP_SETUP, 0,
+                       "a copy with an RBD image runs on the threads engine (librbd's own asynchronous I/O); "
+                       "use engine auto or threads");
+    if (p->engine != VC_ENGINE_AUTO || rbd) {
+        int engine = rbd ? VC_ENGINE_THREADS : p->engine;
+        g->io.ops = vc_io_backend(engine);
         if (!g->io.ops)
-            return vc_engine_available(p->engine, g->e);
+            return vc_engine_available(engine, g->e);
         int rc = g->io.ops->init(&g->io, setup, g->e);
         if (rc < 0) {
             g->io.ops = NULL;
             return rc;
         }
-        g->r->engine = p->engine;
+        g->r->engine = engine;
         return 0;
     }
     const int *preference = vc_in_memory(p->src.fd) && vc_in_memory(p->dst.fd) ? in_memory_files : on_devices;

@@ -18,6 +18,7 @@
 struct vc_io_request {
     int op; /* VC_OP_READ or VC_OP_WRITE */
     int fd;
+    struct vc_rbd *rbd; /* instead of fd: an RBD image, through librbd's own asynchronous I/O */
     void *buf;
     uint32_t len;
     uint64_t offset;
@@ -69,21 +70,26 @@ extern const struct vc_io_ops vc_io_threads_ops;
 /* The table for an engine, or NULL when it was not compiled in. */
 const struct vc_io_ops *vc_io_backend(int engine);
 
-/* ---- endpoints (endpoint_file.c, endpoint_blockdev.c): one table each ---- */
+/* ---- endpoints (endpoint_file.c, endpoint_blockdev.c, endpoint_rbd.c): one table each ---- */
 
 struct vc_endpoint_ops {
     const char *name;
     /* The first data extent that ends after off, clipped to [off, end): *start == end when none.
      * Block devices have no holes: everything is data. */
-    int (*next_data)(int fd, uint64_t off, uint64_t end, uint64_t *start, uint64_t *stop);
+    int (*next_data)(const struct vc_endpoint *ep, uint64_t off, uint64_t end, uint64_t *start, uint64_t *stop);
     /* Make [off, off+len) read as zeros without writing data; -EOPNOTSUPP when it cannot. */
-    int (*zero)(int fd, uint64_t off, uint64_t len);
-    int (*flush)(int fd);
-    int (*size)(int fd, uint64_t *size);
+    int (*zero)(const struct vc_endpoint *ep, uint64_t off, uint64_t len);
+    int (*flush)(const struct vc_endpoint *ep);
+    int (*size)(const struct vc_endpoint *ep, uint64_t *size);
 };
 
 extern const struct vc_endpoint_ops vc_endpoint_file_ops;
 extern const struct vc_endpoint_ops vc_endpoint_blockdev_ops;
+extern const struct vc_endpoint_ops vc_endpoint_rbd_ops;
+
+/* One read or write of an RBD image, completed on librbd's thread by done(ctx, tag, bytes or -errno). */
+int vc_rbd_aio(struct vc_rbd *image, int op, void *buf, uint32_t len, uint64_t offset,
+               void (*done)(void *ctx, uint64_t tag, int64_t res), void *ctx, uint64_t tag);
 
 const struct vc_endpoint_ops *vc_endpoint_ops_for(int kind);
 

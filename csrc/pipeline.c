@@ -57,16 +57,19 @@ static int queue_request(struct engine *g, struct request *rq, unsigned tag)
 {
     struct slot *s = &g->slots[rq->slot];
     const struct vc_endpoint *ep = rq->op == VC_OP_READ ? &g->p->src : &g->p->dst;
+    /* An RBD image has no page cache to go around: its side of a buffered unit stays on the engine. */
+    bool buffered = s->buffered && ep->kind != VC_KIND_RBD;
     struct vc_io_request io_rq = {
         .op = rq->op,
-        .fd = s->buffered ? ep->fd_buffered : ep->fd,
+        .fd = buffered ? ep->fd_buffered : ep->fd,
+        .rbd = ep->kind == VC_KIND_RBD ? ep->rbd : NULL,
         .buf = rq->buf,
         .len = rq->len,
         .offset = rq->off,
         .tag = tag,
-        .buf_index = s->buffered ? -1 : (int)rq->slot, /* any range inside the slot's registered buffer */
+        .buf_index = buffered ? -1 : (int)rq->slot, /* any range inside the slot's registered buffer */
     };
-    struct vc_io *io = s->buffered ? &g->io_buffered : &g->io;
+    struct vc_io *io = buffered ? &g->io_buffered : &g->io;
     int rc = io->ops->queue(io, &io_rq);
     if (rc < 0)
         return fail(g, -rc, rq->op == VC_OP_READ ? VC_SIDE_SRC : VC_SIDE_DST, rq->op, rq->off, "queueing I/O");

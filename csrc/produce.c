@@ -30,7 +30,7 @@ void add_op(struct slot *s, uint64_t off, uint64_t len)
 int check_src_size(struct engine *g, uint64_t from)
 {
     uint64_t size;
-    int rc = g->src_ops->size(g->p->src.fd, &size);
+    int rc = g->src_ops->size(&g->p->src, &size);
     if (rc < 0)
         return fail(g, -rc, VC_SIDE_SRC, VC_OP_READ, from, "finding the size");
     if (size < g->end)
@@ -51,7 +51,7 @@ static int next_data(struct engine *g, uint64_t from, uint64_t to, uint64_t *sta
     /* The cached answer holds for any offset between where we asked and the end of its extent. */
     if (!(from >= g->data_query && from < g->data_stop)) {
         g->data_query = from;
-        int rc = g->src_ops->next_data(g->p->src.fd, from, g->end, &g->data_start, &g->data_stop);
+        int rc = g->src_ops->next_data(&g->p->src, from, g->end, &g->data_start, &g->data_stop);
         if (rc < 0)
             return fail(g, -rc, VC_SIDE_SRC, VC_OP_READ, from, "finding data extents");
         if (g->data_start >= g->end && check_src_size(g, from) < 0)

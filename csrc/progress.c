@@ -50,7 +50,7 @@ int save_checkpoint(struct engine *g)
     if (g->flush_failed || w <= g->ckpt_watermark)
         return 0;
     /* dst first: a checkpoint must never be ahead of what dst durably holds. */
-    int rc = g->dst_ops->flush(g->p->dst.fd);
+    int rc = g->dst_ops->flush(&g->p->dst);
     if (rc < 0)
         return fail(g, -rc, VC_SIDE_DST, VC_OP_FLUSH, 0, "flush");
     rc = vc_checkpoint_save(&g->ckpt, w, g->digest ? g->p->chunk_digests : NULL);

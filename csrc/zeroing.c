@@ -46,7 +46,7 @@ static int write_zeros(struct engine *g, uint64_t off, uint64_t len)
 
 static int zero_piece(struct engine *g, uint64_t off, uint64_t len)
 {
-    int rc = g->dst_ops->zero(g->p->dst.fd, off, len);
+    int rc = g->dst_ops->zero(&g->p->dst, off, len);
     if (rc == -EOPNOTSUPP)
         return write_zeros(g, off, len);
     if (rc < 0)

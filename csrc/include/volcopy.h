@@ -31,7 +31,8 @@ enum vc_engine {
 
 enum vc_kind {
     VC_KIND_FILE = 1,
-    VC_KIND_BLOCKDEV = 2
+    VC_KIND_BLOCKDEV = 2,
+    VC_KIND_RBD = 3 /* a Ceph RBD image through librbd: no descriptor, see vc_rbd_open */
 };
 
 enum vc_side {
@@ -58,17 +59,21 @@ enum vc_flags {
     VC_FLAG_DST_NEW = 8      /* dst was created for this copy: a checkpoint with progress cannot be its */
 };
 
-/* One side of a copy. The caller opens the descriptors and keeps ownership of them. */
+/* An RBD image opened by vc_rbd_open; opaque. */
+struct vc_rbd;
+
+/* One side of a copy. The caller opens the descriptors (or the image) and keeps ownership of them. */
 struct vc_endpoint {
-    int fd;          /* queued I/O; opened with O_DIRECT when direct is set */
+    int fd;          /* queued I/O; opened with O_DIRECT when direct is set (-1 for an RBD image) */
     int fd_buffered; /* unaligned pieces (and the tail) go through the page cache; == fd when !direct */
     int kind;        /* enum vc_kind */
     int direct;
+    struct vc_rbd *rbd; /* VC_KIND_RBD: the image */
 };
 
 struct vc_copy_params {
     struct vc_endpoint src;
-    struct vc_endpoint dst;      /* dst.fd < 0: read and hash only (the digest of src) */
+    struct vc_endpoint dst;      /* dst.fd < 0 and no dst.rbd: read and hash only (the digest of src) */
     uint64_t length;             /* bytes from offset 0 */
     int engine;                  /* enum vc_engine */
     uint32_t block_size;         /* a multiple of VC_CHUNK_SIZE */
@@ -109,7 +114,7 @@ struct vc_error {
     char message[256];
 };
 
-/* Copy (or, with dst.fd < 0, hash) a volume. -ECANCELED when *cancel was set or progress asked to stop. */
+/* Copy (or, with no dst, hash) a volume. -ECANCELED when *cancel was set or progress asked to stop. */
 int vc_copy(const struct vc_copy_params *params, struct vc_copy_result *result, struct vc_error *error);
 
 /* 0 when the engine can run here; otherwise -errno and the reason in error->message. */
@@ -121,9 +126,10 @@ int vc_engine_compiled(int engine);
 /* Where a copy with this checkpoint would resume (0 when it is new or unreadable). */
 uint64_t vc_checkpoint_resume_offset(const char *path);
 
-/* Up to cap data extents of fd within [start, end) as (offset, length) pairs; *next is where to ask
- * again (== end when done). Returns the count or -errno. */
-int vc_extents(int fd, int kind, uint64_t start, uint64_t end, int64_t *out, uint32_t cap, uint64_t *next);
+/* Up to cap data extents of a volume within [start, end) as (offset, length) pairs; *next is where to
+ * ask again (== end when done). Returns the count or -errno. */
+int vc_extents(const struct vc_endpoint *volume, uint64_t start, uint64_t end, int64_t *out, uint32_t cap,
+               uint64_t *next);
 
 /* The volume digest from chunk digests (XXH3-128 of their concatenation), canonical form. */
 void vc_volume_digest(const uint8_t *chunk_digests, uint64_t n_chunks, uint8_t *out);
@@ -135,5 +141,52 @@ void vc_hash128(const void *buf, size_t len, uint8_t *out);
 int vc_is_zero(const void *buf, size_t len);
 
 const char *vc_version(void);
+
+/* ---- Ceph RBD images (endpoint_rbd.c; without librbd at build time each call fails with EOPNOTSUPP) ---- */
+
+/* Which image, and how to reach its cluster: QEMU's rbd:POOL[/NAMESPACE]/IMAGE[@SNAP][:conf=..][:id=..]. */
+struct vc_rbd_spec {
+    const char *pool;
+    const char *pool_namespace; /* "" or NULL: the default namespace */
+    const char *image;
+    const char *snap;           /* NULL: the image itself; a snapshot is read-only */
+    const char *conf;           /* NULL: librados' default search (/etc/ceph/ceph.conf, ...) */
+    const char *user;           /* NULL: "admin" (the client.admin entity) */
+    const char *const *options; /* key, value, key, value, ...: more librados settings (mon_host, keyring) */
+    uint32_t n_options;         /* pairs */
+};
+
+enum vc_rbd_flags {
+    VC_RBD_WRITE = 1, /* open for writing (refused for a snapshot) */
+    VC_RBD_CREATE = 2 /* with VC_RBD_WRITE: create the image (of create_size bytes) when it does not exist */
+};
+
+/* What makes an image itself (the same-volume refusal and the checkpoint's fingerprint). */
+struct vc_rbd_info {
+    uint64_t size;
+    uint64_t object_size;
+    uint64_t snap_id;      /* the snapshot read, or UINT64_MAX for the image itself */
+    int64_t pool_id;
+    int64_t modified_sec;  /* the image's last write, as librbd records it (0 when unknown) */
+    int64_t modified_nsec;
+    char fsid[64];         /* the cluster's */
+    char image_id[64];     /* stays the same across renames */
+};
+
+int vc_rbd_compiled(void);
+/* Opens (and with VC_RBD_CREATE may create) an image; *created says whether it was created. */
+int vc_rbd_open(const struct vc_rbd_spec *spec, int flags, uint64_t create_size, struct vc_rbd **out,
+                int *created, struct vc_error *error);
+int vc_rbd_info(struct vc_rbd *image, struct vc_rbd_info *info);
+/* A synchronous read, for comparisons outside a copy; returns the bytes read or -errno. */
+int64_t vc_rbd_read(struct vc_rbd *image, void *buf, uint64_t len, uint64_t offset);
+/* Closes the image and deletes it: for an image this process created and did not finish. */
+int vc_rbd_remove(struct vc_rbd *image);
+void vc_rbd_close(struct vc_rbd *image);
+/* A copy inside one cluster done by the OSDs (rbd_deep_copy): src's data, never through this host.
+ * dst (opened with VC_RBD_WRITE) is replaced: it must be empty (no allocated object), of src's size,
+ * with no snapshot, and open nowhere else; it is removed, made again by the copy under its name, and
+ * reopened in the same handle. -EEXIST (with the reason) when dst may not be replaced. */
+int vc_rbd_deep_copy(struct vc_rbd *src, struct vc_rbd *dst, struct vc_error *error);
 
 #endif

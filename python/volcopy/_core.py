@@ -19,6 +19,7 @@ MAX_BUFFER_BYTES = lib.VC_MAX_BUFFER_BYTES
 DIGEST_SIZE = lib.VC_DIGEST_SIZE
 KIND_FILE = lib.VC_KIND_FILE
 KIND_BLOCKDEV = lib.VC_KIND_BLOCKDEV
+KIND_RBD = lib.VC_KIND_RBD
 
 ENGINES = {
     "auto": lib.VC_ENGINE_AUTO,
@@ -71,6 +72,13 @@ class Endpoint:
     kind: int
     direct: bool
     name: str  # for messages
+    rbd: object = None  # KIND_RBD: the image's handle from rbd_open
+
+
+def _fill_endpoint(target, endpoint: Endpoint) -> None:
+    target.fd, target.fd_buffered = endpoint.fd, endpoint.fd_buffered
+    target.kind, target.direct = endpoint.kind, endpoint.direct
+    target.rbd = endpoint.rbd if endpoint.rbd is not None else ffi.NULL
 
 
 @dataclass(frozen=True)
@@ -140,11 +148,11 @@ def run(
     meanwhile."""
     p = ffi.new("struct vc_copy_params *")
     keep = []  # cdata that must outlive the call
-    p.src.fd, p.src.fd_buffered, p.src.kind, p.src.direct = src.fd, src.fd_buffered, src.kind, src.direct
+    _fill_endpoint(p.src, src)
     if dst is None:
         p.dst.fd = p.dst.fd_buffered = -1
     else:
-        p.dst.fd, p.dst.fd_buffered, p.dst.kind, p.dst.direct = dst.fd, dst.fd_buffered, dst.kind, dst.direct
+        _fill_endpoint(p.dst, dst)
     p.length = length
     p.engine = ENGINES[engine]
     p.block_size = block_size
@@ -267,17 +275,19 @@ def _exception(rc: int, error, src: Endpoint, dst: Endpoint | None, checkpoint: 
     return CopyIOError(err, message, names.get(error.side), error.offset, _OPERATIONS.get(error.op, "I/O"))
 
 
-def extents_of(fd: int, kind: int, length: int):
+def extents_of(volume: Endpoint, length: int):
     """The data extents of [0, length) as an (N, 2) int64 numpy array."""
     import numpy as np  # only here: a copy's start-up need not pay for numpy
 
+    endpoint = ffi.new("struct vc_endpoint *")
+    _fill_endpoint(endpoint, volume)
     cap = 4096
     out = np.empty((cap, 2), dtype=np.int64)
     buffer = ffi.from_buffer("int64_t[]", out, require_writable=True)
     next_offset = ffi.new("uint64_t *")
     parts, start = [], 0
     while start < length:
-        n = lib.vc_extents(fd, kind, start, length, buffer, cap, next_offset)
+        n = lib.vc_extents(endpoint, start, length, buffer, cap, next_offset)
         if n < 0:
             raise CopyIOError(-n, "cannot list the extents", None, start, "read")
         parts.append(out[:n].copy())
@@ -313,3 +323,98 @@ def first_differing_chunk(a, b) -> int | None:
         next(i for i in range(0, len(a), DIGEST_SIZE) if a[i : i + DIGEST_SIZE] != b[i : i + DIGEST_SIZE])
         // DIGEST_SIZE
     )
+
+
+# ---------------------------------------------------------------- RBD images
+
+
+@dataclass(frozen=True)
+class RBDInfo:
+    size: int
+    object_size: int
+    snap_id: int | None
+    pool_id: int
+    modified: tuple[int, int]
+    fsid: str
+    image_id: str
+
+
+def rbd_compiled() -> bool:
+    return bool(lib.vc_rbd_compiled())
+
+
+def rbd_open(
+    pool: str,
+    namespace: str,
+    image: str,
+    snap: str | None,
+    conf: str | None,
+    user: str | None,
+    options: tuple[tuple[str, str], ...],
+    *,
+    write: bool,
+    create_size: int | None,
+) -> tuple[object, bool]:
+    """Opens an image (creating one of create_size bytes when asked and missing); returns its handle
+    and whether it was created. Raises OSError with librbd's errno and the reason."""
+    keep = [ffi.new("char[]", text.encode()) for text in (pool, namespace, image)]
+    spec = ffi.new("struct vc_rbd_spec *")
+    spec.pool, spec.pool_namespace, spec.image = keep
+    for field, text in (("snap", snap), ("conf", conf), ("user", user)):
+        if text is not None:
+            keep.append(ffi.new("char[]", text.encode()))
+            setattr(spec, field, keep[-1])
+    strings = [ffi.new("char[]", text.encode()) for pair in options for text in pair]
+    pairs = ffi.new("char *[]", strings) if strings else ffi.NULL
+    spec.options, spec.n_options = pairs, len(options)
+    flags = (lib.VC_RBD_WRITE if write else 0) | (lib.VC_RBD_CREATE if create_size is not None else 0)
+    handle = ffi.new("struct vc_rbd **")
+    created = ffi.new("int *")
+    error = ffi.new("struct vc_error *")
+    rc = lib.vc_rbd_open(spec, flags, create_size or 0, handle, created, error)
+    if rc < 0:
+        raise OSError(error.err or -rc, ffi.string(error.message).decode(errors="replace"))
+    return handle[0], bool(created[0])
+
+
+def rbd_info(handle) -> RBDInfo:
+    info = ffi.new("struct vc_rbd_info *")
+    rc = lib.vc_rbd_info(handle, info)
+    if rc < 0:
+        raise OSError(-rc, "cannot read the image's identity")
+    return RBDInfo(
+        size=info.size,
+        object_size=info.object_size,
+        snap_id=None if info.snap_id == 2**64 - 1 else info.snap_id,
+        pool_id=info.pool_id,
+        modified=(info.modified_sec, info.modified_nsec),
+        fsid=ffi.string(info.fsid).decode(),
+        image_id=ffi.string(info.image_id).decode(),
+    )
+
+
+def rbd_read(handle, offset: int, size: int) -> bytes:
+    buffer = ffi.new("char[]", size)
+    n = lib.vc_rbd_read(handle, buffer, size, offset)
+    if n < 0:
+        raise OSError(-n, "cannot read the image")
+    return bytes(ffi.buffer(buffer, n))
+
+
+def rbd_close(handle) -> None:
+    lib.vc_rbd_close(handle)
+
+
+def rbd_remove(handle) -> None:
+    """Closes the image and deletes it."""
+    rc = lib.vc_rbd_remove(handle)
+    if rc < 0:
+        raise OSError(-rc, "cannot remove the image")
+
+
+def rbd_deep_copy(src, dst) -> None:
+    """The cluster copies src into dst's name (dst is replaced: see vc_rbd_deep_copy)."""
+    error = ffi.new("struct vc_error *")
+    rc = lib.vc_rbd_deep_copy(src, dst, error)
+    if rc < 0:
+        raise OSError(error.err or -rc, ffi.string(error.message).decode(errors="replace"))

@@ -137,7 +137,10 @@ def _fingerprints(source: Volume, target: Volume, length: int, extents, dst_id: 
 
 
 def _match_direct(source: Volume, target: Volume, direct) -> None:
-    """With direct="auto", O_DIRECT is used only where both sides accept it."""
+    """With direct="auto", O_DIRECT is used only where both sides accept it. An RBD image has no page
+    cache for a buffered file side to stay coherent with: the file side keeps O_DIRECT."""
+    if source.rbd or target.rbd:
+        return
     if direct == "auto" and source.direct != target.direct:
         for volume in (source, target):
             if volume.direct:
@@ -221,7 +224,7 @@ def copy(
             except BaseException as exc:
                 # Without a checkpoint to resume from, a file we created is only a half-written copy.
                 if target.created and (checkpoint is None or isinstance(exc, CheckpointError)):
-                    os.unlink(os.fspath(dst))
+                    target.remove_created()
                 raise
             if checkpoint is not None and os.path.exists(checkpoint):
                 os.unlink(checkpoint)

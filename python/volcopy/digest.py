@@ -6,7 +6,6 @@ its canonical 16-byte big-endian form, and the hex XXH3-128 of those chunk diges
 
 from __future__ import annotations
 
-import os
 import threading
 
 from . import _core
@@ -66,7 +65,7 @@ def digest(path: VolumeSpec, *, length: int | None = None) -> str:
 def _read(volume: Volume, offset: int, size: int):
     import numpy as np  # only on the way to an error: start-up need not pay for it
 
-    data = os.pread(volume.fd_buffered, size, offset)
+    data = volume.read(offset, size)
     return np.frombuffer(data, dtype=np.uint8)
 
 

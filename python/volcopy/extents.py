@@ -13,6 +13,6 @@ if TYPE_CHECKING:
 
 def extents(path: VolumeSpec) -> np.ndarray:
     """The data extents as an (N, 2) int64 array of (offset, length): SEEK_DATA for files, one extent
-    covering a block device."""
+    covering a block device, the allocated objects of an RBD image."""
     with open_source(path, direct=False) as volume:
-        return _core.extents_of(volume.fd_buffered, volume.kind, volume.size)
+        return _core.extents_of(volume.endpoint(), volume.size)

@@ -9,6 +9,8 @@
   WWN, serial or dm/md uuid, or for a loop device its backing file; or an id the caller passes
   (Cinder's volume id). A device with none of these is known by its number and diskseq: another
   volume attached there later is refused, and so is a re-attach (pass dst_id for that).
+- an RBD image: its cluster fsid, pool, namespace and image id (which survive a rename), and for a src
+  the snapshot id, or for the image itself its size and librbd's modification time.
 - the request: length and extents.
 """
 
@@ -98,13 +100,16 @@ def _device_identity(rdev: int, with_state: bool) -> tuple:
 
 
 def fingerprints(source: Volume, target: Volume, length: int, extents, dst_id: str | None) -> Fingerprints:
-    src_st = os.fstat(source.fd_buffered)
-    if stat.S_ISREG(src_st.st_mode):
+    if source.rbd:
+        src = source.rbd.state
+    elif stat.S_ISREG((src_st := os.fstat(source.fd_buffered)).st_mode):
         src = _file_state(source.fd_buffered)
     else:
         src = (_device_identity(src_st.st_rdev, with_state=True), source.size)
     if dst_id is not None:
         dst = ("id", dst_id)
+    elif target.rbd:
+        dst = target.rbd.identity
     else:
         dst_st = os.fstat(target.fd_buffered)
         is_file = stat.S_ISREG(dst_st.st_mode)

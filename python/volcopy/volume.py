@@ -1,4 +1,5 @@
-"""Opening volumes: a regular file or a block device, given as a path or an open descriptor.
+"""Opening volumes: a regular file or a block device, given as a path or an open descriptor, or a Ceph
+RBD image given as ``rbd:POOL/IMAGE...`` (rbd_volume.py).
 
 Every check that can refuse a request happens here, before any byte of dst is written.
 """
@@ -12,10 +13,12 @@ import stat
 from dataclasses import dataclass, field
 from typing import Union
 
-from ._core import KIND_BLOCKDEV, KIND_FILE, Endpoint
+from . import rbd_volume
+from ._core import KIND_BLOCKDEV, KIND_FILE, KIND_RBD, Endpoint
 from .errors import InvalidRequest
+from .rbd_volume import RBDImage, RBDSpec, is_rbd
 
-VolumeSpec = Union[str, "os.PathLike[str]", int]
+VolumeSpec = Union[str, "os.PathLike[str]", int, RBDSpec]
 
 BLKSSZGET = 0x1268  # logical block size of a block device
 BLKROGET = 0x125E  # whether a block device is read-only: it still opens O_RDWR, then fails each write
@@ -23,7 +26,8 @@ BLKROGET = 0x125E  # whether a block device is read-only: it still opens O_RDWR,
 
 @dataclass
 class Volume:
-    """An opened volume. ``fd`` carries O_DIRECT when ``direct``; ``fd_buffered`` never does."""
+    """An opened volume. ``fd`` carries O_DIRECT when ``direct``; ``fd_buffered`` never does. An RBD
+    image has no descriptors (-1): ``rbd`` holds it."""
 
     name: str
     kind: int
@@ -33,15 +37,31 @@ class Volume:
     direct: bool
     identities: frozenset = field(default_factory=frozenset)  # what makes two volumes the same
     created: bool = False
+    path: str | None = None  # of a file created for this copy
+    rbd: RBDImage | None = None
 
     def endpoint(self) -> Endpoint:
-        return Endpoint(self.fd, self.fd_buffered, self.kind, self.direct, self.name)
+        handle = self.rbd.handle if self.rbd else None
+        return Endpoint(self.fd, self.fd_buffered, self.kind, self.direct, self.name, handle)
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self.rbd.read(offset, size) if self.rbd else os.pread(self.fd_buffered, size, offset)
+
+    def remove_created(self) -> None:
+        """Deletes a volume this copy created (a half-written copy is worth nothing), and closes it."""
+        if self.rbd:
+            self.rbd.remove()
+        elif self.path:
+            os.unlink(self.path)
+        self.close()
 
     def close(self) -> None:
         for fd in {self.fd, self.fd_buffered}:
             if fd >= 0:
                 os.close(fd)
         self.fd = self.fd_buffered = -1
+        if self.rbd:
+            self.rbd.close()
 
     def __enter__(self) -> Volume:
         return self
@@ -51,6 +71,8 @@ class Volume:
 
 
 def describe(spec: VolumeSpec) -> str:
+    if is_rbd(spec):
+        return str(rbd_volume.parse(spec))
     if isinstance(spec, int):
         return f"fd {spec}"
     return os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else repr(spec)
@@ -231,7 +253,23 @@ def _path_of(spec: VolumeSpec, role: str) -> str:
     raise InvalidRequest(f"{role} must be a path or an open file descriptor, not {type(spec).__name__}")
 
 
+def _rbd_volume(image: RBDImage) -> Volume:
+    return Volume(
+        name=str(image.spec),
+        kind=KIND_RBD,
+        size=image.info.size,
+        fd=-1,
+        fd_buffered=-1,
+        direct=False,
+        identities=frozenset({image.identity}),
+        created=image.created,
+        rbd=image,
+    )
+
+
 def open_source(spec: VolumeSpec, direct="auto") -> Volume:
+    if is_rbd(spec):
+        return _rbd_volume(rbd_volume.open_image(spec, "source"))
     name = describe(spec)
     path = _path_of(spec, "source")
     try:
@@ -261,7 +299,22 @@ def open_source(spec: VolumeSpec, direct="auto") -> Volume:
 def overlaps(source: Volume, spec: VolumeSpec) -> bool:
     """Whether dst (not opened or created: it may not exist yet) shares bytes with source, which would
     then be overwritten while it is read. Each side is checked against what overlaps the other: one
-    side alone cannot see every relation (nothing lists the loop devices built on a device)."""
+    side alone cannot see every relation (nothing lists the loop devices built on a device).
+    An RBD image is the same as another under any spelling that reaches the same cluster, pool,
+    namespace and image id (a snapshot of it included)."""
+    if is_rbd(spec):
+        if source.rbd is None:
+            return False
+        try:
+            image = rbd_volume.open_image(spec, "destination")
+        except InvalidRequest:  # not there yet (open_destination gives the real reason, if any)
+            return False
+        try:
+            return image.identity in source.identities
+        finally:
+            image.close()
+    if source.rbd is not None:
+        return False
     try:
         dst = os.stat(_path_of(spec, "destination"))
     except FileNotFoundError:
@@ -272,7 +325,11 @@ def overlaps(source: Volume, spec: VolumeSpec) -> bool:
 
 def open_destination(spec: VolumeSpec, length: int, direct="auto") -> Volume:
     """Opens dst for writing; a missing path becomes a new file of ``length`` bytes (reading as zeros),
-    an existing smaller file is extended. Nothing is ever truncated: a resumed copy needs what is there."""
+    an existing smaller file is extended. Nothing is ever truncated: a resumed copy needs what is there.
+    A missing RBD image is created; an existing one smaller than ``length`` is refused (it is someone's
+    volume: not resized behind their back)."""
+    if is_rbd(spec):
+        return _open_rbd_destination(spec, length)
     name = describe(spec)
     path = _path_of(spec, "destination")
     if isinstance(spec, int) and fcntl.fcntl(spec, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
@@ -322,9 +379,20 @@ def open_destination(spec: VolumeSpec, length: int, direct="auto") -> Volume:
             direct=fd >= 0,
             identities=_identities(os.fstat(fd_buffered)),
             created=created,
+            path=path if created else None,
         )
     except BaseException:
         os.close(fd_buffered)
         if created:
             os.unlink(path)
         raise
+
+
+def _open_rbd_destination(spec, length: int) -> Volume:
+    image = rbd_volume.open_image(spec, "destination", write=True, create_size=length)
+    if image.info.size < length:
+        image.close()
+        raise InvalidRequest(
+            f"destination {image.spec} holds {image.info.size} bytes, less than the {length} bytes to copy"
+        )
+    return _rbd_volume(image)

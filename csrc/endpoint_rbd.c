@@ -1,0 +1,410 @@
+/* Ceph RBD images through librbd: no host path, no kernel client. Built when librbd is found.
+ *
+ * - Extents come from rbd_diff_iterate2 over whole objects, read once per opened image: only allocated
+ *   objects are read, and inside them the engine's zero detection still applies.
+ * - Reads and writes are rbd_aio_* requests whose completions librbd delivers on its own thread into the
+ *   threads engine's completion ring (io_threads.c): no thread per request.
+ * - Zeroing is rbd_write_zeroes, which deallocates whole objects and zeroes the partial ends, so a
+ *   sparse src stays thin on dst. A plain discard is not used: with rbd_skip_partial_discard (the
+ *   default) a partial discard is silently dropped and would leave old data behind.
+ * - The flush is rbd_flush. librbd's own cache is turned off unless the caller's settings ask for it:
+ *   the engine keeps its own queue, and a write it counts as done must be on the OSDs at the flush. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <rados/librados.h>
+#include <rbd/librbd.h>
+
+#include "internal.h"
+
+/* Without a bound, an I/O to a stopped OSD waits for it forever; the caller's settings may change it. */
+#define DEFAULT_OSD_OP_TIMEOUT "120"
+
+struct vc_rbd;
+static int load_extents(struct vc_rbd *r);
+
+struct vc_rbd {
+    rados_t cluster;
+    rados_ioctx_t ioctx;
+    rbd_image_t image;
+    char *name;       /* the image's name, for rbd_remove */
+    char *snap;       /* the snapshot read, or NULL */
+    bool has_extents; /* extents below are the image's allocated objects, merged */
+    int64_t *extents; /* (offset, length) pairs, sorted */
+    uint64_t n_extents, cap_extents;
+};
+
+int vc_rbd_compiled(void)
+{
+    return 1;
+}
+
+static bool option_given(const struct vc_rbd_spec *spec, const char *key)
+{
+    for (uint32_t i = 0; i < spec->n_options; i++)
+        if (strcmp(spec->options[2 * i], key) == 0)
+            return true;
+    return false;
+}
+
+static int connect_cluster(struct vc_rbd *r, const struct vc_rbd_spec *spec, struct vc_error *e)
+{
+    char entity[256];
+    int rc;
+
+    snprintf(entity, sizeof(entity), "client.%s", spec->user ? spec->user : "admin");
+    rc = rados_create2(&r->cluster, "ceph", entity, 0);
+    if (rc < 0)
+        return vc_fail(e, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "cannot set up a Ceph client as %s", entity);
+    /* A conf that was named must be readable; the default search may find none (mon_host given). */
+    rc = rados_conf_read_file(r->cluster, spec->conf);
+    if (rc < 0 && spec->conf)
+        return vc_fail(e, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "cannot read the Ceph configuration %s: %s",
+                       spec->conf, strerror(-rc));
+    if (!option_given(spec, "rbd_cache"))
+        rados_conf_set(r->cluster, "rbd_cache", "false");
+    if (!option_given(spec, "rados_osd_op_timeout")) {
+        char current[32] = "";
+        if (rados_conf_get(r->cluster, "rados_osd_op_timeout", current, sizeof(current)) == 0 &&
+            strtod(current, NULL) == 0)
+            rados_conf_set(r->cluster, "rados_osd_op_timeout", DEFAULT_OSD_OP_TIMEOUT);
+    }
+    for (uint32_t i = 0; i < spec->n_options; i++) {
+        rc = rados_conf_set(r->cluster, spec->options[2 * i], spec->options[2 * i + 1]);
+        if (rc < 0)
+            return vc_fail(e, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "Ceph setting %s=%s is refused: %s",
+                           spec->options[2 * i], spec->options[2 * i + 1], strerror(-rc));
+    }
+    rc = rados_connect(r->cluster);
+    if (rc < 0)
+        return vc_fail(e, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "cannot connect to the Ceph cluster as %s: %s", entity,
+                       strerror(-rc));
+    rc = rados_ioctx_create(r->cluster, spec->pool, &r->ioctx);
+    if (rc < 0) {
+        r->ioctx = NULL;
+        return vc_fail(e, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "%s", rc == -ENOENT ? "the pool does not exist"
+                                                                                 : "cannot open the pool");
+    }
+    if (spec->pool_namespace)
+        rados_ioctx_set_namespace(r->ioctx, spec->pool_namespace);
+    return 0;
+}
+
+static int open_image(struct vc_rbd *r, const struct vc_rbd_spec *spec, int flags, uint64_t create_size,
+                      int *created, struct vc_error *e)
+{
+    int rc;
+
+    if (!(flags & VC_RBD_WRITE)) /* read-only: takes no exclusive lock from a guest that has the image open */
+        rc = rbd_open_read_only(r->ioctx, spec->image, &r->image, spec->snap);
+    else if (spec->snap)
+        return vc_fail(e, EROFS, VC_SIDE_NONE, VC_OP_SETUP, 0, "a snapshot cannot be written");
+    else
+        rc = rbd_open(r->ioctx, spec->image, &r->image, NULL);
+    if (rc == -ENOENT && (flags & VC_RBD_CREATE)) {
+        rbd_image_options_t options;
+        rbd_image_options_create(&options); /* the cluster's defaults: format 2, its features */
+        rc = rbd_create4(r->ioctx, spec->image, create_size, options);
+        rbd_image_options_destroy(options);
+        if (rc < 0)
+            return vc_fail(e, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "cannot create the image: %s", strerror(-rc));
+        *created = 1;
+        rc = rbd_open(r->ioctx, spec->image, &r->image, NULL);
+    }
+    if (rc < 0) {
+        r->image = NULL;
+        const char *what = rc != -ENOENT ? strerror(-rc)
+                           : spec->snap  ? "the image or its snapshot does not exist"
+                                         : "the image does not exist";
+        return vc_fail(e, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "%s", what);
+    }
+    return 0;
+}
+
+int vc_rbd_open(const struct vc_rbd_spec *spec, int flags, uint64_t create_size, struct vc_rbd **out, int *created,
+                struct vc_error *error)
+{
+    struct vc_rbd *r = calloc(1, sizeof(*r));
+    int rc;
+
+    memset(error, 0, sizeof(*error));
+    *out = NULL;
+    *created = 0;
+    if (!r || !(r->name = strdup(spec->image)) || (spec->snap && !(r->snap = strdup(spec->snap)))) {
+        if (r)
+            free(r->name);
+        free(r);
+        return vc_fail(error, ENOMEM, VC_SIDE_NONE, VC_OP_SETUP, 0, "out of memory");
+    }
+    rc = connect_cluster(r, spec, error);
+    if (rc == 0)
+        rc = open_image(r, spec, flags, create_size, created, error);
+    if (rc < 0) {
+        vc_rbd_close(r);
+        return rc;
+    }
+    *out = r;
+    return 0;
+}
+
+int vc_rbd_info(struct vc_rbd *r, struct vc_rbd_info *info)
+{
+    rbd_image_info_t stat;
+    struct timespec modified = {0, 0};
+    int rc;
+
+    memset(info, 0, sizeof(*info));
+    rc = rbd_stat(r->image, &stat, sizeof(stat));
+    if (rc < 0)
+        return rc;
+    info->size = stat.size;
+    info->object_size = stat.obj_size;
+    info->pool_id = rados_ioctx_get_id(r->ioctx);
+    rc = rbd_get_id(r->image, info->image_id, sizeof(info->image_id));
+    if (rc < 0)
+        return rc;
+    rc = rados_cluster_fsid(r->cluster, info->fsid, sizeof(info->fsid));
+    if (rc < 0)
+        return rc;
+    info->snap_id = UINT64_MAX;
+    if (r->snap) {
+        rc = rbd_snap_get_id(r->image, r->snap, &info->snap_id);
+        if (rc < 0)
+            return rc;
+    }
+    if (rbd_get_modify_timestamp(r->image, &modified) == 0) {
+        info->modified_sec = modified.tv_sec;
+        info->modified_nsec = modified.tv_nsec;
+    }
+    return 0;
+}
+
+int64_t vc_rbd_read(struct vc_rbd *r, void *buf, uint64_t len, uint64_t offset)
+{
+    return rbd_read(r->image, offset, len, buf);
+}
+
+void vc_rbd_close(struct vc_rbd *r)
+{
+    if (!r)
+        return;
+    if (r->image)
+        rbd_close(r->image);
+    if (r->ioctx)
+        rados_ioctx_destroy(r->ioctx);
+    if (r->cluster)
+        rados_shutdown(r->cluster);
+    free(r->extents);
+    free(r->name);
+    free(r->snap);
+    free(r);
+}
+
+int vc_rbd_remove(struct vc_rbd *r)
+{
+    int rc = 0;
+    if (r->image) {
+        rbd_close(r->image);
+        r->image = NULL;
+        rc = rbd_remove(r->ioctx, r->name);
+    }
+    vc_rbd_close(r);
+    return rc;
+}
+
+/* ---- a copy by the cluster itself ---- */
+
+static int replaceable(struct vc_rbd *src, struct vc_rbd *dst, struct vc_error *e)
+{
+    uint64_t src_size, dst_size;
+    int max_snaps = 1, rc;
+    rbd_snap_info_t snap;
+
+    if ((rc = rbd_get_size(src->image, &src_size)) < 0 || (rc = rbd_get_size(dst->image, &dst_size)) < 0 ||
+        (rc = load_extents(dst)) < 0)
+        return vc_fail(e, -rc, VC_SIDE_DST, VC_OP_SETUP, 0, "cannot inspect the images: %s", strerror(-rc));
+    if (src_size != dst_size)
+        return vc_fail(e, EEXIST, VC_SIDE_DST, VC_OP_SETUP, 0, "dst holds %llu bytes, src %llu: not replaced",
+                       (unsigned long long)dst_size, (unsigned long long)src_size);
+    if (dst->n_extents)
+        return vc_fail(e, EEXIST, VC_SIDE_DST, VC_OP_SETUP, (uint64_t)dst->extents[0],
+                       "dst holds data: not replaced");
+    /* Room for the list's terminator only: 0 when there is no snapshot, -ERANGE when there is one. */
+    rc = rbd_snap_list(dst->image, &snap, &max_snaps);
+    if (rc == -ERANGE)
+        return vc_fail(e, EEXIST, VC_SIDE_DST, VC_OP_SETUP, 0, "dst has snapshots: not replaced");
+    if (rc < 0)
+        return vc_fail(e, -rc, VC_SIDE_DST, VC_OP_SETUP, 0, "cannot list dst's snapshots: %s", strerror(-rc));
+    return 0;
+}
+
+int vc_rbd_deep_copy(struct vc_rbd *src, struct vc_rbd *dst, struct vc_error *error)
+{
+    rbd_image_options_t options;
+    int rc;
+
+    memset(error, 0, sizeof(*error));
+    rc = replaceable(src, dst, error);
+    if (rc < 0)
+        return rc;
+    rbd_close(dst->image);
+    dst->image = NULL;
+    dst->has_extents = false;
+    /* Refused (EBUSY) while anyone else has dst open: nothing is lost then. */
+    rc = rbd_remove(dst->ioctx, dst->name);
+    if (rc < 0) {
+        vc_fail(error, -rc, VC_SIDE_DST, VC_OP_SETUP, 0, "cannot replace dst: %s",
+                rc == -EBUSY ? "it is open elsewhere" : strerror(-rc));
+    } else {
+        rbd_image_options_create(&options);
+        rc = rbd_deep_copy(src->image, dst->ioctx, dst->name, options);
+        rbd_image_options_destroy(options);
+        if (rc < 0)
+            vc_fail(error, -rc, VC_SIDE_DST, VC_OP_WRITE, 0, "the cluster's deep copy failed: %s", strerror(-rc));
+    }
+    /* dst's handle stays usable whatever happened (a failed deep copy leaves a partial image to remove). */
+    int reopened = rbd_open(dst->ioctx, dst->name, &dst->image, NULL);
+    if (reopened < 0)
+        dst->image = NULL;
+    return rc < 0 ? rc : reopened;
+}
+
+/* ---- asynchronous I/O ---- */
+
+struct aio_call {
+    void (*done)(void *ctx, uint64_t tag, int64_t res);
+    void *ctx;
+    uint64_t tag;
+    uint32_t len;
+    bool write;
+};
+
+static void aio_complete(rbd_completion_t c, void *arg)
+{
+    struct aio_call *call = arg;
+    int64_t res = rbd_aio_get_return_value(c);
+    rbd_aio_release(c);
+    /* A write reports 0 on success: it wrote all of it. */
+    if (call->write && res == 0)
+        res = call->len;
+    call->done(call->ctx, call->tag, res);
+    free(call);
+}
+
+int vc_rbd_aio(struct vc_rbd *r, int op, void *buf, uint32_t len, uint64_t offset,
+               void (*done)(void *ctx, uint64_t tag, int64_t res), void *ctx, uint64_t tag)
+{
+    struct aio_call *call = malloc(sizeof(*call));
+    rbd_completion_t c;
+    int rc;
+
+    if (!call)
+        return -ENOMEM;
+    *call = (struct aio_call){.done = done, .ctx = ctx, .tag = tag, .len = len, .write = op == VC_OP_WRITE};
+    rc = rbd_aio_create_completion(call, aio_complete, &c);
+    if (rc < 0) {
+        free(call);
+        return rc;
+    }
+    rc = op == VC_OP_WRITE ? rbd_aio_write(r->image, offset, len, buf, c) : rbd_aio_read(r->image, offset, len, buf, c);
+    if (rc < 0) {
+        rbd_aio_release(c);
+        free(call);
+    }
+    return rc;
+}
+
+/* ---- the endpoint table ---- */
+
+static int add_extent(uint64_t off, size_t len, int exists, void *arg)
+{
+    struct vc_rbd *r = arg;
+    if (!exists)
+        return 0;
+    if (r->n_extents) {
+        int64_t *last = &r->extents[2 * (r->n_extents - 1)];
+        if ((uint64_t)(last[0] + last[1]) == off) {
+            last[1] += (int64_t)len;
+            return 0;
+        }
+    }
+    if (r->n_extents == r->cap_extents) {
+        uint64_t cap = r->cap_extents ? 2 * r->cap_extents : 256;
+        int64_t *grown = realloc(r->extents, cap * 2 * sizeof(int64_t));
+        if (!grown)
+            return -ENOMEM;
+        r->extents = grown;
+        r->cap_extents = cap;
+    }
+    r->extents[2 * r->n_extents] = (int64_t)off;
+    r->extents[2 * r->n_extents + 1] = (int64_t)len;
+    r->n_extents++;
+    return 0;
+}
+
+/* The allocated objects, the image's parent's included (a clone reads through to it). */
+static int load_extents(struct vc_rbd *r)
+{
+    uint64_t size;
+    int rc = rbd_get_size(r->image, &size);
+    if (rc < 0)
+        return rc;
+    r->n_extents = 0;
+    rc = rbd_diff_iterate2(r->image, NULL, 0, size, 1, 1, add_extent, r);
+    if (rc < 0)
+        return rc;
+    r->has_extents = true;
+    return 0;
+}
+
+static int rbd_next_data(const struct vc_endpoint *ep, uint64_t off, uint64_t end, uint64_t *start, uint64_t *stop)
+{
+    struct vc_rbd *r = ep->rbd;
+    if (!r->has_extents) {
+        int rc = load_extents(r);
+        if (rc < 0)
+            return rc;
+    }
+    /* the first extent that ends after off */
+    uint64_t lo = 0, hi = r->n_extents;
+    while (lo < hi) {
+        uint64_t mid = (lo + hi) / 2;
+        if ((uint64_t)(r->extents[2 * mid] + r->extents[2 * mid + 1]) <= off)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo == r->n_extents || (uint64_t)r->extents[2 * lo] >= end) {
+        *start = *stop = end;
+        return 0;
+    }
+    *start = VC_MAX(off, (uint64_t)r->extents[2 * lo]);
+    *stop = VC_MIN(end, (uint64_t)(r->extents[2 * lo] + r->extents[2 * lo + 1]));
+    return 0;
+}
+
+static int rbd_zero(const struct vc_endpoint *ep, uint64_t off, uint64_t len)
+{
+    ssize_t n = rbd_write_zeroes(ep->rbd->image, off, len, 0, 0);
+    return n < 0 ? (int)n : 0;
+}
+
+static int rbd_flush_image(const struct vc_endpoint *ep)
+{
+    return rbd_flush(ep->rbd->image);
+}
+
+static int rbd_size(const struct vc_endpoint *ep, uint64_t *size)
+{
+    return rbd_get_size(ep->rbd->image, size);
+}
+
+const struct vc_endpoint_ops vc_endpoint_rbd_ops = {
+    .name = "rbd",
+    .next_data = rbd_next_data,
+    .zero = rbd_zero,
+    .flush = rbd_flush_image,
+    .size = rbd_size,
+};
