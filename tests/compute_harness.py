@@ -419,6 +419,13 @@ class LibvirtGuest(Guest):
 
     def _xml(self, initramfs: Path) -> str:
         kind, attr = ("block", "dev") if self.volume.startswith("/dev/") else ("file", "file")
+        source = f"<source {attr}='{self.volume}'/>"
+        if self.volume.startswith("rbd:"):  # a network disk: QEMU opens the image through librbd
+            from volcopy.compute.rbd import from_name
+
+            image = from_name(self.volume)
+            hosts = "".join(f"<host name='{host}' port='{port}'/>" for host, port in image.servers)
+            kind, source = "network", f"<source protocol='rbd' name='{image.spec}'>{hosts}</source>"
         flags = "<shareable/>" if self.shared else ""
         flags += "<readonly/><shareable/>" if self.read_only else ""
         return f"""<domain type='qemu'>
@@ -430,7 +437,7 @@ class LibvirtGuest(Guest):
   <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>
   <devices><emulator>{QEMU}</emulator>
     <disk type='{kind}' device='disk'><driver name='qemu' type='raw' cache='none' io='native'/>
-      <source {attr}='{self.volume}'/><target dev='vda' bus='virtio'/>{flags}</disk>
+      {source}<target dev='vda' bus='virtio'/>{flags}</disk>
     <serial type='unix'><source mode='bind' path='{self.console_socket}'/><target port='0'/></serial>
     <memballoon model='none'/>
   </devices>

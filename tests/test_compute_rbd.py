@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import time
 import uuid
 
 import pytest
 
+import volcopy
 from compute_harness import (
     DST_ATT,
     INITIAL,
     SERVER,
+    SERVER_2,
     SRC_ATT,
     TOKEN,
     Agent,
@@ -82,22 +83,10 @@ class RbdVolumes:
         return {"driver_volume_type": "rbd", "data": fields | data}
 
     def copy(self) -> None:
-        """Cinder's copy of src onto dst while fenced, through librbd on both sides."""
-        subprocess.run(
-            [
-                "qemu-img",
-                "convert",
-                "-n",
-                "-f",
-                "raw",
-                "-O",
-                "raw",
-                f"{self.src}:conf={self.ceph.conf}",
-                f"{self.dst}:conf={self.ceph.conf}",
-            ],
-            check=True,
-            capture_output=True,
-        )
+        """Cinder's copy of src onto dst while fenced: the engine, through librbd on both sides."""
+        conf = f":conf={self.ceph.conf}"
+        result = volcopy.copy(self.src + conf, self.dst + conf)
+        assert result.size == SIZE
 
     def remove(self) -> None:
         for pool in (self.src_pool, self.dst_pool):
@@ -331,5 +320,46 @@ def test_a_wrong_pid_file_setting_is_an_error_never_stopped_with_an_rbd_src(rbd_
         rbd_guest.check_guest_reads_model()
         rbd_guest.stop()
         assert rbd_volumes.read_src() == rbd_guest.model
+    finally:
+        agent.stop()
+
+
+def test_the_libvirt_backend_refuses_rbd_volumes_and_changes_nothing(
+    make_guest, rbd_volumes, volumes, ceph, workdir
+):
+    """Not yet built: a libvirt domain's disk on an RBD image (a network disk) is not fenced, and a
+    domain's disk is not moved onto one. Each is 409 with the reason; the guest's writes all stay where
+    they were. (The QMP backend handles both: the tests above.)"""
+    monitors = ceph.mon_host.replace(":", "\\:")
+    on_rbd = make_guest("libvirt", "a", f"{rbd_volumes.src}:mon_host={monitors}", size=SIZE)
+    on_local = make_guest("libvirt", "b", volumes[0], server=SERVER_2)
+    entries = {SERVER: server_entry(on_rbd, SRC_ATT), SERVER_2: server_entry(on_local, "att-b")}
+    agent = Agent(workdir, entries, allowed_connectors=["rbd"])
+    agent.start()
+    try:
+        compute = NovaCompute(endpoint=agent.url, token=TOKEN)
+        on_rbd.start_writer()
+        with pytest.raises(ComputeConflict, match="the libvirt backend does not handle Ceph RBD volumes yet"):
+            compute.migration_start(SERVER, SRC_ATT)
+        assert compute.migration_state(SERVER, SRC_ATT)["state"] == "none"
+        assert on_rbd.chain() == [rbd_volumes.src]
+        on_rbd.stop_writer()
+        on_rbd.check_guest_reads_model()
+
+        on_local.start_writer()
+        gen = compute.migration_start(SERVER_2, "att-b")["generation"]
+        ceph.create_image(rbd_volumes.dst_pool, "large-enough", on_local.size)  # thin: costs nothing
+        info = rbd_volumes.connection_info(image="large-enough")
+        with pytest.raises(ComputeConflict, match="the libvirt backend does not handle Ceph RBD volumes yet"):
+            compute.migration_complete(SERVER_2, "att-b", DST_ATT, info, gen)
+        state = compute.migration_state(SERVER_2, "att-b")
+        assert (state["state"], state["new_attachment_id"]) == ("fenced", None)
+        compute.migration_cancel(SERVER_2, "att-b", gen)
+        wait_state(compute, "cancelled", attachment="att-b", server=SERVER_2)
+        on_local.stop_writer()
+        on_local.check_guest_reads_model()
+        assert on_local.chain() == [volumes[0]]
+        on_rbd.stop()
+        assert rbd_volumes.read_src() == on_rbd.model
     finally:
         agent.stop()

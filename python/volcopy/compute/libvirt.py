@@ -111,9 +111,12 @@ def _disk_element(dom: libvirt.virDomain, target: str, flags: int = 0) -> ET.Ele
 
 
 def _source_path(element: ET.Element) -> str | None:
+    """A file's or device's path; an RBD image (a network disk) as rbd:POOL/IMAGE."""
     source = element.find("source")
     if source is None:
         return None
+    if element.get("type") == "network" and source.get("protocol") == "rbd":
+        return f"rbd:{source.get('name')}"
     return source.get("file") or source.get("dev") or source.get("name")
 
 

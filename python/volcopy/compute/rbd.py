@@ -3,7 +3,8 @@ the image described to QEMU (its ``rbd`` block driver: no host path, no kernel c
 
 An image is named ``rbd:POOL/IMAGE`` (``rbd:POOL/NAMESPACE/IMAGE`` in a namespace), QEMU's spelling: the
 agent's records and a disk's chain use that name, and how to reach the cluster (monitors, user, conf
-file) travels beside it. A volume in the agent's configuration may add ``:conf=PATH`` and ``:id=USER``.
+file) travels beside it. A volume in the agent's configuration may add ``:conf=PATH``, ``:id=USER`` and
+``:mon_host=HOST\\:PORT[;...]`` (volcopy's spelling of an RBD volume, volcopy.rbd_volume).
 
 Cinder's RBD driver (initialize_connection) hands out::
 
@@ -178,20 +179,34 @@ def from_connection_info(connection_info: dict) -> RbdImage:
 
 
 def from_name(spelling: str) -> RbdImage:
-    """``rbd:POOL/IMAGE[:conf=PATH][:id=USER]`` (the agent's configuration) as an image."""
-    if not is_rbd_name(spelling):
-        raise MalformedRbdConnection(f"{spelling!r} is not an rbd: name")
-    first, *options = spelling.removeprefix(PREFIX).split(":")
-    pool, namespace, image = _split_name(first, f"{spelling!r}")
-    settings: dict[str, str] = {}
-    for option in options:
-        key, _, value = option.partition("=")
-        if key not in ("conf", "id") or not value or key in settings:
-            raise MalformedRbdConnection(
-                f"{spelling!r}: options after the image are ':conf=PATH' and ':id=USER', each once"
-            )
-        settings[key] = value
-    return RbdImage(pool, image, namespace, user=settings.get("id"), conf=settings.get("conf"))
+    """``rbd:POOL/IMAGE[:conf=PATH][:id=USER][:mon_host=HOST\\:PORT;...]`` (the agent's configuration,
+    in volcopy's spelling: volcopy.rbd_volume) as an image. A snapshot is refused: a guest's disk
+    that the handoff moves is writable."""
+    from ..errors import InvalidRequest
+    from ..rbd_volume import parse
+
+    try:
+        spec = parse(spelling)
+    except InvalidRequest as exc:
+        raise MalformedRbdConnection(str(exc)) from None
+    if spec.snap:
+        raise MalformedRbdConnection(f"{spelling!r}: a snapshot is read-only, not a guest's disk to move")
+    settings = dict(spec.options)
+    if set(settings) - {"mon_host"}:
+        raise MalformedRbdConnection(
+            f"{spelling!r}: the settings after the image may be conf, id and mon_host, not "
+            f"{', '.join(sorted(set(settings) - {'mon_host'}))}"
+        )
+    servers = []
+    for monitor in filter(None, settings.get("mon_host", "").split(",")):
+        host, _, port = monitor.rpartition(":")
+        if not host or not port.isdigit():
+            raise MalformedRbdConnection(f"{spelling!r}: mon_host {monitor!r} is not HOST:PORT")
+        servers.append((host.strip("[]"), port))
+    for part in (spec.pool, spec.namespace, spec.image):
+        if part and not _NAME_PART.match(part):
+            raise MalformedRbdConnection(f"{spelling!r}: names without '/', '@', ':', spaces or backslashes")
+    return RbdImage(spec.pool, spec.image, spec.namespace, tuple(servers), spec.user, conf=spec.conf)
 
 
 def name_of_node(options: dict) -> str | None:
