@@ -216,7 +216,8 @@ MALFORMED = [
     ({"auth_enabled": True}, "data.auth_enabled needs data.auth_username"),
     ({"auth_enabled": "yes"}, "data.auth_enabled must be true or false"),
     ({"auth_username": 7}, "data.auth_username must be a non-empty string"),
-    ({"keyring": "[client.cinder]\n"}, "data.keyring holds no 'key = ...' line"),
+    ({"keyring": ["[client.cinder]"]}, "data.keyring must be a non-empty string"),
+    ({"secret_uuid": ""}, "data.secret_uuid must be a non-empty string"),
     ({"format": "qcow2"}, "an RBD image is a raw volume"),
 ]
 

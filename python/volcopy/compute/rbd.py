@@ -13,9 +13,10 @@ Cinder's RBD driver (initialize_connection) hands out::
               "cluster_name": "ceph", "auth_enabled": true, "auth_username": "cinder",
               "secret_type": "ceph", "secret_uuid": "...", "volume_id": "...", "discard": true}}
 
-and, from older releases or cinderlib, ``keyring`` (the keyring file's text). Since Victoria (OSSN-0085)
-it no longer sends the keyring: with cephx, QEMU's librados then finds the key where os-brick looks
-(``/etc/ceph/CLUSTER.client.USER.keyring``), and libvirt by ``secret_uuid``.
+and, from older releases or cinderlib, ``keyring`` (the keyring file's text). Since Victoria (OSSN-0085:
+a key does not belong in a message) it no longer sends it, and the agent does not use one it is sent:
+with cephx, QEMU's librados finds the key of ``client.USER`` on the host, where os-brick looks too
+(``/etc/ceph/CLUSTER.client.USER.keyring``); Nova's libvirt finds it by ``secret_uuid``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from dataclasses import dataclass
 PREFIX = "rbd:"
 # what an image's or pool's name may hold here: QEMU's legacy filename and ours use / @ : as separators
 _NAME_PART = re.compile(r"^[^/@:\s\\]+$")
-_KEY = re.compile(r"^\s*key\s*=\s*(\S+)\s*$", re.MULTILINE)
 
 
 class MalformedRbdConnection(ValueError):
@@ -43,8 +43,6 @@ class RbdImage:
     user: str | None = None  # the cephx user without "client." (Cinder's auth_username)
     auth: bool | None = None  # cephx required (True), refused (False: "none"), or librados's default
     conf: str | None = None  # a ceph.conf for librados; none: librados's default search
-    key: str | None = None  # the cephx key, from a keyring in connection_info (base64)
-    secret_uuid: str | None = None  # the libvirt secret holding the key (Nova's)
 
     @property
     def name(self) -> str:
@@ -52,9 +50,8 @@ class RbdImage:
         middle = f"{self.namespace}/" if self.namespace else ""
         return f"{PREFIX}{self.pool}/{middle}{self.image}"
 
-    def blockdev(self, key_secret: str | None = None) -> dict:
-        """QEMU's rbd node options (blockdev-add's BlockdevOptionsRbd, without driver and node-name).
-        key_secret: the id of a QEMU secret object that holds self.key."""
+    def blockdev(self) -> dict:
+        """QEMU's rbd node options (blockdev-add's BlockdevOptionsRbd, without driver and node-name)."""
         options: dict = {"pool": self.pool, "image": self.image}
         if self.namespace:
             options["namespace"] = self.namespace
@@ -66,8 +63,6 @@ class RbdImage:
             options["conf"] = self.conf
         if self.auth is not None:
             options["auth-client-required"] = ["cephx"] if self.auth else ["none"]
-        if key_secret:
-            options["key-secret"] = key_secret
         return options
 
     def qemu_filename(self) -> str:
@@ -77,7 +72,7 @@ class RbdImage:
         return "json:" + json.dumps({"driver": "raw", "file": {"driver": "rbd", **self.blockdev()}})
 
     def cli_args(self) -> list[str]:
-        """The rbd command's options that reach this image's cluster (without the key)."""
+        """The rbd command's options that reach this image's cluster."""
         args = []
         if self.conf:
             args += ["--conf", self.conf]
@@ -139,13 +134,6 @@ def _servers(data: dict) -> tuple[tuple[str, str], ...]:
     return tuple(servers)
 
 
-def _key_of(keyring: str) -> str:
-    match = _KEY.search(keyring)
-    if not match:
-        raise MalformedRbdConnection("RBD connection_info: data.keyring holds no 'key = ...' line")
-    return match.group(1)
-
-
 def from_connection_info(connection_info: dict) -> RbdImage:
     """The image Cinder's RBD connection_info describes; MalformedRbdConnection says what is wrong."""
     data = connection_info.get("data")
@@ -161,8 +149,7 @@ def from_connection_info(connection_info: dict) -> RbdImage:
     user = _optional_str(data, "auth_username")
     if auth and not user:
         raise MalformedRbdConnection("RBD connection_info: data.auth_enabled needs data.auth_username")
-    keyring = _optional_str(data, "keyring")
-    for key in ("cluster_name", "secret_uuid", "secret_type", "volume_id"):
+    for key in ("cluster_name", "secret_uuid", "secret_type", "volume_id", "keyring"):
         _optional_str(data, key)
     if data.get("format", "raw") != "raw":
         raise MalformedRbdConnection("RBD connection_info: an RBD image is a raw volume (data.format)")
@@ -173,8 +160,6 @@ def from_connection_info(connection_info: dict) -> RbdImage:
         servers=_servers(data),
         user=user,
         auth=auth,
-        key=_key_of(keyring) if keyring else None,
-        secret_uuid=data.get("secret_uuid"),
     )
 
 
