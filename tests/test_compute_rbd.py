@@ -1,8 +1,9 @@
 """The compute handoff with Ceph RBD volumes, on a real single-node Ceph (tests/ceph_cluster.py) and a
-real QEMU guest whose disk is an RBD image opened by QEMU's rbd driver: start fences src with a local
-qcow2 overlay above the guest's rbd node, complete opens dst (an image in another pool, named by
-Cinder's RBD connection_info) as a QEMU rbd node with no host path, cancel merges the guest's writes back
-into src. The guest writes all along, and its disk must end up holding every write."""
+real guest whose disk is an RBD image opened by QEMU's rbd driver, in a QEMU the agent reaches over QMP
+or in a libvirt domain (a network disk): start fences src with a local qcow2 overlay above the guest's
+rbd node, complete opens dst (an image in another pool, named by Cinder's RBD connection_info) through
+librbd with no host path, cancel merges the guest's writes back into src. The guest writes all along,
+and its disk must end up holding every write."""
 
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ import pytest
 
 import volcopy
 from compute_harness import (
+    BACKENDS,
     DST_ATT,
     INITIAL,
     SERVER,
-    SERVER_2,
     SRC_ATT,
     TOKEN,
     Agent,
+    LibvirtGuest,
     needs_guest,
     overlay_files,
     server_entry,
@@ -30,6 +32,7 @@ from compute_harness import (
 )
 from conftest import MiB
 from volcopy.compute import ComputeBadRequest, ComputeConflict, NovaCompute
+from volcopy.compute.rbd import name_of_node
 
 pytestmark = needs_guest
 
@@ -101,9 +104,16 @@ def rbd_volumes(ceph):
 
 
 @pytest.fixture
-def rbd_guest(make_guest, rbd_volumes, ceph):
-    """The guest, its disk on src through QEMU's rbd driver (the cluster's address from ceph.conf)."""
-    return make_guest("qmp", "a", f"{rbd_volumes.src}:conf={ceph.conf}", size=SIZE)
+def rbd_guest(request, make_guest, rbd_volumes, ceph):
+    """The guest, its disk on src through QEMU's rbd driver; over QMP the cluster's address comes from
+    ceph.conf, in a libvirt domain (a network disk) from its monitors. Its backend is the parameter
+    ("qmp" unless parametrized)."""
+    backend = getattr(request, "param", "qmp")
+    if backend == "qmp":
+        volume = f"{rbd_volumes.src}:conf={ceph.conf}"
+    else:
+        volume = f"{rbd_volumes.src}:mon_host={ceph.mon_host.replace(':', chr(92) + ':')}"
+    return make_guest(backend, "a", volume, size=SIZE)
 
 
 @pytest.fixture
@@ -114,8 +124,18 @@ def rbd_compute(workdir, rbd_guest):
     agent.stop()
 
 
+def chain(guest) -> list[str]:
+    """The guest's disk chain, top first: a file's path, an RBD image's rbd:POOL/IMAGE."""
+    if isinstance(guest, LibvirtGuest):
+        return guest.chain()
+    return [
+        node if isinstance(node, str) else name_of_node(node) or node["file"]["filename"]
+        for node in disk_nodes(guest)
+    ]
+
+
 def disk_nodes(guest) -> list[dict]:
-    """The options of each image in the guest's disk chain, top first, as QEMU describes them."""
+    """The options of each image in a QMP guest's disk chain, top first, as QEMU describes them."""
     images = []
     blocks = guest.monitor.cmd("query-block")
     image = next(b for b in blocks if b["qdev"].startswith(f"/machine/peripheral/{guest.qdev}/"))
@@ -127,12 +147,13 @@ def disk_nodes(guest) -> list[dict]:
     return images
 
 
+@pytest.mark.parametrize("rbd_guest", BACKENDS, indirect=True)
 @pytest.mark.parametrize("prepared", [False, True], ids=["", "prepared"])
 def test_complete_moves_the_guest_onto_an_rbd_dst_with_every_write(
     rbd_guest, rbd_compute, rbd_volumes, prepared
 ):
     """prepared: dst named ahead of the copy (prepare), as the Cinder side does; complete then only
-    switches."""
+    switches (on libvirt the block copy into a new overlay over dst runs from prepare on)."""
     guest, compute, volumes = rbd_guest, rbd_compute, rbd_volumes
     guest.start_writer()
     time.sleep(0.3)
@@ -142,14 +163,13 @@ def test_complete_moves_the_guest_onto_an_rbd_dst_with_every_write(
     assert started["data_location"].startswith("overlay ")
     assert started["data_location"].endswith(f"over src {volumes.src}")
     gen = started["generation"]
-    overlay, below = disk_nodes(guest)
-    assert isinstance(overlay, dict) and overlay["file"]["filename"].endswith(f"-{gen}.qcow2")
-    assert below["file"]["driver"] == "rbd" and below["file"]["pool"] == volumes.src_pool
+    overlay, below = chain(guest)
+    assert overlay.endswith(f"-{gen}.qcow2") and below == volumes.src
     at_start = volumes.read_src()
     if prepared:
         ready = compute.migration_prepare(SERVER, SRC_ATT, DST_ATT, volumes.connection_info(), gen)
         assert (ready["state"], ready["new_attachment_id"], ready["reason"]) == ("fenced", DST_ATT, None)
-        assert len(disk_nodes(guest)) == 2, "dst was opened before complete"
+        assert chain(guest) == [overlay, volumes.src], "dst was opened before complete"
 
     volumes.copy()  # while the guest keeps writing, into the overlay
     time.sleep(0.3)
@@ -166,15 +186,18 @@ def test_complete_moves_the_guest_onto_an_rbd_dst_with_every_write(
     assert guest.errors == [] and guest.io_status_ok()
     assert len(guest.writes) > 50
     guest.check_guest_reads_model()
-    [only] = disk_nodes(guest)  # the overlay merged: the disk is dst's rbd node, no host path
-    assert (only["file"]["driver"], only["file"]["pool"]) == ("rbd", volumes.dst_pool)
-    assert only["file"]["image"] == volumes.dst_image and "filename" not in only["file"]
+    assert chain(guest) == [volumes.dst]  # the overlay merged
+    if not isinstance(guest, LibvirtGuest):  # dst's rbd node: QEMU opened it, no host path
+        [only] = disk_nodes(guest)
+        assert (only["file"]["driver"], only["file"]["pool"]) == ("rbd", volumes.dst_pool)
+        assert only["file"]["image"] == volumes.dst_image and "filename" not in only["file"]
     assert compute.attachments(SERVER) == [{"id": DST_ATT, "serverId": SERVER, "device_path": volumes.dst}]
     assert volumes.read_src() == at_start, "src was written after its fence"
     guest.stop()
     assert volumes.read_dst() == guest.model, "dst does not hold src-at-start plus every write"
 
 
+@pytest.mark.parametrize("rbd_guest", BACKENDS, indirect=True)
 def test_cancel_leaves_the_guest_on_its_rbd_src_with_every_write(
     rbd_guest, rbd_compute, rbd_volumes, workdir
 ):
@@ -189,8 +212,7 @@ def test_cancel_leaves_the_guest_on_its_rbd_src_with_every_write(
     assert cancelled["state"] in ("cancelling", "cancelled")
     wait_state(compute, "cancelled")
     assert overlay_files(workdir / "overlays") == [], "the overlay was left"
-    [only] = disk_nodes(guest)
-    assert (only["file"]["driver"], only["file"]["pool"]) == ("rbd", volumes.src_pool)
+    assert chain(guest) == [volumes.src]
     time.sleep(0.2)  # the guest writes on, to src again
     guest.stop_writer()
 
@@ -236,7 +258,7 @@ def test_a_malformed_rbd_connection_info_is_400_and_changes_nothing(rbd_guest, r
             assert refused.value.status == 400
     state = compute.migration_state(SERVER, SRC_ATT)
     assert (state["state"], state["new_attachment_id"]) == ("fenced", None)
-    assert len(disk_nodes(rbd_guest)) == 2  # still overlay -> src
+    assert chain(rbd_guest)[1:] == [volumes.src]  # still overlay -> src
 
 
 def test_an_rbd_dst_that_cannot_hold_the_disk_is_refused_and_the_guest_stays_on_src(
@@ -257,7 +279,7 @@ def test_an_rbd_dst_that_cannot_hold_the_disk_is_refused_and_the_guest_stays_on_
             compute.migration_complete(SERVER, SRC_ATT, DST_ATT, info, gen)
         state = compute.migration_state(SERVER, SRC_ATT)
         assert (state["state"], state["new_attachment_id"]) == ("fenced", None)
-        assert len(disk_nodes(guest)) == 2
+        assert chain(guest)[1:] == [volumes.src]
     compute.migration_cancel(SERVER, SRC_ATT, gen)
     wait_state(compute, "cancelled")
     guest.stop_writer()
@@ -266,13 +288,16 @@ def test_an_rbd_dst_that_cannot_hold_the_disk_is_refused_and_the_guest_stays_on_
     assert volumes.read_src() == guest.model
 
 
+@pytest.mark.parametrize("rbd_guest", ["qmp", "libvirt-persistent"], indirect=True)
 @pytest.mark.parametrize("ending", ["complete", "cancel"])
 def test_guest_shut_down_while_fenced_is_merged_offline_into_an_rbd_image(
     rbd_guest, rbd_compute, rbd_volumes, workdir, ending
 ):
-    """The guest shuts down while fenced: the agent sees its pid file unlocked and, through the image's
-    watchers (``rbd status``), that no QEMU has src open any more; the overlay is then merged with
-    qemu-img, through librbd, into dst (complete) or src (cancel)."""
+    """The guest shuts down while fenced: the agent sees QEMU gone (its pid file unlocked, or libvirt)
+    and, through the image's watchers (``rbd status``), that no QEMU has src open any more; the overlay
+    is then merged with qemu-img, through librbd, into dst (complete) or src (cancel). A persistent
+    domain's definition (the overlay over src while fenced) is then on that image alone, a network
+    disk: started again, the guest boots there with every write."""
     guest, compute, volumes = rbd_guest, rbd_compute, rbd_volumes
     guest.start_writer()
     gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
@@ -301,6 +326,29 @@ def test_guest_shut_down_while_fenced_is_merged_offline_into_an_rbd_image(
         assert volumes.read_dst() == at_start  # the copy, and nothing else
     assert guest.errors == [] and len(guest.writes) > 10
     assert overlay_files(workdir / "overlays") == []
+    if isinstance(guest, LibvirtGuest):
+        if ending == "complete":
+            boot_again_on(guest, volumes.dst, volumes.read_dst)
+        else:
+            boot_again_on(guest, volumes.src, volumes.read_src)
+
+
+def boot_again_on(guest: LibvirtGuest, image: str, read) -> None:
+    """A persistent domain started again from its definition boots on the RBD image alone and reads
+    every write it ever made; a write then lands in the image (read() reads it whole)."""
+    import libvirt
+
+    assert guest.chain(libvirt.VIR_DOMAIN_XML_INACTIVE) == [image]
+    guest.boot()
+    assert guest.chain() == [image]
+    guest.check_guest_reads_model()
+    guest.start_writer()
+    time.sleep(0.2)
+    guest.stop_writer()
+    assert guest.errors == []
+    guest.check_guest_reads_model()
+    guest.stop()
+    assert read() == guest.model, f"{image} lacks some of the guest's writes"
 
 
 def test_a_wrong_pid_file_setting_is_an_error_never_stopped_with_an_rbd_src(rbd_guest, rbd_volumes, workdir):
@@ -321,46 +369,5 @@ def test_a_wrong_pid_file_setting_is_an_error_never_stopped_with_an_rbd_src(rbd_
         rbd_guest.check_guest_reads_model()
         rbd_guest.stop()
         assert rbd_volumes.read_src() == rbd_guest.model
-    finally:
-        agent.stop()
-
-
-def test_the_libvirt_backend_refuses_rbd_volumes_and_changes_nothing(
-    make_guest, rbd_volumes, volumes, ceph, workdir
-):
-    """Not yet built: a libvirt domain's disk on an RBD image (a network disk) is not fenced, and a
-    domain's disk is not moved onto one. Each is 409 with the reason; the guest's writes all stay where
-    they were. (The QMP backend handles both: the tests above.)"""
-    monitors = ceph.mon_host.replace(":", "\\:")
-    on_rbd = make_guest("libvirt", "a", f"{rbd_volumes.src}:mon_host={monitors}", size=SIZE)
-    on_local = make_guest("libvirt", "b", volumes[0], server=SERVER_2)
-    entries = {SERVER: server_entry(on_rbd, SRC_ATT), SERVER_2: server_entry(on_local, "att-b")}
-    agent = Agent(workdir, entries, allowed_connectors=["rbd"])
-    agent.start()
-    try:
-        compute = NovaCompute(endpoint=agent.url, token=TOKEN)
-        on_rbd.start_writer()
-        with pytest.raises(ComputeConflict, match="the libvirt backend does not handle Ceph RBD volumes yet"):
-            compute.migration_start(SERVER, SRC_ATT)
-        assert compute.migration_state(SERVER, SRC_ATT)["state"] == "none"
-        assert on_rbd.chain() == [rbd_volumes.src]
-        on_rbd.stop_writer()
-        on_rbd.check_guest_reads_model()
-
-        on_local.start_writer()
-        gen = compute.migration_start(SERVER_2, "att-b")["generation"]
-        ceph.create_image(rbd_volumes.dst_pool, "large-enough", on_local.size)  # thin: costs nothing
-        info = rbd_volumes.connection_info(image="large-enough")
-        with pytest.raises(ComputeConflict, match="the libvirt backend does not handle Ceph RBD volumes yet"):
-            compute.migration_complete(SERVER_2, "att-b", DST_ATT, info, gen)
-        state = compute.migration_state(SERVER_2, "att-b")
-        assert (state["state"], state["new_attachment_id"]) == ("fenced", None)
-        compute.migration_cancel(SERVER_2, "att-b", gen)
-        wait_state(compute, "cancelled", attachment="att-b", server=SERVER_2)
-        on_local.stop_writer()
-        on_local.check_guest_reads_model()
-        assert on_local.chain() == [volumes[0]]
-        on_rbd.stop()
-        assert rbd_volumes.read_src() == on_rbd.model
     finally:
         agent.stop()

@@ -43,6 +43,7 @@ class RbdImage:
     user: str | None = None  # the cephx user without "client." (Cinder's auth_username)
     auth: bool | None = None  # cephx required (True), refused (False: "none"), or librados's default
     conf: str | None = None  # a ceph.conf for librados; none: librados's default search
+    secret_uuid: str | None = None  # the libvirt secret holding the user's key (Nova's), for libvirt
 
     @property
     def name(self) -> str:
@@ -160,6 +161,7 @@ def from_connection_info(connection_info: dict) -> RbdImage:
         servers=_servers(data),
         user=user,
         auth=auth,
+        secret_uuid=data.get("secret_uuid"),
     )
 
 
@@ -194,6 +196,14 @@ def from_name(spelling: str) -> RbdImage:
     return RbdImage(spec.pool, spec.image, spec.namespace, tuple(servers), spec.user, conf=spec.conf)
 
 
+def recorded_image(path: str | None, recorded: str | None) -> RbdImage | None:
+    """The RBD image the agent recorded a volume by (its JSON of connection_info and os-brick's
+    device_info), or None for a host path."""
+    if not is_rbd_name(path) or not recorded:
+        return None
+    return from_connection_info(json.loads(recorded)["connection_info"])
+
+
 def name_of_node(options: dict) -> str | None:
     """The rbd: name of an image from QEMU's description of a node (its json: filename's options,
     nested or flattened), or None when the node is not an rbd image."""
@@ -211,4 +221,5 @@ __all__ = [
     "from_name",
     "is_rbd_name",
     "name_of_node",
+    "recorded_image",
 ]

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from ...migration.failpoints import failpoint
 from ...volume import size_of
-from ..rbd import RbdImage, from_connection_info, is_rbd_name, name_of_node
+from ..rbd import RbdImage, name_of_node, recorded_image
 from .hypervisor import Hypervisor, HypervisorNotRunning
 from .qmp import QemuError, QemuGone, Qmp
 from .state import Disk, VolumeMigration
@@ -112,14 +112,6 @@ def rbd_watched(image: RbdImage) -> bool:
     if done.returncode != 0:
         raise QemuError(f"rbd status {image.spec}: {done.stderr.strip()}")
     return bool(json.loads(done.stdout).get("watchers"))
-
-
-def dst_image(m: VolumeMigration) -> RbdImage | None:
-    """The RBD image complete moves the disk onto, from the connection_info it was given; None when dst
-    is a host path."""
-    if not is_rbd_name(m.dst_path):
-        return None
-    return from_connection_info(json.loads(m.dst_connection)["connection_info"])
 
 
 def pid_holding(pidfile: str) -> int | None:
@@ -365,7 +357,8 @@ class QemuServer(Hypervisor):
             raise QemuError(f"the overlay is not on top of the disk (it is on {self.top_node(disk.qdev)})")
         backing = nodes.get(n["overlay"], {}).get("backing_file")
         if n["overlay"] in nodes and (backing is None or _plain_filename(backing) != m.dst_path):
-            self.add_volume(n["dst"], m.dst_path, m.dst_format, m.dst_discard, dst_image(m))
+            dst_image = recorded_image(m.dst_path, m.dst_connection)
+            self.add_volume(n["dst"], m.dst_path, m.dst_format, m.dst_discard, dst_image)
             failpoint("agent-before-repoint")
             self.repoint_backing(n["overlay"], n["overlay_file"], n["dst"])
         return m.overlay_path
@@ -381,7 +374,8 @@ class QemuServer(Hypervisor):
     def move_read_only(self, disk: Disk, m: VolumeMigration) -> None:
         if m.dst_format != "raw":
             raise QemuError("a read-only disk moves onto a raw volume only")
-        self.move_read_only_disk(disk.node, names(m)["dst_file"], m.dst_path, dst_image(m))
+        dst_image = recorded_image(m.dst_path, m.dst_connection)
+        self.move_read_only_disk(disk.node, names(m)["dst_file"], m.dst_path, dst_image)
         if _plain_filename(self.nodes()[disk.node].get("file", "")) != m.dst_path:
             raise QemuError(f"node {disk.node} does not read {m.dst_path} after the switch")
 
