@@ -13,11 +13,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#include <rados/librados.h>
-#include <rbd/librbd.h>
+#include <unistd.h>
 
 #include "internal.h"
+#include "rbd_library.h"
 
 /* Without a bound, an I/O to a stopped OSD waits for it forever; the caller's settings may change it. */
 #define DEFAULT_OSD_OP_TIMEOUT "120"
@@ -55,41 +54,101 @@ static int connect_cluster(struct vc_rbd *r, const struct vc_rbd_spec *spec, str
     int rc;
 
     snprintf(entity, sizeof(entity), "client.%s", spec->user ? spec->user : "admin");
-    rc = rados_create2(&r->cluster, "ceph", entity, 0);
+    rc = vc_librbd.rados_create2(&r->cluster, "ceph", entity, 0);
     if (rc < 0)
         return vc_fail(e, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "cannot set up a Ceph client as %s", entity);
     /* A conf that was named must be readable; the default search may find none (mon_host given). */
-    rc = rados_conf_read_file(r->cluster, spec->conf);
+    rc = vc_librbd.rados_conf_read_file(r->cluster, spec->conf);
     if (rc < 0 && spec->conf)
         return vc_fail(e, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "cannot read the Ceph configuration %s: %s",
                        spec->conf, strerror(-rc));
+    /* CEPH_ARGS, as every Ceph client takes it: settings for a host without a conf to edit. */
+    rc = vc_librbd.rados_conf_parse_env(r->cluster, NULL);
+    if (rc < 0)
+        return vc_fail(e, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "CEPH_ARGS is refused: %s", strerror(-rc));
     if (!option_given(spec, "rbd_cache"))
-        rados_conf_set(r->cluster, "rbd_cache", "false");
+        vc_librbd.rados_conf_set(r->cluster, "rbd_cache", "false");
+    /* librbd copies every buffer handed to rbd_aio_write unless told not to (rbd_disable_zero_copy_writes
+     * defaults to true). Told not to, it completes a write only once the last reference to the buffer
+     * is dropped, so the engine never reuses a slot under it, and it copies again by itself where a
+     * cache holds written data. Not copying saves a memcpy and a fresh allocation of every block
+     * written: 1 GiB dense image to image, 5 interleaved rounds, the client's CPU 1.53 -> 1.33 s
+     * (memcpy 13.7% -> 6.4% of its samples), peak RSS 160-169 -> 129-130 MiB, wall 2.83 -> 2.59 s. */
+    if (!option_given(spec, "rbd_disable_zero_copy_writes"))
+        vc_librbd.rados_conf_set(r->cluster, "rbd_disable_zero_copy_writes", "false");
     if (!option_given(spec, "rados_osd_op_timeout")) {
         char current[32] = "";
-        if (rados_conf_get(r->cluster, "rados_osd_op_timeout", current, sizeof(current)) == 0 &&
+        if (vc_librbd.rados_conf_get(r->cluster, "rados_osd_op_timeout", current, sizeof(current)) == 0 &&
             strtod(current, NULL) == 0)
-            rados_conf_set(r->cluster, "rados_osd_op_timeout", DEFAULT_OSD_OP_TIMEOUT);
+            vc_librbd.rados_conf_set(r->cluster, "rados_osd_op_timeout", DEFAULT_OSD_OP_TIMEOUT);
     }
     for (uint32_t i = 0; i < spec->n_options; i++) {
-        rc = rados_conf_set(r->cluster, spec->options[2 * i], spec->options[2 * i + 1]);
+        rc = vc_librbd.rados_conf_set(r->cluster, spec->options[2 * i], spec->options[2 * i + 1]);
         if (rc < 0)
             return vc_fail(e, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "Ceph setting %s=%s is refused: %s",
                            spec->options[2 * i], spec->options[2 * i + 1], strerror(-rc));
     }
-    rc = rados_connect(r->cluster);
+    rc = vc_librbd.rados_connect(r->cluster);
     if (rc < 0)
         return vc_fail(e, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "cannot connect to the Ceph cluster as %s: %s", entity,
                        strerror(-rc));
-    rc = rados_ioctx_create(r->cluster, spec->pool, &r->ioctx);
+    rc = vc_librbd.rados_ioctx_create(r->cluster, spec->pool, &r->ioctx);
     if (rc < 0) {
         r->ioctx = NULL;
         return vc_fail(e, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "%s", rc == -ENOENT ? "the pool does not exist"
                                                                                  : "cannot open the pool");
     }
     if (spec->pool_namespace)
-        rados_ioctx_set_namespace(r->ioctx, spec->pool_namespace);
+        vc_librbd.rados_ioctx_set_namespace(r->ioctx, spec->pool_namespace);
     return 0;
+}
+
+/* librbd's exclusive lock is cooperative: a guest's QEMU would hand it over at our first write and
+ * take it back at its next, both writing. So an image someone else has open (a watch besides ours) is
+ * refused, as O_EXCL refuses a block device that is mounted or held.
+ *
+ * A client that died (a copy SIGKILLed, to be resumed) leaves its watch behind until the OSD's
+ * osd_client_watch_timeout lapses: wait that long (plus a margin) for other watches to go before
+ * refusing. A live client keeps its watch, and is refused at the end. */
+static int other_clients(struct vc_rbd *r, size_t *n_other)
+{
+    rbd_image_watcher_t watchers[8];
+    size_t n = 8;
+    int rc = vc_librbd.rbd_watchers_list(r->image, watchers, &n);
+    if (rc == -ERANGE) { /* more than 8 */
+        *n_other = n - 1;
+        return 0;
+    }
+    if (rc < 0)
+        return rc;
+    vc_librbd.rbd_watchers_list_cleanup(watchers, n);
+    *n_other = n ? n - 1 : 0; /* ours is one of them */
+    return 0;
+}
+
+static int check_not_in_use(struct vc_rbd *r, uint32_t own_clients, struct vc_error *e)
+{
+    char timeout[32] = "";
+    size_t n_other = 0;
+    int rc;
+
+    if (vc_librbd.rados_conf_get(r->cluster, "osd_client_watch_timeout", timeout, sizeof(timeout)) < 0)
+        snprintf(timeout, sizeof(timeout), "30");
+    uint64_t deadline = vc_now_ns() + (uint64_t)((strtod(timeout, NULL) + 2) * 1e9);
+    for (;;) {
+        rc = other_clients(r, &n_other);
+        if (rc < 0)
+            return vc_fail(e, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "cannot list the image's clients: %s",
+                           strerror(-rc));
+        if (n_other <= own_clients)
+            return 0;
+        if (vc_now_ns() >= deadline)
+            break;
+        usleep(500 * 1000);
+    }
+    return vc_fail(e, EBUSY, VC_SIDE_NONE, VC_OP_SETUP, 0,
+                   "the image is open elsewhere (%zu other clients, still there after %s s): it is not written "
+                   "under them", n_other, timeout);
 }
 
 static int open_image(struct vc_rbd *r, const struct vc_rbd_spec *spec, int flags, uint64_t create_size,
@@ -98,20 +157,20 @@ static int open_image(struct vc_rbd *r, const struct vc_rbd_spec *spec, int flag
     int rc;
 
     if (!(flags & VC_RBD_WRITE)) /* read-only: takes no exclusive lock from a guest that has the image open */
-        rc = rbd_open_read_only(r->ioctx, spec->image, &r->image, spec->snap);
+        rc = vc_librbd.rbd_open_read_only(r->ioctx, spec->image, &r->image, spec->snap);
     else if (spec->snap)
         return vc_fail(e, EROFS, VC_SIDE_NONE, VC_OP_SETUP, 0, "a snapshot cannot be written");
     else
-        rc = rbd_open(r->ioctx, spec->image, &r->image, NULL);
+        rc = vc_librbd.rbd_open(r->ioctx, spec->image, &r->image, NULL);
     if (rc == -ENOENT && (flags & VC_RBD_CREATE)) {
         rbd_image_options_t options;
-        rbd_image_options_create(&options); /* the cluster's defaults: format 2, its features */
-        rc = rbd_create4(r->ioctx, spec->image, create_size, options);
-        rbd_image_options_destroy(options);
+        vc_librbd.rbd_image_options_create(&options); /* the cluster's defaults: format 2, its features */
+        rc = vc_librbd.rbd_create4(r->ioctx, spec->image, create_size, options);
+        vc_librbd.rbd_image_options_destroy(options);
         if (rc < 0)
             return vc_fail(e, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "cannot create the image: %s", strerror(-rc));
         *created = 1;
-        rc = rbd_open(r->ioctx, spec->image, &r->image, NULL);
+        rc = vc_librbd.rbd_open(r->ioctx, spec->image, &r->image, NULL);
     }
     if (rc < 0) {
         r->image = NULL;
@@ -120,18 +179,22 @@ static int open_image(struct vc_rbd *r, const struct vc_rbd_spec *spec, int flag
                                          : "the image does not exist";
         return vc_fail(e, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "%s", what);
     }
-    return 0;
+    return (flags & VC_RBD_WRITE) && !*created ? check_not_in_use(r, spec->own_clients, e) : 0;
 }
 
 int vc_rbd_open(const struct vc_rbd_spec *spec, int flags, uint64_t create_size, struct vc_rbd **out, int *created,
                 struct vc_error *error)
 {
-    struct vc_rbd *r = calloc(1, sizeof(*r));
+    struct vc_rbd *r;
     int rc;
 
     memset(error, 0, sizeof(*error));
     *out = NULL;
     *created = 0;
+    rc = vc_librbd_load(error);
+    if (rc < 0)
+        return rc;
+    r = calloc(1, sizeof(*r));
     if (!r || !(r->name = strdup(spec->image)) || (spec->snap && !(r->snap = strdup(spec->snap)))) {
         if (r)
             free(r->name);
@@ -156,25 +219,25 @@ int vc_rbd_info(struct vc_rbd *r, struct vc_rbd_info *info)
     int rc;
 
     memset(info, 0, sizeof(*info));
-    rc = rbd_stat(r->image, &stat, sizeof(stat));
+    rc = vc_librbd.rbd_stat(r->image, &stat, sizeof(stat));
     if (rc < 0)
         return rc;
     info->size = stat.size;
     info->object_size = stat.obj_size;
-    info->pool_id = rados_ioctx_get_id(r->ioctx);
-    rc = rbd_get_id(r->image, info->image_id, sizeof(info->image_id));
+    info->pool_id = vc_librbd.rados_ioctx_get_id(r->ioctx);
+    rc = vc_librbd.rbd_get_id(r->image, info->image_id, sizeof(info->image_id));
     if (rc < 0)
         return rc;
-    rc = rados_cluster_fsid(r->cluster, info->fsid, sizeof(info->fsid));
+    rc = vc_librbd.rados_cluster_fsid(r->cluster, info->fsid, sizeof(info->fsid));
     if (rc < 0)
         return rc;
     info->snap_id = UINT64_MAX;
     if (r->snap) {
-        rc = rbd_snap_get_id(r->image, r->snap, &info->snap_id);
+        rc = vc_librbd.rbd_snap_get_id(r->image, r->snap, &info->snap_id);
         if (rc < 0)
             return rc;
     }
-    if (rbd_get_modify_timestamp(r->image, &modified) == 0) {
+    if (vc_librbd.rbd_get_modify_timestamp(r->image, &modified) == 0) {
         info->modified_sec = modified.tv_sec;
         info->modified_nsec = modified.tv_nsec;
     }
@@ -183,7 +246,7 @@ int vc_rbd_info(struct vc_rbd *r, struct vc_rbd_info *info)
 
 int64_t vc_rbd_read(struct vc_rbd *r, void *buf, uint64_t len, uint64_t offset)
 {
-    return rbd_read(r->image, offset, len, buf);
+    return vc_librbd.rbd_read(r->image, offset, len, buf);
 }
 
 void vc_rbd_close(struct vc_rbd *r)
@@ -191,11 +254,11 @@ void vc_rbd_close(struct vc_rbd *r)
     if (!r)
         return;
     if (r->image)
-        rbd_close(r->image);
+        vc_librbd.rbd_close(r->image);
     if (r->ioctx)
-        rados_ioctx_destroy(r->ioctx);
+        vc_librbd.rados_ioctx_destroy(r->ioctx);
     if (r->cluster)
-        rados_shutdown(r->cluster);
+        vc_librbd.rados_shutdown(r->cluster);
     free(r->extents);
     free(r->name);
     free(r->snap);
@@ -206,23 +269,33 @@ int vc_rbd_remove(struct vc_rbd *r)
 {
     int rc = 0;
     if (r->image) {
-        rbd_close(r->image);
+        vc_librbd.rbd_close(r->image);
         r->image = NULL;
-        rc = rbd_remove(r->ioctx, r->name);
+        rc = vc_librbd.rbd_remove(r->ioctx, r->name);
     }
     vc_rbd_close(r);
     return rc;
 }
 
-/* ---- a copy by the cluster itself ---- */
+/* ---- a copy inside one cluster by librbd (rbd_deep_copy) ---- */
+
+/* Whether the image has a snapshot: room for the list's terminator only, so 0 when there is none and
+ * -ERANGE when there is one. */
+static int has_snapshots(struct vc_rbd *r)
+{
+    int max_snaps = 1, rc;
+    rbd_snap_info_t snap;
+
+    rc = vc_librbd.rbd_snap_list(r->image, &snap, &max_snaps);
+    return rc == -ERANGE ? 1 : rc;
+}
 
 static int replaceable(struct vc_rbd *src, struct vc_rbd *dst, struct vc_error *e)
 {
     uint64_t src_size, dst_size;
-    int max_snaps = 1, rc;
-    rbd_snap_info_t snap;
+    int rc;
 
-    if ((rc = rbd_get_size(src->image, &src_size)) < 0 || (rc = rbd_get_size(dst->image, &dst_size)) < 0 ||
+    if ((rc = vc_librbd.rbd_get_size(src->image, &src_size)) < 0 || (rc = vc_librbd.rbd_get_size(dst->image, &dst_size)) < 0 ||
         (rc = load_extents(dst)) < 0)
         return vc_fail(e, -rc, VC_SIDE_DST, VC_OP_SETUP, 0, "cannot inspect the images: %s", strerror(-rc));
     if (src_size != dst_size)
@@ -231,17 +304,75 @@ static int replaceable(struct vc_rbd *src, struct vc_rbd *dst, struct vc_error *
     if (dst->n_extents)
         return vc_fail(e, EEXIST, VC_SIDE_DST, VC_OP_SETUP, (uint64_t)dst->extents[0],
                        "dst holds data: not replaced");
-    /* Room for the list's terminator only: 0 when there is no snapshot, -ERANGE when there is one. */
-    rc = rbd_snap_list(dst->image, &snap, &max_snaps);
-    if (rc == -ERANGE)
+    rc = has_snapshots(dst);
+    if (rc > 0)
         return vc_fail(e, EEXIST, VC_SIDE_DST, VC_OP_SETUP, 0, "dst has snapshots: not replaced");
     if (rc < 0)
         return vc_fail(e, -rc, VC_SIDE_DST, VC_OP_SETUP, 0, "cannot list dst's snapshots: %s", strerror(-rc));
+    /* A deep copy carries every snapshot of src (up to the one read) onto dst: a volume with snapshots
+     * its owner never took. */
+    rc = has_snapshots(src);
+    if (rc > 0)
+        return vc_fail(e, EEXIST, VC_SIDE_SRC, VC_OP_SETUP, 0,
+                       "src has snapshots, which a deep copy would carry onto dst: not replaced");
+    if (rc < 0)
+        return vc_fail(e, -rc, VC_SIDE_SRC, VC_OP_SETUP, 0, "cannot list src's snapshots: %s", strerror(-rc));
     return 0;
 }
 
-int vc_rbd_deep_copy(struct vc_rbd *src, struct vc_rbd *dst, struct vc_error *error)
+/* Features a caller may choose at creation; the others librbd sets itself. */
+#define CHOSEN_FEATURES                                                                                     \
+    (RBD_FEATURE_LAYERING | RBD_FEATURE_STRIPINGV2 | RBD_FEATURE_EXCLUSIVE_LOCK | RBD_FEATURE_OBJECT_MAP | \
+     RBD_FEATURE_FAST_DIFF | RBD_FEATURE_DEEP_FLATTEN | RBD_FEATURE_JOURNALING)
+
+/* The options that make the new dst laid out as the dst it replaces (its features, object size,
+ * striping and data pool: what its owner created it with, say features a kernel client can map),
+ * and flattened: a clone's data is copied, so dst does not depend on src's parent, as after a copy by
+ * the engine. Without them librbd would take src's layout and keep src's parent. */
+static int dst_layout(struct vc_rbd *dst, rbd_image_options_t options, struct vc_error *e)
 {
+    uint64_t features, stripe_unit, stripe_count;
+    rbd_image_info_t stat;
+    int64_t data_pool;
+    int rc;
+
+    if ((rc = vc_librbd.rbd_get_features(dst->image, &features)) < 0 || (rc = vc_librbd.rbd_stat(dst->image, &stat, sizeof(stat))) < 0 ||
+        (rc = vc_librbd.rbd_get_stripe_unit(dst->image, &stripe_unit)) < 0 ||
+        (rc = vc_librbd.rbd_get_stripe_count(dst->image, &stripe_count)) < 0)
+        return vc_fail(e, -rc, VC_SIDE_DST, VC_OP_SETUP, 0, "cannot read dst's layout: %s", strerror(-rc));
+    vc_librbd.rbd_image_options_set_uint64(options, RBD_IMAGE_OPTION_FEATURES, features & CHOSEN_FEATURES);
+    vc_librbd.rbd_image_options_set_uint64(options, RBD_IMAGE_OPTION_ORDER, (uint64_t)stat.order);
+    vc_librbd.rbd_image_options_set_uint64(options, RBD_IMAGE_OPTION_STRIPE_UNIT, stripe_unit);
+    vc_librbd.rbd_image_options_set_uint64(options, RBD_IMAGE_OPTION_STRIPE_COUNT, stripe_count);
+    vc_librbd.rbd_image_options_set_uint64(options, RBD_IMAGE_OPTION_FLATTEN, 1);
+    data_pool = vc_librbd.rbd_get_data_pool_id(dst->image);
+    if (data_pool >= 0 && data_pool != vc_librbd.rados_ioctx_get_id(dst->ioctx)) {
+        char name[256];
+        rc = vc_librbd.rados_pool_reverse_lookup(dst->cluster, data_pool, name, sizeof(name));
+        if (rc < 0)
+            return vc_fail(e, -rc, VC_SIDE_DST, VC_OP_SETUP, 0, "cannot name dst's data pool: %s", strerror(-rc));
+        vc_librbd.rbd_image_options_set_string(options, RBD_IMAGE_OPTION_DATA_POOL, name);
+    }
+    return 0;
+}
+
+struct deep_copy_progress {
+    int (*fn)(void *ctx, uint64_t done, uint64_t total);
+    void *ctx;
+};
+
+/* librbd's progress callback, in objects copied. Its return value is ignored by librbd (16.2: measured,
+ * the copy runs to its end whatever it returns). */
+static int report_deep_copy(uint64_t done, uint64_t total, void *arg)
+{
+    struct deep_copy_progress *progress = arg;
+    return progress->fn(progress->ctx, done, total);
+}
+
+int vc_rbd_deep_copy(struct vc_rbd *src, struct vc_rbd *dst, int (*progress)(void *ctx, uint64_t done, uint64_t total),
+                     void *progress_ctx, struct vc_error *error)
+{
+    struct deep_copy_progress reporter = {progress, progress_ctx};
     rbd_image_options_t options;
     int rc;
 
@@ -249,23 +380,30 @@ int vc_rbd_deep_copy(struct vc_rbd *src, struct vc_rbd *dst, struct vc_error *er
     rc = replaceable(src, dst, error);
     if (rc < 0)
         return rc;
-    rbd_close(dst->image);
+    vc_librbd.rbd_image_options_create(&options);
+    rc = dst_layout(dst, options, error);
+    if (rc < 0) {
+        vc_librbd.rbd_image_options_destroy(options);
+        return rc;
+    }
+    vc_librbd.rbd_close(dst->image);
     dst->image = NULL;
     dst->has_extents = false;
     /* Refused (EBUSY) while anyone else has dst open: nothing is lost then. */
-    rc = rbd_remove(dst->ioctx, dst->name);
+    rc = vc_librbd.rbd_remove(dst->ioctx, dst->name);
     if (rc < 0) {
         vc_fail(error, -rc, VC_SIDE_DST, VC_OP_SETUP, 0, "cannot replace dst: %s",
                 rc == -EBUSY ? "it is open elsewhere" : strerror(-rc));
     } else {
-        rbd_image_options_create(&options);
-        rc = rbd_deep_copy(src->image, dst->ioctx, dst->name, options);
-        rbd_image_options_destroy(options);
+        rc = progress ? vc_librbd.rbd_deep_copy_with_progress(src->image, dst->ioctx, dst->name, options, report_deep_copy,
+                                                    &reporter)
+                      : vc_librbd.rbd_deep_copy(src->image, dst->ioctx, dst->name, options);
         if (rc < 0)
-            vc_fail(error, -rc, VC_SIDE_DST, VC_OP_WRITE, 0, "the cluster's deep copy failed: %s", strerror(-rc));
+            vc_fail(error, -rc, VC_SIDE_DST, VC_OP_WRITE, 0, "the deep copy failed: %s", strerror(-rc));
     }
+    vc_librbd.rbd_image_options_destroy(options);
     /* dst's handle stays usable whatever happened (a failed deep copy leaves a partial image to remove). */
-    int reopened = rbd_open(dst->ioctx, dst->name, &dst->image, NULL);
+    int reopened = vc_librbd.rbd_open(dst->ioctx, dst->name, &dst->image, NULL);
     if (reopened < 0)
         dst->image = NULL;
     return rc < 0 ? rc : reopened;
@@ -284,8 +422,8 @@ struct aio_call {
 static void aio_complete(rbd_completion_t c, void *arg)
 {
     struct aio_call *call = arg;
-    int64_t res = rbd_aio_get_return_value(c);
-    rbd_aio_release(c);
+    int64_t res = vc_librbd.rbd_aio_get_return_value(c);
+    vc_librbd.rbd_aio_release(c);
     /* A write reports 0 on success: it wrote all of it. */
     if (call->write && res == 0)
         res = call->len;
@@ -303,14 +441,14 @@ int vc_rbd_aio(struct vc_rbd *r, int op, void *buf, uint32_t len, uint64_t offse
     if (!call)
         return -ENOMEM;
     *call = (struct aio_call){.done = done, .ctx = ctx, .tag = tag, .len = len, .write = op == VC_OP_WRITE};
-    rc = rbd_aio_create_completion(call, aio_complete, &c);
+    rc = vc_librbd.rbd_aio_create_completion(call, aio_complete, &c);
     if (rc < 0) {
         free(call);
         return rc;
     }
-    rc = op == VC_OP_WRITE ? rbd_aio_write(r->image, offset, len, buf, c) : rbd_aio_read(r->image, offset, len, buf, c);
+    rc = op == VC_OP_WRITE ? vc_librbd.rbd_aio_write(r->image, offset, len, buf, c) : vc_librbd.rbd_aio_read(r->image, offset, len, buf, c);
     if (rc < 0) {
-        rbd_aio_release(c);
+        vc_librbd.rbd_aio_release(c);
         free(call);
     }
     return rc;
@@ -348,11 +486,11 @@ static int add_extent(uint64_t off, size_t len, int exists, void *arg)
 static int load_extents(struct vc_rbd *r)
 {
     uint64_t size;
-    int rc = rbd_get_size(r->image, &size);
+    int rc = vc_librbd.rbd_get_size(r->image, &size);
     if (rc < 0)
         return rc;
     r->n_extents = 0;
-    rc = rbd_diff_iterate2(r->image, NULL, 0, size, 1, 1, add_extent, r);
+    rc = vc_librbd.rbd_diff_iterate2(r->image, NULL, 0, size, 1, 1, add_extent, r);
     if (rc < 0)
         return rc;
     r->has_extents = true;
@@ -387,18 +525,18 @@ static int rbd_next_data(const struct vc_endpoint *ep, uint64_t off, uint64_t en
 
 static int rbd_zero(const struct vc_endpoint *ep, uint64_t off, uint64_t len)
 {
-    ssize_t n = rbd_write_zeroes(ep->rbd->image, off, len, 0, 0);
+    ssize_t n = vc_librbd.rbd_write_zeroes(ep->rbd->image, off, len, 0, 0);
     return n < 0 ? (int)n : 0;
 }
 
 static int rbd_flush_image(const struct vc_endpoint *ep)
 {
-    return rbd_flush(ep->rbd->image);
+    return vc_librbd.rbd_flush(ep->rbd->image);
 }
 
 static int rbd_size(const struct vc_endpoint *ep, uint64_t *size)
 {
-    return rbd_get_size(ep->rbd->image, size);
+    return vc_librbd.rbd_get_size(ep->rbd->image, size);
 }
 
 const struct vc_endpoint_ops vc_endpoint_rbd_ops = {

@@ -73,7 +73,8 @@ const struct vc_endpoint_ops vc_endpoint_rbd_ops = {
     .size = no_size,
 };
 
-int vc_rbd_deep_copy(struct vc_rbd *src, struct vc_rbd *dst, struct vc_error *error)
+int vc_rbd_deep_copy(struct vc_rbd *src, struct vc_rbd *dst, int (*progress)(void *ctx, uint64_t done, uint64_t total),
+                     void *progress_ctx, struct vc_error *error)
 {
     return vc_fail(error, EOPNOTSUPP, VC_SIDE_NONE, VC_OP_SETUP, 0, WHY);
 }

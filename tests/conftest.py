@@ -14,8 +14,8 @@ import pytest
 import xxhash
 
 # The real guests and the compute agent, with their fixtures (volumes, guest, agent, compute), a real
-# Keystone (keystone) and a real single-node Ceph (ceph, ceph_pool).
-pytest_plugins = ["compute_harness", "keystone_server", "ceph_cluster"]
+# Keystone (keystone), a real single-node Ceph (ceph, ceph_pool) and a real Redis (redis, mover_group).
+pytest_plugins = ["compute_harness", "keystone_server", "ceph_cluster", "redis_server"]
 
 MiB = 1 << 20
 ENGINES = ["io_uring", "aio", "sync", "threads"]

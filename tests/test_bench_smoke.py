@@ -1,14 +1,18 @@
 """The benchmark harness on tiny sizes: every tool runs on every workload, every copy is checked, and the
-report and chart are written. (Performance itself is shown by running the harness, never by a test.)"""
+report and chart are written; on RBD too, on a cluster the harness starts and stops. (Performance itself
+is shown by running the harness, never by a test.)"""
 
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
 from conftest import needs_root_for_loop
-from volcopy.bench import compare, machine_settings, sweep
+from volcopy.bench import compare, machine_settings, rbd_compare, rbd_report, rbd_tools, sweep
+from volcopy.bench.workbench import Workbench
 
 PEERS = ["dd", "qemu-img", "nbdcopy", "fio", "blkdiscard", "/usr/bin/time"]
 
@@ -80,3 +84,95 @@ def test_sweep_covers_disk_tmpfs_and_a_device_at_every_point_of_the_grid(tmp_pat
         rows = [line for line in section.splitlines() if line.startswith("| ") and "MiB |" in line]
         assert len(rows) == len(sweep.SWEEP_GEOMETRIES)
     assert not (tmp_path / "work").exists()  # the generated volumes and loop devices are gone
+
+
+# ---------------------------------------------------------------- the RBD workloads (R1-R4)
+
+RBD_MISSING = rbd_compare.missing_tools()
+needs_rbd_peers = pytest.mark.skipif(RBD_MISSING is not None, reason=RBD_MISSING or "")
+
+
+def _ceph_daemons_of_this_process() -> list[str]:
+    """The ceph-mon and ceph-osd processes this test process started and has not reaped."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            name, rest = stat.read_text().rsplit(")", 1)
+        except OSError:  # ended meanwhile
+            continue
+        if int(rest.split()[1]) == os.getpid() and name.split("(", 1)[1] in ("ceph-mon", "ceph-osd"):
+            found.append(stat.parent.name)
+    return found
+
+
+@needs_rbd_peers
+def test_rbd_workloads_run_every_tool_on_a_cluster_of_their_own_and_check_every_copy(tmp_path):
+    results = tmp_path / "results"
+    rc = compare.main(["--only", "R1,R2,R3,R4", *_tiny(tmp_path)])
+
+    assert rc == 0
+    text = (results / "rbd.md").read_text()
+    sections = [line for line in text.splitlines() if line.startswith("## R")]
+    assert [s.split()[1] for s in sections] == ["R1", "R2", "R3", "R3", "R4", "R4"]
+    assert "Load averages:" in text
+    for tool in (
+        "| volcopy | yes |",
+        "| rbd export/import | yes |",
+        "| qemu-img | yes |",
+        "| Cinder's path (os-brick) | yes |",
+        "| rbd deep cp (beside: Ceph's own copy) | yes |",
+        "| limit: rbd bench read + write | n/a |",
+        "| limit: fio read + write (librbd's C API) | n/a |",
+        "| os-brick's import, in Cinder's path | n/a |",
+    ):
+        assert tool in text
+    assert "**WRONG**" not in text
+    assert text.count("| volcopy | yes |") == 6
+    assert "| target | measured | floor | verdict |" in text
+    assert "R1 16.0 MiB (5%) RBD to RBD: volcopy / fastest client peer" in text
+    assert "R2 dense 4.0 MiB RBD to RBD: volcopy / rbd bench limit <= 1.10" in text
+    assert (results / "rbd.png").stat().st_size > 10_000
+    assert not (tmp_path / "work").exists()
+    assert _ceph_daemons_of_this_process() == []  # the harness's cluster is stopped and reaped
+
+
+def _wrong_copy(case: rbd_tools.RBDCase) -> list[str]:
+    """A real command that ends well and leaves dst holding the wrong bytes (rbd bench's pattern)."""
+    dst = case.dst_rbd
+    total = str(case.size)
+    return ["rbd", "-c", dst.conf, "bench", "--io-type", "write", "--io-total", total, dst.image_spec]
+
+
+@needs_rbd_peers
+def test_a_wrong_or_failed_copy_is_reported_wrong_and_is_no_peer(ceph, tmp_path, monkeypatch):
+    tools = {
+        "volcopy": rbd_tools.TOOLS["volcopy"],
+        "writes the wrong bytes": rbd_tools.Tool(_wrong_copy),
+        "fails": rbd_tools.Tool(lambda case: ["sh", "-c", "echo no cluster here >&2; exit 3"]),
+        rbd_tools.LIMIT: rbd_tools.TOOLS[rbd_tools.LIMIT],
+    }
+    monkeypatch.setattr(rbd_compare, "TOOLS", tools)
+    bench = Workbench(tmp_path / "work", 1 / 256)
+
+    results = rbd_compare.compare(ceph, bench, {"R1", "R2"}, rounds=1)
+
+    r1, r2 = (results.runs[name] for name in results.runs)
+    for runs in (r1, r2):
+        assert [run.correct for run in runs["volcopy"]] == [True]
+        assert [run.correct for run in runs["writes the wrong bytes"]] == [False]
+        assert [(run.correct, run.error.strip()) for run in runs["fails"]] == [(False, "no cluster here")]
+    text = rbd_report.report(results, "test", "here", "")
+    assert "| writes the wrong bytes | **WRONG** |" in text and "| fails | **WRONG** |" in text
+    assert "fastest client peer" not in text  # no correct peer: no verdict against a wrong one
+
+
+@needs_rbd_peers
+def test_a_failed_limit_stops_the_run(ceph, tmp_path, monkeypatch):
+    """A yardstick that failed would look fast: the run ends, naming it and the case."""
+    tools = {rbd_tools.LIMIT: rbd_tools.Tool(lambda case: ["sh", "-c", "echo no OSD >&2; exit 1"])}
+    monkeypatch.setattr(rbd_compare, "TOOLS", tools)
+    bench = Workbench(tmp_path / "work", 1 / 256)
+
+    failed = r"^limit: rbd bench read \+ write failed on R2 dense 4.0 MiB RBD to RBD: no OSD"
+    with pytest.raises(RuntimeError, match=failed):
+        rbd_compare.compare(ceph, bench, {"R2"}, rounds=1)

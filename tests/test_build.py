@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_build_without_liburing_and_libaio_leaves_those_engines_out(tmp_path):
+def test_build_without_liburing_libaio_and_librbd_leaves_those_out(tmp_path):
     target = tmp_path / "site"
     build = subprocess.run(
         [
@@ -24,6 +24,7 @@ def test_build_without_liburing_and_libaio_leaves_those_engines_out(tmp_path):
             "-v",
             "--config-settings=cmake.define.VOLCOPY_WITH_URING=OFF",
             "--config-settings=cmake.define.VOLCOPY_WITH_AIO=OFF",
+            "--config-settings=cmake.define.VOLCOPY_WITH_RBD=OFF",
             f"--config-settings=build-dir={tmp_path / 'build'}",
             str(ROOT),
         ],
@@ -34,6 +35,7 @@ def test_build_without_liburing_and_libaio_leaves_those_engines_out(tmp_path):
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     assert "io_uring engine left out" in build.stdout + build.stderr
     assert "aio engine left out" in build.stdout + build.stderr
+    assert "rbd endpoint left out" in build.stdout + build.stderr
 
     check = (
         # an editable install of volcopy hooks imports ahead of PYTHONPATH: take the hook out
@@ -48,6 +50,10 @@ def test_build_without_liburing_and_libaio_leaves_those_engines_out(tmp_path):
         "try:\n"
         "    volcopy.copy(sys.argv[1], sys.argv[2], engine='io_uring')\n"
         "except volcopy.EngineUnavailable as e:\n"
+        "    print(e)\n"
+        "try:\n"
+        "    volcopy.digest('rbd:pool/image')\n"
+        "except volcopy.InvalidRequest as e:\n"
         "    print(e)\n"
     )
     env = dict(os.environ, PYTHONPATH=str(target))
@@ -66,3 +72,7 @@ def test_build_without_liburing_and_libaio_leaves_those_engines_out(tmp_path):
     assert out[3] == "None"
     assert out[4] == "threads", "auto falls back to what was built"
     assert "io_uring is not available here" in out[5]
+    assert (
+        out[6]
+        == "source rbd:pool/image: RBD: volcopy was built without librbd (install librbd-dev and rebuild)"
+    )

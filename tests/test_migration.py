@@ -270,7 +270,7 @@ def test_bad_input_is_refused_before_anything_is_recorded(source, workdir):
         (lambda: migrator.migrate(src, src), "same volume"),
         (lambda: migrator.migrate(str(workdir / "missing.img"), dst), "does not exist"),
         (lambda: migrator.migrate(src, str(workdir / "no" / "dst.img")), "does not exist"),
-        (lambda: migrator.migrate(src, {"data": {}}), "path or Cinder connection_info"),
+        (lambda: migrator.migrate(src, {"data": {}}), "a path, rbd:POOL/IMAGE or Cinder connection_info"),
         (lambda: migrator.migrate(src, dst, speed=3), "unknown copy option"),
         (lambda: migrator.migrate(src, dst, block_size=3), "block_size"),
     ]

@@ -154,6 +154,8 @@ struct vc_rbd_spec {
     const char *user;           /* NULL: "admin" (the client.admin entity) */
     const char *const *options; /* key, value, key, value, ...: more librados settings (mon_host, keyring) */
     uint32_t n_options;         /* pairs */
+    uint32_t own_clients;       /* clients of the caller's own that have the image open (os-brick's
+                                 * wrapper): not counted as someone else using it */
 };
 
 enum vc_rbd_flags {
@@ -183,10 +185,15 @@ int64_t vc_rbd_read(struct vc_rbd *image, void *buf, uint64_t len, uint64_t offs
 /* Closes the image and deletes it: for an image this process created and did not finish. */
 int vc_rbd_remove(struct vc_rbd *image);
 void vc_rbd_close(struct vc_rbd *image);
-/* A copy inside one cluster done by the OSDs (rbd_deep_copy): src's data, never through this host.
- * dst (opened with VC_RBD_WRITE) is replaced: it must be empty (no allocated object), of src's size,
- * with no snapshot, and open nowhere else; it is removed, made again by the copy under its name, and
- * reopened in the same handle. -EEXIST (with the reason) when dst may not be replaced. */
-int vc_rbd_deep_copy(struct vc_rbd *src, struct vc_rbd *dst, struct vc_error *error);
+/* A copy inside one cluster by librbd (rbd_deep_copy): whole objects, holes skipped, one call. The bytes
+ * still pass through this client (read from src's OSDs, written to dst's). dst (opened with
+ * VC_RBD_WRITE) is replaced: it must be empty (no allocated object), of src's size, with no snapshot,
+ * open nowhere else, and src must have no snapshot (they would be carried onto dst); dst is removed,
+ * made again by the copy under its name with its own layout (features, object size, striping, data
+ * pool), flattened, and reopened in the same handle. -EEXIST (with the reason) when dst may not be
+ * replaced, -EBUSY when it is open elsewhere. progress (or NULL) is called from librbd's threads with the
+ * objects copied and their number; librbd ignores what it returns: the copy cannot be stopped. */
+int vc_rbd_deep_copy(struct vc_rbd *src, struct vc_rbd *dst, int (*progress)(void *ctx, uint64_t done, uint64_t total),
+                     void *progress_ctx, struct vc_error *error);
 
 #endif

@@ -354,9 +354,11 @@ def rbd_open(
     *,
     write: bool,
     create_size: int | None,
+    own_clients: int = 0,
 ) -> tuple[object, bool]:
     """Opens an image (creating one of create_size bytes when asked and missing); returns its handle
-    and whether it was created. Raises OSError with librbd's errno and the reason."""
+    and whether it was created. own_clients: clients of the caller's own that have it open, not counted
+    as someone else using it. Raises OSError with librbd's errno and the reason."""
     keep = [ffi.new("char[]", text.encode()) for text in (pool, namespace, image)]
     spec = ffi.new("struct vc_rbd_spec *")
     spec.pool, spec.pool_namespace, spec.image = keep
@@ -367,6 +369,7 @@ def rbd_open(
     strings = [ffi.new("char[]", text.encode()) for pair in options for text in pair]
     pairs = ffi.new("char *[]", strings) if strings else ffi.NULL
     spec.options, spec.n_options = pairs, len(options)
+    spec.own_clients = own_clients
     flags = (lib.VC_RBD_WRITE if write else 0) | (lib.VC_RBD_CREATE if create_size is not None else 0)
     handle = ffi.new("struct vc_rbd **")
     created = ffi.new("int *")
@@ -412,9 +415,16 @@ def rbd_remove(handle) -> None:
         raise OSError(-rc, "cannot remove the image")
 
 
-def rbd_deep_copy(src, dst) -> None:
-    """The cluster copies src into dst's name (dst is replaced: see vc_rbd_deep_copy)."""
+def rbd_deep_copy(src, dst, progress: Callable[[int, int], bool] | None = None) -> None:
+    """librbd copies src into dst's name (dst is replaced: see vc_rbd_deep_copy). progress(objects
+    done, objects) is called from librbd's threads; an exception it raises is raised here once the
+    copy has ended (librbd cannot stop one)."""
     error = ffi.new("struct vc_error *")
-    rc = lib.vc_rbd_deep_copy(src, dst, error)
+    reporter = _Progress(progress) if progress is not None else None
+    handle = ffi.new_handle(reporter) if reporter is not None else ffi.NULL
+    callback = lib._vc_progress_callback if reporter is not None else ffi.NULL
+    rc = lib.vc_rbd_deep_copy(src, dst, callback, handle, error)
+    if reporter is not None and reporter.exception is not None:
+        raise reporter.exception
     if rc < 0:
         raise OSError(error.err or -rc, ffi.string(error.message).decode(errors="replace"))

@@ -8,6 +8,11 @@ Same signature and meaning, with these differences: ``sparse=True`` is correct w
 (dd's ``conv=sparse`` leaves stale bytes where src is zero); dst is always flushed; ``execute`` is not
 used (nothing is run through a shell: the calling process must be able to open both volumes, as
 Cinder's privsep-ed code can); a block size below 1 MiB is raised to 1 MiB, the engine's unit.
+
+A Ceph RBD volume may also be given as Cinder's RBD connection_info, as ``rbd:POOL/IMAGE...`` or as the
+file wrapper os-brick's RBD connector returns instead of a path: the engine then opens the image itself
+through librbd (holes are not read, zeros are written as holes), instead of moving 4 MiB at a time
+through Python.
 """
 
 from __future__ import annotations
@@ -16,11 +21,14 @@ import ctypes
 import os
 import re
 import time
+from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import IO
 
+from . import rbd_volume
 from .copier import CopyResult, copy
 from .errors import InvalidRequest
+from .rbd_volume import RBDSpec
 from .units import parse_size
 
 MiB = 1 << 20
@@ -78,6 +86,62 @@ def _fd(handle) -> int | None:
         return None
 
 
+def rbd_spec_of_wrapper(handle) -> RBDSpec | None:
+    """The image behind os-brick's RBD file wrapper (``RBDVolumeIOWrapper``: what RBDConnector's
+    connect_volume returns as 'path' without a local attach), for the native endpoint to open on its
+    own; None for any other handle. The wrapper carries the pool, the user and the ceph.conf os-brick
+    wrote (mon_host, and the keyring when one was given); its image (os-brick's RBDVolume, or Cinder's
+    RBDVolumeProxy, both passing calls on to rbd.Image) gives the name and, through os-brick's client,
+    the namespace. The image opened at the head, as the connector opens it (an image opened at a
+    snapshot does not say which: name it as ``rbd:POOL/IMAGE@SNAP`` instead)."""
+    try:
+        pool, user, conf, image = handle.rbd_pool, handle.rbd_user, handle.rbd_conf, handle.rbd_image
+        name = image.get_name()
+    except AttributeError:
+        return None
+    client = getattr(image, "client", None)
+    ioctx = getattr(client, "ioctx", None)
+    namespace = ioctx.get_namespace() if hasattr(ioctx, "get_namespace") else ""
+    cluster = getattr(client, "rbd_cluster_name", None) or "ceph"
+    if not conf and cluster != "ceph":  # librados' default search looks for ceph.conf only
+        conf = f"/etc/ceph/{cluster}.conf"
+    # The wrapper has the image open itself (a watch): that is the caller's, not someone else's use.
+    return RBDSpec(pool, namespace or "", name, None, conf or None, user or None, own_clients=1)
+
+
+def _same_image(spec: RBDSpec, handle, role: str) -> None:
+    """The image the spec reaches is the one the wrapper holds (same image id), not a namesake."""
+    wanted = handle.rbd_image.id()
+    image = rbd_volume.open_image(spec, role)
+    try:
+        if image.info.image_id != wanted:
+            raise InvalidRequest(
+                f"{role} {spec} is image id {image.info.image_id}, not the wrapper's image {wanted}"
+            )
+    finally:
+        image.close()
+
+
+def _engine_side(volume, role: str):
+    """What the engine opens for one side (a path, a descriptor or an RBDSpec), or None for a handle
+    that only Python can move."""
+    if isinstance(volume, (str, os.PathLike, RBDSpec)):
+        return volume
+    if isinstance(volume, Mapping):
+        kind = volume.get("driver_volume_type")
+        if kind != "rbd":
+            raise InvalidRequest(
+                f"{role}: {kind} connection_info cannot be opened directly (only rbd can): attach it "
+                "with os-brick and pass its path"
+            )
+        return rbd_volume.from_connection_info(volume)
+    spec = rbd_spec_of_wrapper(volume)
+    if spec is not None:
+        _same_image(spec, volume, role)
+        return spec
+    return _fd(volume)
+
+
 def _copy_handles(src: IO, dst: IO, length: int, rate: int | None) -> None:
     """For handles that are not files here (an RBD image, say): chunk by chunk, at most ``rate``."""
     started, done = time.monotonic(), 0
@@ -105,29 +169,37 @@ def copy_volume(
     throttle=None,
     sparse: bool = False,
 ) -> CopyResult | None:
-    """Copies ``size_in_m`` MiB of src to dst: paths or handles, as Cinder's copy_volume takes them.
-    Returns the engine's CopyResult, or None when a handle without a descriptor took the Python path.
-    ``sync`` and ``execute`` are accepted for Cinder's signature: dst is always flushed, nothing is
-    executed."""
+    """Copies ``size_in_m`` MiB of src to dst: paths, handles or RBD volumes (Cinder's RBD
+    connection_info, ``rbd:...``, os-brick's RBD wrapper). Returns the engine's CopyResult, or None when
+    a handle without a descriptor (not an RBD wrapper) took the Python path. ``sync`` and ``execute``
+    are accepted for Cinder's signature: dst is always flushed, nothing is executed."""
     length, rate = size_in_m * MiB, _rate(throttle)
     with io_priority(ionice):
-        if not isinstance(src, (str, os.PathLike)) or not isinstance(dst, (str, os.PathLike)):
-            src_fd = src if isinstance(src, (str, os.PathLike)) else _fd(src)
-            dst_fd = dst if isinstance(dst, (str, os.PathLike)) else _fd(dst)
-            if src_fd is None or dst_fd is None:
-                src_handle = open(src, "rb") if isinstance(src, (str, os.PathLike)) else src
-                dst_handle = open(dst, "r+b") if isinstance(dst, (str, os.PathLike)) else dst
-                try:
-                    _copy_handles(src_handle, dst_handle, length, rate)
-                finally:
-                    for opened, given in ((src_handle, src), (dst_handle, dst)):
-                        if opened is not given:
-                            opened.close()
-                return None
-            src, dst = src_fd, dst_fd
+        src_side, dst_side = _engine_side(src, "src"), _engine_side(dst, "dst")
+        if src_side is None or dst_side is None:
+            for side, role in ((src_side, "src"), (dst_side, "dst")):
+                if side is not None and rbd_volume.is_rbd(side):
+                    raise InvalidRequest(
+                        f"{role} {rbd_volume.parse(side)} is an RBD volume and the other side a handle "
+                        "without a file descriptor: give that side as a path"
+                    )
+            src_handle = open(src, "rb") if isinstance(src, (str, os.PathLike)) else src
+            dst_handle = open(dst, "r+b") if isinstance(dst, (str, os.PathLike)) else dst
+            try:
+                _copy_handles(src_handle, dst_handle, length, rate)
+            finally:
+                for opened, given in ((src_handle, src), (dst_handle, dst)):
+                    if opened is not given:
+                        opened.close()
+            return None
         return copy(
-            src, dst, length=length, block_size=_block_size(blocksize), sparse=sparse, rate_limit=rate
+            src_side,
+            dst_side,
+            length=length,
+            block_size=_block_size(blocksize),
+            sparse=sparse,
+            rate_limit=rate,
         )
 
 
-__all__ = ["copy_volume", "io_priority", "parse_ionice"]
+__all__ = ["copy_volume", "io_priority", "parse_ionice", "rbd_spec_of_wrapper"]

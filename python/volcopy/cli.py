@@ -72,6 +72,16 @@ def _parser() -> argparse.ArgumentParser:
 
     add_migration_parsers(commands, _size)
 
+    from .movers.commands import add_parsers as add_mover_parsers
+
+    add_mover_parsers(commands)
+    # like compute-agent: oslo.config parses its options (--config-file FILE, oslo.log's)
+    commands.add_parser(
+        "mover",
+        help="run a data mover: join the movers' group with this host's transports, slots and bandwidth "
+        "(--config-file FILE; see docs/movers.md)",
+    )
+
     # its options are oslo.config's (--config-file FILE, oslo.log's): it parses them itself
     commands.add_parser(
         "compute-agent",
@@ -153,6 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .compute.agent import main as agent_main
 
         return agent_main(argv[1:])
+    if argv[:1] == ["mover"]:
+        from .movers.service import main as mover_main
+
+        return mover_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "copy":
@@ -167,6 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             logging.basicConfig(level=logging.ERROR, format="volcopy: %(message)s")
             return getattr(migration_commands, args.command)(args)
+        if args.command == "movers":
+            from .movers import commands as mover_commands
+
+            return mover_commands.movers(args)
         if args.command == "verify":
             verify(args.src, args.dst, length=args.length)
             print(f"{args.dst} reads back identical to {args.src}")

@@ -224,7 +224,10 @@ def copy(
             except BaseException as exc:
                 # Without a checkpoint to resume from, a file we created is only a half-written copy.
                 if target.created and (checkpoint is None or isinstance(exc, CheckpointError)):
-                    target.remove_created()
+                    try:
+                        target.remove_created()
+                    except OSError as cleanup:  # the failure to report is the copy's (an OSD gone, say)
+                        exc.add_note(f"the half-written destination {target.name} is left: {cleanup}")
                 raise
             if checkpoint is not None and os.path.exists(checkpoint):
                 os.unlink(checkpoint)

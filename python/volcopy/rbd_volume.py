@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import errno
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from . import _core
 from .errors import CopyIOError, InvalidRequest
@@ -20,7 +21,15 @@ PREFIX = "rbd:"
 # Settings whose value is a secret: never printed.
 _SECRET_KEYS = {"key", "keyfile"}
 # What a caller's mistake looks like; anything else (a cluster not answering) is an I/O failure.
-_REQUEST_ERRORS = {errno.ENOENT, errno.EINVAL, errno.EROFS, errno.EOPNOTSUPP, errno.EEXIST, errno.EPERM}
+_REQUEST_ERRORS = {
+    errno.ENOENT,
+    errno.EINVAL,
+    errno.EROFS,
+    errno.EOPNOTSUPP,
+    errno.EEXIST,
+    errno.EPERM,
+    errno.EBUSY,
+}
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,9 @@ class RBDSpec:
     conf: str | None = None
     user: str | None = None
     options: tuple[tuple[str, str], ...] = ()
+    # Clients of the caller's own with the image open (os-brick's wrapper that handed it over): not
+    # someone else using it. Not part of the name.
+    own_clients: int = field(default=0, compare=False)
 
     def __str__(self) -> str:
         where = "/".join(_escape(p) for p in (self.pool, self.namespace, self.image) if p)
@@ -188,14 +200,25 @@ class RBDImage:
     def same_cluster(self, other: RBDImage) -> bool:
         return self.info.fsid == other.info.fsid
 
-    def deep_copy_to(self, dst: RBDImage) -> None:
-        """The cluster copies this image into dst's name, no byte through this host. dst (opened for
-        writing) must be empty, of this size, without snapshots, and open nowhere else: it is removed
-        and made again. InvalidRequest when dst may not be replaced."""
+    def deep_copy_to(self, dst: RBDImage, progress: Callable[[int, int], None] | None = None) -> None:
+        """librbd copies this image into dst's name in one call (rbd_deep_copy): whole objects, holes
+        skipped; the bytes still pass through this host. dst (opened for writing) must be empty, of this
+        size, without snapshots, and open nowhere else, and this image must have no snapshot (they would
+        be carried onto dst): dst is removed and made again with its own layout (features, object size,
+        striping, data pool), flattened. InvalidRequest when dst may not be replaced. progress(done,
+        total) gets bytes as librbd finishes objects, from its threads; librbd cannot stop a deep copy,
+        so an exception progress raises is raised once the copy has ended."""
+        size, one_at_a_time = self.info.size, threading.Lock()
+
+        def objects_done(done: int, total: int) -> bool:
+            with one_at_a_time:  # librbd may report from more than one thread
+                progress(size * done // total if total else size, size)
+            return False
+
         try:
-            _core.rbd_deep_copy(self.handle, dst.handle)
+            _core.rbd_deep_copy(self.handle, dst.handle, objects_done if progress is not None else None)
         except OSError as exc:
-            if exc.errno == errno.EEXIST:
+            if exc.errno in (errno.EEXIST, errno.EBUSY):
                 raise InvalidRequest(f"{dst.spec}: {exc.strerror}") from None
             raise CopyIOError(exc.errno, exc.strerror, str(dst.spec), 0, "deep copy") from None
         dst.info = _core.rbd_info(dst.handle)
@@ -220,6 +243,7 @@ def open_image(spec, role: str, *, write: bool = False, create_size: int | None 
             spec.options,
             write=write,
             create_size=create_size,
+            own_clients=spec.own_clients,
         )
     except OSError as exc:
         if exc.errno in _REQUEST_ERRORS:

@@ -188,8 +188,14 @@ def _kind(st: os.stat_result, name: str, role: str) -> int:
     raise InvalidRequest(f"{role} {name} is {what}, not a volume")
 
 
-def size_of(path: str) -> int:
-    """The size of a volume given by path: a file's length, a device's capacity."""
+def size_of(path: str | RBDSpec) -> int:
+    """The size of a volume given by path: a file's length, a device's capacity, an RBD image's size."""
+    if is_rbd(path):
+        image = rbd_volume.open_image(path, "volume")
+        try:
+            return image.info.size
+        finally:
+            image.close()
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         return os.lseek(fd, 0, os.SEEK_END)

@@ -1,11 +1,16 @@
 """volcopy against dd, qemu-img convert, nbdcopy, cp and the fio limit, on the same workloads in one run.
 
     volcopy bench [--rounds 5] [--scale 1.0] [--only W1,W3] [--workdir DIR]     (root: loop devices)
+    volcopy bench --only R1,R2,R3,R4 [--rounds 3]          (Ceph RBD: a single-node cluster for the run)
 
 Every tool runs on every case in interleaved rounds (A B C A B C ...) after a warm-up round, each on a
 freshly reset destination with the page cache dropped; wall time, user+sys CPU and peak RSS come from
 wait4(). Every output is checked against the source's digest: a wrong copy is reported wrong, not fast.
 Writes results/compare.md and results/compare.png under the benchmarks folder (or --results).
+
+R1-R4 are the same on Ceph RBD (rbd_compare.py): RBD to RBD with 5% data (R1) and dense (R2), file to
+RBD (R3), RBD to file (R4), against rbd export | import, rbd deep cp, qemu-img's rbd driver and Cinder's
+own path, on a single-node Ceph the harness starts; they go to results/rbd.md and rbd.png.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import sys
 from pathlib import Path
 
 from ..digest import digest
+from . import rbd_compare, rbd_report
 from .machine_settings import freed_memory_kept, huge_pages_for_fio
 from .report import Results, Run, chart, filesystem, report
 from .sweep import sweep
@@ -96,10 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every workload's size")
-    parser.add_argument("--only", default="W1,W2,W3,W4,W5", help="workloads to run, e.g. W1,W3")
+    parser.add_argument(
+        "--only", default="W1,W2,W3,W4,W5", help="workloads to run, e.g. W1,W3, or R1,R2,R3,R4 (Ceph RBD)"
+    )
     parser.add_argument("--workdir", default="/var/tmp/volcopy-bench", help="on the disk to measure")
     parser.add_argument("--tmpfs", default="/dev/shm", help="a tmpfs for W4")
-    parser.add_argument("--results", default="benchmarks/results", help="where compare.md and compare.png go")
+    parser.add_argument(
+        "--results",
+        default="benchmarks/results",
+        help="where the reports go (compare.md, rbd.md, sweep.md, and charts)",
+    )
     parser.add_argument("--no-throttle", action="store_true", help="skip the 100 MB/s throttle check")
     parser.add_argument("--keep", action="store_true", help="keep the generated volumes")
     parser.add_argument(
@@ -107,17 +119,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
+    unknown = only - {"W1", "W2", "W3", "W4", "W5", *rbd_compare.RBD_WORKLOADS}
+    if unknown:
+        parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
+    rbd_only, file_only = only & set(rbd_compare.RBD_WORKLOADS), only - set(rbd_compare.RBD_WORKLOADS)
     workdir, tmpfs, results_dir = Path(args.workdir), Path(args.tmpfs), Path(args.results)
     tmpfs.mkdir(parents=True, exist_ok=True)
     bench = Workbench(workdir, args.scale)
     where = f"Files on {filesystem(workdir)} ({workdir}); W4 on {filesystem(tmpfs)} ({tmpfs})"
+    command = "volcopy bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    texts, charts = {}, {}  # file name -> report text; file name -> results to chart
     try:
         with freed_memory_kept() as memory:
             if args.sweep:
-                text = sweep(bench, tmpfs, args.rounds, memory)
-            else:
+                texts["sweep.md"] = sweep(bench, tmpfs, args.rounds, memory)
+            if rbd_only and not args.sweep:
+                rbd_results = rbd_compare.run(bench, rbd_only, args.rounds)
+                where_rbd = f"Files on {filesystem(workdir)} ({workdir})"
+                texts["rbd.md"] = rbd_report.report(rbd_results, command.strip(), where_rbd, memory)
+                charts["rbd.png"] = rbd_results
+            if file_only and not args.sweep:
                 with huge_pages_for_fio() as fio_memory:
-                    results, throttle = compare(bench, only, tmpfs, args.rounds, not args.no_throttle)
+                    results, throttle = compare(bench, file_only, tmpfs, args.rounds, not args.no_throttle)
+                texts["compare.md"] = report(results, command.strip(), where, memory + fio_memory, throttle)
+                charts["compare.png"] = results
     finally:
         bench.close()
         if not args.keep:
@@ -125,16 +150,13 @@ def main(argv: list[str] | None = None) -> int:
             for leftover in tmpfs.glob("volcopy-bench-*"):
                 leftover.unlink()
     results_dir.mkdir(parents=True, exist_ok=True)
-    if args.sweep:
-        (results_dir / "sweep.md").write_text(text)
+    for name, text in texts.items():
+        (results_dir / name).write_text(text)
         print(text)
-        return 0
-    command = "volcopy bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = report(results, command.strip(), where, memory + fio_memory, throttle)
-    (results_dir / "compare.md").write_text(text)
-    try:
-        chart(results, results_dir / "compare.png")
-    except ImportError:
-        print("matplotlib is not installed: no chart (pip install volcopy[bench])")
-    print(text)
+    for name, results in charts.items():
+        try:
+            chart(results, results_dir / name)
+        except ImportError:
+            print("matplotlib is not installed: no chart (pip install volcopy[bench])")
+            break
     return 0

@@ -9,7 +9,7 @@ import sys
 from ..errors import InvalidRequest
 from ..progress_bar import ProgressBar
 from ..units import format_size
-from .volumes import redacted
+from .volumes import VolumeRef, redacted
 
 JOURNAL_ENVIRONMENT = "VOLCOPY_JOURNAL"
 
@@ -31,8 +31,10 @@ def add_parsers(commands, size_type) -> None:
     m = commands.add_parser(
         "migrate",
         help="migrate a volume: fence its attachments, copy, complete (or cancel on failure)",
-        description="Migrate SRC onto DST as Cinder would. A volume is a path or Cinder connection_info "
-        "as JSON ('{...}' or @FILE). The compute is reached at --compute-url with the token in $OS_TOKEN "
+        description="Migrate SRC onto DST as Cinder would. A volume is a path, an RBD image "
+        "(rbd:POOL[/NAMESPACE]/IMAGE[@SNAP][:conf=PATH][:id=USER]) or Cinder connection_info as JSON "
+        "('{...}' or @FILE; RBD's is opened through librbd, nothing attached). The compute is reached "
+        "at --compute-url with the token in $OS_TOKEN "
         "(or through OS_AUTH_URL and friends).",
     )
     m.add_argument("src")
@@ -124,12 +126,21 @@ def _migrator(args, compute_needed: bool = False):
     )
 
 
+def _shown_volume(stored: dict) -> str:
+    """A volume as the journal has it, fit to show: a path, an rbd: spec, or connection_info as JSON,
+    secrets masked."""
+    ref = VolumeRef.from_json(stored)
+    if ref.connection_info:
+        return json.dumps(redacted(ref.connection_info))
+    return json.dumps(ref.path) if ref.path else str(ref)
+
+
 def _summary(m) -> str:
     rows = [
         ("migration", m.id),
         ("state", m.state + (f" ({m.reason})" if m.reason else "")),
-        ("src", json.dumps(m.src.get("path") or redacted(m.src.get("connection_info")))),
-        ("dst", json.dumps(m.dst.get("path") or redacted(m.dst.get("connection_info")))),
+        ("src", _shown_volume(m.src)),
+        ("dst", _shown_volume(m.dst)),
         ("attachments", ", ".join(":".join(a) for a in m.attachments) or "none (detached)"),
         ("progress", f"{m.percent:.1f}% of {format_size(m.bytes_total)} at {format_size(m.rate)}/s"),
         ("path", m.copy_path or "-"),

@@ -30,9 +30,11 @@ from .. import copier
 from ..compute.errors import ComputeConflict, ComputeError, ComputeNotFound
 from ..digest import digest
 from ..errors import Cancelled, InvalidRequest, VolcopyError
+from ..rbd_volume import RBDSpec
 from ..volume import size_of
 from . import journal as j
 from .clone import can_clone, clone_file
+from .deep_copy import deep_copy
 from .errors import (
     JournalError,
     JournalUnreachable,
@@ -181,12 +183,15 @@ class Migrator:
     ) -> Migration:
         """Moves src onto dst; returns the completed migration or raises MigrationCancelled.
 
-        src, dst: paths or Cinder connection_info. attachments: every attachment of src as
+        src, dst: paths, ``rbd:POOL/IMAGE...`` specs or Cinder connection_info (RBD's is opened
+        through librbd, nothing attached; two RBD images of one cluster take librbd's deep copy when
+        dst may be replaced, see deep_copy.py). attachments: every attachment of src as
         (server_id, src_attachment_id, dst_attachment_id); None for a detached volume (no compute
         call is made). verify: read dst back and compare its digest with src's before completing
         (the default); False compares the digests the copy computed from what it wrote, which proves
         nothing about what dst holds (a write the disk lost, a clone gone wrong). clone: a
-        driver's own clone, called as clone(src_path, dst_path) -> bool (False: copy instead).
+        driver's own clone, called as clone(src_path, dst_path) -> bool (False: copy instead), with
+        an RBDSpec in place of the path of an RBD volume.
         progress(done, total) is called about ten times a second during a copy. copy_options go to
         volcopy.copy (engine, block_size, queue_depth, direct, sparse, dst_is_zero, rate_limit).
         """
@@ -196,6 +201,8 @@ class Migrator:
             raise InvalidRequest(
                 "an attached volume needs a compute to fence it: pass compute=NovaCompute(...)"
             )
+        if checked:
+            dst_ref.for_compute()  # what the compute attaches: refused now if it cannot be given one
         if src_ref.key == dst_ref.key:
             raise InvalidRequest(f"src and dst are the same volume ({src_ref})")
         _check_copy_options(copy_options)
@@ -470,10 +477,10 @@ class Migrator:
         verify = options.pop("verify", False)
         try:
             with src_ref.attached() as src, dst_ref.attached() as dst:
-                path = self._clone(m, clone, src, dst)
-                src_digest = dst_digest = (
-                    None  # FICLONE: dst shares src's very extents, equal by construction
-                )
+                path = self._clone(m, clone, src, dst, progress, options)
+                # FICLONE: dst shares src's very extents, equal by construction; a deep copy is
+                # checked like a clone: read back with verify
+                src_digest = dst_digest = None
                 if path is None:
                     path = "copy"
                     # What the engine wrote is what it hashed: the copy gives both digests.
@@ -502,6 +509,8 @@ class Migrator:
         the guest's writes onto it while the copy writes dst (libvirt), so that complete is shorter.
         Optional: a compute that lacks it (404, 400) or refuses it moves at complete, which checks dst
         again and is the step that decides."""
+        if not m.attachments:
+            return
         dst = VolumeRef.from_json(m.dst).for_compute()
         for server, src_att, dst_att in m.attachments:
             generation = self._generation(m, server, src_att)
@@ -511,19 +520,48 @@ class Migrator:
             except ComputeError as exc:
                 log.warning("migration %s: not prepared, complete moves: %s: %s", m.id, src_att, exc)
 
-    def _clone(self, m: Migration, clone, src: str, dst: str) -> str | None:
-        """The same-backend fast path: the driver's clone, else FICLONE; None to copy instead."""
+    def _clone(
+        self, m: Migration, clone, src: str | RBDSpec, dst: str | RBDSpec, progress, options: dict
+    ) -> str | None:
+        """The same-backend fast path: the driver's clone, else FICLONE for two files, else librbd's
+        deep copy for two RBD images (not with a rate limit, which it cannot keep to); None to copy
+        with the engine instead."""
         if clone is not None:
             with self._step(m, "clone", "driver") as step:
                 if clone(src, dst):
                     return "driver-clone"
                 step.detail = "the driver's clone declined"
-        if can_clone(src, dst):
+        if isinstance(src, str) and isinstance(dst, str) and can_clone(src, dst):
             with self._step(m, "clone", "ficlone") as step:
                 if clone_file(src, dst):
                     return "clone"
                 step.detail = "the file system cannot share extents"
+        if isinstance(src, RBDSpec) and isinstance(dst, RBDSpec):
+            if options.get("rate_limit"):
+                log.info("migration %s: a rate limit is set: copied by the engine, not librbd", m.id)
+                return None
+            return self._deep_copy(m, src, dst, progress)
         return None
+
+    def _deep_copy(self, m: Migration, src: RBDSpec, dst: RBDSpec, progress) -> str | None:
+        """Step "clone" rbd-deep-copy. librbd cannot stop a deep copy: a cancel request, a lost lock or a
+        fenced attachment in trouble, noticed by the progress reports as during an engine copy, acts
+        once it has ended. A deep copy interrupted by a crash is not resumed: dst then holds data, so
+        recover() copies over it with the engine."""
+        cancel = threading.Event()  # set by report(); nothing can stop librbd
+        report, seen = self._reporter(m, progress, cancel)
+        started = time.monotonic()
+        with self._step(m, "clone", "rbd-deep-copy") as step:
+            why_not = deep_copy(src, dst, report)
+            step.detail = why_not
+        if why_not:
+            return None
+        if seen["trouble"]:
+            raise _Abort(seen["trouble"])
+        self._check_cancel_requested(m)  # asked for during the deep copy: before reading dst back
+        size = size_of(src)
+        self._set(m, bytes_done=size, bytes_total=size, rate=size / max(time.monotonic() - started, 1e-9))
+        return "rbd-deep-copy"
 
     def _compute_trouble(self, m: Migration) -> str | None:
         """Why the copy cannot go on, if a fenced attachment is failed or its overlay is full."""
@@ -534,8 +572,10 @@ class Migrator:
                 return f"the compute reports {server}/{src_att} {state['state']}{reason}"
         return None
 
-    def _copy_with_engine(self, m: Migration, src: str, dst: str, options: dict, progress) -> str:
-        cancel = threading.Event()
+    def _reporter(self, m: Migration, progress, cancel: threading.Event):
+        """The progress function of a copy: progress rows in the journal, and the checks an engine copy
+        stops at (cancel set): a cancel request, the lock held by another process (LostOwnership), a
+        fenced attachment in trouble (kept in the returned dict's "trouble")."""
         last = {"at": time.monotonic(), "done": 0, "checked": time.monotonic()}
         last.update(watched=time.monotonic(), trouble=None)
 
@@ -576,6 +616,12 @@ class Migrator:
                     cancel.set()
             if 2 * done >= total:
                 failpoint("mid-copy")
+
+        return report, last
+
+    def _copy_with_engine(self, m: Migration, src, dst, options: dict, progress) -> str:
+        cancel = threading.Event()
+        report, last = self._reporter(m, progress, cancel)
 
         # Cinder's volume id knows dst again when os-brick attaches it under another device name.
         dst_id = m.dst_key if m.dst_key.startswith("volume:") else None

@@ -1,7 +1,10 @@
-"""The two volumes of a migration, given as a local path or as Cinder's connection_info.
+"""The two volumes of a migration, given as a local path, as Cinder's connection_info, or as an RBD image
+(``rbd:POOL/IMAGE...``).
 
 A path is used as it is; connection_info is attached on this host through os-brick for the copy and
-detached afterwards whatever happens. The journal stores the spec, so recover() can attach it again.
+detached afterwards whatever happens, except an RBD volume's (``driver_volume_type: rbd``), which the
+engine opens itself through librbd, as it opens an ``rbd:`` spec: nothing is attached. The journal
+stores the spec, so recover() can reach the volume again.
 """
 
 from __future__ import annotations
@@ -13,13 +16,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from .. import rbd_volume
 from ..errors import InvalidRequest
+from ..rbd_volume import RBDSpec
 
 SECRET_WORDS = ("password", "secret", "token", "key")
 
 
 def redacted(value):
-    """A copy of connection_info (or any JSON) fit to show: CHAP passwords and the like masked."""
+    """A copy of connection_info (or any JSON) fit to show: CHAP passwords, keys and the like masked."""
     if isinstance(value, dict):
         return {
             k: "***" if any(word in k.lower() for word in SECRET_WORDS) else redacted(v)
@@ -30,14 +35,43 @@ def redacted(value):
     return value
 
 
+def _rbd_to_json(spec: RBDSpec) -> dict:
+    """An RBDSpec for the journal: the options as a dict, so that redacted() masks a key in them."""
+    return {
+        "pool": spec.pool,
+        "namespace": spec.namespace,
+        "image": spec.image,
+        "snap": spec.snap,
+        "conf": spec.conf,
+        "user": spec.user,
+        "options": dict(spec.options),
+    }
+
+
+def _rbd_from_json(stored: dict) -> RBDSpec:
+    return RBDSpec(
+        stored["pool"],
+        stored["namespace"],
+        stored["image"],
+        stored["snap"],
+        stored["conf"],
+        stored["user"],
+        tuple(stored["options"].items()),
+    )
+
+
 @dataclass(frozen=True)
 class VolumeRef:
     path: str | None = None
     connection_info: dict | None = None
+    rbd: dict | None = None  # an RBD image named by an rbd: spec (_rbd_to_json)
 
     @classmethod
     def of(cls, spec, role: str) -> VolumeRef:
-        """From what a caller passes: a path, or connection_info ({"driver_volume_type", "data"})."""
+        """From what a caller passes: a path, ``rbd:POOL/IMAGE...`` or an RBDSpec, or connection_info
+        ({"driver_volume_type", "data"})."""
+        if rbd_volume.is_rbd(spec):
+            return cls(rbd=_rbd_to_json(rbd_volume.parse(spec)))
         if isinstance(spec, (str, os.PathLike)):
             path = os.path.abspath(os.fspath(spec))
             if role == "src" and not os.path.exists(path):
@@ -54,24 +88,41 @@ class VolumeRef:
                 json.dumps(spec)
             except (TypeError, ValueError):
                 raise InvalidRequest(f"{role} connection_info must be JSON-serialisable") from None
+            if spec["driver_volume_type"] == "rbd":
+                rbd_volume.from_connection_info(spec)  # refused now, before anything is recorded
             return cls(connection_info=spec)
         raise InvalidRequest(
-            f"{role} must be a path or Cinder connection_info (a dict with 'driver_volume_type' and "
-            f"'data'), not {type(spec).__name__}"
+            f"{role} must be a path, rbd:POOL/IMAGE or Cinder connection_info (a dict with "
+            f"'driver_volume_type' and 'data'), not {type(spec).__name__}"
         )
 
     @classmethod
     def from_json(cls, stored: dict) -> VolumeRef:
-        return cls(path=stored.get("path"), connection_info=stored.get("connection_info"))
+        return cls(
+            path=stored.get("path"), connection_info=stored.get("connection_info"), rbd=stored.get("rbd")
+        )
 
     def to_json(self) -> dict:
-        return {"path": self.path} if self.path else {"connection_info": self.connection_info}
+        if self.path:
+            return {"path": self.path}
+        return {"rbd": self.rbd} if self.rbd else {"connection_info": self.connection_info}
+
+    @property
+    def rbd_spec(self) -> RBDSpec | None:
+        """The RBD image the engine opens itself, from an rbd: spec or RBD connection_info; else None."""
+        if self.rbd:
+            return _rbd_from_json(self.rbd)
+        if self.connection_info and self.connection_info["driver_volume_type"] == "rbd":
+            return rbd_volume.from_connection_info(self.connection_info)
+        return None
 
     @property
     def key(self) -> str:
         """What identifies the volume in the journal's claims, however it is given."""
         if self.path:
             return "path:" + os.path.realpath(self.path)
+        if self.rbd:
+            return str(_rbd_from_json(self.rbd))  # rbd:POOL/IMAGE and how to reach it, secrets masked
         data = self.connection_info["data"]
         if data.get("volume_id"):
             return "volume:" + str(data["volume_id"])
@@ -85,6 +136,8 @@ class VolumeRef:
     def __str__(self) -> str:
         if self.path:
             return self.path
+        if self.rbd:
+            return str(_rbd_from_json(self.rbd))
         data = self.connection_info["data"]
         return f"{self.connection_info['driver_volume_type']} volume {data.get('volume_id', '')}".strip()
 
@@ -92,13 +145,24 @@ class VolumeRef:
         """The connection_info a compute attaches this volume with at complete."""
         if self.connection_info:
             return self.connection_info
+        if self.rbd:
+            raise InvalidRequest(
+                f"{self}: a compute attaches dst with Cinder's connection_info, which an rbd: spec is "
+                "not; give dst as RBD connection_info ('driver_volume_type': 'rbd') for an attached volume"
+            )
         return {"driver_volume_type": "local", "data": {"device_path": self.path}}
 
     @contextmanager
-    def attached(self) -> Iterator[str]:
-        """The volume's local path for as long as the block runs."""
+    def attached(self) -> Iterator[str | RBDSpec]:
+        """The volume as the engine opens it, for as long as the block runs: its local path (attached
+        through os-brick for connection_info), or for RBD an RBDSpec, opened through librbd, nothing
+        attached."""
         if self.path:
             yield self.path
+            return
+        spec = self.rbd_spec
+        if spec is not None:
+            yield spec
             return
         from ..attach import attach, detach
 

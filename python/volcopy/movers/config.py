@@ -1,0 +1,114 @@
+"""The mover's options (oslo.config), read from the INI file given by ``--config-file``: ``[mover]``, and
+oslo.log's options in ``[DEFAULT]``. docs/movers.md shows a whole file."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from oslo_config import cfg
+from oslo_log import log as logging
+
+from ..units import parse_size
+from .defaults import DEFAULT_GROUP, DEFAULT_URL
+from .transports import KNOWN, usable
+
+mover_opts = [
+    cfg.StrOpt(
+        "name",
+        default=socket.gethostname(),
+        sample_default="<host name>",
+        help="The mover's name in the group: one mover per host, so the host name by default.",
+    ),
+    cfg.StrOpt(
+        "coordination_url",
+        default=DEFAULT_URL,
+        secret=True,  # may hold a password
+        help="tooz's URL of the coordination backend, e.g. redis://HOST:6379?membership_timeout=10 "
+        "(a mover whose heartbeats stop leaves the group that many seconds after its last one; "
+        "30 by default).",
+    ),
+    cfg.StrOpt("group", default=DEFAULT_GROUP, help="The tooz group the movers join."),
+    cfg.ListOpt(
+        "transports",
+        default=[],
+        help=f"The transports this mover offers, among {', '.join(KNOWN)}; each must work on this host "
+        "(checked at start through os-brick, or librbd for rbd), else the mover does not start. "
+        "Empty: every one that works here.",
+    ),
+    cfg.IntOpt("slots", default=2, min=1, help="Copies this mover runs at once."),
+    cfg.StrOpt(
+        "bandwidth",
+        default="0",
+        help="Bytes per second for all of this mover's copies together, e.g. 200M; 0: unlimited.",
+    ),
+    cfg.FloatOpt(
+        "heartbeat_interval",
+        default=0.0,
+        min=0.0,
+        help="Seconds between heartbeats; 0: a third of the coordination backend's membership timeout.",
+    ),
+]
+
+
+def list_opts():
+    """For oslo-config-generator (namespace volcopy.mover)."""
+    return [("mover", mover_opts)]
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message names the file and the option."""
+
+
+@dataclass
+class MoverConfig:
+    conf: cfg.ConfigOpts  # for oslo.log
+    name: str
+    coordination_url: str
+    group: str
+    transports: list[str]
+    slots: int
+    bandwidth: int
+    heartbeat_interval: float
+    not_offered: dict[str, str]  # the transports this host cannot attach, and why (when none is configured)
+
+
+def load(argv: list[str]) -> MoverConfig:
+    """Parses ``argv`` (``--config-file FILE`` and oslo.log's options), checks every value, and finds
+    the transports this host can attach (the configured ones must all work here)."""
+    conf = cfg.ConfigOpts()
+    conf.register_opts(mover_opts, group="mover")
+    logging.register_options(conf)
+    conf.set_default("use_stderr", True)  # stdout carries the one "joined" line a supervisor waits for
+    try:
+        conf(argv, project="volcopy", prog="volcopy mover", default_config_files=[])
+    except cfg.Error as exc:
+        raise ConfigError(str(exc)) from None
+    if not conf.config_file and not conf.config_dir:
+        raise ConfigError("no configuration: give --config-file FILE (see docs/movers.md)")
+    files = ", ".join(conf.config_file) or conf.config_dir
+
+    def get(name: str):
+        try:
+            return conf.mover[name]
+        except (cfg.Error, ValueError) as exc:
+            reason = str(exc).rpartition(" is not valid: ")[2]
+            raise ConfigError(f"{files}: [mover] {name}: {reason}") from None
+
+    values = {opt.dest: get(opt.dest) for opt in mover_opts}
+    for name in ("name", "coordination_url", "group"):
+        if not values[name]:
+            raise ConfigError(f"{files}: [mover] {name} must not be empty")
+    try:
+        values["bandwidth"] = parse_size(values["bandwidth"])
+    except ValueError as exc:
+        raise ConfigError(f"{files}: [mover] bandwidth: {exc}") from None
+    configured = [t.strip().lower() for t in values["transports"] if t.strip()]
+    works, refused = usable(configured or None)
+    if configured and refused:
+        reasons = "; ".join(f"{t}: {why}" for t, why in refused.items())
+        raise ConfigError(f"{files}: [mover] transports: cannot be offered on this host: {reasons}")
+    if not works:
+        raise ConfigError(f"{files}: [mover] transports: none works on this host")
+    values["transports"] = works
+    return MoverConfig(conf=conf, not_offered=refused, **values)

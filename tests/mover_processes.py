@@ -1,0 +1,131 @@
+"""`volcopy mover` processes for the tests, each with its own configuration file, name and transports, on
+the session's Redis (tests/redis_server.py), with a short membership timeout so that a dead mover lapses
+in seconds. A started mover has printed its "joined" line; its log (stderr) is kept in a file.
+
+``MoverProcesses.start()`` runs one on this host; with ``host=`` (a NetnsHost, tests/netns_hosts.py)
+it runs on that host: its own network namespace, address and host name, reaching Redis at the host's
+gateway, where Redis listens for as long as the mover's processes run.
+"""
+
+from __future__ import annotations
+
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MEMBERSHIP_TIMEOUT = 2.0  # seconds after its last heartbeat that a mover leaves the group
+HEARTBEAT_INTERVAL = MEMBERSHIP_TIMEOUT / 3  # the mover's default: a third of the membership timeout
+JOIN_TIMEOUT = 30.0  # a mover's start: Python, oslo, os-brick and tooz imports on a busy 2-core machine
+
+
+def coordination_url(base: str) -> str:
+    """``timeout=2``: Redis calls give up after 2 s (a mover notices a lost Redis within a beat)."""
+    return f"{base}?membership_timeout={MEMBERSHIP_TIMEOUT:g}&timeout=2"
+
+
+class MoverProcess:
+    def __init__(self, name: str, process: subprocess.Popen, log: Path, config: Path):
+        self.name = name
+        self.process = process
+        self.log = log
+        self.config = config
+        self.joined_line = ""
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_joined(self, timeout: float = JOIN_TIMEOUT) -> str:
+        """The "joined" line it prints once it is in the group."""
+        deadline = time.monotonic() + timeout
+        stdout = self.process.stdout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([stdout], [], [], 0.1)
+            if ready:
+                line = stdout.readline()
+                if line:
+                    self.joined_line = line.strip()
+                    return self.joined_line
+            if self.process.poll() is not None:
+                raise AssertionError(f"mover {self.name} exited {self.process.returncode}: {self.log_text()}")
+        raise AssertionError(f"mover {self.name} did not join in {timeout} s: {self.log_text()}")
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+    def terminate(self, timeout: float = 10) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+
+class MoverProcesses:
+    def __init__(self, directory: Path, redis, group: str):
+        self.directory = directory
+        self.redis = redis
+        self.url = coordination_url(redis.url)
+        self.group = group
+        self.started: list[MoverProcess] = []
+        self.gateways: list[str] = []  # where Redis listens for this object's hosts
+
+    def config(
+        self, name: str, transports: list[str], slots: int = 2, bandwidth: str = "0", url=None
+    ) -> Path:
+        path = self.directory / f"mover-{name}-{len(self.started)}.conf"
+        path.write_text(
+            "[mover]\n"
+            f"name = {name}\n"
+            f"coordination_url = {url or self.url}\n"
+            f"group = {self.group}\n"
+            f"transports = {', '.join(transports)}\n"
+            f"slots = {slots}\n"
+            f"bandwidth = {bandwidth}\n"
+        )
+        return path
+
+    def start(
+        self,
+        name: str,
+        transports: list[str],
+        slots: int = 2,
+        bandwidth: str = "0",
+        host=None,
+        wait: bool = True,
+    ) -> MoverProcess:
+        """A mover; with ``host`` (a NetnsHost), on that host."""
+        url = self.url
+        if host is not None:
+            if host.gateway not in self.gateways:
+                self.redis.listen_on(host.gateway)
+                self.gateways.append(host.gateway)
+            url = coordination_url(f"redis://{host.gateway}:{self.redis.port}")
+        config = self.config(name, transports, slots, bandwidth, url)
+        log = self.directory / f"mover-{name}-{len(self.started)}.log"
+        command = [sys.executable, "-m", "volcopy.cli", "mover", "--config-file", str(config)]
+        if host is not None:
+            command = host.command(command)
+        with open(log, "w") as stderr:
+            process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, text=True
+            )
+        mover = MoverProcess(name, process, log, config)
+        self.started.append(mover)
+        if wait:
+            mover.wait_joined()
+        return mover
+
+    def stop_all(self) -> None:
+        for mover in self.started:
+            if mover.process.poll() is None:
+                mover.kill()
+            mover.process.stdout.close()
+        self.started.clear()
+        for gateway in self.gateways:
+            self.redis.stop_listening_on(gateway)
+        self.gateways.clear()
