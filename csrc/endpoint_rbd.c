@@ -179,7 +179,19 @@ static int open_image(struct vc_rbd *r, const struct vc_rbd_spec *spec, int flag
                                          : "the image does not exist";
         return vc_fail(e, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "%s", what);
     }
-    return (flags & VC_RBD_WRITE) && !*created ? check_not_in_use(r, spec->own_clients, e) : 0;
+    if (!(flags & VC_RBD_WRITE))
+        return 0;
+    if (!*created && (rc = check_not_in_use(r, spec->own_clients, e)) < 0)
+        return rc;
+    /* The check above only sees who has the image open now: a client that opens it later (a guest
+     * started on it) would be handed the exclusive lock at its first write, and both would write.
+     * Taken explicitly, the lock is not handed over: such a client's writes fail (EROFS). Images
+     * without the exclusive-lock feature answer EINVAL: the check above is all there is. */
+    rc = vc_librbd.rbd_lock_acquire(r->image, RBD_LOCK_MODE_EXCLUSIVE);
+    if (rc < 0 && rc != -EINVAL) /* EINVAL: no exclusive-lock feature */
+        return vc_fail(e, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "cannot take the image's exclusive lock: %s",
+                       strerror(-rc));
+    return 0;
 }
 
 int vc_rbd_open(const struct vc_rbd_spec *spec, int flags, uint64_t create_size, struct vc_rbd **out, int *created,
@@ -534,9 +546,24 @@ static int rbd_flush_image(const struct vc_endpoint *ep)
     return vc_librbd.rbd_flush(ep->rbd->image);
 }
 
+/* A handle opened read-only has no watch, so it never hears of a resize: its size stays the one it
+ * was opened with, and reads past a shrunk end return zeros. The size that tells a src that shrank
+ * under the copy comes from a handle opened now. A snapshot's size never changes. */
 static int rbd_size(const struct vc_endpoint *ep, uint64_t *size)
 {
-    return vc_librbd.rbd_get_size(ep->rbd->image, size);
+    struct vc_rbd *r = ep->rbd;
+    char id[64];
+    rbd_image_t now;
+    int rc;
+
+    if (r->snap)
+        return vc_librbd.rbd_get_size(r->image, size);
+    if ((rc = vc_librbd.rbd_get_id(r->image, id, sizeof(id))) < 0 ||
+        (rc = vc_librbd.rbd_open_by_id_read_only(r->ioctx, id, &now, NULL)) < 0)
+        return rc;
+    rc = vc_librbd.rbd_get_size(now, size);
+    vc_librbd.rbd_close(now);
+    return rc;
 }
 
 const struct vc_endpoint_ops vc_endpoint_rbd_ops = {

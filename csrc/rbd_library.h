@@ -48,7 +48,9 @@
     X(rbd_image_options_destroy) \
     X(rbd_image_options_set_string) \
     X(rbd_image_options_set_uint64) \
+    X(rbd_lock_acquire) \
     X(rbd_open) \
+    X(rbd_open_by_id_read_only) \
     X(rbd_open_read_only) \
     X(rbd_read) \
     X(rbd_remove) \

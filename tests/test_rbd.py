@@ -172,6 +172,76 @@ def test_an_image_open_elsewhere_is_not_written(ceph, ceph_pool, source_image, c
     assert ceph.read(ceph_pool, "in-use", 0, SIZE) == content
 
 
+def copy_in_background(src, dst, outcome: list, past: int) -> tuple[threading.Thread, threading.Event]:
+    """A copy at 16 MiB/s on a thread of its own; the event is set once it has done ``past`` bytes."""
+    progressed = threading.Event()
+
+    def run() -> None:
+        try:
+            report = lambda done, total: done > past and progressed.set()  # noqa: E731
+            outcome.append(volcopy.copy(src, dst, rate_limit=16 * MiB, progress=report))
+        except BaseException as exc:  # noqa: BLE001 - the outcome is asserted by the caller
+            outcome.append(exc)
+
+    copier = threading.Thread(target=run)
+    copier.start()
+    return copier, progressed
+
+
+def test_a_client_that_opens_dst_mid_copy_cannot_write_under_it(ceph, ceph_pool, tmp_path):
+    """The in-use check sees who has dst open when the copy starts. A client that opens it later is
+    refused the exclusive lock (volcopy took it explicitly, so librbd does not hand it over): its write
+    fails, and dst ends equal to src. Handed over, the client's write landed and copy() returned
+    success over a dst that differed from src."""
+    import rados
+    import rbd as librbd
+
+    dense = np.random.default_rng(8).bytes(SIZE)
+    src = tmp_path / "src.img"
+    src.write_bytes(dense)
+    ceph.create_image(ceph_pool, "dst", SIZE)
+    outcome: list = []
+    copier, progressed = copy_in_background(src, rbd(ceph, ceph_pool, "dst"), outcome, past=8 * MiB)
+    try:
+        assert progressed.wait(30)
+        with rados.Rados(conffile=ceph.conf) as cluster, cluster.open_ioctx(ceph_pool) as ioctx:
+            with librbd.Image(ioctx, "dst") as late:
+                with pytest.raises(librbd.ReadOnlyImage):
+                    late.write(b"late client" * 100, 0)
+    finally:
+        copier.join()
+
+    assert isinstance(outcome[0], volcopy.CopyResult), outcome
+    assert ceph.read(ceph_pool, "dst", 0, SIZE) == dense
+
+
+def test_a_source_image_shrunk_mid_copy_ends_in_an_error(ceph, ceph_pool, tmp_path):
+    """A src opened read-only has no watch: librbd never tells its handle of a resize, which kept the
+    old size and read zeros past the new end; copy() returned success for bytes src no longer has.
+    The size that decides comes from a handle opened at the check."""
+    import rados
+    import rbd as librbd
+
+    ceph.create_image(ceph_pool, "src", SIZE)
+    ceph.write(ceph_pool, "src", 0, np.random.default_rng(9).bytes(SIZE))
+    shrunk = 20 * MiB + 4096
+    outcome: list = []
+    src, dst = rbd(ceph, ceph_pool, "src"), tmp_path / "out.img"
+    copier, progressed = copy_in_background(src, dst, outcome, past=8 * MiB)
+    try:
+        assert progressed.wait(30)
+        with rados.Rados(conffile=ceph.conf) as cluster, cluster.open_ioctx(ceph_pool) as ioctx:
+            with librbd.Image(ioctx, "src") as image:
+                image.resize(shrunk)
+    finally:
+        copier.join()
+
+    (error,) = outcome
+    assert isinstance(error, volcopy.CopyIOError), error
+    assert error.errno == 5 and error.offset == shrunk
+    assert f"the source shrank to {shrunk} bytes during the copy of {SIZE}" in str(error)
+
+
 # ---------------------------------------------------------------- faults
 
 
