@@ -152,7 +152,8 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.02, what: str
 
 
 class Guest:
-    """A real Linux guest in QEMU with one virtio-blk disk on a raw volume. Its writes go through the
+    """A real Linux guest in QEMU with one virtio-blk disk on a raw volume: a file, a device, or a Ceph
+    RBD image (``rbd:POOL/IMAGE:conf=PATH``, opened by QEMU's rbd driver). Its writes go through the
     disk's BlockBackend as any guest's do; the test reads them back from its console log."""
 
     def __init__(
@@ -177,12 +178,14 @@ class Guest:
     def start(self) -> None:
         initramfs = self.workdir / f"{self.name}-initramfs.cpio"
         build_initramfs(initramfs, self.size)
-        driver = "host_device" if self.volume.startswith("/dev/") else "file"
-        blockdev = {
-            "driver": "raw",
-            "node-name": self.node,
-            "file": {"driver": driver, "filename": self.volume, "cache": {"direct": True}},
-        }
+        if self.volume.startswith("rbd:"):
+            from volcopy.compute.rbd import from_name
+
+            file = {"driver": "rbd", **from_name(self.volume).blockdev()}
+        else:
+            driver = "host_device" if self.volume.startswith("/dev/") else "file"
+            file = {"driver": driver, "filename": self.volume}
+        blockdev = {"driver": "raw", "node-name": self.node, "file": file | {"cache": {"direct": True}}}
         device = f"virtio-blk-pci,drive={self.node},id={self.qdev}"
         if self.shared:
             blockdev["file"]["locking"] = "off"
@@ -416,6 +419,13 @@ class LibvirtGuest(Guest):
 
     def _xml(self, initramfs: Path) -> str:
         kind, attr = ("block", "dev") if self.volume.startswith("/dev/") else ("file", "file")
+        source = f"<source {attr}='{self.volume}'/>"
+        if self.volume.startswith("rbd:"):  # a network disk: QEMU opens the image through librbd
+            from volcopy.compute.rbd import from_name
+
+            image = from_name(self.volume)
+            hosts = "".join(f"<host name='{host}' port='{port}'/>" for host, port in image.servers)
+            kind, source = "network", f"<source protocol='rbd' name='{image.spec}'>{hosts}</source>"
         flags = "<shareable/>" if self.shared else ""
         flags += "<readonly/><shareable/>" if self.read_only else ""
         return f"""<domain type='qemu'>
@@ -427,7 +437,7 @@ class LibvirtGuest(Guest):
   <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>
   <devices><emulator>{QEMU}</emulator>
     <disk type='{kind}' device='disk'><driver name='qemu' type='raw' cache='none' io='native'/>
-      <source {attr}='{self.volume}'/><target dev='vda' bus='virtio'/>{flags}</disk>
+      {source}<target dev='vda' bus='virtio'/>{flags}</disk>
     <serial type='unix'><source mode='bind' path='{self.console_socket}'/><target port='0'/></serial>
     <memballoon model='none'/>
   </devices>
@@ -810,17 +820,18 @@ def guest(request, make_guest, volumes):
 
 @pytest.fixture
 def make_guest(request, workdir):
-    """For a test that makes its guests: make_guest(backend, name, volume, server=SERVER, **flags) is a
-    started guest of that backend (for libvirt, the domain whose UUID is server), stopped at the end."""
+    """For a test that makes its guests: make_guest(backend, name, volume, server=SERVER, size=SIZE,
+    **flags) is a started guest of that backend (for libvirt, the domain whose UUID is server), stopped
+    at the end."""
     made = []
 
-    def make(backend: str, name: str, volume: str, server: str = SERVER, **flags) -> Guest:
+    def make(backend: str, name: str, volume: str, server: str = SERVER, size: int = SIZE, **flags) -> Guest:
         if backend.startswith("libvirt"):
             request.getfixturevalue("libvirtd")
             persistent = backend == "libvirt-persistent"
-            g = LibvirtGuest(workdir, name, volume, SIZE, uuid=server, persistent=persistent, **flags)
+            g = LibvirtGuest(workdir, name, volume, size, uuid=server, persistent=persistent, **flags)
         else:
-            g = Guest(workdir, name, volume, SIZE, **flags)
+            g = Guest(workdir, name, volume, size, **flags)
         made.append(g)
         g.start()
         return g

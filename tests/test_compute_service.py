@@ -416,6 +416,20 @@ BAD_CONFIGS = [
         "{file}: [attachment:a1] node is required",
     ),
     (
+        STATIC
+        + "[server:s1]\nqmp = /run/s1.qmp\npidfile = /run/s1.pid\n[attachment:a1]\nserver = s1\nqdev = d\n"
+        + "node = n\nvolume = rbd:volumes/volume-1@snap-1\n",
+        "{file}: [attachment:a1] volume: 'rbd:volumes/volume-1@snap-1': a snapshot is read-only, not a "
+        "guest's disk to move",
+    ),
+    (
+        STATIC
+        + "[server:s1]\nqmp = /run/s1.qmp\npidfile = /run/s1.pid\n[attachment:a1]\nserver = s1\nqdev = d\n"
+        + "node = n\nvolume = rbd:volumes/volume-1:keyring=/etc/ceph/k\n",
+        "{file}: [attachment:a1] volume: 'rbd:volumes/volume-1:keyring=/etc/ceph/k': the settings after "
+        "the image may be conf, id and mon_host, not keyring",
+    ),
+    (
         STATIC + "[ssl]\ncert_file = /nonexistent.pem\nkey_file = /nonexistent.key\n",
         "[ssl] cert_file /nonexistent.pem, key_file /nonexistent.key: cannot be loaded: "
         "[Errno 2] No such file or directory",

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from enum import Enum
 
+from .rbd import MalformedRbdConnection, from_connection_info
+
 MICROVERSION = "2.97"  # the first compute API microversion with the volume-migration actions
 MIN_MICROVERSION = "2.1"
 VERSION_HEADER = "OpenStack-API-Version"
@@ -101,6 +103,11 @@ def parse_action(body) -> tuple[str, dict]:
         raise BadRequest(
             f"{action}: 'connection_info' must be an object with 'driver_volume_type' and 'data'"
         )
+    if info["driver_volume_type"] == "rbd":  # opened by QEMU itself: every field it needs is checked here
+        try:
+            from_connection_info(info)
+        except MalformedRbdConnection as exc:
+            raise BadRequest(f"{action}: {exc}") from None
     if parsed["new_attachment_id"] == parsed["attachment_id"]:
         raise BadRequest(f"{action}: 'new_attachment_id' must differ from 'attachment_id'")
     parsed["connection_info"] = info

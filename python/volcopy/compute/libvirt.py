@@ -31,6 +31,8 @@ from collections.abc import Callable
 
 import libvirt
 
+from .rbd import RbdImage, is_rbd_name
+
 READY_TIMEOUT = 600.0  # seconds a block job has to become ready (a copy of a large overlay)
 _loop_lock = threading.Lock()
 _loop_started = False
@@ -111,10 +113,40 @@ def _disk_element(dom: libvirt.virDomain, target: str, flags: int = 0) -> ET.Ele
 
 
 def _source_path(element: ET.Element) -> str | None:
+    """A file's or device's path; an RBD image (a network disk) as rbd:POOL/IMAGE."""
     source = element.find("source")
     if source is None:
         return None
+    if element.get("type") == "network" and source.get("protocol") == "rbd":
+        return f"rbd:{source.get('name')}"
     return source.get("file") or source.get("dev") or source.get("name")
+
+
+def rbd_image_of(dom: libvirt.virDomain, target: str, flags: int = 0) -> RbdImage | None:
+    """The RBD image on top of the disk (a network disk), with the monitors and user its definition
+    gives; None when the disk is not on one."""
+    element = _disk_element(dom, target, flags)
+    source = element.find("source")
+    if element.get("type") != "network" or source is None or source.get("protocol") != "rbd":
+        return None
+    pool, _, image = source.get("name", "").partition("/")
+    servers = tuple((h.get("name"), h.get("port", "6789")) for h in source.findall("host"))
+    auth = source.find("auth") if source.find("auth") is not None else element.find("auth")
+    user = auth.get("username") if auth is not None else None
+    return RbdImage(pool, image, servers=servers, user=user, auth=True if user else None)
+
+
+def _source_xml(path: str, image: RbdImage | None) -> tuple[str, str]:
+    """A disk's type and its <source> element, for an image path or an RBD image (a network disk,
+    whose key is the libvirt secret its connection_info names, Nova's way)."""
+    if image is None:
+        kind, attr = _disk_type(path)
+        return kind, f"<source {attr}='{path}'/>"
+    hosts = "".join(f"<host name='{host}' port='{port}'/>" for host, port in image.servers)
+    auth = ""
+    if image.user and image.secret_uuid:
+        auth = f"<auth username='{image.user}'><secret type='ceph' uuid='{image.secret_uuid}'/></auth>"
+    return "network", f"<source protocol='rbd' name='{image.spec}'>{hosts}{auth}</source>"
 
 
 def disk_chain(dom: libvirt.virDomain, target: str, flags: int = 0) -> list[str]:
@@ -130,18 +162,27 @@ def disk_chain(dom: libvirt.virDomain, target: str, flags: int = 0) -> list[str]
     return chain
 
 
-def define_disk_on(dom: libvirt.virDomain, target: str, path: str, image_format: str) -> None:
+def define_disk_on(
+    dom: libvirt.virDomain, target: str, path: str, image_format: str, image: RbdImage | None = None
+) -> None:
     """The domain's persistent definition redefined with the disk on path alone (its format
     image_format, no backing chain): the domain starts on it next time. libvirt updates the definition
     itself at the snapshot and at the copy's and the commit's pivots; an image merged offline (qemu-img)
-    is not its doing. The definition is read with its secrets, so that none is lost."""
+    is not its doing. The definition is read with its secrets, so that none is lost. An RBD image
+    (path rbd:POOL/IMAGE) keeps the <source> the definition has for it (its monitors, its auth), or gets
+    one made from image."""
     root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE))
     disk = next(
         (d for d in root.iter("disk") if (t := d.find("target")) is not None and t.get("dev") == target), None
     )
     if disk is None:
         raise LibvirtHandoffError(f"the definition of domain {dom.name()} has no disk {target}")
-    kind, attr = _disk_type(path)
+    kind, source = _kept_source(disk, path)
+    if source is None:
+        if is_rbd_name(path) and image is None:
+            raise LibvirtHandoffError(f"disk {target}: no monitors known for {path}")
+        kind, text = _source_xml(path, image)
+        source = ET.fromstring(text)
     disk.set("type", kind)
     driver = disk.find("driver")
     if driver is None:
@@ -150,11 +191,24 @@ def define_disk_on(dom: libvirt.virDomain, target: str, path: str, image_format:
     driver.set("type", image_format)
     for element in disk.findall("backingStore") + disk.findall("source"):
         disk.remove(element)
-    disk.insert(list(disk).index(driver) + 1, ET.Element("source", {attr: path}))
+    disk.insert(list(disk).index(driver) + 1, source)
     try:
         dom.connect().defineXML(ET.tostring(root, encoding="unicode"))
     except libvirt.libvirtError as exc:
         raise LibvirtHandoffError(f"disk {target}: redefining the domain on {path} failed: {exc}") from None
+
+
+def _kept_source(disk: ET.Element, path: str) -> tuple[str, ET.Element | None]:
+    """The <source> of an RBD image path in the disk's definition (on top or in its backing chain),
+    with the type of the element that holds it: it says how to reach the image, as its author wrote."""
+    if not is_rbd_name(path):
+        return "", None
+    element = disk
+    while element is not None:
+        if _source_path(element) == path:
+            return element.get("type"), element.find("source")
+        element = element.find("backingStore")
+    return "", None
 
 
 def disk_flags(dom: libvirt.virDomain, target: str) -> tuple[bool, bool]:
@@ -207,12 +261,15 @@ def _check(condition: bool, what: str, dom: libvirt.virDomain, target: str) -> N
 # ---------------------------------------------------------------------- the steps
 
 
-def create_overlay(path: str, backing: str, backing_format: str) -> None:
-    """A qcow2 image over backing, 0600: the guest's writes will land in it."""
+def create_overlay(path: str, backing: str, backing_format: str, size: int | None = None) -> None:
+    """A qcow2 image over backing, 0600: the guest's writes will land in it. With size, the backing is
+    written into the header without being opened (an RBD image named by QEMU's json: form, which
+    libvirt reads back from the header to know how to reach it)."""
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
     os.chmod(path, 0o600)
+    unopened = ["-u", path, str(size)] if size is not None else [path]
     made = subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", backing_format, path],
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", backing_format, *unopened],
         capture_output=True,
         text=True,
     )
@@ -309,15 +366,22 @@ def start_copy(
     newtop: str,
     dst: str,
     dst_format: str = "raw",
+    dst_image: RbdImage | None = None,
 ) -> None:
     """Starts the shallow copy of the overlay into newtop (made here, backed by dst) and returns
     without waiting for it: libvirt opens dst only at the pivot, so dst may still be written until
-    copy_onto pivots. A copy already running (or a disk already on newtop -> dst) is left alone."""
+    copy_onto pivots. A copy already running (or a disk already on newtop -> dst) is left alone.
+    dst_image: dst is that RBD image (dst its rbd: name); libvirt learns how to reach it from newtop's
+    header."""
     chain = disk_chain(dom, target)
     if chain[:2] == [newtop, dst] or _job_running(dom, target, libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY):
         return
     _check(len(chain) >= 2, "there is no overlay on top", dom, target)
-    create_overlay(newtop, dst, dst_format)  # afresh: a newtop of an earlier try may hold stale data
+    # afresh: a newtop of an earlier try may hold stale data
+    if dst_image is not None:
+        create_overlay(newtop, dst_image.qemu_filename(), "raw", dom.blockInfo(target, 0)[0])
+    else:
+        create_overlay(newtop, dst, dst_format)
     kind, attr = _disk_type(newtop)
     xml = f"<disk type='{kind}'><driver type='qcow2'/><source {attr}='{newtop}'/></disk>"
     flags = (
@@ -340,12 +404,13 @@ def copy_onto(
     dst: str,
     dst_format: str = "raw",
     before_pivot: Callable[[], None] = lambda: None,
+    dst_image: RbdImage | None = None,
 ) -> None:
     """Moves the disk from overlay -> src onto newtop -> dst: the copy start_copy started (or starts
     now), then the pivot once it is ready. dst must hold src as of the fence by then."""
     if disk_chain(dom, target)[:2] == [newtop, dst]:
         return
-    start_copy(dom, target, jobs, newtop, dst, dst_format)
+    start_copy(dom, target, jobs, newtop, dst, dst_format, dst_image)
     _pivot_when_ready(dom, target, jobs, "copy", before_pivot)
     _check(disk_chain(dom, target)[:2] == [newtop, dst], f"the disk is not on {newtop} -> {dst}", dom, target)
 
@@ -363,7 +428,9 @@ def abandon_copy(dom: libvirt.virDomain, target: str, newtop: str) -> None:
         os.unlink(newtop)
 
 
-def move_read_only(dom: libvirt.virDomain, target: str, jobs: BlockJobs, dst: str) -> None:
+def move_read_only(
+    dom: libvirt.virDomain, target: str, jobs: BlockJobs, dst: str, dst_image: RbdImage | None = None
+) -> None:
     """Moves a read-only disk (no overlay: its guest writes nothing) onto dst, a raw volume: a block copy
     of the disk onto dst as it is (``REUSE_EXT | TRANSIENT_JOB``), READY, the pivot. The copy writes the
     disk's data onto dst, so dst must hold that data already (the copy of the fenced src) and no guest
@@ -371,8 +438,8 @@ def move_read_only(dom: libvirt.virDomain, target: str, jobs: BlockJobs, dst: st
     if disk_chain(dom, target) == [dst]:
         return
     if not _job_running(dom, target, libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY):
-        kind, attr = _disk_type(dst)
-        xml = f"<disk type='{kind}'><driver type='raw'/><source {attr}='{dst}'/></disk>"
+        kind, source = _source_xml(dst, dst_image)
+        xml = f"<disk type='{kind}'><driver type='raw'/>{source}</disk>"
         flags = libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
         jobs.forget(dom, target)
         try:
@@ -416,6 +483,7 @@ __all__ = [
     "disk_flags",
     "fence",
     "move_read_only",
+    "rbd_image_of",
     "start_copy",
     "start_event_loop",
 ]

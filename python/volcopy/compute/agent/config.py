@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from oslo_config import cfg
 from oslo_log import log as logging
 
+from ..rbd import MalformedRbdConnection, from_name, is_rbd_name
 from .handoff import ServerConfig
 
 SERVER_PREFIX = "server:"
@@ -135,7 +136,10 @@ attachment_opts = [
     cfg.StrOpt("server", help="The id of the server the volume is attached to."),
     cfg.StrOpt("qdev", help="The id of the guest's disk device (with libvirt: the disk's target, vda)."),
     cfg.StrOpt("node", help="The block node holding the volume (the device's drive); not with libvirt."),
-    cfg.StrOpt("volume", help="The volume's path on this host."),
+    cfg.StrOpt(
+        "volume",
+        help="The volume's path on this host, or an RBD image: rbd:POOL/IMAGE[:conf=PATH][:id=USER].",
+    ),
 ]
 
 
@@ -255,6 +259,11 @@ def load(argv: list[str]) -> AgentConfig:
             keys = ("qdev", "volume") if servers[server_id].uri else ("qdev", "node", "volume")
             attachment = {key: require(section, key) for key in keys}
             attachment.setdefault("node", get(section, "node") or "")
+            if is_rbd_name(attachment["volume"]):
+                try:
+                    from_name(attachment["volume"])
+                except MalformedRbdConnection as exc:
+                    raise ConfigError(f"{files}: [{section}] volume: {exc}") from None
             servers[server_id].attachments[section.removeprefix(ATTACHMENT_PREFIX)] = attachment
     return AgentConfig(
         conf=conf,

@@ -37,6 +37,7 @@ from ...migration.failpoints import failpoint
 from ...volume import size_of
 from ..api import State
 from ..errors import ComputeConflict, ComputeForbidden, ComputeNotFound
+from ..rbd import RbdImage, from_connection_info, from_name, is_rbd_name
 from .hypervisor import Hypervisor, HypervisorError, HypervisorNotRunning
 from .policy import DstPolicy, check_not_in_use
 from .qemu import disk_size, merge_offline, volume_in_use
@@ -89,7 +90,11 @@ def _make_directory_like(path: str, parent: str) -> None:
 
 
 def _fsync_volume(path: str) -> None:
-    """Makes what QEMU wrote to the volume durable, from outside QEMU: a copy may start next."""
+    """Makes what QEMU wrote to the volume durable, from outside QEMU: a copy may start next. An RBD
+    image has no host path: QEMU flushed it itself before the snapshot put the overlay on top (an
+    external snapshot flushes the node it covers)."""
+    if is_rbd_name(path):
+        return
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -119,11 +124,30 @@ class Handoff:
         self._growth: dict[str, tuple[float, int]] = {}  # attachment -> (when, overlay bytes) last seen
         self._merging: set[str] = set()  # attachments with a merge thread: one at a time
         self._observing: set[str] = set()  # servers with a look at QEMU pending after an event
+        # RBD images of the configuration (rbd:POOL/IMAGE[:conf=PATH][:id=USER]), by name: how the agent
+        # reaches them itself, to read their size or whether a QEMU still has them open
+        self._configured_rbd: dict[str, RbdImage] = {}
         for server_id, cfg in servers.items():
             for attachment_id, a in cfg.attachments.items():
-                store.add_disk_if_new(Disk(attachment_id, server_id, a["qdev"], a["node"], a["volume"]))
+                volume = a["volume"]
+                if is_rbd_name(volume):
+                    image = from_name(volume)
+                    self._configured_rbd[image.name] = image
+                    volume = image.name
+                store.add_disk_if_new(Disk(attachment_id, server_id, a["qdev"], a["node"], volume))
 
     # ------------------------------------------------------------------ helpers
+
+    def _volume(self, path: str, m: VolumeMigration | None = None) -> str | RbdImage:
+        """A volume as the agent reaches it: a host path, or an RBD image with its cluster's address
+        (from the connection_info that named it, or from the configuration)."""
+        if not is_rbd_name(path):
+            return path
+        recorded = [m.dst_connection] if m is not None and m.dst_path == path else []
+        recorded += [d.connection for d in self.store.all_disks() if d.volume_path == path]
+        for connection in filter(None, recorded):
+            return from_connection_info(json.loads(connection)["connection_info"])
+        return self._configured_rbd.get(path) or from_name(path)
 
     def _lock(self, attachment_id: str) -> threading.Lock:
         with self._locks_lock:
@@ -221,7 +245,7 @@ class Handoff:
             return True
         for path in (self.store.disk(m.attachment_id).volume_path, m.dst_path):
             try:
-                in_use = path is not None and volume_in_use(path)
+                in_use = path is not None and volume_in_use(self._volume(path, m))
             except FileNotFoundError:
                 in_use = False
             if in_use:
@@ -669,7 +693,7 @@ class Handoff:
         """dst detached (quietly: a refusal or a cancel stands either way) and no longer in the record."""
         recorded = json.loads(m.dst_connection)
         try:
-            detach_recorded(recorded["connection_info"], recorded["device_info"])
+            _detach_recorded(recorded["connection_info"], recorded["device_info"])
         except Exception as exc:  # noqa: BLE001 - os-brick raises many kinds
             log.warning("could not detach the new volume %s: %s", m.dst_path, mask_password(str(exc)))
         m.prepared = False
@@ -678,7 +702,7 @@ class Handoff:
     def _attach_dst(self, connection_info: dict, src: Disk) -> Attached:
         """dst, attached, and at least as large as src: a smaller one cannot hold the guest's disk."""
         try:
-            dst = attach(connection_info)
+            dst = _attach(connection_info)
         except Exception as exc:  # noqa: BLE001 - os-brick raises many kinds
             # Its text may quote connection properties: never a password in a reason or a log line.
             raise ComputeConflict(f"cannot attach the new volume: {mask_password(str(exc))}") from None
@@ -696,7 +720,12 @@ class Handoff:
             raise
         image_format = connection_info["data"].get("format", "raw")
         try:
-            dst_size, src_size = disk_size(dst.path, image_format), size_of(src.volume_path)
+            dst_size = disk_size(_rbd_of(dst) or dst.path, image_format)
+            src_volume = self._volume(src.volume_path)
+            if isinstance(src_volume, RbdImage):
+                src_size = disk_size(src_volume, "raw")
+            else:
+                src_size = size_of(src_volume)
         except (OSError, HypervisorError) as exc:
             _detach_quietly(dst)
             raise ComputeConflict(f"cannot open the new volume {dst.path}: {exc}") from None
@@ -836,7 +865,7 @@ class Handoff:
             m.pivoted = True
             self.store.put_migration(m)
         if overlay and not m.merged:  # merged: the volume holds all of it, and writes made since
-            merge_offline(overlay, volume, volume_format)
+            merge_offline(overlay, self._volume(volume, m), volume_format)
             self._mark_merged(m)
             failpoint("agent-after-offline-merge")
         # The guest's configuration may name the overlay: it goes onto the volume before the overlay goes.
@@ -854,7 +883,7 @@ class Handoff:
             return
         recorded = json.loads(old.connection)
         try:
-            detach_recorded(recorded["connection_info"], recorded["device_info"])
+            _detach_recorded(recorded["connection_info"], recorded["device_info"])
         except Exception as exc:  # noqa: BLE001 - os-brick raises many kinds; the guest is fine either way
             log.warning(
                 "could not disconnect the old volume of attachment %s: %s",
@@ -911,7 +940,30 @@ class _Restarted(Exception):
     """QEMU was started again while fenced: the overlay holds writes that are not merged on a guess."""
 
 
+def _attach(connection_info: dict) -> Attached:
+    """dst on this host: through os-brick, or, for an RBD image, nothing to do here: QEMU opens it
+    through librbd itself (its rbd block driver), so it is named, never mapped to a host path."""
+    if connection_info["driver_volume_type"] == "rbd":
+        image = from_connection_info(connection_info)
+        return Attached(path=image.name, connection_info=connection_info, device_info={}, connector=None)
+    return attach(connection_info)
+
+
+def _rbd_of(dst: Attached) -> RbdImage | None:
+    if dst.connection_info["driver_volume_type"] != "rbd":
+        return None
+    return from_connection_info(dst.connection_info)
+
+
+def _detach_recorded(connection_info: dict, device_info: dict) -> None:
+    """An RBD image was never attached to the host (QEMU opened it): nothing to disconnect."""
+    if connection_info["driver_volume_type"] != "rbd":
+        detach_recorded(connection_info, device_info)
+
+
 def _detach_quietly(dst: Attached) -> None:
+    if dst.connector is None:  # an RBD image: QEMU opens it, nothing was attached to the host
+        return
     try:
         detach(dst)
     except Exception as exc:  # noqa: BLE001 - os-brick raises many kinds; the refusal stands

@@ -22,6 +22,7 @@ import threading
 import libvirt
 
 from .. import libvirt as steps
+from ..rbd import is_rbd_name, recorded_image
 from .hypervisor import EventCallback, Hypervisor, HypervisorError, HypervisorNotRunning
 from .state import Disk, VolumeMigration
 
@@ -158,9 +159,16 @@ class LibvirtServer(Hypervisor):
         return self._do(steps.disk_flags, disk.qdev)
 
     def prepare_fence(self, disk: Disk, m: VolumeMigration) -> None:
+        """An RBD src (a network disk) goes into the overlay's header by QEMU's json: name, with the
+        monitors the domain's definition gives, unopened: libvirt reads how to reach it from there."""
         try:
-            steps.create_overlay(m.overlay_path, disk.volume_path, disk.volume_format)
-        except steps.LibvirtHandoffError as exc:
+            if is_rbd_name(disk.volume_path):
+                src = self._do(steps.rbd_image_of, disk.qdev)
+                size = self._running_domain().blockInfo(disk.qdev, 0)[0]
+                steps.create_overlay(m.overlay_path, src.qemu_filename(), "raw", size)
+            else:
+                steps.create_overlay(m.overlay_path, disk.volume_path, disk.volume_format)
+        except (steps.LibvirtHandoffError, libvirt.libvirtError) as exc:
             raise HypervisorError(str(exc)) from None
 
     def fence(self, disk: Disk, m: VolumeMigration) -> None:
@@ -197,6 +205,7 @@ class LibvirtServer(Hypervisor):
                 m.dst_path,
                 m.dst_format or "raw",
                 lambda: failpoint("agent-before-repoint"),
+                recorded_image(m.dst_path, m.dst_connection),
             )
         except (steps.LibvirtHandoffError, libvirt.libvirtError) as exc:
             steps.abort_copy(dom, disk.qdev)  # the disk stays on overlay -> src
@@ -208,7 +217,10 @@ class LibvirtServer(Hypervisor):
         if chain[:1] != [m.overlay_path]:
             raise HypervisorError(f"the overlay is not on top of the disk (it is on {chain[0]})")
         _, jobs = self._connection()
-        self._do(steps.start_copy, disk.qdev, jobs, newtop_path(m), m.dst_path, m.dst_format or "raw")
+        dst_image = recorded_image(m.dst_path, m.dst_connection)
+        self._do(
+            steps.start_copy, disk.qdev, jobs, newtop_path(m), m.dst_path, m.dst_format or "raw", dst_image
+        )
 
     def move_stopped(self, disk: Disk, m: VolumeMigration) -> str | None:
         dom = self._running_domain()
@@ -276,7 +288,8 @@ class LibvirtServer(Hypervisor):
                 f"the definition of domain {self.uuid} has {disk.qdev} on {chain[0]}, no image of "
                 "this migration: it is left as it is"
             )
-        steps.define_disk_on(dom, disk.qdev, path, image_format)
+        image = recorded_image(path, m.dst_connection) if path == m.dst_path else None
+        steps.define_disk_on(dom, disk.qdev, path, image_format, image)
         chain = steps.disk_chain(dom, disk.qdev, libvirt.VIR_DOMAIN_XML_INACTIVE)
         if chain != [path]:
             raise HypervisorError(f"the definition of {disk.qdev} is {' -> '.join(chain)}, not {path}")
@@ -287,8 +300,9 @@ class LibvirtServer(Hypervisor):
             raise HypervisorError("a read-only disk moves onto a raw volume only")
         dom = self._running_domain()
         _, jobs = self._connection()
+        dst_image = recorded_image(m.dst_path, m.dst_connection)
         try:
-            steps.move_read_only(dom, disk.qdev, jobs, m.dst_path)
+            steps.move_read_only(dom, disk.qdev, jobs, m.dst_path, dst_image)
         except (steps.LibvirtHandoffError, libvirt.libvirtError) as exc:
             steps.abort_copy(dom, disk.qdev)  # the disk stays on src
             raise HypervisorError(str(exc)) from None

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import ComputeForbidden
+from ..rbd import is_rbd_name
 
 IMAGE_FORMATS = ("raw", "qcow2")
 
@@ -45,7 +46,11 @@ class DstPolicy:
 
 def check_not_in_use(path: str, known_volumes: set[str]) -> None:
     """After attaching, before the guest gets it: never a volume of another attachment of this agent,
-    nor a device this host has mounted (its root disk, say)."""
+    nor a device this host has mounted (its root disk, say). An RBD image is known by its name."""
+    if is_rbd_name(path):
+        if path in known_volumes:
+            raise ComputeForbidden(f"{path} is the volume of another attachment of this compute agent")
+        return
     real = os.path.realpath(path)
     if real in {os.path.realpath(v) for v in known_volumes}:
         raise ComputeForbidden(f"{path} is the volume of another attachment of this compute agent")

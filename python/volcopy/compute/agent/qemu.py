@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from ...migration.failpoints import failpoint
 from ...volume import size_of
+from ..rbd import RbdImage, name_of_node, recorded_image
 from .hypervisor import Hypervisor, HypervisorNotRunning
 from .qmp import QemuError, QemuGone, Qmp
 from .state import Disk, VolumeMigration
@@ -63,11 +64,14 @@ def _process_identity(pid: int) -> str | None:
         return None
 
 
-def volume_in_use(path: str) -> bool:
+def volume_in_use(path: str | RbdImage) -> bool:
     """Whether a process holds QEMU's image lock on the volume (QEMU locks bytes 100-299 of every image
     and device it opens, with open file description locks), or a QEMU has the volume's block device
     open: the proof that a QEMU whose pid file is not locked (or that libvirt does not show) really has
-    stopped, and not that the agent's server setting is wrong."""
+    stopped, and not that the agent's server setting is wrong. An RBD image is in use while a client
+    (a QEMU, wherever it runs) watches its header, as every librbd client that opens it does."""
+    if isinstance(path, RbdImage):
+        return rbd_watched(path)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 100, 200, 0)
@@ -95,6 +99,19 @@ def _qemu_has_open(path: str) -> bool:
         except OSError:  # the process, or the descriptor, went away meanwhile
             continue
     return False
+
+
+def rbd_watched(image: RbdImage) -> bool:
+    """Whether any client has the image open (``rbd status``: its header's watchers)."""
+    done = subprocess.run(
+        ["rbd", "status", "--format", "json", *image.cli_args(), image.spec],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if done.returncode != 0:
+        raise QemuError(f"rbd status {image.spec}: {done.stderr.strip()}")
+    return bool(json.loads(done.stdout).get("watchers"))
 
 
 def pid_holding(pidfile: str) -> int | None:
@@ -218,38 +235,34 @@ class QemuServer(Hypervisor):
             options=[{"driver": "qcow2", "node-name": overlay, "file": overlay_file, "backing": backing}],
         )
 
-    def add_volume(self, node: str, path: str, image_format: str, discard: bool) -> None:
+    def add_volume(
+        self, node: str, path: str, image_format: str, discard: bool, image: RbdImage | None = None
+    ) -> None:
         """A volume as a node: its format (raw or qcow2) over the device or file, O_DIRECT, with the
-        guest's discards passed down when the volume's connection allows them."""
+        guest's discards passed down when the volume's connection allows them. An RBD image is QEMU's
+        rbd node (librbd in QEMU, its cache off as O_DIRECT is for a device)."""
         if node in self.nodes():
             return
-        is_device = path.startswith("/dev/")
         self.cmd(
             "blockdev-add",
             driver=image_format,
             discard="unmap" if discard else "ignore",
-            file={
-                "driver": "host_device" if is_device else "file",
-                "filename": path,
-                "cache": {"direct": True},
-                "discard": "unmap" if discard else "ignore",
-            },
+            file=_protocol_node(path, image) | {"discard": "unmap" if discard else "ignore"},
             **{"node-name": node},
         )
 
-    def move_read_only_disk(self, node: str, file_node: str, path: str) -> None:
+    def move_read_only_disk(
+        self, node: str, file_node: str, path: str, image: RbdImage | None = None
+    ) -> None:
         """A read-only disk writes nothing, so it needs no overlay: its raw node is re-opened onto the
         new volume's file (blockdev-reopen of the node's "file" child); src's file node, unreferenced,
         goes with it."""
-        if self.nodes()[node].get("file") == path:
+        if _plain_filename(self.nodes()[node].get("file", "")) == path:
             return
         if file_node not in self.nodes():
-            driver = "host_device" if path.startswith("/dev/") else "file"
             self.cmd(
                 "blockdev-add",
-                driver=driver,
-                filename=path,
-                cache={"direct": True},
+                **_protocol_node(path, image),
                 **{"node-name": file_node, "read-only": True},
             )
         self.cmd(
@@ -342,8 +355,10 @@ class QemuServer(Hypervisor):
         nodes = self.nodes()
         if not m.pivoted and self.top_node(disk.qdev) != n["overlay"]:
             raise QemuError(f"the overlay is not on top of the disk (it is on {self.top_node(disk.qdev)})")
-        if n["overlay"] in nodes and nodes[n["overlay"]].get("backing_file") != m.dst_path:
-            self.add_volume(n["dst"], m.dst_path, m.dst_format, m.dst_discard)
+        backing = nodes.get(n["overlay"], {}).get("backing_file")
+        if n["overlay"] in nodes and (backing is None or _plain_filename(backing) != m.dst_path):
+            dst_image = recorded_image(m.dst_path, m.dst_connection)
+            self.add_volume(n["dst"], m.dst_path, m.dst_format, m.dst_discard, dst_image)
             failpoint("agent-before-repoint")
             self.repoint_backing(n["overlay"], n["overlay_file"], n["dst"])
         return m.overlay_path
@@ -359,8 +374,9 @@ class QemuServer(Hypervisor):
     def move_read_only(self, disk: Disk, m: VolumeMigration) -> None:
         if m.dst_format != "raw":
             raise QemuError("a read-only disk moves onto a raw volume only")
-        self.move_read_only_disk(disk.node, names(m)["dst_file"], m.dst_path)
-        if self.nodes()[disk.node].get("file") != m.dst_path:
+        dst_image = recorded_image(m.dst_path, m.dst_connection)
+        self.move_read_only_disk(disk.node, names(m)["dst_file"], m.dst_path, dst_image)
+        if _plain_filename(self.nodes()[disk.node].get("file", "")) != m.dst_path:
             raise QemuError(f"node {disk.node} does not read {m.dst_path} after the switch")
 
     def bytes_written(self, disk: Disk, m: VolumeMigration) -> int:
@@ -378,33 +394,50 @@ class QemuServer(Hypervisor):
         self.qmp.drop()
 
 
+def _protocol_node(path: str, image: RbdImage | None) -> dict:
+    """blockdev-add's options of the node that reaches the volume: a device, a file, or an RBD image."""
+    if image is not None:
+        return {"driver": "rbd", **image.blockdev(), "cache": {"direct": True}}
+    driver = "host_device" if path.startswith("/dev/") else "file"
+    return {"driver": driver, "filename": path, "cache": {"direct": True}}
+
+
 def _plain_filename(filename: str) -> str:
     """The image's file: QEMU describes a node whose options changed (a re-pointed backing) as
-    json:{"driver": "qcow2", "file": {"filename": ...}, "backing": ...}."""
+    json:{"driver": "qcow2", "file": {"filename": ...}, "backing": ...}, and an RBD image (which has no
+    file) as json:{"driver": "rbd", "pool": ..., "image": ..., ...}: that one is named rbd:POOL/IMAGE."""
     if not filename.startswith("json:"):
         return filename
     options = json.loads(filename.removeprefix("json:"))
+    rbd_name = name_of_node(options)
+    if rbd_name is not None:
+        return rbd_name
     while isinstance(options.get("file"), dict):
         options = options["file"]
     return options.get("filename", filename)
 
 
-def disk_size(path: str, image_format: str) -> int:
-    """The size the guest sees: the device's or file's, or a qcow2 image's virtual size."""
-    if image_format == "raw":
+def disk_size(path: str | RbdImage, image_format: str) -> int:
+    """The size the guest sees: the device's or file's, a qcow2 image's virtual size, an RBD image's."""
+    if isinstance(path, RbdImage):  # qemu-img reads its size through librbd; the format is in the name
+        args = [path.qemu_filename()]
+    elif image_format == "raw":
         return size_of(path)
-    done = subprocess.run(
-        ["qemu-img", "info", "--output=json", "-f", image_format, path], capture_output=True, text=True
-    )
+    else:
+        args = ["-f", image_format, path]
+    done = subprocess.run(["qemu-img", "info", "--output=json", *args], capture_output=True, text=True)
     if done.returncode != 0:
         raise QemuError(f"qemu-img info: {done.stderr.strip()}")
     return json.loads(done.stdout)["virtual-size"]
 
 
-def merge_offline(overlay_path: str, volume_path: str, volume_format: str) -> None:
+def merge_offline(overlay_path: str, volume_path: str | RbdImage, volume_format: str) -> None:
     """Merges a stopped guest's overlay into a volume with qemu-img: the overlay is first pointed at
     the volume (an unsafe rebase changes only its header: the volume holds what the overlay's
-    backing held at the fence), then committed into it."""
+    backing held at the fence), then committed into it. An RBD image is the backing by QEMU's json:
+    name, which qemu-img commit opens through librbd."""
+    if isinstance(volume_path, RbdImage):
+        volume_path = volume_path.qemu_filename()
     for args in (
         ["rebase", "-u", "-f", "qcow2", "-b", volume_path, "-F", volume_format, overlay_path],
         ["commit", "-q", "-f", "qcow2", overlay_path],
