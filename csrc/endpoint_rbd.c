@@ -68,14 +68,12 @@ static int connect_cluster(struct vc_rbd *r, const struct vc_rbd_spec *spec, str
         return vc_fail(e, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "CEPH_ARGS is refused: %s", strerror(-rc));
     if (!option_given(spec, "rbd_cache"))
         vc_librbd.rados_conf_set(r->cluster, "rbd_cache", "false");
-    /* librbd copies every buffer handed to rbd_aio_write unless told not to (rbd_disable_zero_copy_writes
-     * defaults to true). Told not to, it completes a write only once the last reference to the buffer
-     * is dropped, so the engine never reuses a slot under it, and it copies again by itself where a
-     * cache holds written data. Not copying saves a memcpy and a fresh allocation of every block
-     * written: 1 GiB dense image to image, 5 interleaved rounds, the client's CPU 1.53 -> 1.33 s
-     * (memcpy 13.7% -> 6.4% of its samples), peak RSS 160-169 -> 129-130 MiB, wall 2.83 -> 2.59 s. */
-    if (!option_given(spec, "rbd_disable_zero_copy_writes"))
-        vc_librbd.rados_conf_set(r->cluster, "rbd_disable_zero_copy_writes", "false");
+    /* librbd copies every buffer written (rbd_disable_zero_copy_writes, true by default), and that is
+     * kept: without the copy a write completes only once the messenger lets go of its buffer, and a
+     * write timed out on an OSD that hangs (not marked down) stays queued on its connection until the
+     * connection closes (900 s by default), holding the copy and a Ctrl-C well past
+     * rados_osd_op_timeout (tests/test_rbd.py, an OSD stopped with SIGSTOP). Zero-copy saved 0.24 s of
+     * 2.83 s on 1 GiB dense, image to image. */
     if (!option_given(spec, "rados_osd_op_timeout")) {
         char current[32] = "";
         if (vc_librbd.rados_conf_get(r->cluster, "rados_osd_op_timeout", current, sizeof(current)) == 0 &&

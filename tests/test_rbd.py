@@ -326,18 +326,12 @@ def test_an_osd_stopped_mid_copy_ends_in_a_copy_io_error(ceph, ceph_pool, tmp_pa
         ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review of issue 16: zero-copy writes (rbd_disable_zero_copy_writes=false) keep a timed-out "
-    "write's completion until the connection to the hung OSD goes (ms_connection_idle_timeout, 900 s)",
-)
 def test_an_osd_that_hangs_mid_copy_ends_in_a_copy_io_error(ceph, ceph_pool, tmp_path):
     """An OSD that stops answering without being marked down (SIGSTOP; on a real cluster, one cut off
-    from this client only): librbd writes from the engine's buffers without a copy and completes a
-    write only once the messenger lets go of its buffer, which a write queued to that OSD kept until
-    the connection's idle timeout (900 s): the copy waits for it, however short the operation
-    timeout. With librbd copying the buffers (rbd_disable_zero_copy_writes=true) the same fault ends in
-    a CopyIOError after 12 s (measured)."""
+    from this client only). With zero-copy writes librbd would complete a write only once the messenger
+    let go of its buffer, which a write queued to that OSD kept until the connection's idle timeout
+    (900 s): the copy waited however short the operation timeout. With librbd copying the buffers
+    (its default, kept) the copy ends in a CopyIOError (12 s measured)."""
     dense = np.random.default_rng(10).bytes(SIZE)
     src = tmp_path / "src.img"
     src.write_bytes(dense)
