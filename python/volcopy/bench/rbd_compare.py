@@ -86,7 +86,7 @@ def make_cases(
     """The cases of the chosen workloads, each with its source file generated (an image's source file
     is imported into src_pool before its case)."""
     w, cases, conf = bench.workdir, [], cluster.conf
-    fio_conf = cluster.client_conf(rbd_cache="false", rbd_disable_zero_copy_writes="false")
+    fio_conf = cluster.client_conf(rbd_cache="false")
     sparse_size, dense_size = bench.size(4 * GiB), bench.size(1 * GiB)
     volumes = []
     if only & {"R1", "R3", "R4"}:

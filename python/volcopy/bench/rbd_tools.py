@@ -189,7 +189,7 @@ def rbd_bench_limit(case: RBDCase) -> list[str] | None:
 def fio_limit(case: RBDCase) -> list[str] | None:
     """The same limit through the interface volcopy has: fio, one job reading src and one writing dst at
     once, on an image through fio's rbd engine: librbd's C API, buffers of random data, the cache off
-    and zero-copy writes as volcopy sets them."""
+    and librbd's copy of written buffers as volcopy leaves it."""
     if not case.dense:
         return None
     jobs = [*_fio_job(case.src, "read", case.size), *_fio_job(case.dst, "write", case.size)]
