@@ -83,8 +83,9 @@ static int connect_cluster(struct vc_rbd *r, const struct vc_rbd_spec *spec, str
     for (uint32_t i = 0; i < spec->n_options; i++) {
         rc = vc_librbd.rados_conf_set(r->cluster, spec->options[2 * i], spec->options[2 * i + 1]);
         if (rc < 0)
-            return vc_fail(e, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "Ceph setting %s=%s is refused: %s",
-                           spec->options[2 * i], spec->options[2 * i + 1], strerror(-rc));
+            /* its name only: the value may be a secret */
+            return vc_fail(e, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "Ceph setting %s is refused: %s",
+                           spec->options[2 * i], strerror(-rc));
     }
     rc = vc_librbd.rados_connect(r->cluster);
     if (rc < 0)

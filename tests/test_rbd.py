@@ -371,6 +371,16 @@ def test_a_created_image_is_removed_when_the_copy_fails(ceph, ceph_pool, content
 # ---------------------------------------------------------------- bad input
 
 
+def test_a_secret_never_shows_in_a_refusal_or_a_repr(tmp_path):
+    secret = "AQBvaBFZAAAAABAA9VHgwCgQgn2dYP5f1kR5A=="  # a cephx key's shape
+    for name in [f"rbd:p/i:{secret}", f"rbd:p/i:key={secret}\\", f"rbd:p/i:Key={secret}"]:
+        with pytest.raises(volcopy.InvalidRequest) as refused:
+            volcopy.digest(name)
+        assert secret not in str(refused.value)
+    spec = volcopy.rbd_volume.parse(f"rbd:p/i:key={secret}")
+    assert secret not in repr(spec) and secret not in str(spec)
+
+
 @pytest.mark.parametrize(
     "name, message",
     [

@@ -20,6 +20,8 @@ from .errors import CopyIOError, InvalidRequest
 PREFIX = "rbd:"
 # Settings whose value is a secret: never printed.
 _SECRET_KEYS = {"key", "keyfile"}
+# librados' names: lowercase words joined by _, - or spaces (a cephx key starts "AQ": never one)
+_SETTING_NAME = re.compile(r"[a-z][a-z0-9_ -]*")
 # What a caller's mistake looks like; anything else (a cluster not answering) is an I/O failure.
 _REQUEST_ERRORS = {
     errno.ENOENT,
@@ -32,7 +34,7 @@ _REQUEST_ERRORS = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)  # its repr is its name, a key masked
 class RBDSpec:
     pool: str
     namespace: str
@@ -45,12 +47,15 @@ class RBDSpec:
     # someone else using it. Not part of the name.
     own_clients: int = field(default=0, compare=False)
 
+    def __repr__(self) -> str:
+        return f"RBDSpec({str(self)!r})"
+
     def __str__(self) -> str:
         where = "/".join(_escape(p) for p in (self.pool, self.namespace, self.image) if p)
         text = PREFIX + where + (f"@{_escape(self.snap)}" if self.snap else "")
         for key, value in (("conf", self.conf), ("id", self.user), *self.options):
             if value is not None:
-                text += f":{key}=" + ("***" if key in _SECRET_KEYS else _escape(value, ":"))
+                text += f":{key}=" + ("***" if key.lower() in _SECRET_KEYS else _escape(value, ":"))
         return text
 
     @property
@@ -83,7 +88,8 @@ def _split(text: str, separators: str) -> list[tuple[str, str]]:
         else:
             current.append(ch)
     if escaped:
-        raise InvalidRequest(f"{PREFIX}{text}: ends with a lone backslash")
+        # not the text itself: it may be the settings, with a secret among them
+        raise InvalidRequest("an rbd: name or one of its settings ends with a lone backslash")
     pieces.append(("".join(current), ""))
     return pieces
 
@@ -122,10 +128,13 @@ def parse(text: str) -> RBDSpec:
     pool, namespace, image = (names[0], "", names[1]) if len(names) == 2 else names
     conf = user = None
     options = []
-    for setting, _ in _split(settings, ":") if settings else []:
+    for number, (setting, _) in enumerate(_split(settings, ":") if settings else [], 1):
         key, equals, value = setting.partition("=")
-        if not equals or not key or not value:
-            raise InvalidRequest(f"{usage} (setting {setting!r} is not KEY=VALUE)")
+        # Not shown: a secret given without its key (base64, often ending in "=") lands here.
+        if not equals or not value or not _SETTING_NAME.fullmatch(key):
+            raise InvalidRequest(
+                f"{usage} (setting {number} after the image is not KEY=VALUE with a Ceph setting's name)"
+            )
         if key == "conf":
             conf = value
         elif key == "id":
