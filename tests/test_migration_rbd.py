@@ -83,7 +83,9 @@ def test_pool_to_pool_takes_librbds_deep_copy_and_checks_the_digest(ceph, ceph_p
     src, dst = ceph.connection_info(ceph_pool, "src"), ceph.connection_info(other_pool, "dst")
     seen = []
 
-    m = Migrator(journal).migrate(src, dst, progress=lambda done, total: seen.append((done, total)))
+    m = Migrator(journal, rbd_deep_copy=True).migrate(
+        src, dst, progress=lambda done, total: seen.append((done, total))
+    )
 
     assert m.state == "completed" and m.dst_valid and m.copy_path == "rbd-deep-copy"
     assert steps(journal, m.id) == [
@@ -108,7 +110,7 @@ def test_a_dst_holding_data_is_copied_over_by_the_engine(ceph, ceph_pool, other_
     ceph.create_image(other_pool, "dst", SIZE)
     ceph.write(other_pool, "dst", 20 * MiB, os.urandom(5 * MiB))  # where src is zero
 
-    m = Migrator(journal).migrate(
+    m = Migrator(journal, rbd_deep_copy=True).migrate(
         ceph.connection_info(ceph_pool, "src"), ceph.connection_info(other_pool, "dst")
     )
 
@@ -150,7 +152,7 @@ def test_what_a_deep_copy_may_not_replace_goes_to_the_engine(
     setup(ceph, ceph_pool, other_pool)
     before = layout(ceph, other_pool, "dst")
 
-    m = Migrator(journal).migrate(
+    m = Migrator(journal, rbd_deep_copy=True).migrate(
         ceph.connection_info(ceph_pool, "src"), ceph.connection_info(other_pool, "dst")
     )
 
@@ -172,7 +174,7 @@ def test_a_dst_open_elsewhere_is_neither_replaced_nor_written(ceph, ceph_pool, o
     ceph.create_image(other_pool, "dst", SIZE)
     with ceph._cluster.open_ioctx(other_pool) as ioctx, rbd.Image(ioctx, "dst") as held:
         with pytest.raises(MigrationCancelled, match="the image is open elsewhere"):
-            Migrator(journal).migrate(
+            Migrator(journal, rbd_deep_copy=True).migrate(
                 ceph.connection_info(ceph_pool, "src"), ceph.connection_info(other_pool, "dst")
             )
         assert held.read(0, SIZE) == bytes(SIZE)
@@ -183,7 +185,7 @@ def test_a_rate_limit_keeps_the_copy_in_the_engine(ceph, ceph_pool, other_pool, 
     content = write_src(ceph, ceph_pool)
     ceph.create_image(other_pool, "dst", SIZE)
 
-    m = Migrator(journal).migrate(
+    m = Migrator(journal, rbd_deep_copy=True).migrate(
         ceph.connection_info(ceph_pool, "src"), ceph.connection_info(other_pool, "dst"), rate_limit=256 * MiB
     )
 
@@ -207,7 +209,7 @@ def test_rbd_specs_a_clone_src_and_a_dst_not_yet_there(ceph, ceph_pool, other_po
     src = ceph.spec(ceph_pool, "src", key="AQBsecretsecretsecretsecret==")
     dst = ceph.spec(other_pool, "dst")
 
-    m = Migrator(journal).migrate(src, dst)
+    m = Migrator(journal, rbd_deep_copy=True).migrate(src, dst)
 
     assert m.copy_path == "rbd-deep-copy" and ceph.read(other_pool, "dst", 0, SIZE) == content
     assert layout(ceph, other_pool, "dst")["parent"] is None
@@ -262,7 +264,7 @@ def test_across_clusters_the_engine_copies(ceph, ceph_pool, other_ceph, journal)
     try:
         other_ceph.create_image(pool, "dst", SIZE)
 
-        m = Migrator(journal).migrate(
+        m = Migrator(journal, rbd_deep_copy=True).migrate(
             ceph.connection_info(ceph_pool, "src"), other_ceph.connection_info(pool, "dst")
         )
 
@@ -290,7 +292,7 @@ def test_a_deep_copy_failing_on_a_stopped_osd_cancels(ceph, ceph_pool, other_poo
 
     try:
         with pytest.raises(volcopy.VolcopyError) as raised:
-            Migrator(journal).migrate(src, dst, progress=stop_at_first_object)
+            Migrator(journal, rbd_deep_copy=True).migrate(src, dst, progress=stop_at_first_object)
     finally:
         ceph.start_osd()
     m = Migrator(journal).status(raised.value.migration_id)
@@ -313,14 +315,23 @@ def test_recover_after_a_sigkill_in_the_middle_of_a_deep_copy(ceph, ceph_pool, o
     src, dst = ceph.spec(ceph_pool, "src", rbd_concurrent_management_ops="1"), ceph.spec(other_pool, "dst")
     killed = subprocess.run(
         VOLCOPY
-        + ["migrate", src, dst, "--journal", journal, "--checkpoint-dir", str(workdir / "checkpoints")],
+        + [
+            "migrate",
+            src,
+            dst,
+            "--rbd-deep-copy",
+            "--journal",
+            journal,
+            "--checkpoint-dir",
+            str(workdir / "checkpoints"),
+        ],
         capture_output=True,
         text=True,
         env=env,
         timeout=120,
     )
     assert killed.returncode == -9, killed.stderr
-    migrator = Migrator(journal)
+    migrator = Migrator(journal, rbd_deep_copy=True)
     (interrupted,) = migrator.list()
     assert interrupted.state == "copying"
     assert steps(journal, interrupted.id) == [("clone", "rbd-deep-copy", "intended", None)]
@@ -343,7 +354,8 @@ def test_volcopy_migrate_takes_rbd_connection_info_and_specs(ceph, ceph_pool, ot
     dst = ceph.spec(other_pool, "dst")
 
     migrated = subprocess.run(
-        VOLCOPY + ["migrate", f"@{workdir / 'src.json'}", dst, "--journal", journal, "--json"],
+        VOLCOPY
+        + ["migrate", f"@{workdir / 'src.json'}", dst, "--rbd-deep-copy", "--journal", journal, "--json"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -57,6 +57,11 @@ def add_parsers(commands, size_type) -> None:
     )
     m.add_argument("--rate", type=size_type, help="bytes per second, e.g. 200M")
     m.add_argument("--engine", choices=["auto", "io_uring", "aio", "sync", "threads"])
+    m.add_argument(
+        "--rbd-deep-copy",
+        action="store_true",
+        help="two RBD images of one cluster: let librbd's deep copy move them (see docs/cinder.md)",
+    )
     m.add_argument("--json", action="store_true", help="print the migration as JSON")
 
     ms = commands.add_parser("migrations", help="list, show, cancel or recover migrations in the journal")
@@ -123,6 +128,7 @@ def _migrator(args, compute_needed: bool = False):
         url,
         compute=_compute(getattr(args, "compute_url", None), compute_needed),
         checkpoint_dir=getattr(args, "checkpoint_dir", None),
+        rbd_deep_copy=getattr(args, "rbd_deep_copy", False),
     )
 
 
