@@ -484,3 +484,23 @@ def test_without_librbd_at_run_time_images_are_refused_and_files_still_copy(tmp_
     lines = out.stdout.splitlines()
     assert lines[0] == reference_digest(b"y" * MiB)
     assert lines[1].startswith("source rbd:pool/image: RBD: librbd.so.1 cannot be loaded (Debian: librbd1): ")
+
+
+def test_ctrl_c_while_the_monitors_do_not_answer_is_raised_at_once(tmp_path):
+    """librados cannot be interrupted while it waits for monitors (client_mount_timeout, 30 s by
+    volcopy's default): the open runs on a thread of its own, and the CLI ends at the Ctrl-C."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "volcopy.cli", "digest", "rbd:p/i:mon_host=127.0.0.1\\:9"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.5)  # interpreter start, then into rados_connect
+    assert proc.poll() is None, proc.communicate()
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=20)
+    waited = time.monotonic() - sent
+
+    assert proc.returncode == 130, err
+    assert waited < 5, f"the Ctrl-C took {waited:.1f} s (the monitors alone wait 30)"

@@ -374,10 +374,42 @@ def rbd_open(
     handle = ffi.new("struct vc_rbd **")
     created = ffi.new("int *")
     error = ffi.new("struct vc_error *")
-    rc = lib.vc_rbd_open(spec, flags, create_size or 0, handle, created, error)
+    cdata = (keep, strings, pairs, spec, handle, created, error)  # alive until the open ends
+    rc = _open_stoppable(
+        lambda: lib.vc_rbd_open(spec, flags, create_size or 0, handle, created, error), handle, cdata
+    )
     if rc < 0:
         raise OSError(error.err or -rc, ffi.string(error.message).decode(errors="replace"))
     return handle[0], bool(created[0])
+
+
+def _open_stoppable(open_image: Callable[[], int], handle, cdata) -> int:
+    """Opening an image can wait on the monitors (client_mount_timeout) or on another client's watch:
+    on a thread of its own, so that a Ctrl-C is raised at once. librados cannot be interrupted, so the
+    thread goes on (holding what the call points into) and closes what it opened once the open ends."""
+    outcome, done, lock = [], threading.Event(), threading.Lock()
+    abandoned = []
+
+    def run() -> None:
+        rc = open_image()
+        with lock:  # exactly one of the two threads closes an image nobody will use
+            outcome.append(rc)
+            if abandoned and rc == 0:
+                lib.vc_rbd_close(handle[0])
+        done.set()
+        cdata  # noqa: B018 - kept referenced until here
+
+    threading.Thread(target=run, name="volcopy-rbd-open", daemon=True).start()
+    try:
+        while not done.wait(0.05):
+            pass
+    except BaseException:
+        with lock:
+            abandoned.append(True)
+            if outcome and outcome[0] == 0:
+                lib.vc_rbd_close(handle[0])
+        raise
+    return outcome[0]
 
 
 def rbd_info(handle) -> RBDInfo:
