@@ -186,7 +186,7 @@ def test_cancel_busy_and_progress_from_other_processes(workdir):
 
     def run():
         try:
-            migrator.migrate(str(workdir / "src.img"), str(workdir / "dst.img"), rate_limit=8 * MiB)
+            migrator.migrate(str(workdir / "src.img"), str(workdir / "dst.img"), rate_limit=4 * MiB)
         except MigrationCancelled as exc:
             outcome["cancelled"] = exc
 
