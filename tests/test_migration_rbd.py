@@ -19,7 +19,7 @@ from ceph_cluster import CephCluster, missing_requirements
 from conftest import MiB
 from volcopy.errors import InvalidRequest
 from volcopy.migration import Migrator
-from volcopy.migration.errors import MigrationCancelled
+from volcopy.migration.errors import MigrationCancelled, VolumeBusy
 from volcopy.migration.volumes import redacted
 
 VOLCOPY = [sys.executable, "-m", "volcopy.cli"]
@@ -215,7 +215,7 @@ def test_rbd_specs_a_clone_src_and_a_dst_not_yet_there(ceph, ceph_pool, other_po
     assert layout(ceph, other_pool, "dst")["parent"] is None
     assert layout(ceph, ceph_pool, "src")["parent"]["image_name"] == "parent"
     assert m.dst_digest == volcopy.digest(ceph.spec(ceph_pool, "src"))
-    assert m.src_key == f"rbd:{ceph_pool}/src:conf={ceph.conf}:key=***"
+    assert m.src_key == f"rbd:{ceph_pool}/src"  # the image: how it is reached is not part of its claim
     shown = subprocess.run(
         VOLCOPY + ["migrations", "--journal", journal, "show", m.id, "--json"],
         capture_output=True,
@@ -335,13 +335,16 @@ def test_recover_after_a_sigkill_in_the_middle_of_a_deep_copy(ceph, ceph_pool, o
     (interrupted,) = migrator.list()
     assert interrupted.state == "copying"
     assert steps(journal, interrupted.id) == [("clone", "rbd-deep-copy", "intended", None)]
+    # The claim is the image's, however it is given: until recovered, no other migration may take it.
+    with pytest.raises(VolumeBusy, match=f"already in migration {interrupted.id}"):
+        migrator.migrate(ceph.connection_info(ceph_pool, "src"), ceph.spec(other_pool, "elsewhere"))
 
     (recovered,) = migrator.recover()
 
     assert recovered.state == "completed" and recovered.copy_path == "copy"
     assert [step[:3] for step in steps(journal, recovered.id)][1:] == [
         ("clone", "rbd-deep-copy", "done"),
-        ("copy", f"{src} -> {dst}", "done"),
+        ("copy", f"rbd:{ceph_pool}/src -> rbd:{other_pool}/dst", "done"),
         ("verify", dst, "done"),
     ]
     assert ceph.read(other_pool, "dst", 0, SIZE) == content

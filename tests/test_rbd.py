@@ -247,11 +247,14 @@ def test_a_source_image_shrunk_mid_copy_ends_in_an_error(ceph, ceph_pool, tmp_pa
 
 def start_cli_copy(src: str, dst: str, checkpoint, rate: int) -> subprocess.Popen:
     args = [sys.executable, "-m", "volcopy.cli", "copy", src, dst, "--checkpoint", str(checkpoint)]
-    args += ["--rate", str(rate), "--json"]
+    args += ["--rate", str(rate), "--json", "--dst-id", "volume-1"]  # as Cinder's driver would name dst
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_copy_to_an_image_resumes_after_sigkill(ceph, ceph_pool, tmp_path):
+@pytest.mark.parametrize("dst_between", ["kept", "made again"])
+def test_copy_to_an_image_resumes_after_sigkill(ceph, ceph_pool, tmp_path, dst_between):
+    """The resume takes up where the checkpoint left off, unless dst is another image under the same name
+    (removed and made again: a new image id, whatever dst id the caller gives): then all of src again."""
     dense = np.random.default_rng(5).bytes(SIZE)
     src, dst, checkpoint = tmp_path / "src.img", rbd(ceph, ceph_pool, "dst"), tmp_path / "copy.ckpt"
     src.write_bytes(dense)
@@ -262,14 +265,20 @@ def test_copy_to_an_image_resumes_after_sigkill(ceph, ceph_pool, tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    if dst_between == "made again":
+        ceph.remove_image(ceph_pool, "dst")
+        ceph.create_image(ceph_pool, "dst", SIZE)
 
     proc = start_cli_copy(str(src), dst, checkpoint, rate=1 << 40)
     out, err = proc.communicate(timeout=120)
 
     assert proc.returncode == 0, err
     result = json.loads(out)
-    assert result["resumed_from"] > 0
-    assert result["bytes_read"] == SIZE - result["resumed_from"]
+    if dst_between == "kept":
+        assert result["resumed_from"] > 0
+        assert result["bytes_read"] == SIZE - result["resumed_from"]
+    else:
+        assert result["resumed_from"] == 0 and result["bytes_read"] == SIZE
     assert result["digest"] == reference_digest(dense)
     assert ceph.read(ceph_pool, "dst", 0, SIZE) == dense
 

@@ -106,10 +106,10 @@ def fingerprints(source: Volume, target: Volume, length: int, extents, dst_id: s
         src = _file_state(source.fd_buffered)
     else:
         src = (_device_identity(src_st.st_rdev, with_state=True), source.size)
-    if dst_id is not None:
-        dst = ("id", dst_id)
-    elif target.rbd:
+    if target.rbd:  # its image id survives any reopening; a caller's id must not hide a new image
         dst = target.rbd.identity
+    elif dst_id is not None:
+        dst = ("id", dst_id)
     else:
         dst_st = os.fstat(target.fd_buffered)
         is_file = stat.S_ISREG(dst_st.st_mode)

@@ -121,8 +121,12 @@ class VolumeRef:
         """What identifies the volume in the journal's claims, however it is given."""
         if self.path:
             return "path:" + os.path.realpath(self.path)
-        if self.rbd:
-            return str(_rbd_from_json(self.rbd))  # rbd:POOL/IMAGE and how to reach it, secrets masked
+        spec = self.rbd_spec
+        if spec is not None:
+            # The image alone, however it is given (rbd: or connection_info) and reached (conf, monitors,
+            # user): two spellings of one image must claim one key. Images of one name on two clusters
+            # share it too, which refuses the second migration: the safe side.
+            return str(RBDSpec(spec.pool, spec.namespace, spec.image, spec.snap))
         data = self.connection_info["data"]
         if data.get("volume_id"):
             return "volume:" + str(data["volume_id"])
