@@ -9,8 +9,8 @@ packages=(
     python3-venv python3-dev gcc make liburing-dev libaio-dev libxxhash-dev
     # run and test: loop devices, file systems, the peers the benchmarks compare against
     util-linux mount e2fsprogs fio qemu-utils qemu-system-x86 libnbd-bin time
-    # the compute handoff tests: a real guest (a kernel and busybox for its initramfs)
-    linux-image-cloud-amd64 busybox-static
+    # the compute handoff tests: a real guest (a kernel, lz4 to unpack it, and busybox for its initramfs)
+    linux-image-cloud-amd64 busybox-static lz4
     # the compute side through libvirt: libvirtd and virtlogd (the tests start them), and what the
     # libvirt-python binding builds against
     libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-dev pkg-config

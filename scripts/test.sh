@@ -9,4 +9,6 @@ bash scripts/install-python.sh test
 
 .venv/bin/ruff check python tests benchmarks
 
-.venv/bin/python -m pytest -rs "$@"
+# Two workers (pytest-xdist): most tests wait on a guest, a daemon or a timeout rather than compute.
+# The libvirt guests' tests share one worker (conftest.py): one libvirtd per host.
+.venv/bin/python -m pytest -rs -n 2 --dist loadgroup "$@"

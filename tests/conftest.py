@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterable
@@ -18,6 +19,7 @@ import xxhash
 pytest_plugins = ["compute_harness", "keystone_server", "ceph_cluster", "redis_server"]
 
 MiB = 1 << 20
+LIBVIRT_GROUP = "libvirtd"
 ENGINES = ["io_uring", "aio", "sync", "threads"]
 
 IS_ROOT = os.geteuid() == 0
@@ -27,6 +29,22 @@ needs_root_for_loop = pytest.mark.skipif(
     reason="loop devices need root, losetup (util-linux) and /dev/loop-control",
 )
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (mounts, sysctl or read-only loop devices)")
+
+
+def pytest_configure(config):
+    """A run started in the background (``&``, nohup) inherits SIGINT ignored, and so would every command
+    the tests start: the Ctrl-C tests need it delivered, to this process and to theirs."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pytest_collection_modifyitems(config, items):
+    """With pytest-xdist (``-n``), the tests of libvirt guests run on one worker: there is one libvirtd
+    per host, some tests restart it, and the libvirtd fixture stops it when its session ends. Such a
+    test has "libvirt" in its id (its name, or its guest's backend as parameter)."""
+    for item in items:
+        if "libvirt" in item.nodeid.split("::", 1)[1]:
+            item.add_marker(pytest.mark.xdist_group(LIBVIRT_GROUP))
 
 
 def pytest_sessionfinish(session, exitstatus):
