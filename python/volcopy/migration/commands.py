@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -67,9 +68,8 @@ def add_parsers(commands, size_type) -> None:
     ms = commands.add_parser("migrations", help="list, show, cancel or recover migrations in the journal")
     ms.add_argument("--journal", help=journal_help)
     actions = ms.add_subparsers(dest="action", required=True, metavar="ACTION")
-    actions.add_parser("list", help="every migration, newest last").add_argument(
-        "--json", action="store_true"
-    )
+    listing = actions.add_parser("list", help="every migration, newest last")
+    listing.add_argument("--json", action="store_true")
     show = actions.add_parser("show", help="one migration with its steps")
     show.add_argument("id")
     show.add_argument("--json", action="store_true")
@@ -79,6 +79,9 @@ def add_parsers(commands, size_type) -> None:
     cancel.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a running one (60)")
     recover = actions.add_parser("recover", help="finish or roll back migrations whose process is gone")
     recover.add_argument("--compute-url")
+    for action in (listing, show, cancel, recover):
+        # where a user types it too, after the action; SUPPRESS: absent there, it keeps the one before
+        action.add_argument("--journal", default=argparse.SUPPRESS, help=journal_help)
 
 
 def _volume(text: str):
