@@ -37,6 +37,15 @@ def test_schema_is_created_with_its_version(journal_url):
         assert c.execute(text("SELECT version FROM volcopy_schema")).scalars().all() == [j.SCHEMA_VERSION]
 
 
+def test_a_new_sqlite_journal_is_its_owners_alone(tmp_path):
+    """It keeps what reaches the volumes (CHAP passwords, Ceph keys): mode 0600, its WAL too."""
+    journal = Journal(f"sqlite:///{tmp_path}/journal.sqlite")
+    journal.create(row("path:/dev/a", "path:/dev/b"))
+
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"journal.sqlite": 0o600, "journal.sqlite-wal": 0o600, "journal.sqlite-shm": 0o600}
+
+
 def test_a_journal_of_another_schema_version_is_refused(journal_url):
     journal = Journal(journal_url)
     with journal.engine.begin() as c:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -156,6 +157,18 @@ def _sqlite_pragmas(connection, _record) -> None:
     cursor.close()
 
 
+def _create_owner_only(path: str | None) -> None:
+    """A new SQLite journal file readable by its owner alone: the journal keeps what reaches the
+    volumes (a CHAP password in connection_info, a Ceph key in an rbd: spec). SQLite gives its -wal and
+    -shm files the database file's mode. An existing file keeps the mode its owner chose."""
+    if not path or path == ":memory:":
+        return
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except OSError:  # there already, or its directory is not: SQLite's own error tells the latter
+        pass
+
+
 T = TypeVar("T")
 
 
@@ -180,6 +193,7 @@ class Journal:
         except (ArgumentError, NoSuchModuleError, ImportError) as exc:
             raise JournalError(f"cannot use journal {url!r}: {exc}") from None
         if self.engine.dialect.name == "sqlite":
+            _create_owner_only(self.engine.url.database)
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._create_schema()
