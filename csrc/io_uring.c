@@ -58,7 +58,9 @@ static int uring_init(struct vc_io *io, const struct vc_io_setup *setup, struct 
     if (rc < 0) {
         free(s);
         return vc_fail(error, -rc, VC_SIDE_NONE, VC_OP_SETUP, 0, "io_uring_queue_init: %s%s", strerror(-rc),
-                       rc == -EPERM ? " (io_uring is disabled by kernel.io_uring_disabled)" : "");
+                       rc == -EPERM ? " (io_uring is switched off here: kernel.io_uring_disabled, or a seccomp "
+                                      "profile)"
+                                    : "");
     }
     /* Before 5.11 a wait with a timeout submits a timeout entry itself, and with it whatever waits in
      * the submission queue: the count of what was submitted would be wrong. */

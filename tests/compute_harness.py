@@ -812,8 +812,21 @@ def start_libvirt_daemons() -> list[str]:
         if _daemon_pid(pidfile) is None:
             subprocess.run([daemon, "-d"], check=True)
             started.append(pidfile)
-    wait_for(lambda: os.path.exists("/run/libvirt/libvirt-sock"), what="libvirtd's socket")
+    wait_for(_libvirtd_answers, timeout=60, interval=0.1, what="libvirtd to answer")
     return started
+
+
+def _libvirtd_answers() -> bool:
+    """libvirtd takes connections: its socket appears only once its drivers have started, and a busy
+    host may take seconds for that (reconnecting to the domains it runs)."""
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda ctx, err: None, None)  # a refusal here is an answer: no stderr
+    try:
+        libvirt.open(LIBVIRT_URI).close()
+        return True
+    except libvirt.libvirtError:
+        return False
 
 
 def stop_daemons(pidfiles: list[str]) -> None:
@@ -841,7 +854,7 @@ def restart_libvirtd() -> None:
         os.kill(pid, signal.SIGTERM)
         wait_for(lambda: not os.path.exists(f"/proc/{pid}"), what="libvirtd to stop")
     subprocess.run([LIBVIRTD, "-d"], check=True)
-    wait_for(lambda: _daemon_pid("/run/libvirtd.pid") is not None, what="libvirtd to start")
+    wait_for(_libvirtd_answers, timeout=60, interval=0.1, what="libvirtd to answer after its restart")
 
 
 # Parametrize a test's guest over both backends: @pytest.mark.parametrize("guest", BACKENDS, indirect=True)

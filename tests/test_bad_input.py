@@ -3,9 +3,13 @@ raise CopyIOError with errno, filename, offset and operation."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import platform
+import struct
 import subprocess
+import sys
 from contextlib import contextmanager
 
 import pytest
@@ -180,33 +184,59 @@ def test_closed_descriptor_is_refused(garbage_dst):
         volcopy.copy(fd, garbage_dst)
 
 
-@contextmanager
-def io_uring_disabled():
-    knob = "/proc/sys/kernel/io_uring_disabled"
-    with open(knob) as f:
-        saved = f.read().strip()
-    with open(knob, "w") as f:
-        f.write("2")
-    try:
-        yield
-    finally:
-        with open(knob, "w") as f:
-            f.write(saved)
+def _without_io_uring() -> None:
+    """In the child, before exec: io_uring_setup(2) fails with EPERM, as where io_uring is switched off
+    (kernel.io_uring_disabled, a container's seccomp profile). A seccomp filter of this process alone:
+    the sysctl would switch io_uring off for the tests running beside this one too."""
+    audit_arch_x86_64, nr_io_uring_setup = 0xC000003E, 425
+    load, jump_if_equal, ret = 0x20, 0x15, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K
+    allow, fail_with = 0x7FFF0000, 0x00050000  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO
+    program = [
+        (load, 0, 0, 4),  # seccomp_data.arch
+        (jump_if_equal, 1, 0, audit_arch_x86_64),
+        (ret, 0, 0, allow),
+        (load, 0, 0, 0),  # seccomp_data.nr
+        (jump_if_equal, 0, 1, nr_io_uring_setup),
+        (ret, 0, 0, fail_with | errno.EPERM),
+        (ret, 0, 0, allow),
+    ]
+    filters = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *f) for f in program))
+    fprog = struct.pack("HxxxxxxQ", len(program), ctypes.addressof(filters))  # struct sock_fprog
+    libc = ctypes.CDLL(None, use_errno=True)
+    # PR_SET_NO_NEW_PRIVS, then PR_SET_SECCOMP with SECCOMP_MODE_FILTER
+    if libc.prctl(38, 1, 0, 0, 0) or libc.prctl(22, 2, ctypes.c_char_p(fprog), 0, 0):
+        os._exit(99)
 
 
-@needs_root
-@pytest.mark.skipif(
-    not os.path.exists("/proc/sys/kernel/io_uring_disabled"),
-    reason="the kernel has no io_uring_disabled sysctl to switch io_uring off",
-)
+_REFUSED_THEN_AUTO = """
+import sys, volcopy
+src, dst = sys.argv[1:3]
+before = open(dst, "rb").read()
+try:
+    volcopy.copy(src, dst, engine="io_uring")
+except volcopy.EngineUnavailable as exc:
+    print("refused:", exc, "| dst untouched:", open(dst, "rb").read() == before)
+print("auto:", volcopy.copy(src, dst).engine)
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the seccomp filter names x86_64's syscalls")
 def test_engine_not_available_here_is_refused_with_the_reason(src, garbage_dst):
-    with io_uring_disabled():
-        with refused(
-            "io_uring is not available here.*disabled", dst=garbage_dst, error=volcopy.EngineUnavailable
-        ):
-            volcopy.copy(src, garbage_dst, engine="io_uring")
-        result = volcopy.copy(src, garbage_dst)  # auto falls back to the next best
-    assert result.engine == "aio"
+    run = subprocess.run(
+        [sys.executable, "-c", _REFUSED_THEN_AUTO, str(src), str(garbage_dst)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_without_io_uring,
+    )
+
+    assert run.returncode == 0, run.stderr
+    refusal, fallback = run.stdout.splitlines()
+    assert refusal.startswith("refused: engine io_uring is not available here: io_uring_queue_init: ")
+    assert refusal.endswith("(io_uring is switched off here: kernel.io_uring_disabled, or a seccomp profile)"
+                            " | dst untouched: True")
+    )
+    assert fallback == "auto: aio"  # the next best
     assert read_all(garbage_dst) == read_all(src)
 
 

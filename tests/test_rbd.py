@@ -254,7 +254,8 @@ def start_cli_copy(src: str, dst: str, checkpoint, rate: int) -> subprocess.Pope
 @pytest.mark.parametrize("dst_between", ["kept", "made again"])
 def test_copy_to_an_image_resumes_after_sigkill(ceph, ceph_pool, tmp_path, dst_between):
     """The resume takes up where the checkpoint left off, unless dst is another image under the same name
-    (removed and made again: a new image id, whatever dst id the caller gives): then all of src again."""
+    (removed and made again: a new image id, whatever dst id the caller gives): that checkpoint is
+    refused, dst left as it is, and once it is removed all of src is copied."""
     dense = np.random.default_rng(5).bytes(SIZE)
     src, dst, checkpoint = tmp_path / "src.img", rbd(ceph, ceph_pool, "dst"), tmp_path / "copy.ckpt"
     src.write_bytes(dense)
@@ -268,6 +269,14 @@ def test_copy_to_an_image_resumes_after_sigkill(ceph, ceph_pool, tmp_path, dst_b
     if dst_between == "made again":
         ceph.remove_image(ceph_pool, "dst")
         ceph.create_image(ceph_pool, "dst", SIZE)
+
+    if dst_between == "made again":
+        refused = start_cli_copy(str(src), dst, checkpoint, rate=1 << 40)
+        _, err = refused.communicate(timeout=120)
+        assert refused.returncode == 1
+        assert f"checkpoint {checkpoint} belongs to another copy: the destination is another volume" in err
+        assert ceph.read(ceph_pool, "dst", 0, SIZE) == bytes(SIZE), "the new image was written"
+        checkpoint.unlink()  # as the error asks
 
     proc = start_cli_copy(str(src), dst, checkpoint, rate=1 << 40)
     out, err = proc.communicate(timeout=120)
