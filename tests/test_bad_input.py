@@ -233,8 +233,9 @@ def test_engine_not_available_here_is_refused_with_the_reason(src, garbage_dst):
     assert run.returncode == 0, run.stderr
     refusal, fallback = run.stdout.splitlines()
     assert refusal.startswith("refused: engine io_uring is not available here: io_uring_queue_init: ")
-    assert refusal.endswith("(io_uring is switched off here: kernel.io_uring_disabled, or a seccomp profile)"
-                            " | dst untouched: True")
+    assert refusal.endswith(
+        "(io_uring is switched off here: kernel.io_uring_disabled, or a seccomp profile)"
+        " | dst untouched: True"
     )
     assert fallback == "auto: aio"  # the next best
     assert read_all(garbage_dst) == read_all(src)
