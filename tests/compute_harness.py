@@ -28,7 +28,7 @@ import pytest
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from conftest import MiB, needs_root_for_loop, read_all
+from conftest import LIBVIRT_GROUP, MiB, needs_root_for_loop, read_all
 
 BLOCK = 4096
 INITIAL = 0xA5  # every block of the volume starts with this byte
@@ -120,12 +120,16 @@ _PAYLOADS = [
 ]
 
 
+CACHE = Path("/var/cache/volcopy-tests")
+
+
 def guest_kernel() -> str:
     """KERNEL as an uncompressed ELF (vmlinux), which QEMU starts at its PVH entry: a TCG guest then skips
     the bzImage's decompression and real-mode setup (about 1 s of its 3 s boot here). Made once per
-    kernel and kept in /tmp (readable by libvirt's QEMU user); KERNEL itself if it cannot be unpacked."""
+    kernel and kept in CACHE (readable by libvirt's QEMU user); KERNEL itself if it cannot be unpacked."""
     stat = os.stat(KERNEL)
-    unpacked = Path(f"/tmp/volcopy-guest-kernel/{os.path.basename(KERNEL)}-{stat.st_mtime_ns}.vmlinux")
+    # root's cache, not /tmp, where another user could have put a file of this name first
+    unpacked = CACHE / f"{os.path.basename(KERNEL)}-{stat.st_mtime_ns}.vmlinux"
     if unpacked.exists():
         return str(unpacked)
     data = Path(KERNEL).read_bytes()
@@ -136,7 +140,8 @@ def guest_kernel() -> str:
         # a decompressor stops at the payload's end and complains of what follows: its status is no guide
         run = subprocess.run(command, input=data[at:], capture_output=True)
         if run.stdout[:4] == b"\x7fELF":
-            unpacked.parent.mkdir(mode=0o755, exist_ok=True)
+            unpacked.parent.mkdir(parents=True, exist_ok=True)
+            unpacked.parent.chmod(0o755)  # whatever the umask: libvirt's QEMU user reads the kernel
             partial = unpacked.with_suffix(f".{os.getpid()}")  # two test workers may unpack at once
             partial.write_bytes(run.stdout)
             partial.chmod(0o644)
@@ -876,7 +881,8 @@ def make_guest(request, workdir):
 
     def make(backend: str, name: str, volume: str, server: str = SERVER, size: int = SIZE, **flags) -> Guest:
         if backend.startswith("libvirt"):
-            if os.environ.get("PYTEST_XDIST_WORKER") and not request.node.get_closest_marker("xdist_group"):
+            group = request.node.get_closest_marker("xdist_group")
+            if os.environ.get("PYTEST_XDIST_WORKER") and (group is None or group.args != (LIBVIRT_GROUP,)):
                 pytest.fail(
                     f"{request.node.nodeid} runs a libvirt guest: its id must name libvirt (conftest)"
                 )

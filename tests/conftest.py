@@ -38,6 +38,7 @@ def pytest_configure(config):
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
 def pytest_collection_modifyitems(config, items):
     """With pytest-xdist (``-n``), the tests of libvirt guests run on one worker: there is one libvirtd
     per host, some tests restart it, and the libvirtd fixture stops it when its session ends. Such a

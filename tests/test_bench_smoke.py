@@ -15,6 +15,9 @@ from volcopy.bench import compare, machine_settings, rbd_compare, rbd_report, rb
 from volcopy.bench.workbench import Workbench
 
 PEERS = ["dd", "qemu-img", "nbdcopy", "fio", "blkdiscard", "/usr/bin/time"]
+# The harness changes settings of the whole machine for a run and puts back what it found: two runs at
+# once (pytest-xdist workers) would put back each other's changes. One worker runs them all.
+pytestmark = pytest.mark.xdist_group("machine-settings")
 
 
 def _machine_settings() -> tuple[str, ...]:

@@ -37,9 +37,10 @@ def test_schema_is_created_with_its_version(journal_url):
         assert c.execute(text("SELECT version FROM volcopy_schema")).scalars().all() == [j.SCHEMA_VERSION]
 
 
-def test_a_new_sqlite_journal_is_its_owners_alone(tmp_path):
+@pytest.mark.parametrize("spelling", ["{}", "file:{}?uri=true"])
+def test_a_new_sqlite_journal_is_its_owners_alone(tmp_path, spelling):
     """It keeps what reaches the volumes (CHAP passwords, Ceph keys): mode 0600, its WAL too."""
-    journal = Journal(f"sqlite:///{tmp_path}/journal.sqlite")
+    journal = Journal("sqlite:///" + spelling.format(tmp_path / "journal.sqlite"))
     journal.create(row("path:/dev/a", "path:/dev/b"))
 
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}

@@ -226,6 +226,19 @@ def test_rbd_specs_a_clone_src_and_a_dst_not_yet_there(ceph, ceph_pool, other_po
     assert "secret" not in shown
 
 
+def test_one_image_reached_two_ways_is_refused_before_it_is_written(ceph, ceph_pool, journal):
+    """By conf file and by monitors: maybe namesakes in two clusters, so the engine, which opens both,
+    tells (by cluster fsid and image id), and refuses before writing anything."""
+    content = write_src(ceph, ceph_pool)
+
+    with pytest.raises(MigrationCancelled) as refused:
+        Migrator(journal).migrate(ceph.spec(ceph_pool, "src"), ceph.connection_info(ceph_pool, "src"))
+
+    m = Migrator(journal).status(refused.value.migration_id)
+    assert m.state == "cancelled" and "are the same volume" in m.reason, m.reason
+    assert ceph.read(ceph_pool, "src", 0, SIZE) == content
+
+
 def test_an_rbd_spec_dst_cannot_be_handed_to_a_compute(ceph, ceph_pool, journal):
     write_src(ceph, ceph_pool)
 
@@ -259,21 +272,23 @@ def other_ceph():
 
 
 def test_across_clusters_the_engine_copies(ceph, ceph_pool, other_ceph, journal):
+    """Pool and image of the same names in the other cluster: namesakes, not one image."""
     content = write_src(ceph, ceph_pool)
-    pool = other_ceph.new_pool()
+    other_ceph._create_pool(ceph_pool)
     try:
-        other_ceph.create_image(pool, "dst", SIZE)
+        other_ceph.create_image(ceph_pool, "src", SIZE)
 
         m = Migrator(journal, rbd_deep_copy=True).migrate(
-            ceph.connection_info(ceph_pool, "src"), other_ceph.connection_info(pool, "dst")
+            ceph.connection_info(ceph_pool, "src"), other_ceph.connection_info(ceph_pool, "src")
         )
 
         assert m.copy_path == "copy" and ceph.fsid != other_ceph.fsid
+        assert m.src_key == m.dst_key == f"rbd:{ceph_pool}/src"  # one claim covers both
         detail = steps(journal, m.id)[0][3]
         assert detail == f"src and dst are in different clusters ({ceph.fsid}, {other_ceph.fsid})"
-        assert other_ceph.read(pool, "dst", 0, SIZE) == content
+        assert other_ceph.read(ceph_pool, "src", 0, SIZE) == content
     finally:
-        other_ceph.delete_pool(pool)
+        other_ceph.delete_pool(ceph_pool)
 
 
 def test_a_deep_copy_failing_on_a_stopped_osd_cancels(ceph, ceph_pool, other_pool, journal):

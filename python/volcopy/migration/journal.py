@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -157,12 +158,15 @@ def _sqlite_pragmas(connection, _record) -> None:
     cursor.close()
 
 
-def _create_owner_only(path: str | None) -> None:
+def _create_owner_only(url) -> None:
     """A new SQLite journal file readable by its owner alone: the journal keeps what reaches the
     volumes (a CHAP password in connection_info, a Ceph key in an rbd: spec). SQLite gives its -wal and
     -shm files the database file's mode. An existing file keeps the mode its owner chose."""
-    if not path or path == ":memory:":
-        return
+    path, query = url.database, url.query
+    if not path or path == ":memory:" or query.get("mode") in ("ro", "rw", "memory"):
+        return  # nothing to create: in memory, or SQLite is told to find it there
+    if query.get("uri") and path.startswith("file:"):
+        path = urllib.parse.urlparse(path).path
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
     except OSError:  # there already, or its directory is not: SQLite's own error tells the latter
@@ -193,7 +197,7 @@ class Journal:
         except (ArgumentError, NoSuchModuleError, ImportError) as exc:
             raise JournalError(f"cannot use journal {url!r}: {exc}") from None
         if self.engine.dialect.name == "sqlite":
-            _create_owner_only(self.engine.url.database)
+            _create_owner_only(self.engine.url)
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._create_schema()
@@ -281,7 +285,8 @@ class Journal:
                 s.flush()  # the migration row first: the claims refer to it
                 s.add_all(
                     VolumeClaim(volume=key, migration_id=migration.id)
-                    for key in (migration.src_key, migration.dst_key)
+                    # one key for both: two RBD images of one name in two clusters (VolumeRef.key)
+                    for key in dict.fromkeys((migration.src_key, migration.dst_key))
                 )
         except IntegrityError:
             with self._session() as s:

@@ -208,7 +208,9 @@ class Migrator:
             )
         if checked:
             dst_ref.for_compute()  # what the compute attaches: refused now if it cannot be given one
-        if src_ref.key == dst_ref.key:
+        # RBD namesakes reached apart may be in two clusters: the engine, which opens both, refuses one
+        # image under two spellings (by cluster fsid and image id) before it writes
+        if src_ref.key == dst_ref.key and src_ref.cluster == dst_ref.cluster:
             raise InvalidRequest(f"src and dst are the same volume ({src_ref})")
         _check_copy_options(copy_options)
         migration_id = self._new_id()

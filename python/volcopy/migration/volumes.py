@@ -137,6 +137,13 @@ class VolumeRef:
         canonical = json.dumps(data, sort_keys=True).encode()
         return self.connection_info["driver_volume_type"] + ":" + hashlib.sha256(canonical).hexdigest()
 
+    @property
+    def cluster(self) -> tuple | None:
+        """How an RBD volume's cluster is reached (conf file, monitors), None otherwise. Two volumes of
+        one key reached alike are one image; reached apart, they may be namesakes in two clusters."""
+        spec = self.rbd_spec
+        return None if spec is None else (spec.conf, dict(spec.options).get("mon_host"))
+
     def __str__(self) -> str:
         if self.path:
             return self.path
