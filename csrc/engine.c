@@ -57,8 +57,11 @@ static int setup(struct engine *g)
     const struct vc_copy_params *p = g->p;
     int rc;
 
-    g->n_slots = p->queue_depth;
-    g->n_reqs = p->queue_depth * 8;
+    /* No more slots than the copy has blocks: io_uring registers (and so faults in) every buffer, and a
+     * 1 MiB copy at 1 MiB x 32 held 32 MiB of them (51 MiB peak RSS for `volcopy copy`, 20 MiB now). */
+    uint64_t blocks = (p->length + p->block_size - 1) / p->block_size;
+    g->n_slots = (unsigned)VC_MAX(1, VC_MIN(blocks, (uint64_t)p->queue_depth));
+    g->n_reqs = g->n_slots * 8;
     if (allocate_buffers(g) < 0)
         return vc_fail(g->e, ENOMEM, VC_SIDE_NONE, VC_OP_SETUP, 0, "cannot allocate %u buffers of %u bytes",
                        g->n_slots, p->block_size);
