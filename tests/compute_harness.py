@@ -118,8 +118,7 @@ _PAYLOADS = [
     (b"\xfd7zXZ\x00", ["xz", "-dc"]),
     (b"\x1f\x8b\x08", ["gzip", "-dc"]),
 ]
-
-
+# Where the unpacked kernel is kept: root's, not /tmp, where another user could take its name first.
 CACHE = Path("/var/cache/volcopy-tests")
 
 
@@ -128,7 +127,6 @@ def guest_kernel() -> str:
     the bzImage's decompression and real-mode setup (about 1 s of its 3 s boot here). Made once per
     kernel and kept in CACHE (readable by libvirt's QEMU user); KERNEL itself if it cannot be unpacked."""
     stat = os.stat(KERNEL)
-    # root's cache, not /tmp, where another user could have put a file of this name first
     unpacked = CACHE / f"{os.path.basename(KERNEL)}-{stat.st_mtime_ns}.vmlinux"
     if unpacked.exists():
         return str(unpacked)
