@@ -38,14 +38,13 @@ def pytest_configure(config):
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
-def pytest_collection_modifyitems(config, items):
+def pytest_itemcollected(item):
     """With pytest-xdist (``-n``), the tests of libvirt guests run on one worker: there is one libvirtd
     per host, some tests restart it, and the libvirtd fixture stops it when its session ends. Such a
-    test has "libvirt" in its id (its name, or its guest's backend as parameter)."""
-    for item in items:
-        if "libvirt" in item.nodeid.split("::", 1)[1]:
-            item.add_marker(pytest.mark.xdist_group(LIBVIRT_GROUP))
+    test has "libvirt" in its id (its name, or its guest's backend as parameter). Marked as each test is
+    collected: xdist reads the groups in its own pytest_collection_modifyitems, which runs first."""
+    if "libvirt" in item.nodeid.split("::", 1)[1]:
+        item.add_marker(pytest.mark.xdist_group(LIBVIRT_GROUP))
 
 
 def pytest_sessionfinish(session, exitstatus):
