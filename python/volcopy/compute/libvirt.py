@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 
@@ -317,10 +318,17 @@ def _pivot_when_ready(
     if status != "ready":
         raise LibvirtHandoffError(f"disk {target}: the {what} job ended {status} before it was ready")
     before_pivot()
-    try:
-        dom.blockJobAbort(target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
-    except libvirt.libvirtError as exc:
-        raise LibvirtHandoffError(f"disk {target}: the pivot of the {what} failed: {exc}") from None
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        try:
+            dom.blockJobAbort(target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+            return
+        except libvirt.libvirtError as exc:
+            # A job whose cur reached end (_ready_already) before libvirt took in QEMU's READY: "not
+            # ready for pivot yet", for a moment (seen on a busy host). Anything else is final.
+            if exc.get_error_code() != libvirt.VIR_ERR_BLOCK_COPY_ACTIVE or time.monotonic() > deadline:
+                raise LibvirtHandoffError(f"disk {target}: the pivot of the {what} failed: {exc}") from None
+        time.sleep(0.05)
 
 
 def _ready_already(dom: libvirt.virDomain, target: str) -> bool:
