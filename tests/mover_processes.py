@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 MEMBERSHIP_TIMEOUT = 2.0  # seconds after its last heartbeat that a mover leaves the group
+CLAIM_EXPIRY = 3.0  # seconds a job's claim outlives its mover
 HEARTBEAT_INTERVAL = MEMBERSHIP_TIMEOUT / 3  # the mover's default: a third of the membership timeout
 JOIN_TIMEOUT = 30.0  # a mover's start: Python, oslo, os-brick and tooz imports on a busy 2-core machine
 
@@ -66,8 +67,10 @@ class MoverProcess:
 
 
 class MoverProcesses:
-    def __init__(self, directory: Path, redis, group: str):
+    def __init__(self, directory: Path, redis, group: str, journal: str | None = None):
+        """journal: the SQLAlchemy URL every mover shares (default: a SQLite file here)."""
         self.directory = directory
+        self.journal = journal or f"sqlite:///{directory}/movers-journal.sqlite"
         self.redis = redis
         self.url = coordination_url(redis.url)
         self.group = group
@@ -86,6 +89,9 @@ class MoverProcesses:
             f"transports = {', '.join(transports)}\n"
             f"slots = {slots}\n"
             f"bandwidth = {bandwidth}\n"
+            f"journal = {self.journal}\n"
+            f"checkpoint_dir = {self.directory / ('checkpoints-' + name)}\n"
+            f"claim_expiry = {CLAIM_EXPIRY:g}\n"
         )
         return path
 

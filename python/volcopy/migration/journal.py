@@ -30,6 +30,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     create_engine,
@@ -146,6 +147,30 @@ class VolumeClaim(Base):
 
     volume: Mapped[str] = mapped_column(String(512), primary_key=True)
     migration_id: Mapped[str] = mapped_column(ForeignKey("volcopy_migrations.id"))
+
+
+class Placement(Base):
+    """A migration run by the data movers (volcopy.movers): its job on the jobboard, the mover it was
+    placed on, and the mover that runs it now (another one after a takeover)."""
+
+    __tablename__ = "volcopy_placements"
+
+    migration_id: Mapped[str] = mapped_column(ForeignKey("volcopy_migrations.id"), primary_key=True)
+    job: Mapped[str] = mapped_column(String(36))  # the TaskFlow job's uuid
+    placed_on: Mapped[str] = mapped_column(String(255))
+    run_by: Mapped[str | None] = mapped_column(String(255))
+    placed_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class CheckpointPiece(Base):
+    """Bytes of a migration's checkpoint file at ``offset``: the file kept where every host sharing the
+    journal reads it, so that a copy taken over by another host resumes (see shared_checkpoint.py)."""
+
+    __tablename__ = "volcopy_checkpoint_pieces"
+
+    migration_id: Mapped[str] = mapped_column(ForeignKey("volcopy_migrations.id"), primary_key=True)
+    offset: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 def _sqlite_pragmas(connection, _record) -> None:
@@ -333,6 +358,7 @@ class Journal:
             s.execute(update(Migration).where(Migration.id == migration_id).values(**fields))
             if fields.get("state") in FINAL_STATES:
                 s.execute(delete(VolumeClaim).where(VolumeClaim.migration_id == migration_id))
+                s.execute(delete(CheckpointPiece).where(CheckpointPiece.migration_id == migration_id))
 
     @_retried
     def take_over(self, migration_id: str, previous_owner: str, owner: str) -> bool:
@@ -387,3 +413,55 @@ class Journal:
     def steps(self, migration_id: str) -> list[Step]:
         with self._session() as s:
             return list(s.scalars(select(Step).where(Step.migration_id == migration_id).order_by(Step.id)))
+
+    # ---------------------------------------------------------------- the shared checkpoint
+
+    def save_checkpoint_pieces(
+        self, migration_id: str, pieces: list[tuple[int, bytes]], as_owner: str
+    ) -> None:
+        """Writes pieces of the migration's checkpoint file (each replaces the piece at its offset),
+        only while the migration is still ``as_owner``'s. Never retried, like progress: the engine's
+        next checkpoint is sent with what this one missed."""
+        with self._session() as s:
+            self._check_owner(s, migration_id, as_owner)
+            offsets = [offset for offset, _ in pieces]
+            s.execute(
+                delete(CheckpointPiece).where(
+                    CheckpointPiece.migration_id == migration_id, CheckpointPiece.offset.in_(offsets)
+                )
+            )
+            s.add_all(CheckpointPiece(migration_id=migration_id, offset=o, data=d) for o, d in pieces)
+
+    @_retried
+    def checkpoint_pieces(self, migration_id: str) -> list[tuple[int, bytes]]:
+        with self._session() as s:
+            rows = s.execute(
+                select(CheckpointPiece.offset, CheckpointPiece.data)
+                .where(CheckpointPiece.migration_id == migration_id)
+                .order_by(CheckpointPiece.offset)
+            )
+            return [(offset, bytes(data)) for offset, data in rows]
+
+    # ---------------------------------------------------------------- placements (movers)
+
+    @_retried
+    def place(self, migration_id: str, job: str, mover: str) -> None:
+        with self._session() as s:
+            s.merge(Placement(migration_id=migration_id, job=job, placed_on=mover))
+
+    @_retried
+    def placement(self, migration_id: str) -> Placement | None:
+        with self._session() as s:
+            return s.get(Placement, migration_id)
+
+    @_retried
+    def placements(self) -> dict[str, Placement]:
+        with self._session() as s:
+            return {p.migration_id: p for p in s.scalars(select(Placement))}
+
+    @_retried
+    def run_by(self, migration_id: str, mover: str, as_owner: str) -> None:
+        """Records the mover that runs the migration now, while it is ``as_owner``'s."""
+        with self._session() as s:
+            self._check_owner(s, migration_id, as_owner)
+            s.execute(update(Placement).where(Placement.migration_id == migration_id).values(run_by=mover))

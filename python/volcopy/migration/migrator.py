@@ -46,6 +46,7 @@ from .errors import (
 from .failpoints import failpoint
 from .journal import RETRY_FIRST, RETRY_MAX, Journal, Migration
 from .owners import HELD, LOST, REGAINED, Owners, coordination_url, this_process
+from .shared_checkpoint import SharedCheckpoint
 from .volumes import VolumeRef
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,8 @@ class Migrator:
         clone: Callable[[str, str], bool] | None = None,
         coordination_url: str | None = None,
         rbd_deep_copy: bool = False,
+        fleet_url: str | None = None,
+        fleet_group: str | None = None,
     ):
         """journal: a SQLAlchemy URL ("sqlite:///PATH", "postgresql+psycopg://...") or a Journal.
         compute: a NovaCompute (needed only for attached volumes). clone: the driver's own clone for
@@ -148,7 +151,9 @@ class Migrator:
         beside a SQLite journal (PATH.locks). rbd_deep_copy: two RBD images of one cluster are copied by
         librbd's deep copy when dst may be replaced; off by default: measured no faster than the engine
         (its bytes pass through this host too), it cannot be stopped or resumed, and it makes dst again,
-        which loses what dst carried besides its data (image metadata such as QoS limits, mirroring)."""
+        which loses what dst carried besides its data (image metadata such as QoS limits, mirroring).
+        fleet_url: the tooz URL of the data movers (docs/movers.md); with it, migrate() runs each
+        migration on a mover that reaches both volumes (fleet_group: their group), not here."""
         self.journal = journal if isinstance(journal, Journal) else Journal(journal)
         self.compute = compute
         self.clone = clone
@@ -156,7 +161,10 @@ class Migrator:
         self.owner = this_process()
         self.coordination_url = coordination_url
         self.rbd_deep_copy = rbd_deep_copy
+        self.fleet_url = fleet_url
+        self.fleet_group = fleet_group
         self._owners: Owners | None = None
+        self._stops: dict[str, threading.Event] = {}  # run_placed()'s: set, its run stops
 
     @property
     def owners(self) -> Owners:
@@ -213,6 +221,10 @@ class Migrator:
         if src_ref.key == dst_ref.key and src_ref.cluster == dst_ref.cluster:
             raise InvalidRequest(f"src and dst are the same volume ({src_ref})")
         _check_copy_options(copy_options)
+        if self.fleet_url:
+            from ..movers.submission import run_on_a_mover
+
+            return run_on_a_mover(self, src_ref, dst_ref, checked, verify, progress, copy_options)
         migration_id = self._new_id()
         try:
             return self._migrate(
@@ -220,6 +232,20 @@ class Migrator:
             )
         finally:
             self.owners.release(migration_id)
+
+    def submit(self, src, dst, *, verify: bool = True, **copy_options) -> Migration:
+        """With fleet_url: records a migration of a detached volume and hands it to a mover, without
+        waiting; returns it pending (follow it with status(), stop it with cancel()). NoMoverFits when
+        no live mover reaches both volumes with a free slot: nothing is recorded then."""
+        from ..movers.submission import submit
+
+        if not self.fleet_url:
+            raise InvalidRequest("submit() hands a migration to the movers: give the Migrator a fleet_url")
+        src_ref, dst_ref = VolumeRef.of(src, "src"), VolumeRef.of(dst, "dst")
+        if src_ref.key == dst_ref.key and src_ref.cluster == dst_ref.cluster:
+            raise InvalidRequest(f"src and dst are the same volume ({src_ref})")
+        _check_copy_options(copy_options)
+        return submit(self, src_ref, dst_ref, [], verify, copy_options)
 
     def _new_id(self) -> str:
         """A new migration's id, with its lock taken: one whose lock is held already shares its key
@@ -231,6 +257,12 @@ class Migrator:
         raise MigrationError(f"no free lock in coordination {self.owners.where} after 100 draws")
 
     def _migrate(self, migration_id, src_ref, dst_ref, checked, verify, clone, progress, copy_options):
+        m = self._record(migration_id, src_ref, dst_ref, checked, verify, copy_options)
+        failpoint("after-record")
+        return self._run(m, clone=clone or self.clone, progress=progress)
+
+    def _record(self, migration_id, src_ref, dst_ref, checked, verify, copy_options) -> Migration:
+        """The new migration in the journal, pending, with its volumes claimed."""
         os.makedirs(self.checkpoint_dir, exist_ok=True)
         m = self.journal.create(
             Migration(
@@ -247,8 +279,7 @@ class Migrator:
             )
         )
         log.info("migration %s: %s -> %s, %d attachment(s)", m.id, src_ref, dst_ref, len(checked))
-        failpoint("after-record")
-        return self._run(m, clone=clone or self.clone, progress=progress)
+        return m
 
     def status(self, migration_id: str) -> Migration:
         """The migration as the journal has it: state, bytes_done, bytes_total, rate, percent, reason."""
@@ -291,7 +322,10 @@ class Migrator:
         repeated, a cancel is finished. Returns those migrations as they ended (a failure is logged
         and the migration left for the next recover())."""
         recovered = []
+        placed = self.journal.placements()  # the movers' to run: their jobs outlive any mover
         for listed in self.journal.list(unfinished_only=True):
+            if listed.id in placed:
+                continue
             taken = False
             try:
                 with self._owned(listed.id) as m:
@@ -307,6 +341,30 @@ class Migrator:
             if taken:
                 recovered.append(self.journal.get(listed.id))
         return recovered
+
+    def run_placed(
+        self, migration_id: str, mover: str, stop: threading.Event | None = None, progress=None
+    ) -> Migration | None:
+        """A mover's part (volcopy.movers): runs a migration placed on the fleet from where the journal
+        has it (pending starts, copying resumes from the shared checkpoint, ...) and returns it as it
+        ended; None when a live process holds it (its previous mover, still running it). MigrationCancelled
+        is an ending like any other. ``stop`` set: the run stops before its next external effect
+        without cancelling anything (LostOwnership; the journal stays as recorded for the next owner).
+        progress(done, total): as for migrate()."""
+        with self._owned(migration_id) as m:
+            if m is None:
+                return None
+            if not m.finished:
+                self.journal.run_by(m.id, mover, as_owner=self.owner)
+                if stop is not None:
+                    self._stops[m.id] = stop
+                try:
+                    self._run_guarded(m, lambda: self._recover_one(m, progress))
+                except MigrationCancelled:
+                    pass
+                finally:
+                    self._stops.pop(m.id, None)
+            return self.journal.get(migration_id)
 
     # ---------------------------------------------------------------- the flow
 
@@ -332,6 +390,10 @@ class Migrator:
             if m.owner != self.owner:
                 log.info("migration %s: taken over from %s in state %s", m.id, m.owner, m.state)
             m.owner = self.owner
+            checkpoint = os.path.join(self.checkpoint_dir, f"{m.id}.ckpt")
+            if m.checkpoint != checkpoint:  # another host's path: the shared checkpoint comes here
+                os.makedirs(self.checkpoint_dir, exist_ok=True)
+                self._set(m, checkpoint=checkpoint)
             yield m
         finally:
             self.owners.release(migration_id)
@@ -352,7 +414,7 @@ class Migrator:
         finally:
             _RUNNING.discard(m.id)
 
-    def _recover_one(self, m: Migration) -> None:
+    def _recover_one(self, m: Migration, progress=None) -> None:
         if m.state == j.CANCELLING or (m.cancel_requested and m.state != j.COMPLETING):
             self._cancel(m, m.reason or "cancelled on request", raise_after=False)
         elif m.state == j.FENCING:
@@ -361,9 +423,9 @@ class Migrator:
                 self._cancel(m, f"fencing was interrupted {m.attempts} times", raise_after=False)
                 return
             self._set(m, state=j.PENDING, attempts=m.attempts + 1)
-            self._flow(m, clone=self.clone)
+            self._flow(m, clone=self.clone, progress=progress)
         else:
-            self._flow(m, clone=self.clone)  # pending starts, copying resumes, completing repeats
+            self._flow(m, clone=self.clone, progress=progress)  # pending starts, copying resumes, ...
 
     def _run(self, m: Migration, clone=None, progress=None) -> Migration:
         self._run_guarded(m, lambda: self._flow(m, clone, progress))
@@ -397,6 +459,7 @@ class Migrator:
         died with its session and nobody took the migration meanwhile). Waits for an unreachable
         database as the journal does, then raises JournalUnreachable; LostOwnership if another
         process has the lock or the migration."""
+        self._check_stopped(m)
         deadline = time.monotonic() + self.journal.retry_for
         delay = RETRY_FIRST
         while True:
@@ -421,6 +484,11 @@ class Migrator:
             log.warning("migration %s: its lock cannot be checked; retrying in %.1f s", m.id, delay)
             time.sleep(min(delay, left))
             delay = min(2 * delay, RETRY_MAX)
+
+    def _check_stopped(self, m: Migration) -> None:
+        stop = self._stops.get(m.id)
+        if stop is not None and stop.is_set():
+            raise LostOwnership("stopped by its mover, for another to go on with it", m.id)
 
     @contextmanager
     def _step(
@@ -579,7 +647,9 @@ class Migrator:
                 return f"the compute reports {server}/{src_att} {state['state']}{reason}"
         return None
 
-    def _reporter(self, m: Migration, progress, cancel: threading.Event):
+    def _reporter(
+        self, m: Migration, progress, cancel: threading.Event, shared: SharedCheckpoint | None = None
+    ):
         """The progress function of a copy: progress rows in the journal, and the checks an engine copy
         stops at (cancel set): a cancel request, the lock held by another process (LostOwnership), a
         fenced attachment in trouble (kept in the returned dict's "trouble")."""
@@ -590,6 +660,9 @@ class Migrator:
             # LostOwnership raised here stops the copy and is raised again by copier.copy.
             if progress is not None:
                 progress(done, total)
+            self._check_stopped(m)
+            if shared is not None:
+                shared.sync()
             now = time.monotonic()
             if now - last["at"] >= PROGRESS_INTERVAL:
                 rate = (done - last["done"]) / (now - last["at"])
@@ -628,7 +701,9 @@ class Migrator:
 
     def _copy_with_engine(self, m: Migration, src, dst, options: dict, progress) -> str:
         cancel = threading.Event()
-        report, last = self._reporter(m, progress, cancel)
+        shared = SharedCheckpoint(self.journal, m.id, m.checkpoint, self.owner)
+        shared.restore()
+        report, last = self._reporter(m, progress, cancel, shared)
 
         # Cinder's volume id knows dst again when os-brick attaches it under another device name.
         dst_id = m.dst_key if m.dst_key.startswith("volume:") else None

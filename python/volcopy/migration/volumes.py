@@ -102,6 +102,14 @@ class VolumeRef:
             path=stored.get("path"), connection_info=stored.get("connection_info"), rbd=stored.get("rbd")
         )
 
+    @property
+    def transport(self) -> str:
+        """How it is reached, as the data movers name it (movers/transports.py): ``file``, ``rbd``, or
+        connection_info's ``driver_volume_type``."""
+        if self.path:
+            return "file"
+        return "rbd" if self.rbd else self.connection_info["driver_volume_type"].lower()
+
     def to_json(self) -> dict:
         if self.path:
             return {"path": self.path}

@@ -3,6 +3,7 @@ oslo.log's options in ``[DEFAULT]``. docs/movers.md shows a whole file."""
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 
@@ -42,6 +43,25 @@ mover_opts = [
         default="0",
         help="Bytes per second for all of this mover's copies together, e.g. 200M; 0: unlimited.",
     ),
+    cfg.StrOpt(
+        "journal",
+        secret=True,  # may hold a password
+        help="SQLAlchemy URL of the migrations' journal, shared with the Cinder side that submits them "
+        "(e.g. postgresql+psycopg://volcopy:PASSWORD@db/volcopy); TaskFlow's persistence lives there too. "
+        "Default: the volcopy command's own default (a SQLite file: one host only).",
+    ),
+    cfg.StrOpt(
+        "checkpoint_dir",
+        help="Where this mover keeps the checkpoints of the copies it runs (the journal keeps a copy for "
+        "a takeover). Default: as the Migrator's.",
+    ),
+    cfg.FloatOpt(
+        "claim_expiry",
+        default=15.0,
+        min=1.0,
+        help="Seconds a job's claim lasts unless renewed (three times per expiry): about how long after "
+        "a mover dies another one takes its migrations over.",
+    ),
     cfg.FloatOpt(
         "heartbeat_interval",
         default=0.0,
@@ -70,6 +90,9 @@ class MoverConfig:
     slots: int
     bandwidth: int
     heartbeat_interval: float
+    journal: str
+    checkpoint_dir: str | None
+    claim_expiry: float
     not_offered: dict[str, str]  # the transports this host cannot attach, and why (when none is configured)
 
 
@@ -96,6 +119,11 @@ def load(argv: list[str]) -> MoverConfig:
             raise ConfigError(f"{files}: [mover] {name}: {reason}") from None
 
     values = {opt.dest: get(opt.dest) for opt in mover_opts}
+    if not values["journal"]:
+        from ..migration.commands import default_journal
+
+        values["journal"] = default_journal()
+        os.makedirs(os.path.dirname(values["journal"][len("sqlite:///") :]), exist_ok=True)
     for name in ("name", "coordination_url", "group"):
         if not values[name]:
             raise ConfigError(f"{files}: [mover] {name} must not be empty")

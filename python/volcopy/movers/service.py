@@ -6,10 +6,9 @@ and then heartbeats: each beat renews its membership and publishes its capabilit
 use, rate, the time of the beat). It keeps its place in the group through the backend's failures:
 while the backend does not answer it retries at each beat; when the group or its entry is gone (a
 Redis restarted empty, or its beats lapsed while it was cut off) it joins again. SIGTERM or SIGINT:
-it leaves the group and exits 0.
+it hands back its running migrations, leaves the group and exits 0.
 
-This slice places and lists movers; running copies on them (the jobboard and the conductor) comes next
-(docs/movers.md).
+Its conductor (conductor.py) claims the migrations placed on it from the jobboard and runs them.
 """
 
 from __future__ import annotations
@@ -24,8 +23,10 @@ import uuid
 
 from oslo_log import log as logging
 
+from ..migration.errors import JournalError
 from ..units import format_size
 from . import membership
+from .conductor import Conductor
 from .config import ConfigError, MoverConfig, load
 from .errors import CoordinationUnreachable, MoverNameInUse
 from .membership import MoverInfo
@@ -36,7 +37,7 @@ DEFAULT_INTERVAL = 1.0  # seconds between heartbeats when the backend reports no
 
 
 class Mover:
-    """A member of the movers' group that heartbeats; the conductor will run its copies."""
+    """A member of the movers' group that heartbeats; its conductor runs its copies."""
 
     def __init__(
         self,
@@ -86,6 +87,17 @@ class Mover:
             heartbeat_at=time.time(),
             beats=self._beats,
         )
+
+    def live_names(self) -> set[str] | None:
+        """The names of the live movers of the group; None while the backend does not answer."""
+        try:
+            return {m.name for m in membership.members(self._coordinator, self.group)}
+        except membership.BACKEND_ERRORS:
+            return None
+
+    def set_rate(self, rate: float) -> None:
+        """What its copies move now, in bytes per second: published at the next beat."""
+        self._rate = rate
 
     def _publish(self) -> None:
         self._coordinator.update_capabilities(self.group.encode(), self.info().as_capabilities()).get()
@@ -298,14 +310,19 @@ def main(argv: list[str]) -> int:
         config.heartbeat_interval,
         stopping,
     )
+    conductor = None
     try:
         mover.start()
         if not stopping.is_set():
+            conductor = Conductor(mover, config.journal, config.checkpoint_dir, config.claim_expiry)
+            conductor.start()
             print(_joined_line(config), flush=True)
             mover.serve()
-    except (CoordinationUnreachable, MoverNameInUse) as exc:
+    except (CoordinationUnreachable, MoverNameInUse, JournalError) as exc:
         print(f"volcopy mover: error: {exc}", file=sys.stderr)
         mover.stop()
         return 1
+    if conductor is not None:
+        conductor.stop()
     mover.stop()
     return 0

@@ -1,0 +1,239 @@
+"""A mover's TaskFlow conductor: it claims migration jobs from the jobboard and runs them.
+
+- **Which jobs.** Those placed on this mover; and, when this mover reaches both of the job's
+  transports, those queued for any mover (every one was busy at submission), those placed on a mover
+  that is no longer in the group (it died, or left: the takeover), and those its mover left unclaimed
+  for a claim expiry (placement is advisory: that mover may be full).
+- **Claims expire.** A claim is made with an expiry (``claim_expiry``) and renewed three times per
+  expiry while the job runs. A mover that dies stops renewing, its claims lapse, and another mover claims the
+  job. A mover that finds its claim gone or taken, or that cannot reach Redis for longer than the
+  expiry, hands the migration back (the ``stop`` of ``Migrator.run_placed``): it stops before its
+  next write, and the journal stays as recorded for the next mover.
+- **One run at a time.** The claim is what the conductor dispatches on; the migration's lock and the
+  journal's owner (see migration/owners.py) are what make a second run impossible: a mover that claims
+  a job whose previous mover still holds the lock (its claim lapsed while it ran) waits for that lock,
+  and the previous mover's journal writes are refused once another owns the migration.
+- **Slots.** The conductor runs at most ``slots`` jobs at once, and the mover publishes the slots in use.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+import warnings
+
+from oslo_log import log as logging
+
+from ..migration.errors import JournalError, LostOwnership
+from ..migration.migrator import Migrator
+from . import flow, jobboard
+from .flow import RunAgain
+from .membership import one_line
+
+log = logging.getLogger(__name__)
+
+WAIT_FOR_LOCK = 1.0  # seconds between tries at the lock of a migration its previous mover still holds
+
+
+class _Claimed:
+    def __init__(self, job):
+        self.job = job
+        self.renewed_at = time.monotonic()
+        self.stop = threading.Event()  # set: its migration stops here, for another mover
+        self.reason = ""
+        self.done = 0  # bytes its copy has done, and the part of it counted in the mover's rate
+        self.counted = 0
+
+    def progress(self, done: int, total: int) -> None:
+        self.done = done
+
+
+class _MoversBoard:
+    """The jobboard as this mover's conductor sees it: only the jobs it may take, claimed with an
+    expiry, and each claim remembered until the job is consumed or abandoned."""
+
+    def __init__(self, conductor: Conductor):
+        self._conductor = conductor
+        self._board = conductor.board
+
+    def __getattr__(self, name):
+        return getattr(self._board, name)
+
+    def iterjobs(self, only_unclaimed=False, ensure_fresh=False):
+        live = None
+        for job in self._board.iterjobs(only_unclaimed=True, ensure_fresh=ensure_fresh):
+            details = job.details or {}
+            placed_on = details.get("mover")
+            if placed_on == self._conductor.name:
+                yield job
+                continue
+            if not set(details.get("transports") or ["?"]) <= set(self._conductor.transports):
+                continue
+            if not placed_on or _age(job) > self._conductor.claim_expiry:
+                yield job
+                continue
+            if live is None:
+                live = self._conductor.live_movers()
+            if live is not None and placed_on not in live:
+                yield job  # its mover is gone: taken over
+
+    def claim(self, job, who):
+        self._board.claim(job, who, expiry=self._conductor.claim_expiry)
+        self._conductor.claimed(job)
+
+    def consume(self, job, who):
+        self._conductor.finished(job)
+        return self._board.consume(job, who)
+
+    def abandon(self, job, who):
+        self._conductor.finished(job)
+        return self._board.abandon(job, who)
+
+    def trash(self, job, who):
+        self._conductor.finished(job)
+        return self._board.trash(job, who)
+
+
+def _age(job) -> float:
+    """Seconds since the job was posted (TaskFlow writes its time as UTC without a zone)."""
+    created = job.created_on
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=datetime.timezone.utc)
+    return (datetime.datetime.now(datetime.timezone.utc) - created).total_seconds()
+
+
+class Conductor:
+    def __init__(self, mover, journal_url: str, checkpoint_dir: str | None, claim_expiry: float):
+        self.mover = mover
+        self.name = mover.name
+        self.transports = mover.transports
+        self.claim_expiry = claim_expiry
+        self.backend = jobboard.persistence(journal_url)
+        self.board = jobboard.connect(mover.url, mover.group, self.backend)
+        self.migrator = Migrator(journal_url, checkpoint_dir=checkpoint_dir)
+        self._claims: dict[str, _Claimed] = {}  # by migration id
+        self._guard = threading.Lock()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._rate_at = time.monotonic()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from taskflow.conductors import backends as conductors
+        self._taskflow = conductors.fetch(
+            "nonblocking",
+            self.name,
+            _MoversBoard(self),
+            persistence=self.backend,
+            engine="serial",
+            max_simultaneous_jobs=mover.slots,
+            wait_timeout=0.5,
+        )
+        flow.RUNNER = self.run
+
+    # ------------------------------------------------------------------ the conductor's loop
+
+    def start(self) -> None:
+        self._threads = [
+            threading.Thread(target=self._taskflow.run, name="conductor", daemon=True),
+            threading.Thread(target=self._renew_claims, name="claims", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Hands back every running migration (each stops before its next write; its job is abandoned
+        for another mover) and stops claiming."""
+        with self._guard:
+            claims = list(self._claims.values())
+        for claim in claims:
+            self._hand_back(claim, f"mover {self.name} is stopping")
+        self._taskflow.stop()
+        self._stopping.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        self.migrator.close()
+        self.board.close()
+
+    def live_movers(self) -> set[str] | None:
+        return self.mover.live_names()
+
+    @staticmethod
+    def _hand_back(claim: _Claimed, reason: str) -> None:
+        log.warning("migration %s: handed back: %s", claim.job.details["migration_id"], reason)
+        claim.reason = reason
+        claim.stop.set()
+
+    # ------------------------------------------------------------------ claims
+
+    def claimed(self, job) -> None:
+        with self._guard:
+            self._claims[job.details["migration_id"]] = _Claimed(job)
+        log.info("claimed %s (placed on %s)", job.name, job.details.get("mover"))
+
+    def finished(self, job) -> None:
+        with self._guard:
+            self._claims.pop(job.details["migration_id"], None)
+
+    def _renew_claims(self) -> None:
+        while not self._stopping.wait(self.claim_expiry / 3):
+            self.renew()
+            self._publish_rate()
+
+    def _publish_rate(self) -> None:
+        """The mover's rate: what its copies did since the last time, over that time."""
+        now = time.monotonic()
+        with self._guard:
+            claims = list(self._claims.values())
+        moved = 0
+        for claim in claims:
+            done = claim.done
+            moved += max(0, done - claim.counted)
+            claim.counted = done
+        self.mover.set_rate(moved / max(now - self._rate_at, 1e-3))
+        self._rate_at = now
+
+    def renew(self) -> None:
+        """Extends the claims of the running jobs; hands back a migration whose claim is gone or
+        another's, or that could not be renewed for a whole expiry."""
+        with self._guard:
+            claims = [claim for claim in self._claims.values() if not claim.stop.is_set()]
+        for claim in claims:
+            try:
+                owner = self.board.find_owner(claim.job)
+                if owner == self.name:
+                    claim.job.extend_expiry(self.claim_expiry)
+                    claim.renewed_at = time.monotonic()
+                    continue
+                reason = f"its job's claim is {'held by ' + owner if owner else 'gone'}"
+            except Exception as exc:  # noqa: BLE001 - Redis does not answer: the claim may lapse
+                if time.monotonic() - claim.renewed_at < self.claim_expiry:
+                    continue
+                reason = f"its job's claim could not be renewed for {self.claim_expiry:g} s: {one_line(exc)}"
+            self._hand_back(claim, reason)
+
+    # ------------------------------------------------------------------ running a job
+
+    def run(self, migration_id: str) -> str:
+        """The job's task: runs the migration; returns the state it ended in, or raises RunAgain."""
+        with self._guard:
+            claim = self._claims.get(migration_id)
+        if claim is None:
+            raise RunAgain("not claimed by this mover")
+        self.mover.reserve()
+        try:
+            while True:
+                if claim.stop.is_set():
+                    raise RunAgain(claim.reason)
+                try:
+                    m = self.migrator.run_placed(migration_id, self.name, claim.stop, claim.progress)
+                except (LostOwnership, JournalError) as exc:
+                    log.warning("migration %s: stopped here, to run again: %s", migration_id, exc)
+                    raise RunAgain(str(exc)) from None
+                if m is not None:
+                    log.info("migration %s: %s", migration_id, m.state)
+                    return m.state
+                # Its previous mover still holds its lock: its claim lapsed while it ran.
+                claim.stop.wait(WAIT_FOR_LOCK)
+        finally:
+            self.mover.release()

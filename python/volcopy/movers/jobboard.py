@@ -1,0 +1,111 @@
+"""The movers' jobboard: TaskFlow's Redis jobboard on the coordination backend's Redis, and TaskFlow's
+SQLAlchemy persistence in the journal's database.
+
+A migration placed on the fleet is one job, named ``migration-ID``; its details name the migration, the
+mover it was placed on and the transports it needs (so that another mover can take it over when that
+one is gone). Its logbook holds one flow, made by ``volcopy.movers.flow:migration_flow``, whose state
+TaskFlow keeps in the journal's database beside the journal's own tables. The journal stays the record
+of the migration itself (state, steps, checkpoint); the jobboard says who runs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import urllib.parse
+import uuid
+import warnings
+
+from ..errors import InvalidRequest
+from .errors import CoordinationUnreachable
+from .membership import one_line, where
+
+log = logging.getLogger(__name__)
+
+JOB_PREFIX = "migration-"
+
+
+def _taskflow():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eventlet's deprecation, through futurist
+        from taskflow import engines
+        from taskflow.jobs import backends as jobboards
+        from taskflow.persistence import backends as persistence_backends
+        from taskflow.persistence import models
+    return engines, jobboards, persistence_backends, models
+
+
+def _redis_client(url: str):
+    """A redis-py client for tooz's Redis URL, without redis-py's own retries (see
+    membership._fail_fast): a jobboard call to a Redis that is down fails at once, and the conductor's
+    next round is its retry."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme != "redis":
+        raise InvalidRequest(
+            f"the movers' jobboard needs a Redis coordination URL (redis://HOST:PORT), not {where(url)}"
+        )
+    options = urllib.parse.parse_qs(parsed.query)
+    timeout = float(options.get("timeout", ["30"])[0])
+    return redis.Redis(
+        host=parsed.hostname or "127.0.0.1",
+        port=parsed.port or 6379,
+        username=urllib.parse.unquote(parsed.username) if parsed.username else None,
+        password=urllib.parse.unquote(parsed.password) if parsed.password else None,
+        db=int(options.get("db", ["0"])[0]),
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+def persistence(journal_url: str):
+    """TaskFlow's SQLAlchemy persistence in the journal's database, its tables made if need be."""
+    _, _, persistence_backends, _ = _taskflow()
+    backend = persistence_backends.fetch({"connection": journal_url})
+    with contextlib.closing(backend.get_connection()) as connection:
+        try:
+            connection.upgrade()
+        except Exception as exc:  # noqa: BLE001 - another process made the tables at the same moment
+            log.debug("TaskFlow's tables: %s; checking them again", one_line(exc))
+            connection.upgrade()
+    return backend
+
+
+def connect(coordination_url: str, group: str, backend):
+    """The group's jobboard (its Redis keys under ``volcopy:GROUP``), connected."""
+    _, jobboards, _, _ = _taskflow()
+    from taskflow import exceptions
+
+    board = jobboards.fetch(
+        f"volcopy-{group}",
+        {"board": "redis", "namespace": f"volcopy:{group}".encode()},
+        persistence=backend,
+        client=_redis_client(coordination_url),
+    )
+    try:
+        board.connect()
+    except exceptions.JobFailure as exc:
+        raise CoordinationUnreachable(
+            f"jobboard at {where(coordination_url)} is unreachable: {one_line(exc)}"
+        ) from None
+    return board
+
+
+def post(board, backend, migration_id: str, mover: str, transports: tuple[str, str]) -> str:
+    """Posts the migration's job for ``mover``; returns the job's uuid."""
+    engines, _, _, models = _taskflow()
+    from .flow import migration_flow
+
+    book = models.LogBook(f"{JOB_PREFIX}{migration_id}")
+    flow_detail = models.FlowDetail(f"{JOB_PREFIX}{migration_id}", str(uuid.uuid4()))
+    book.add(flow_detail)
+    with contextlib.closing(backend.get_connection()) as connection:
+        connection.save_logbook(book)
+    engines.save_factory_details(flow_detail, migration_flow, [migration_id], {}, backend=backend)
+    details = {"store": {}, "migration_id": migration_id, "mover": mover, "transports": list(transports)}
+    job = board.post(f"{JOB_PREFIX}{migration_id}", book=book, details=details)
+    return job.uuid

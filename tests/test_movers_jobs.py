@@ -1,0 +1,213 @@
+"""Migrations run by data movers: `volcopy mover` processes on the session's Redis (the group and the
+jobboard) and PostgreSQL (the journal, TaskFlow's persistence and the migrations' locks), with a
+Migrator given the fleet's URL submitting to them.
+
+- each migration runs on a mover that reaches both of its transports, and nothing is recorded when no
+  mover does;
+- a mover SIGKILLed mid-copy: another takes the job over once the claim lapses, resumes from the
+  checkpoint the journal holds (re-copying at most one checkpoint interval), and the digests match;
+- a cancel from the CLI on another host (a network namespace) stops a migration running on a mover;
+- 50 small migrations on 3 movers of 2 slots: all complete, each once, never more than 2 at a time on
+  a mover.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from netns_hosts import needs_netns, netns_hosts  # noqa: F401 - the fixture
+
+from conftest import reference_digest
+from mover_processes import CLAIM_EXPIRY, MoverProcesses, coordination_url
+from volcopy.migration import journal as j
+from volcopy.migration.errors import MigrationCancelled
+from volcopy.migration.migrator import Migrator
+from volcopy.movers.errors import NoMoverFits
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def journal_url(postgres) -> str:
+    return postgres.new_database()
+
+
+@pytest.fixture
+def processes(redis, mover_group, tmp_path, journal_url):
+    processes = MoverProcesses(tmp_path, redis, mover_group, journal=journal_url)
+    yield processes
+    processes.stop_all()
+
+
+@pytest.fixture
+def migrator(redis, mover_group, journal_url, tmp_path):
+    migrator = Migrator(
+        journal_url,
+        checkpoint_dir=str(tmp_path / "checkpoints-cinder"),
+        fleet_url=coordination_url(redis.url),
+        fleet_group=mover_group,
+    )
+    yield migrator
+    migrator.close()
+
+
+def volume(path, size: int) -> bytes:
+    data = os.urandom(size)
+    path.write_bytes(data)
+    return data
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+def test_each_migration_runs_on_a_mover_that_reaches_both_transports(processes, migrator, loops, tmp_path):
+    processes.start("mover-files", ["file"], wait=False)
+    processes.start("mover-devices", ["file", "local"], wait=False)
+    for mover in processes.started:
+        mover.wait_joined()
+    src = tmp_path / "src.img"
+    data = volume(src, 4 * MiB)
+    device = loops.create(4 * MiB)
+    onto_device = {"driver_volume_type": "local", "data": {"device_path": device}}
+
+    to_device = migrator.migrate(str(src), onto_device)
+    to_file = migrator.migrate(str(src), str(tmp_path / "dst.img"))
+
+    assert to_device.state == to_file.state == j.COMPLETED
+    assert to_device.dst_digest == to_file.dst_digest == reference_digest(data)
+    with open(device, "rb") as f:
+        assert f.read(4 * MiB) == data
+    assert (tmp_path / "dst.img").read_bytes() == data
+    placements = migrator.journal.placements()
+    assert placements[to_device.id].placed_on == placements[to_device.id].run_by == "mover-devices"
+    assert placements[to_file.id].run_by == placements[to_file.id].placed_on
+    # Cinder's side ran none of it: the owner was the mover's process.
+    assert to_device.owner.split(":")[1] == str(processes.started[1].pid)
+
+    # iSCSI is offered by no mover here: refused before anything is recorded.
+    iscsi = {"driver_volume_type": "iscsi", "data": {"target_iqn": "iqn.2010-10.org.openstack:v"}}
+    before = len(migrator.list())
+    with pytest.raises(NoMoverFits, match=r"^no mover can copy from file to iscsi: no live mover reaches"):
+        migrator.migrate(str(src), iscsi)
+    assert len(migrator.list()) == before
+
+
+def test_a_mover_killed_mid_copy_is_taken_over_from_the_shared_checkpoint(processes, migrator, tmp_path):
+    rate = 4 * MiB
+    size = 40 * MiB
+    first = processes.start("mover-a", ["file"])
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    data = volume(src, size)
+
+    m = migrator.submit(str(src), str(dst), rate_limit=rate)
+    wait_for(lambda: migrator.status(m.id).bytes_done >= 16 * MiB, 30, "16 MiB copied on mover-a")
+    second = processes.start("mover-b", ["file"])  # mover-a has the job; mover-b has none yet
+    done_at_kill = migrator.status(m.id).bytes_done
+    first.kill()
+    killed_at = time.monotonic()
+
+    taken = wait_for(
+        lambda: migrator.journal.placement(m.id).run_by == "mover-b", 30, "taken over by mover-b"
+    )
+    taken_over_after = time.monotonic() - killed_at
+    ended = wait_for(lambda: (s := migrator.status(m.id)).finished and s, 60, "the migration ended")
+
+    assert taken and ended.state == j.COMPLETED, ended.reason
+    assert taken_over_after < CLAIM_EXPIRY + 10
+    # It resumed from the checkpoint the journal held: at most one checkpoint interval (2 s of copying)
+    # and one progress interval (1 s, how stale bytes_done may be) below where mover-a was.
+    assert ended.resumed_from > 0
+    assert ended.resumed_from >= done_at_kill - 3 * rate, (ended.resumed_from, done_at_kill)
+    assert ended.dst_digest == ended.src_digest == reference_digest(data)
+    assert dst.read_bytes() == data
+    copies = [s for s in migrator.steps(m.id) if s.name == "copy"]
+    assert [s.status for s in copies] == [j.INTENDED, j.DONE]  # mover-a's never ended; mover-b's did
+    assert ended.owner.split(":")[1] == str(second.pid)
+    assert "taken over from" in second.log_text()
+
+
+@needs_netns
+def test_a_cancel_from_the_cli_on_another_host_stops_a_migration_on_a_mover(
+    processes,
+    migrator,
+    postgres,
+    journal_url,
+    tmp_path,
+    netns_hosts,  # noqa: F811
+):
+    mover = processes.start("mover-a", ["file"])
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    volume(src, 32 * MiB)
+    outcome = {}
+
+    def run():
+        try:
+            outcome["migration"] = migrator.migrate(str(src), str(dst), rate_limit=2 * MiB)
+        except MigrationCancelled as exc:
+            outcome["cancelled"] = exc
+
+    submitter = threading.Thread(target=run)
+    submitter.start()
+    running = wait_for(
+        lambda: next((m for m in migrator.list() if m.bytes_done > 0), None), 30, "copying on the mover"
+    )
+    other_host = netns_hosts("volcopy-operator")
+    command = [sys.executable, "-m", "volcopy.cli", "migrations", "cancel", running.id]
+    command += ["--journal", postgres.socket_url(journal_url), "--wait", "30"]
+    cancel = subprocess.run(other_host.command(command), capture_output=True, text=True, timeout=60)
+    submitter.join(60)
+
+    assert cancel.returncode == 0, cancel.stderr
+    assert cancel.stdout.strip() == f"migration {running.id}: cancelled"
+    assert outcome["cancelled"].reason == "cancelled on request"
+    m = migrator.status(running.id)
+    assert m.state == j.CANCELLED and not m.dst_valid
+    assert m.bytes_done < 32 * MiB
+    assert m.owner.split(":")[1] == str(mover.pid)  # the mover ended it, not the CLI
+
+
+def test_fifty_migrations_on_three_movers_of_two_slots(processes, migrator, tmp_path):
+    for name in ("mover-1", "mover-2", "mover-3"):
+        processes.start(name, ["file"], slots=2, wait=False)
+    for mover in processes.started:
+        mover.wait_joined()
+    datas, submitted = {}, []
+    for number in range(50):
+        src = tmp_path / f"src-{number}.img"
+        datas[number] = volume(src, 1 * MiB)
+        # 512 KiB/s: each copy lasts about 2 s, so that the slots fill up
+        m = migrator.submit(str(src), str(tmp_path / f"dst-{number}.img"), rate_limit=512 * 1024)
+        submitted.append((number, m.id))
+
+    wait_for(lambda: all(m.finished for m in migrator.list()), 180, "the 50 migrations completed")
+
+    placements = migrator.journal.placements()
+    running: dict[str, list[tuple]] = {}
+    for number, migration_id in submitted:
+        m = migrator.status(migration_id)
+        assert m.state == j.COMPLETED, (migration_id, m.reason)
+        assert (tmp_path / f"dst-{number}.img").read_bytes() == datas[number]
+        copies = [s for s in migrator.steps(migration_id) if s.name == "copy"]
+        assert [s.status for s in copies] == [j.DONE]  # run once
+        mover = placements[migration_id].run_by
+        running.setdefault(mover, []).append((copies[0].intended_at, copies[0].ended_at))
+    assert set(running) == {"mover-1", "mover-2", "mover-3"}
+    for mover, spans in running.items():
+        events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+        at_once = most = 0
+        for _, change in events:
+            at_once += change
+            most = max(most, at_once)
+        assert most == 2, (mover, most)  # its two slots were used, never more
