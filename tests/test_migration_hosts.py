@@ -78,10 +78,12 @@ def owner_process(url: str, src: str, dst: str, workdir) -> subprocess.Popen:
 
 
 OTHER_HOST_RECOVER = """
-import json, sys
+import json, sys, tempfile
 from volcopy.migration import Migrator
-migrator = Migrator(sys.argv[1])
-print(json.dumps([[m.id, m.state, m.owner, m.resumed_from] for m in migrator.recover()]))
+# its own checkpoint directory: the owner's checkpoint reaches it through the journal only
+with tempfile.TemporaryDirectory(prefix="volcopy-other-host-") as checkpoints:
+    migrator = Migrator(sys.argv[1], checkpoint_dir=checkpoints)
+    print(json.dumps([[m.id, m.state, m.owner, m.resumed_from] for m in migrator.recover()]))
 """
 
 
@@ -225,6 +227,7 @@ def test_another_host_takes_over_a_migration_whose_owner_was_killed(postgres, ur
     [(migration_id, state, new_owner, resumed_from)] = recovered
     assert (migration_id, state) == (running.id, "completed")
     assert new_owner.startswith(f"{OTHER_HOST}:") and running.owner.split(":")[0] != OTHER_HOST
+    # from the checkpoint the journal holds: the other host has none of its own
     assert resumed_from > 0, "the copy started again instead of resuming from the checkpoint"
     assert read_all(dst) == content
     assert steps(url, running.id) == [

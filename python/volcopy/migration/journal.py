@@ -285,15 +285,16 @@ class Journal:
                 time.sleep(min(delay, left))
                 delay = min(2 * delay, RETRY_MAX)
 
-    def _check_owner(self, s: Session, migration_id: str, owner: str | None) -> None:
+    def _check_owner(self, s: Session, migration_id: str, owner: str | None, touch: bool = True) -> None:
         """In the caller's transaction: the migration is still ``owner``'s (None: anyone may write).
-        The row stays locked to the end of the transaction, so a take-over waits for it."""
+        The row stays locked to the end of the transaction, so a take-over waits for it. touch: the
+        migration's updated_at is now (not for a write beside its row, such as its checkpoint)."""
         if owner is None:
             return
         result = s.execute(
             update(Migration)
             .where(Migration.id == migration_id, Migration.owner == owner)
-            .values(updated_at=utcnow())
+            .values(updated_at=utcnow() if touch else Migration.updated_at)
         )
         if result.rowcount != 1:
             now = s.scalar(select(Migration.owner).where(Migration.id == migration_id))
@@ -423,7 +424,7 @@ class Journal:
         only while the migration is still ``as_owner``'s. Never retried, like progress: the engine's
         next checkpoint is sent with what this one missed."""
         with self._session() as s:
-            self._check_owner(s, migration_id, as_owner)
+            self._check_owner(s, migration_id, as_owner, touch=False)
             offsets = [offset for offset, _ in pieces]
             s.execute(
                 delete(CheckpointPiece).where(
