@@ -78,7 +78,7 @@ class MoverProcesses:
         self.gateways: list[str] = []  # where Redis listens for this object's hosts
 
     def config(
-        self, name: str, transports: list[str], slots: int = 2, bandwidth: str = "0", url=None
+        self, name: str, transports: list[str], slots: int = 2, bandwidth: str = "0", url=None, journal=None
     ) -> Path:
         path = self.directory / f"mover-{name}-{len(self.started)}.conf"
         path.write_text(
@@ -89,7 +89,7 @@ class MoverProcesses:
             f"transports = {', '.join(transports)}\n"
             f"slots = {slots}\n"
             f"bandwidth = {bandwidth}\n"
-            f"journal = {self.journal}\n"
+            f"journal = {journal or self.journal}\n"
             f"checkpoint_dir = {self.directory / ('checkpoints-' + name)}\n"
             f"claim_expiry = {CLAIM_EXPIRY:g}\n"
         )
@@ -103,15 +103,17 @@ class MoverProcesses:
         bandwidth: str = "0",
         host=None,
         wait: bool = True,
+        journal: str | None = None,
     ) -> MoverProcess:
-        """A mover; with ``host`` (a NetnsHost), on that host."""
+        """A mover; with ``host`` (a NetnsHost), on that host. journal: its URL of the shared journal,
+        when it is not reached there as here (a PostgreSQL server's unix socket, from another host)."""
         url = self.url
         if host is not None:
             if host.gateway not in self.gateways:
                 self.redis.listen_on(host.gateway)
                 self.gateways.append(host.gateway)
             url = coordination_url(f"redis://{host.gateway}:{self.redis.port}")
-        config = self.config(name, transports, slots, bandwidth, url)
+        config = self.config(name, transports, slots, bandwidth, url, journal)
         log = self.directory / f"mover-{name}-{len(self.started)}.log"
         command = [sys.executable, "-m", "volcopy.cli", "mover", "--config-file", str(config)]
         if host is not None:

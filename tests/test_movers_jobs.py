@@ -27,6 +27,7 @@ from mover_processes import CLAIM_EXPIRY, MoverProcesses, coordination_url
 from volcopy.migration import journal as j
 from volcopy.migration.errors import MigrationCancelled
 from volcopy.migration.migrator import Migrator
+from volcopy.movers import jobboard
 from volcopy.movers.errors import NoMoverFits
 
 MiB = 1 << 20
@@ -211,3 +212,89 @@ def test_fifty_migrations_on_three_movers_of_two_slots(processes, migrator, tmp_
             at_once += change
             most = max(most, at_once)
         assert most == 2, (mover, most)  # its two slots were used, never more
+
+
+# ---------------------------------------------------------------- faults under a running job
+
+
+def copy_steps(migrator, migration_id: str) -> list:
+    return [s for s in migrator.steps(migration_id) if s.name == "copy"]
+
+
+@needs_netns
+def test_a_mover_cut_off_from_redis_hands_its_migration_to_another(
+    processes,
+    migrator,
+    postgres,
+    journal_url,
+    tmp_path,
+    netns_hosts,  # noqa: F811
+):
+    rate, size = 4 * MiB, 40 * MiB
+    host = netns_hosts("volcopy-host-a")
+    first = processes.start("mover-a", ["file"], host=host, journal=postgres.socket_url(journal_url))
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    data = volume(src, size)
+    m = migrator.submit(str(src), str(dst), rate_limit=rate)
+    wait_for(lambda: migrator.status(m.id).bytes_done >= 8 * MiB, 30, "8 MiB copied on mover-a")
+    processes.start("mover-b", ["file"])
+
+    host.link_down()  # Redis is out of mover-a's reach; the journal (a unix socket) is not
+    wait_for(lambda: migrator.journal.placement(m.id).run_by == "mover-b", 30, "taken over by mover-b")
+    host.link_up()
+    ended = wait_for(lambda: (s := migrator.status(m.id)).finished and s, 60, "the migration ended")
+
+    assert ended.state == j.COMPLETED, ended.reason
+    assert ended.dst_digest == ended.src_digest == reference_digest(data)
+    assert dst.read_bytes() == data
+    assert ended.resumed_from > 0
+    # mover-a stopped its copy (its claim could not be renewed) before mover-b's began: never both
+    a_copy, b_copy = copy_steps(migrator, m.id)
+    assert a_copy.status == j.FAILED and "stopped by its mover" in a_copy.detail
+    assert a_copy.ended_at <= b_copy.intended_at and b_copy.status == j.DONE
+    assert "its job's claim could not be renewed for 3 s" in first.log_text()
+    assert first.process.poll() is None  # it rides the partition out, and is back in the group
+    wait_for(lambda: "answers again" in first.log_text(), 15, "mover-a back in the group")
+
+
+def test_redis_restarted_empty_under_a_running_job(redis, processes, migrator, tmp_path):
+    rate, size = 4 * MiB, 24 * MiB
+    processes.start("mover-a", ["file"])
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    data = volume(src, size)
+    m = migrator.submit(str(src), str(dst), rate_limit=rate)
+    wait_for(lambda: migrator.status(m.id).bytes_done >= 4 * MiB, 30, "copying on mover-a")
+    lost_job = migrator.journal.placement(m.id).job
+
+    redis.kill()  # every job, claim and member gone
+    redis.start()
+    ended = wait_for(lambda: (s := migrator.status(m.id)).finished and s, 60, "the migration ended")
+
+    assert ended.state == j.COMPLETED, ended.reason
+    assert dst.read_bytes() == data and ended.dst_digest == reference_digest(data)
+    assert [s.status for s in copy_steps(migrator, m.id)] == [j.DONE]  # it ran on, never twice
+    assert migrator.journal.placement(m.id).job != lost_job  # posted again for the jobboard's sake
+    board = jobboard.connect(migrator.fleet_url, migrator.fleet_group, None)
+    try:
+        wait_for(lambda: board.job_count == 0, 15, "the posted-again job consumed")
+    finally:
+        board.close()
+
+
+def test_the_journal_server_restarted_under_a_running_job(postgres, processes, migrator, tmp_path):
+    rate, size = 4 * MiB, 24 * MiB
+    mover = processes.start("mover-a", ["file"])
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    data = volume(src, size)
+    m = migrator.submit(str(src), str(dst), rate_limit=rate)
+    wait_for(lambda: migrator.status(m.id).bytes_done >= 4 * MiB, 30, "copying on mover-a")
+
+    postgres.halt()
+    time.sleep(3)
+    postgres.resume()
+    ended = wait_for(lambda: (s := migrator.status(m.id)).finished and s, 60, "the migration ended")
+
+    assert ended.state == j.COMPLETED, ended.reason
+    assert dst.read_bytes() == data and ended.dst_digest == reference_digest(data)
+    assert ended.owner.split(":")[1] == str(mover.pid)
+    assert copy_steps(migrator, m.id)[-1].status == j.DONE

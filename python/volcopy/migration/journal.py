@@ -461,6 +461,18 @@ class Journal:
             return {p.migration_id: p for p in s.scalars(select(Placement))}
 
     @_retried
+    def replace_job(self, migration_id: str, old: str, new: str) -> bool:
+        """Makes ``new`` the migration's job if ``old`` still is: of several movers posting a lost job
+        again, one wins."""
+        with self._session() as s:
+            result = s.execute(
+                update(Placement)
+                .where(Placement.migration_id == migration_id, Placement.job == old)
+                .values(job=new)
+            )
+            return result.rowcount == 1
+
+    @_retried
     def run_by(self, migration_id: str, mover: str, as_owner: str) -> None:
         """Records the mover that runs the migration now, while it is ``as_owner``'s."""
         with self._session() as s:

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import threading
 import time
@@ -27,6 +28,7 @@ from oslo_log import log as logging
 
 from ..migration.errors import JournalError, LostOwnership
 from ..migration.migrator import Migrator
+from ..migration.volumes import VolumeRef
 from . import flow, jobboard
 from .flow import RunAgain
 from .membership import one_line
@@ -84,7 +86,8 @@ class _MoversBoard:
 
     def consume(self, job, who):
         self._conductor.finished(job)
-        return self._board.consume(job, who)
+        self._board.consume(job, who)
+        self._conductor.forget(job)
 
     def abandon(self, job, who):
         self._conductor.finished(job)
@@ -176,9 +179,44 @@ class Conductor:
             self._claims.pop(job.details["migration_id"], None)
 
     def _renew_claims(self) -> None:
+        rounds = 0
         while not self._stopping.wait(self.claim_expiry / 3):
             self.renew()
             self._publish_rate()
+            rounds += 1
+            if rounds % 3 == 0:
+                try:
+                    self.repost_lost_jobs()
+                except Exception as exc:  # noqa: BLE001 - Redis or the journal does not answer: next time
+                    log.warning("lost jobs not looked for: %s", one_line(exc))
+
+    def repost_lost_jobs(self) -> None:
+        """Posts again the job of each placed migration that is not finished and that the jobboard no
+        longer has (a Redis restarted empty loses every job). The journal's record of the job is
+        replaced only if it is still the lost one, so of several movers doing this one wins; the
+        others' jobs find the migration running or ended, and end."""
+        journal = self.migrator.journal
+        placements = journal.placements()
+        unfinished = [m for m in journal.list(unfinished_only=True) if m.id in placements]
+        if not unfinished:
+            return
+        on_board = {job.uuid for job in self.board.iterjobs(ensure_fresh=True)}
+        for m in unfinished:
+            placement = placements[m.id]
+            if placement.job in on_board:
+                continue
+            transports = (VolumeRef.from_json(m.src).transport, VolumeRef.from_json(m.dst).transport)
+            job = jobboard.post(self.board, self.backend, m.id, placement.placed_on, transports)
+            if journal.replace_job(m.id, placement.job, job):
+                log.warning("migration %s: its job was lost from the jobboard: posted again", m.id)
+
+    def forget(self, job) -> None:
+        """A consumed job's logbook, which TaskFlow's persistence would otherwise keep for ever."""
+        try:
+            with contextlib.closing(self.backend.get_connection()) as connection:
+                connection.destroy_logbook(job.book_uuid)
+        except Exception as exc:  # noqa: BLE001 - a logbook left behind is only a row too many
+            log.info("the logbook of %s is left: %s", job.name, one_line(exc))
 
     def _publish_rate(self) -> None:
         """The mover's rate: what its copies did since the last time, over that time."""
@@ -194,18 +232,32 @@ class Conductor:
         self._rate_at = now
 
     def renew(self) -> None:
-        """Extends the claims of the running jobs; hands back a migration whose claim is gone or
-        another's, or that could not be renewed for a whole expiry."""
+        """Extends the claims of the running jobs. A migration whose claim another mover holds now, or
+        that could not be renewed for a whole expiry, is handed back. A claim that lapsed unseen is
+        taken again; one whose job is gone (a Redis restarted empty) runs on: the migration's lock
+        still keeps any other mover out, and the job is posted again (repost_lost_jobs)."""
+        from taskflow import exceptions
+
         with self._guard:
             claims = [claim for claim in self._claims.values() if not claim.stop.is_set()]
         for claim in claims:
             try:
                 owner = self.board.find_owner(claim.job)
+                if owner is None:
+                    try:
+                        self.board.claim(claim.job, self.name, expiry=self.claim_expiry)
+                    except exceptions.NotFound:
+                        log.warning("%s is gone from the jobboard; its migration runs on", claim.job.name)
+                    except exceptions.UnclaimableJob:
+                        owner = self.board.find_owner(claim.job)
+                    claim.renewed_at = time.monotonic()
+                    if owner is None:
+                        continue
                 if owner == self.name:
                     claim.job.extend_expiry(self.claim_expiry)
                     claim.renewed_at = time.monotonic()
                     continue
-                reason = f"its job's claim is {'held by ' + owner if owner else 'gone'}"
+                reason = f"its job's claim is held by {owner}"
             except Exception as exc:  # noqa: BLE001 - Redis does not answer: the claim may lapse
                 if time.monotonic() - claim.renewed_at < self.claim_expiry:
                     continue
