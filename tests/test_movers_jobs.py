@@ -13,6 +13,7 @@ Migrator given the fleet's URL submitting to them.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +32,12 @@ from volcopy.movers import jobboard
 from volcopy.movers.errors import NoMoverFits
 
 MiB = 1 << 20
+
+
+def volcopy(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "volcopy.cli", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.fixture
@@ -96,6 +103,32 @@ def test_each_migration_runs_on_a_mover_that_reaches_both_transports(processes, 
     assert placements[to_file.id].run_by == placements[to_file.id].placed_on
     # Cinder's side ran none of it: the owner was the mover's process.
     assert to_device.owner.split(":")[1] == str(processes.started[1].pid)
+
+    # The CLI submits to the fleet too, and lists who ran what.
+    url = migrator.journal.engine.url.render_as_string(hide_password=False)
+    migrate = volcopy(
+        "migrate",
+        str(src),
+        str(tmp_path / "by-cli.img"),
+        "--journal",
+        url,
+        "--json",
+        "--coordination-url",
+        migrator.fleet_url,
+        "--group",
+        migrator.fleet_group,
+    )
+    assert migrate.returncode == 0, migrate.stderr
+    by_cli = json.loads(migrate.stdout)
+    assert by_cli["state"] == "completed" and (tmp_path / "by-cli.img").read_bytes() == data
+    listed = volcopy("migrations", "list", "--journal", url).stdout.splitlines()
+    assert [line.split()[3] for line in listed] == [
+        "mover-devices",
+        placements[to_file.id].run_by,
+        migrator.journal.placement(by_cli["id"]).run_by,
+    ]
+    shown = json.loads(volcopy("migrations", "list", "--journal", url, "--json").stdout)
+    assert shown[0]["placed_on"] == shown[0]["run_by"] == "mover-devices"
 
     # iSCSI is offered by no mover here: refused before anything is recorded.
     iscsi = {"driver_volume_type": "iscsi", "data": {"target_iqn": "iqn.2010-10.org.openstack:v"}}

@@ -8,6 +8,7 @@ import os
 import sys
 
 from ..errors import InvalidRequest
+from ..movers.defaults import COORDINATION_ENVIRONMENT, DEFAULT_GROUP
 from ..progress_bar import ProgressBar
 from ..units import format_size
 from .volumes import VolumeRef, redacted
@@ -63,6 +64,12 @@ def add_parsers(commands, size_type) -> None:
         action="store_true",
         help="two RBD images of one cluster: let librbd's deep copy move them (see docs/cinder.md)",
     )
+    m.add_argument(
+        "--coordination-url",
+        help=f"run it on a data mover of this tooz URL's group (default: ${COORDINATION_ENVIRONMENT}; "
+        "none: here); see docs/movers.md",
+    )
+    m.add_argument("--group", help=f"the movers' group (default {DEFAULT_GROUP})")
     m.add_argument("--json", action="store_true", help="print the migration as JSON")
 
     ms = commands.add_parser("migrations", help="list, show, cancel or recover migrations in the journal")
@@ -132,6 +139,8 @@ def _migrator(args, compute_needed: bool = False):
         compute=_compute(getattr(args, "compute_url", None), compute_needed),
         checkpoint_dir=getattr(args, "checkpoint_dir", None),
         rbd_deep_copy=getattr(args, "rbd_deep_copy", False),
+        fleet_url=getattr(args, "coordination_url", None) or os.environ.get(COORDINATION_ENVIRONMENT),
+        fleet_group=getattr(args, "group", None),
     )
 
 
@@ -194,10 +203,14 @@ def migrations(args) -> int:
     migrator = _migrator(args)
     if args.action == "list":
         rows = migrator.list()
+        placements = migrator.journal.placements()
         if args.json:
-            print(json.dumps([_shown(m) for m in rows], indent=2))
-        for m in rows if not args.json else []:
-            print(f"{m.id}  {m.state:<10}  {m.percent:5.1f}%  {m.src_key} -> {m.dst_key}")
+            print(json.dumps([_shown(m) | _mover(placements.get(m.id)) for m in rows], indent=2))
+            return 0
+        for m in rows:
+            placement = placements.get(m.id)
+            mover = (placement.run_by or f"({placement.placed_on or 'queued'})") if placement else "-"
+            print(f"{m.id}  {m.state:<10}  {m.percent:5.1f}%  {mover:<12}  {m.src_key} -> {m.dst_key}")
         return 0
     if args.action == "show":
         m = migrator.status(args.id)
@@ -222,6 +235,13 @@ def migrations(args) -> int:
             print("nothing to recover")
         return 0 if all(m.finished for m in recovered) else 1
     return 2
+
+
+def _mover(placement) -> dict:
+    """Where a migration runs: the mover it was placed on and the one running it (None: in-process)."""
+    if placement is None:
+        return {"placed_on": None, "run_by": None}
+    return {"placed_on": placement.placed_on, "run_by": placement.run_by}
 
 
 def _shown(m) -> dict:

@@ -163,6 +163,7 @@ class Migrator:
         self.rbd_deep_copy = rbd_deep_copy
         self.fleet_url = fleet_url
         self.fleet_group = fleet_group
+        self.rate_cap = 0  # bytes per second, at most, for each copy this Migrator runs (0: none)
         self._owners: Owners | None = None
         self._stops: dict[str, threading.Event] = {}  # run_placed()'s: set, its run stops
 
@@ -550,6 +551,8 @@ class Migrator:
         src_ref, dst_ref = VolumeRef.from_json(m.src), VolumeRef.from_json(m.dst)
         options = dict(m.options)
         verify = options.pop("verify", False)
+        if self.rate_cap:
+            options["rate_limit"] = min(options.get("rate_limit") or self.rate_cap, self.rate_cap)
         try:
             with src_ref.attached() as src, dst_ref.attached() as dst:
                 path = self._clone(m, clone, src, dst, progress, options)

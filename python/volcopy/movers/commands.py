@@ -7,9 +7,7 @@ import os
 import time
 
 from ..units import format_size
-from .defaults import DEFAULT_GROUP
-
-COORDINATION_ENVIRONMENT = "VOLCOPY_COORDINATION_URL"
+from .defaults import COORDINATION_ENVIRONMENT, DEFAULT_GROUP
 
 
 def add_parsers(commands) -> None:

@@ -13,7 +13,9 @@
   journal's owner (see migration/owners.py) are what make a second run impossible: a mover that claims
   a job whose previous mover still holds the lock (its claim lapsed while it ran) waits for that lock,
   and the previous mover's journal writes are refused once another owns the migration.
-- **Slots.** The conductor runs at most ``slots`` jobs at once, and the mover publishes the slots in use.
+- **Slots and bandwidth.** The conductor runs at most ``slots`` jobs at once, and the mover publishes
+  the slots in use and its rate. Each copy is limited to ``bandwidth / slots`` (its own rate limit, if
+  lower, holds): together they never exceed the budget, though a copy alone does not get the rest.
 """
 
 from __future__ import annotations
@@ -115,6 +117,8 @@ class Conductor:
         self.backend = jobboard.persistence(journal_url)
         self.board = jobboard.connect(mover.url, mover.group, self.backend)
         self.migrator = Migrator(journal_url, checkpoint_dir=checkpoint_dir)
+        # The bandwidth budget, shared as equal parts: its copies together never exceed it.
+        self.migrator.rate_cap = mover.bandwidth // mover.slots
         self._claims: dict[str, _Claimed] = {}  # by migration id
         self._guard = threading.Lock()
         self._stopping = threading.Event()
