@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,8 +28,15 @@ def coordination_url(base: str) -> str:
     return f"{base}?membership_timeout={MEMBERSHIP_TIMEOUT:g}&timeout=2"
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class MoverProcess:
-    def __init__(self, name: str, process: subprocess.Popen, log: Path, config: Path):
+    def __init__(self, name: str, process: subprocess.Popen, log: Path, config: Path, metrics: str):
+        self.metrics_address = metrics  # HOST:PORT of its Prometheus metrics
         self.name = name
         self.process = process
         self.log = log
@@ -38,6 +46,21 @@ class MoverProcess:
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def metrics(self) -> dict[str, float]:
+        """Its Prometheus metrics, by sample name with labels but without ``mover``."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://{self.metrics_address}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        found = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "mover")
+                found[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+        return found
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -78,7 +101,14 @@ class MoverProcesses:
         self.gateways: list[str] = []  # where Redis listens for this object's hosts
 
     def config(
-        self, name: str, transports: list[str], slots: int = 2, bandwidth: str = "0", url=None, journal=None
+        self,
+        name: str,
+        transports: list[str],
+        slots: int = 2,
+        bandwidth: str = "0",
+        url=None,
+        journal=None,
+        metrics: str = "",
     ) -> Path:
         path = self.directory / f"mover-{name}-{len(self.started)}.conf"
         path.write_text(
@@ -92,6 +122,7 @@ class MoverProcesses:
             f"journal = {journal or self.journal}\n"
             f"checkpoint_dir = {self.directory / ('checkpoints-' + name)}\n"
             f"claim_expiry = {CLAIM_EXPIRY:g}\n"
+            f"metrics_address = {metrics}\n"
         )
         return path
 
@@ -113,7 +144,8 @@ class MoverProcesses:
                 self.redis.listen_on(host.gateway)
                 self.gateways.append(host.gateway)
             url = coordination_url(f"redis://{host.gateway}:{self.redis.port}")
-        config = self.config(name, transports, slots, bandwidth, url, journal)
+        metrics = f"{host.address if host else '127.0.0.1'}:{_free_port()}"
+        config = self.config(name, transports, slots, bandwidth, url, journal, metrics)
         log = self.directory / f"mover-{name}-{len(self.started)}.log"
         command = [sys.executable, "-m", "volcopy.cli", "mover", "--config-file", str(config)]
         if host is not None:
@@ -122,7 +154,7 @@ class MoverProcesses:
             process = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, text=True
             )
-        mover = MoverProcess(name, process, log, config)
+        mover = MoverProcess(name, process, log, config, metrics)
         self.started.append(mover)
         if wait:
             mover.wait_joined()

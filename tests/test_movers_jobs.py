@@ -170,6 +170,11 @@ def test_a_mover_killed_mid_copy_is_taken_over_from_the_shared_checkpoint(proces
     assert [s.status for s in copies] == [j.INTENDED, j.DONE]  # mover-a's never ended; mover-b's did
     assert ended.owner.split(":")[1] == str(second.pid)
     assert "taken over from" in second.log_text()
+    metrics = second.metrics()
+    assert metrics["volcopy_mover_takeovers_total"] == 1
+    assert metrics["volcopy_mover_jobs_total{outcome=completed}"] == 1
+    assert metrics["volcopy_mover_jobs_running"] == 0 and metrics["volcopy_mover_errors_total"] == 0
+    assert metrics["volcopy_mover_bytes_copied_total"] == size - ended.resumed_from
 
 
 @needs_netns

@@ -249,12 +249,18 @@ class Journal:
         return JournalError(f"journal {self.where} refused the request: {reason}")
 
     def _create_schema(self) -> None:
-        try:
-            Base.metadata.create_all(self.engine)
-        except (IntegrityError, ProgrammingError):
-            pass  # another process created the tables at the same moment (the version check follows)
-        except DBAPIError as exc:
-            raise self._error(exc) from None
+        for attempt in range(3):
+            try:
+                Base.metadata.create_all(self.engine)  # only the tables that are missing
+                break
+            except (IntegrityError, ProgrammingError):
+                break  # another process created the tables at the same moment (the version check follows)
+            except OperationalError as exc:
+                # SQLite's word for the same race; anything else is the database's answer to give
+                if "already exists" not in str(exc.orig) or attempt == 2:
+                    raise self._error(exc) from None
+            except DBAPIError as exc:
+                raise self._error(exc) from None
         try:
             with self._session() as s:
                 if s.scalar(select(SchemaVersion.version)) is None:

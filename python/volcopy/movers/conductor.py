@@ -34,6 +34,7 @@ from ..migration.volumes import VolumeRef
 from . import flow, jobboard
 from .flow import RunAgain
 from .membership import one_line
+from .metrics import MoverMetrics
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,20 @@ class _Claimed:
         self.stop = threading.Event()  # set: its migration stops here, for another mover
         self.reason = ""
         self.done = 0  # bytes its copy has done, and the part of it counted in the mover's rate
-        self.counted = 0
+        self.counted: int | None = None
 
     def progress(self, done: int, total: int) -> None:
+        if self.counted is None:  # a resumed copy starts at its checkpoint: not moved by this run
+            self.counted = done
         self.done = done
+
+    def newly_moved(self) -> int:
+        """Bytes moved since the last call."""
+        if self.counted is None:
+            return 0
+        done, moved = self.done, max(0, self.done - self.counted)
+        self.counted = done
+        return moved
 
 
 class _MoversBoard:
@@ -109,11 +120,14 @@ def _age(job) -> float:
 
 
 class Conductor:
-    def __init__(self, mover, journal_url: str, checkpoint_dir: str | None, claim_expiry: float):
+    def __init__(
+        self, mover, journal_url: str, checkpoint_dir: str | None, claim_expiry: float, metrics: MoverMetrics
+    ):
         self.mover = mover
         self.name = mover.name
         self.transports = mover.transports
         self.claim_expiry = claim_expiry
+        self.metrics = metrics
         self.backend = jobboard.persistence(journal_url)
         self.board = jobboard.connect(mover.url, mover.group, self.backend)
         self.migrator = Migrator(journal_url, checkpoint_dir=checkpoint_dir)
@@ -176,11 +190,16 @@ class Conductor:
     def claimed(self, job) -> None:
         with self._guard:
             self._claims[job.details["migration_id"]] = _Claimed(job)
-        log.info("claimed %s (placed on %s)", job.name, job.details.get("mover"))
+        placed_on = job.details.get("mover")
+        if placed_on and placed_on != self.name:
+            self.metrics.takeovers.inc()
+        log.info("claimed %s (placed on %s)", job.name, placed_on or "any mover")
 
     def finished(self, job) -> None:
         with self._guard:
-            self._claims.pop(job.details["migration_id"], None)
+            claim = self._claims.pop(job.details["migration_id"], None)
+        if claim is not None:
+            self.metrics.bytes_copied.inc(claim.newly_moved())
 
     def _renew_claims(self) -> None:
         rounds = 0
@@ -227,12 +246,11 @@ class Conductor:
         now = time.monotonic()
         with self._guard:
             claims = list(self._claims.values())
-        moved = 0
-        for claim in claims:
-            done = claim.done
-            moved += max(0, done - claim.counted)
-            claim.counted = done
-        self.mover.set_rate(moved / max(now - self._rate_at, 1e-3))
+        moved = sum(claim.newly_moved() for claim in claims)
+        rate = moved / max(now - self._rate_at, 1e-3)
+        self.mover.set_rate(rate)
+        self.metrics.rate.set(rate)
+        self.metrics.bytes_copied.inc(moved)
         self._rate_at = now
 
     def renew(self) -> None:
@@ -277,19 +295,29 @@ class Conductor:
         if claim is None:
             raise RunAgain("not claimed by this mover")
         self.mover.reserve()
+        self.metrics.running.inc()
+        outcome = "error"
         try:
             while True:
                 if claim.stop.is_set():
+                    outcome = "handed_back"
                     raise RunAgain(claim.reason)
                 try:
                     m = self.migrator.run_placed(migration_id, self.name, claim.stop, claim.progress)
                 except (LostOwnership, JournalError) as exc:
                     log.warning("migration %s: stopped here, to run again: %s", migration_id, exc)
+                    if claim.stop.is_set():
+                        outcome = "handed_back"
                     raise RunAgain(str(exc)) from None
                 if m is not None:
                     log.info("migration %s: %s", migration_id, m.state)
+                    outcome = m.state
                     return m.state
                 # Its previous mover still holds its lock: its claim lapsed while it ran.
                 claim.stop.wait(WAIT_FOR_LOCK)
         finally:
+            self.metrics.running.dec()
+            self.metrics.ended[outcome].inc()
+            if outcome == "error":
+                self.metrics.errors.inc()
             self.mover.release()

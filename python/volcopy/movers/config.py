@@ -62,6 +62,11 @@ mover_opts = [
         help="Seconds a job's claim lasts unless renewed (three times per expiry): about how long after "
         "a mover dies another one takes its migrations over.",
     ),
+    cfg.StrOpt(
+        "metrics_address",
+        default="",
+        help="HOST:PORT where the mover serves its Prometheus metrics (/metrics); empty: none.",
+    ),
     cfg.FloatOpt(
         "heartbeat_interval",
         default=0.0,
@@ -93,6 +98,7 @@ class MoverConfig:
     journal: str
     checkpoint_dir: str | None
     claim_expiry: float
+    metrics_address: str
     not_offered: dict[str, str]  # the transports this host cannot attach, and why (when none is configured)
 
 
@@ -131,6 +137,9 @@ def load(argv: list[str]) -> MoverConfig:
         values["bandwidth"] = parse_size(values["bandwidth"])
     except ValueError as exc:
         raise ConfigError(f"{files}: [mover] bandwidth: {exc}") from None
+    host, _, port = values["metrics_address"].rpartition(":")
+    if values["metrics_address"] and (not host or not port.isdigit() or not 0 < int(port) < 65536):
+        raise ConfigError(f"{files}: [mover] metrics_address: HOST:PORT, not {values['metrics_address']!r}")
     configured = [t.strip().lower() for t in values["transports"] if t.strip()]
     works, refused = usable(configured or None)
     if configured and refused:

@@ -65,6 +65,7 @@ def _redis_client(url: str):
 def persistence(journal_url: str):
     """TaskFlow's SQLAlchemy persistence in the journal's database, its tables made if need be."""
     _, _, persistence_backends, _ = _taskflow()
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # a line per migration step at every start
     backend = persistence_backends.fetch({"connection": journal_url})
     with contextlib.closing(backend.get_connection()) as connection:
         try:

@@ -30,6 +30,7 @@ from .conductor import Conductor
 from .config import ConfigError, MoverConfig, load
 from .errors import CoordinationUnreachable, MoverNameInUse
 from .membership import MoverInfo
+from .metrics import MetricsUnavailable, MoverMetrics
 
 log = logging.getLogger(__name__)
 
@@ -314,11 +315,14 @@ def main(argv: list[str]) -> int:
     try:
         mover.start()
         if not stopping.is_set():
-            conductor = Conductor(mover, config.journal, config.checkpoint_dir, config.claim_expiry)
+            metrics = MoverMetrics(config.name, config.slots)
+            if config.metrics_address:
+                metrics.serve(config.metrics_address)
+            conductor = Conductor(mover, config.journal, config.checkpoint_dir, config.claim_expiry, metrics)
             conductor.start()
             print(_joined_line(config), flush=True)
             mover.serve()
-    except (CoordinationUnreachable, MoverNameInUse, JournalError) as exc:
+    except (CoordinationUnreachable, MoverNameInUse, JournalError, MetricsUnavailable) as exc:
         print(f"volcopy mover: error: {exc}", file=sys.stderr)
         mover.stop()
         return 1
