@@ -109,7 +109,10 @@ class MoverProcesses:
         url=None,
         journal=None,
         metrics: str = "",
+        compute: dict | None = None,
     ) -> Path:
+        """compute: the [compute] section (keystoneauth1's options), e.g. admin_token's endpoint and
+        token for the test's compute agent; none: the mover runs detached volumes only."""
         path = self.directory / f"mover-{name}-{len(self.started)}.conf"
         path.write_text(
             "[mover]\n"
@@ -124,6 +127,9 @@ class MoverProcesses:
             f"claim_expiry = {CLAIM_EXPIRY:g}\n"
             f"metrics_address = {metrics}\n"
         )
+        if compute:
+            with path.open("a") as f:
+                f.write("[compute]\n" + "".join(f"{key} = {value}\n" for key, value in compute.items()))
         return path
 
     def start(
@@ -135,6 +141,7 @@ class MoverProcesses:
         host=None,
         wait: bool = True,
         journal: str | None = None,
+        compute: dict | None = None,
     ) -> MoverProcess:
         """A mover; with ``host`` (a NetnsHost), on that host. journal: its URL of the shared journal,
         when it is not reached there as here (a PostgreSQL server's unix socket, from another host)."""
@@ -145,7 +152,7 @@ class MoverProcesses:
                 self.gateways.append(host.gateway)
             url = coordination_url(f"redis://{host.gateway}:{self.redis.port}")
         metrics = f"{host.address if host else '127.0.0.1'}:{_free_port()}"
-        config = self.config(name, transports, slots, bandwidth, url, journal, metrics)
+        config = self.config(name, transports, slots, bandwidth, url, journal, metrics, compute)
         log = self.directory / f"mover-{name}-{len(self.started)}.log"
         command = [sys.executable, "-m", "volcopy.cli", "mover", "--config-file", str(config)]
         if host is not None:

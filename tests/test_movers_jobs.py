@@ -8,7 +8,10 @@ Migrator given the fleet's URL submitting to them.
   checkpoint the journal holds (re-copying at most one checkpoint interval), and the digests match;
 - a cancel from the CLI on another host (a network namespace) stops a migration running on a mover;
 - 50 small migrations on 3 movers of 2 slots: all complete, each once, never more than 2 at a time on
-  a mover.
+  a mover;
+- faults under a running job: a mover cut off from Redis, Redis restarted empty, PostgreSQL restarted.
+
+An attached volume moved by a mover: test_movers_attached.py.
 """
 
 from __future__ import annotations

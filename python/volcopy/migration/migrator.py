@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 from .. import copier
@@ -209,19 +209,7 @@ class Migrator:
         progress(done, total) is called about ten times a second during a copy. copy_options go to
         volcopy.copy (engine, block_size, queue_depth, direct, sparse, dst_is_zero, rate_limit).
         """
-        src_ref, dst_ref = VolumeRef.of(src, "src"), VolumeRef.of(dst, "dst")
-        checked = _check_attachments(attachments)
-        if checked and self.compute is None:
-            raise InvalidRequest(
-                "an attached volume needs a compute to fence it: pass compute=NovaCompute(...)"
-            )
-        if checked:
-            dst_ref.for_compute()  # what the compute attaches: refused now if it cannot be given one
-        # RBD namesakes reached apart may be in two clusters: the engine, which opens both, refuses one
-        # image under two spellings (by cluster fsid and image id) before it writes
-        if src_ref.key == dst_ref.key and src_ref.cluster == dst_ref.cluster:
-            raise InvalidRequest(f"src and dst are the same volume ({src_ref})")
-        _check_copy_options(copy_options)
+        src_ref, dst_ref, checked = self._checked(src, dst, attachments, copy_options)
         if self.fleet_url:
             from ..movers.submission import run_on_a_mover
 
@@ -234,19 +222,42 @@ class Migrator:
         finally:
             self.owners.release(migration_id)
 
-    def submit(self, src, dst, *, verify: bool = True, **copy_options) -> Migration:
-        """With fleet_url: records a migration of a detached volume and hands it to a mover, without
-        waiting; returns it pending (follow it with status(), stop it with cancel()). NoMoverFits when
-        no live mover reaches both volumes with a free slot: nothing is recorded then."""
+    def submit(
+        self,
+        src,
+        dst,
+        attachments: Sequence[AttachmentMove] | None = None,
+        *,
+        verify: bool = True,
+        **copy_options,
+    ) -> Migration:
+        """With fleet_url: records the migration and hands it to a mover, without waiting; returns it
+        pending (follow it with status(), stop it with cancel()). The arguments are migrate()'s. NoMoverFits
+        when no live mover reaches both volumes (with a compute, for an attached one): nothing is recorded
+        then; when those that do are all busy, it waits for the first free slot among them."""
         from ..movers.submission import submit
 
         if not self.fleet_url:
             raise InvalidRequest("submit() hands a migration to the movers: give the Migrator a fleet_url")
+        src_ref, dst_ref, checked = self._checked(src, dst, attachments, copy_options)
+        return submit(self, src_ref, dst_ref, checked, verify, copy_options)
+
+    def _checked(self, src, dst, attachments, copy_options) -> tuple[VolumeRef, VolumeRef, list[list[str]]]:
+        """The request, refused before anything is recorded if it cannot be carried out."""
         src_ref, dst_ref = VolumeRef.of(src, "src"), VolumeRef.of(dst, "dst")
+        checked = _check_attachments(attachments)
+        if checked and self.compute is None and not self.fleet_url:  # a mover has its own compute
+            raise InvalidRequest(
+                "an attached volume needs a compute to fence it: pass compute=NovaCompute(...)"
+            )
+        if checked:
+            dst_ref.for_compute()  # what the compute attaches: refused now if it cannot be given one
+        # RBD namesakes reached apart may be in two clusters: the engine, which opens both, refuses one
+        # image under two spellings (by cluster fsid and image id) before it writes
         if src_ref.key == dst_ref.key and src_ref.cluster == dst_ref.cluster:
             raise InvalidRequest(f"src and dst are the same volume ({src_ref})")
         _check_copy_options(copy_options)
-        return submit(self, src_ref, dst_ref, [], verify, copy_options)
+        return src_ref, dst_ref, checked
 
     def _new_id(self) -> str:
         """A new migration's id, with its lock taken: one whose lock is held already shares its key
@@ -296,7 +307,8 @@ class Migrator:
     def cancel(self, migration_id: str, wait: float = 0.0) -> Migration:
         """Cancels a migration that has not reached completing. A migration running in a live process
         (on any host) is asked to (it stops within about a second) and waited for up to ``wait``
-        seconds; one whose owner is gone is cancelled here."""
+        seconds; one whose owner is gone is cancelled here, unless its fences need a compute this
+        Migrator lacks and it is a mover's (the mover that takes its job cancels it)."""
         m = self.journal.get(migration_id)
         if m.state == j.CANCELLED:
             return m
@@ -305,7 +317,8 @@ class Migrator:
                 f"migration {m.id} is {m.state}: the guest already uses dst, it cannot be cancelled", m.id
             )
         self.journal.update(m.id, cancel_requested=True)
-        with self._owned(m.id) as m:
+        movers_own = bool(m.attachments) and self.compute is None and self.journal.placement(m.id) is not None
+        with nullcontext() if movers_own else self._owned(m.id) as m:
             if m is not None:
                 if not m.finished:
                     self._run_guarded(m, lambda: self._cancel(m, "cancelled on request", raise_after=False))

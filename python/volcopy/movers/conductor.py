@@ -39,6 +39,7 @@ from .metrics import MoverMetrics
 log = logging.getLogger(__name__)
 
 WAIT_FOR_LOCK = 1.0  # seconds between tries at the lock of a migration its previous mover still holds
+ERROR_PAUSE = 5.0  # seconds a job that failed waits before it is abandoned, to run again
 
 
 class _Claimed:
@@ -85,6 +86,8 @@ class _MoversBoard:
                 continue
             if not set(details.get("transports") or ["?"]) <= set(self._conductor.transports):
                 continue
+            if details.get("fences") and self._conductor.migrator.compute is None:
+                continue
             if not placed_on or _age(job) > self._conductor.claim_expiry:
                 yield job
                 continue
@@ -121,8 +124,15 @@ def _age(job) -> float:
 
 class Conductor:
     def __init__(
-        self, mover, journal_url: str, checkpoint_dir: str | None, claim_expiry: float, metrics: MoverMetrics
+        self,
+        mover,
+        journal_url: str,
+        checkpoint_dir: str | None,
+        claim_expiry: float,
+        metrics: MoverMetrics,
+        compute=None,
     ):
+        """compute: a NovaCompute, to fence attached volumes with (None: detached ones only)."""
         self.mover = mover
         self.name = mover.name
         self.transports = mover.transports
@@ -130,7 +140,7 @@ class Conductor:
         self.metrics = metrics
         self.backend = jobboard.persistence(journal_url)
         self.board = jobboard.connect(mover.url, mover.group, self.backend)
-        self.migrator = Migrator(journal_url, checkpoint_dir=checkpoint_dir)
+        self.migrator = Migrator(journal_url, compute=compute, checkpoint_dir=checkpoint_dir)
         # The bandwidth budget, shared as equal parts: its copies together never exceed it.
         self.migrator.rate_cap = mover.bandwidth // mover.slots
         self._claims: dict[str, _Claimed] = {}  # by migration id
@@ -229,7 +239,8 @@ class Conductor:
             if placement.job in on_board:
                 continue
             transports = (VolumeRef.from_json(m.src).transport, VolumeRef.from_json(m.dst).transport)
-            job = jobboard.post(self.board, self.backend, m.id, placement.placed_on, transports)
+            fences = bool(m.attachments)
+            job = jobboard.post(self.board, self.backend, m.id, placement.placed_on, transports, fences)
             if journal.replace_job(m.id, placement.job, job):
                 log.warning("migration %s: its job was lost from the jobboard: posted again", m.id)
 
@@ -309,10 +320,19 @@ class Conductor:
                     if claim.stop.is_set():
                         outcome = "handed_back"
                     raise RunAgain(str(exc)) from None
-                if m is not None:
+                except Exception as exc:
+                    # Not an ending: the job is abandoned, not consumed, so that the migration is never
+                    # left without one; after a pause, so that a lasting fault does not spin.
+                    log.exception("migration %s: failed on this mover; its job runs again", migration_id)
+                    claim.stop.wait(ERROR_PAUSE)
+                    raise RunAgain(one_line(exc)) from None
+                if m is not None and m.finished:
                     log.info("migration %s: %s", migration_id, m.state)
                     outcome = m.state
                     return m.state
+                if m is not None:  # stopped as recorded, for recover() to go on: its job does that
+                    claim.stop.wait(ERROR_PAUSE)
+                    raise RunAgain(f"migration {migration_id} stays {m.state}: {m.reason}")
                 # Its previous mover still holds its lock: its claim lapsed while it ran.
                 claim.stop.wait(WAIT_FOR_LOCK)
         finally:

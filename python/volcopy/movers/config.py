@@ -7,6 +7,7 @@ import os
 import socket
 from dataclasses import dataclass
 
+from keystoneauth1 import loading as ks_loading
 from oslo_config import cfg
 from oslo_log import log as logging
 
@@ -76,9 +77,15 @@ mover_opts = [
 ]
 
 
+COMPUTE_GROUP = "compute"
+
+
 def list_opts():
     """For oslo-config-generator (namespace volcopy.mover)."""
-    return [("mover", mover_opts)]
+    from keystoneauth1 import loading as ks_loading
+
+    compute = ks_loading.get_session_conf_options() + ks_loading.get_auth_common_conf_options()
+    return [("mover", mover_opts), (COMPUTE_GROUP, compute)]
 
 
 class ConfigError(ValueError):
@@ -99,6 +106,9 @@ class MoverConfig:
     checkpoint_dir: str | None
     claim_expiry: float
     metrics_address: str
+    compute: (
+        object | None
+    )  # a NovaCompute from [compute], to fence attached volumes with; None: detached only
     not_offered: dict[str, str]  # the transports this host cannot attach, and why (when none is configured)
 
 
@@ -107,6 +117,8 @@ def load(argv: list[str]) -> MoverConfig:
     the transports this host can attach (the configured ones must all work here)."""
     conf = cfg.ConfigOpts()
     conf.register_opts(mover_opts, group="mover")
+    ks_loading.register_session_conf_options(conf, COMPUTE_GROUP)
+    ks_loading.register_auth_conf_options(conf, COMPUTE_GROUP)
     logging.register_options(conf)
     conf.set_default("use_stderr", True)  # stdout carries the one "joined" line a supervisor waits for
     try:
@@ -148,4 +160,19 @@ def load(argv: list[str]) -> MoverConfig:
     if not works:
         raise ConfigError(f"{files}: [mover] transports: none works on this host")
     values["transports"] = works
-    return MoverConfig(conf=conf, not_offered=refused, **values)
+    return MoverConfig(conf=conf, not_offered=refused, compute=_compute(conf, files), **values)
+
+
+def _compute(conf: cfg.ConfigOpts, files: str):
+    """The compute of [compute] (keystoneauth1's session and auth options, as Nova's and Cinder's own
+    sections for other services), or None when it has no auth_type."""
+    if not conf[COMPUTE_GROUP].auth_type:
+        return None
+    from ..compute import NovaCompute
+
+    try:
+        auth = ks_loading.load_auth_from_conf_options(conf, COMPUTE_GROUP)
+        session = ks_loading.load_session_from_conf_options(conf, COMPUTE_GROUP, auth=auth)
+    except Exception as exc:  # noqa: BLE001 - keystoneauth1's errors for a missing or bad option
+        raise ConfigError(f"{files}: [{COMPUTE_GROUP}]: {exc}") from None
+    return NovaCompute(session)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from . import membership
 from .defaults import DEFAULT_GROUP
-from .errors import CoordinationUnreachable, NoMoverFits
+from .errors import CoordinationUnreachable
 from .membership import MoverInfo
 from .placement import choose
 from .transports import transport_of
@@ -36,15 +36,13 @@ class Fleet:
         NoMoverFits names the transports and the movers seen when none does."""
         return self.place_between(transport_of(src), transport_of(dst))
 
-    def place_between(self, src_transport: str, dst_transport: str, queue: bool = False) -> MoverInfo | None:
-        """place() for volumes known by their transports. queue: None rather than NoMoverFits when the
-        movers that reach both are all full (the job then waits for the first free slot among them)."""
-        try:
-            return choose(self.movers(), src_transport, dst_transport, self.group)
-        except NoMoverFits as exc:
-            if queue and any(set(exc.needed) <= set(m.transports) for m in exc.seen):
-                return None
-            raise
+    def place_between(
+        self, src_transport: str, dst_transport: str, fences: bool = False, queue: bool = False
+    ) -> MoverInfo | None:
+        """place() for volumes known by their transports. fences: only a mover with a compute to fence
+        an attached volume. queue: None rather than NoMoverFits when the movers that fit are all full
+        (the job then waits for the first free slot among them)."""
+        return choose(self.movers(), src_transport, dst_transport, self.group, fences, queue)
 
     def close(self) -> None:
         try:

@@ -2,9 +2,10 @@
 SQLAlchemy persistence in the journal's database.
 
 A migration placed on the fleet is one job, named ``migration-ID``; its details name the migration, the
-mover it was placed on and the transports it needs (so that another mover can take it over when that
-one is gone). Its logbook holds one flow, made by ``volcopy.movers.flow:migration_flow``, whose state
-TaskFlow keeps in the journal's database beside the journal's own tables. The journal stays the record
+mover it was placed on, the transports it needs and whether it fences attachments (so that another
+mover can take it over when that one is gone). Its logbook holds one flow, made by
+``volcopy.movers.flow:migration_flow``, whose state TaskFlow keeps in the journal's database beside the
+journal's own tables. The journal stays the record
 of the migration itself (state, steps, checkpoint); the jobboard says who runs it.
 """
 
@@ -96,8 +97,9 @@ def connect(coordination_url: str, group: str, backend):
     return board
 
 
-def post(board, backend, migration_id: str, mover: str, transports: tuple[str, str]) -> str:
-    """Posts the migration's job for ``mover``; returns the job's uuid."""
+def post(board, backend, migration_id: str, mover: str, transports: tuple[str, str], fences: bool) -> str:
+    """Posts the migration's job for ``mover`` ("": any that fits); returns the job's uuid. fences: the
+    volume is attached, so only a mover with a compute can run it."""
     engines, _, _, models = _taskflow()
     from .flow import migration_flow
 
@@ -107,6 +109,12 @@ def post(board, backend, migration_id: str, mover: str, transports: tuple[str, s
     with contextlib.closing(backend.get_connection()) as connection:
         connection.save_logbook(book)
     engines.save_factory_details(flow_detail, migration_flow, [migration_id], {}, backend=backend)
-    details = {"store": {}, "migration_id": migration_id, "mover": mover, "transports": list(transports)}
+    details = {
+        "store": {},
+        "migration_id": migration_id,
+        "mover": mover,
+        "transports": list(transports),
+        "fences": fences,
+    }
     job = board.post(f"{JOB_PREFIX}{migration_id}", book=book, details=details)
     return job.uuid

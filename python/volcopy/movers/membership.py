@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 from .errors import CoordinationUnreachable
 
-FORMAT = 1  # of the capabilities; a member that publishes another is not listed as a mover
+FORMAT = 2  # of the capabilities; a member that publishes another is not listed as a mover (1: no fences)
 
 
 def _coordination():
@@ -56,6 +56,7 @@ class MoverInfo:
     pid: int
     incarnation: str  # random, new at each start: tells a restarted mover from the one before
     transports: tuple[str, ...]  # what it can attach (transports.py)
+    fences: bool  # it has a compute ([compute]) to fence an attached volume with
     slots: int  # copies it runs at once
     slots_in_use: int
     bandwidth: int  # bytes per second for all its copies together; 0: unlimited

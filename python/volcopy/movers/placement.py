@@ -27,17 +27,35 @@ def load(mover: MoverInfo) -> tuple:
 def describe(mover: MoverInfo) -> str:
     transports = ", ".join(mover.transports) or "no transport"
     full = ": full" if mover.free_slots == 0 else ""
-    return f"{mover.name} ({transports}; {mover.slots_in_use}/{mover.slots} slots{full})"
+    fences = "; fences" if mover.fences else ""
+    return f"{mover.name} ({transports}{fences}; {mover.slots_in_use}/{mover.slots} slots{full})"
 
 
-def choose(movers: Sequence[MoverInfo], src_transport: str, dst_transport: str, group: str) -> MoverInfo:
-    """The mover to run a copy from ``src_transport`` to ``dst_transport``, or NoMoverFits."""
+def choose(
+    movers: Sequence[MoverInfo],
+    src_transport: str,
+    dst_transport: str,
+    group: str,
+    fences: bool = False,
+    queue: bool = False,
+) -> MoverInfo | None:
+    """The mover to run a copy from ``src_transport`` to ``dst_transport``, or NoMoverFits. fences: the
+    volume is attached, so the mover must have a compute to fence it with. queue: None rather than
+    NoMoverFits when the movers that would fit are all full."""
     needed = (src_transport, dst_transport)
-    reaching = [m for m in movers if src_transport in m.transports and dst_transport in m.transports]
+    reaching = [
+        m
+        for m in movers
+        if src_transport in m.transports and dst_transport in m.transports and (m.fences or not fences)
+    ]
     fitting = [m for m in reaching if m.free_slots > 0]
     if fitting:
         return min(fitting, key=load)
+    if reaching and queue:
+        return None
     both = src_transport if src_transport == dst_transport else f"{src_transport} and {dst_transport}"
+    if fences:
+        both += " with a compute to fence the attachments ([compute] in its configuration)"
     if not movers:
         seen = f"no mover is in group {group} (run `volcopy mover` on hosts that reach {both})"
     else:

@@ -50,11 +50,13 @@ class Mover:
         bandwidth: int = 0,
         heartbeat_interval: float = 0.0,
         stopping: threading.Event | None = None,
+        fences: bool = False,
     ):
         self.name = name
         self.url = url
         self.group = group
         self.transports = tuple(transports)
+        self.fences = fences
         self.slots = slots
         self.bandwidth = bandwidth
         self.configured_interval = heartbeat_interval
@@ -80,6 +82,7 @@ class Mover:
             pid=os.getpid(),
             incarnation=self._incarnation,
             transports=self.transports,
+            fences=self.fences,
             slots=self.slots,
             slots_in_use=self._slots_in_use,
             bandwidth=self.bandwidth,
@@ -310,6 +313,7 @@ def main(argv: list[str]) -> int:
         config.bandwidth,
         config.heartbeat_interval,
         stopping,
+        fences=config.compute is not None,
     )
     conductor = None
     try:
@@ -318,7 +322,9 @@ def main(argv: list[str]) -> int:
             metrics = MoverMetrics(config.name, config.slots)
             if config.metrics_address:
                 metrics.serve(config.metrics_address)
-            conductor = Conductor(mover, config.journal, config.checkpoint_dir, config.claim_expiry, metrics)
+            conductor = Conductor(
+                mover, config.journal, config.checkpoint_dir, config.claim_expiry, metrics, config.compute
+            )
             conductor.start()
             print(_joined_line(config), flush=True)
             mover.serve()

@@ -33,17 +33,11 @@ def submit(migrator, src_ref, dst_ref, attachments, verify, copy_options) -> Mig
     from .fleet import Fleet
     from .jobboard import connect, persistence, post
 
-    if attachments:
-        from ..errors import InvalidRequest
-
-        raise InvalidRequest(
-            "movers run detached volumes only for now: migrate an attached volume without fleet_url "
-            "(see docs/movers.md)"
-        )
     group = migrator.fleet_group or DEFAULT_GROUP
     journal_url = migrator.journal.engine.url.render_as_string(hide_password=False)
     with Fleet(migrator.fleet_url, group) as fleet:
-        mover = fleet.place_between(src_ref.transport, dst_ref.transport, queue=True)
+        fences = bool(attachments)
+        mover = fleet.place_between(src_ref.transport, dst_ref.transport, fences, queue=True)
     placed_on = mover.name if mover else ""  # "": every mover that reaches both is busy; the first free
     backend = persistence(journal_url)
     board = connect(migrator.fleet_url, group, backend)
@@ -53,7 +47,7 @@ def submit(migrator, src_ref, dst_ref, attachments, verify, copy_options) -> Mig
             m = migrator._record(migration_id, src_ref, dst_ref, attachments, verify, copy_options)
         finally:
             migrator.owners.release(migration_id)  # the mover takes it
-        job = post(board, backend, m.id, placed_on, (src_ref.transport, dst_ref.transport))
+        job = post(board, backend, m.id, placed_on, (src_ref.transport, dst_ref.transport), fences)
         migrator.journal.place(m.id, job, placed_on)
     finally:
         board.close()
