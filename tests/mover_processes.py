@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 MEMBERSHIP_TIMEOUT = 2.0  # seconds after its last heartbeat that a mover leaves the group
 CLAIM_EXPIRY = 3.0  # seconds a job's claim outlives its mover
 HEARTBEAT_INTERVAL = MEMBERSHIP_TIMEOUT / 3  # the mover's default: a third of the membership timeout
@@ -90,10 +92,22 @@ class MoverProcess:
 
 
 class MoverProcesses:
-    def __init__(self, directory: Path, redis, group: str, journal: str | None = None):
-        """journal: the SQLAlchemy URL every mover shares (default: a SQLite file here)."""
+    def __init__(
+        self,
+        directory: Path,
+        redis,
+        group: str,
+        journal: str | None = None,
+        own_hosts=None,
+        journal_on_hosts: str | None = None,
+    ):
+        """journal: the SQLAlchemy URL every mover shares (default: a SQLite file here). own_hosts: the
+        netns_hosts fixture, to start each mover on a host of its own, where it reaches the journal at
+        journal_on_hosts (a PostgreSQL server's unix socket)."""
         self.directory = directory
         self.journal = journal or f"sqlite:///{directory}/movers-journal.sqlite"
+        self.own_hosts = own_hosts
+        self.journal_on_hosts = journal_on_hosts
         self.redis = redis
         self.url = coordination_url(redis.url)
         self.group = group
@@ -143,8 +157,12 @@ class MoverProcesses:
         journal: str | None = None,
         compute: dict | None = None,
     ) -> MoverProcess:
-        """A mover; with ``host`` (a NetnsHost), on that host. journal: its URL of the shared journal,
-        when it is not reached there as here (a PostgreSQL server's unix socket, from another host)."""
+        """A mover; with ``host`` (a NetnsHost), on that host (with own_hosts, on a new one named after
+        it). journal: its URL of the shared journal, when it is not reached there as here."""
+        if host is None and self.own_hosts is not None:
+            host = self.own_hosts(f"volcopy-{name}")
+        if host is not None and journal is None:
+            journal = self.journal_on_hosts
         url = self.url
         if host is not None:
             if host.gateway not in self.gateways:
@@ -176,3 +194,24 @@ class MoverProcesses:
         for gateway in self.gateways:
             self.redis.stop_listening_on(gateway)
         self.gateways.clear()
+
+
+@pytest.fixture
+def fleet_journal(postgres) -> str:
+    """A PostgreSQL journal of the test's own, shared by its movers and its fleet_migrator."""
+    return postgres.new_database()
+
+
+@pytest.fixture
+def fleet_migrator(redis, mover_group, fleet_journal, tmp_path):
+    """A Migrator that runs its migrations on the test's movers (mover_group on the session's Redis)."""
+    from volcopy.migration.migrator import Migrator
+
+    migrator = Migrator(
+        fleet_journal,
+        checkpoint_dir=str(tmp_path / "checkpoints-cinder"),
+        fleet_url=coordination_url(redis.url),
+        fleet_group=mover_group,
+    )
+    yield migrator
+    migrator.close()

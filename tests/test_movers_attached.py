@@ -8,27 +8,30 @@ from __future__ import annotations
 
 import pytest
 from test_migration_compute import FenceWatcher, check_completed
-from test_movers_jobs import journal_url, migrator, processes  # noqa: F401 - fixtures
 
 from compute_harness import DST_ATT, SERVER, SRC_ATT, TOKEN, local, needs_guest
+from mover_processes import MoverProcesses
 from volcopy.movers.errors import NoMoverFits
 
 pytestmark = needs_guest
 
 
+@pytest.fixture
+def processes(redis, mover_group, tmp_path, fleet_journal):
+    """The movers on this host: the compute agent listens on this host's loopback."""
+    processes = MoverProcesses(tmp_path, redis, mover_group, journal=fleet_journal)
+    yield processes
+    processes.stop_all()
+
+
 def test_an_attached_volume_moves_on_a_mover_that_can_fence_it(
-    processes,
-    migrator,
-    guest,
-    agent,
-    compute,
-    volumes,  # noqa: F811 - the fixtures imported above
+    processes, fleet_migrator, guest, agent, compute, volumes
 ):
     src, dst = volumes
     processes.start("mover-plain", ["local"])  # reaches both volumes, has no compute to fence with
     attachment = [(SERVER, SRC_ATT, DST_ATT)]
     with pytest.raises(NoMoverFits, match="reaches local with a compute to fence the attachments"):
-        migrator.migrate(local(src), local(dst), attachments=attachment)
+        fleet_migrator.migrate(local(src), local(dst), attachments=attachment)
 
     processes.start(
         "mover-fencing",
@@ -37,10 +40,10 @@ def test_an_attached_volume_moves_on_a_mover_that_can_fence_it(
     )
     guest.start_writer()
     with FenceWatcher(compute, src) as watcher:
-        m = migrator.migrate(local(src), local(dst), attachments=attachment)
+        m = fleet_migrator.migrate(local(src), local(dst), attachments=attachment)
 
-    assert migrator.journal.placement(m.id).run_by == "mover-fencing"
-    assert [(s.name, s.status) for s in migrator.steps(m.id)] == [
+    assert fleet_migrator.journal.placement(m.id).run_by == "mover-fencing"
+    assert [(s.name, s.status) for s in fleet_migrator.steps(m.id)] == [
         ("start", "done"),
         ("prepare", "done"),
         ("copy", "done"),

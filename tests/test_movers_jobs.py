@@ -1,6 +1,6 @@
-"""Migrations run by data movers: `volcopy mover` processes on the session's Redis (the group and the
-jobboard) and PostgreSQL (the journal, TaskFlow's persistence and the migrations' locks), with a
-Migrator given the fleet's URL submitting to them.
+"""Migrations run by data movers: `volcopy mover` processes, each on a host of its own (a network
+namespace), on the session's Redis (the group and the jobboard) and PostgreSQL (the journal, TaskFlow's
+persistence and the migrations' locks), with a Migrator given the fleet's URL submitting to them.
 
 - each migration runs on a mover that reaches both of its transports, and nothing is recorded when no
   mover does;
@@ -27,13 +27,13 @@ import pytest
 from netns_hosts import needs_netns, netns_hosts  # noqa: F401 - the fixture
 
 from conftest import reference_digest
-from mover_processes import CLAIM_EXPIRY, MoverProcesses, coordination_url
+from mover_processes import CLAIM_EXPIRY, MoverProcesses
 from volcopy.migration import journal as j
 from volcopy.migration.errors import MigrationCancelled
-from volcopy.migration.migrator import Migrator
 from volcopy.movers import jobboard
 from volcopy.movers.errors import NoMoverFits
 
+pytestmark = needs_netns
 MiB = 1 << 20
 
 
@@ -44,27 +44,19 @@ def volcopy(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def journal_url(postgres) -> str:
-    return postgres.new_database()
-
-
-@pytest.fixture
-def processes(redis, mover_group, tmp_path, journal_url):
-    processes = MoverProcesses(tmp_path, redis, mover_group, journal=journal_url)
+def processes(redis, mover_group, tmp_path, fleet_journal, postgres, netns_hosts):  # noqa: F811
+    """Each mover on a host of its own (a network namespace: its own address and host name), reaching
+    Redis over its link and the journal through PostgreSQL's unix socket."""
+    processes = MoverProcesses(
+        tmp_path,
+        redis,
+        mover_group,
+        journal=fleet_journal,
+        own_hosts=netns_hosts,
+        journal_on_hosts=postgres.socket_url(fleet_journal),
+    )
     yield processes
     processes.stop_all()
-
-
-@pytest.fixture
-def migrator(redis, mover_group, journal_url, tmp_path):
-    migrator = Migrator(
-        journal_url,
-        checkpoint_dir=str(tmp_path / "checkpoints-cinder"),
-        fleet_url=coordination_url(redis.url),
-        fleet_group=mover_group,
-    )
-    yield migrator
-    migrator.close()
 
 
 def volume(path, size: int) -> bytes:
@@ -83,7 +75,9 @@ def wait_for(condition, timeout: float, what: str):
     raise AssertionError(f"{what}: not within {timeout} s")
 
 
-def test_each_migration_runs_on_a_mover_that_reaches_both_transports(processes, migrator, loops, tmp_path):
+def test_each_migration_runs_on_a_mover_that_reaches_both_transports(
+    processes, fleet_migrator, loops, tmp_path
+):
     processes.start("mover-files", ["file"], wait=False)
     processes.start("mover-devices", ["file", "local"], wait=False)
     for mover in processes.started:
@@ -93,22 +87,22 @@ def test_each_migration_runs_on_a_mover_that_reaches_both_transports(processes, 
     device = loops.create(4 * MiB)
     onto_device = {"driver_volume_type": "local", "data": {"device_path": device}}
 
-    to_device = migrator.migrate(str(src), onto_device)
-    to_file = migrator.migrate(str(src), str(tmp_path / "dst.img"))
+    to_device = fleet_migrator.migrate(str(src), onto_device)
+    to_file = fleet_migrator.migrate(str(src), str(tmp_path / "dst.img"))
 
     assert to_device.state == to_file.state == j.COMPLETED
     assert to_device.dst_digest == to_file.dst_digest == reference_digest(data)
     with open(device, "rb") as f:
         assert f.read(4 * MiB) == data
     assert (tmp_path / "dst.img").read_bytes() == data
-    placements = migrator.journal.placements()
+    placements = fleet_migrator.journal.placements()
     assert placements[to_device.id].placed_on == placements[to_device.id].run_by == "mover-devices"
     assert placements[to_file.id].run_by == placements[to_file.id].placed_on
     # Cinder's side ran none of it: the owner was the mover's process.
-    assert to_device.owner.split(":")[1] == str(processes.started[1].pid)
+    assert to_device.owner.split(":")[:2] == ["volcopy-mover-devices", str(processes.started[1].pid)]
 
     # The CLI submits to the fleet too, and lists who ran what.
-    url = migrator.journal.engine.url.render_as_string(hide_password=False)
+    url = fleet_migrator.journal.engine.url.render_as_string(hide_password=False)
     migrate = volcopy(
         "migrate",
         str(src),
@@ -117,9 +111,9 @@ def test_each_migration_runs_on_a_mover_that_reaches_both_transports(processes, 
         url,
         "--json",
         "--coordination-url",
-        migrator.fleet_url,
+        fleet_migrator.fleet_url,
         "--group",
-        migrator.fleet_group,
+        fleet_migrator.fleet_group,
     )
     assert migrate.returncode == 0, migrate.stderr
     by_cli = json.loads(migrate.stdout)
@@ -128,38 +122,40 @@ def test_each_migration_runs_on_a_mover_that_reaches_both_transports(processes, 
     assert [line.split()[3] for line in listed] == [
         "mover-devices",
         placements[to_file.id].run_by,
-        migrator.journal.placement(by_cli["id"]).run_by,
+        fleet_migrator.journal.placement(by_cli["id"]).run_by,
     ]
     shown = json.loads(volcopy("migrations", "list", "--journal", url, "--json").stdout)
     assert shown[0]["placed_on"] == shown[0]["run_by"] == "mover-devices"
 
     # iSCSI is offered by no mover here: refused before anything is recorded.
     iscsi = {"driver_volume_type": "iscsi", "data": {"target_iqn": "iqn.2010-10.org.openstack:v"}}
-    before = len(migrator.list())
+    before = len(fleet_migrator.list())
     with pytest.raises(NoMoverFits, match=r"^no mover can copy from file to iscsi: no live mover reaches"):
-        migrator.migrate(str(src), iscsi)
-    assert len(migrator.list()) == before
+        fleet_migrator.migrate(str(src), iscsi)
+    assert len(fleet_migrator.list()) == before
 
 
-def test_a_mover_killed_mid_copy_is_taken_over_from_the_shared_checkpoint(processes, migrator, tmp_path):
+def test_a_mover_killed_mid_copy_is_taken_over_from_the_shared_checkpoint(
+    processes, fleet_migrator, tmp_path
+):
     rate = 4 * MiB
     size = 40 * MiB
     first = processes.start("mover-a", ["file"])
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
     data = volume(src, size)
 
-    m = migrator.submit(str(src), str(dst), rate_limit=rate)
-    wait_for(lambda: migrator.status(m.id).bytes_done >= 16 * MiB, 30, "16 MiB copied on mover-a")
+    m = fleet_migrator.submit(str(src), str(dst), rate_limit=rate)
+    wait_for(lambda: fleet_migrator.status(m.id).bytes_done >= 16 * MiB, 30, "16 MiB copied on mover-a")
     second = processes.start("mover-b", ["file"])  # mover-a has the job; mover-b has none yet
-    done_at_kill = migrator.status(m.id).bytes_done
+    done_at_kill = fleet_migrator.status(m.id).bytes_done
     first.kill()
     killed_at = time.monotonic()
 
     taken = wait_for(
-        lambda: migrator.journal.placement(m.id).run_by == "mover-b", 30, "taken over by mover-b"
+        lambda: fleet_migrator.journal.placement(m.id).run_by == "mover-b", 30, "taken over by mover-b"
     )
     taken_over_after = time.monotonic() - killed_at
-    ended = wait_for(lambda: (s := migrator.status(m.id)).finished and s, 60, "the migration ended")
+    ended = wait_for(lambda: (s := fleet_migrator.status(m.id)).finished and s, 60, "the migration ended")
 
     assert taken and ended.state == j.COMPLETED, ended.reason
     assert taken_over_after < CLAIM_EXPIRY + 10
@@ -169,9 +165,9 @@ def test_a_mover_killed_mid_copy_is_taken_over_from_the_shared_checkpoint(proces
     assert ended.resumed_from >= done_at_kill - 3 * rate, (ended.resumed_from, done_at_kill)
     assert ended.dst_digest == ended.src_digest == reference_digest(data)
     assert dst.read_bytes() == data
-    copies = [s for s in migrator.steps(m.id) if s.name == "copy"]
+    copies = [s for s in fleet_migrator.steps(m.id) if s.name == "copy"]
     assert [s.status for s in copies] == [j.INTENDED, j.DONE]  # mover-a's never ended; mover-b's did
-    assert ended.owner.split(":")[1] == str(second.pid)
+    assert ended.owner.split(":")[:2] == ["volcopy-mover-b", str(second.pid)]
     assert "taken over from" in second.log_text()
     metrics = second.metrics()
     assert metrics["volcopy_mover_takeovers_total"] == 1
@@ -180,12 +176,11 @@ def test_a_mover_killed_mid_copy_is_taken_over_from_the_shared_checkpoint(proces
     assert metrics["volcopy_mover_bytes_copied_total"] == size - ended.resumed_from
 
 
-@needs_netns
 def test_a_cancel_from_the_cli_on_another_host_stops_a_migration_on_a_mover(
     processes,
-    migrator,
+    fleet_migrator,
     postgres,
-    journal_url,
+    fleet_journal,
     tmp_path,
     netns_hosts,  # noqa: F811
 ):
@@ -196,31 +191,31 @@ def test_a_cancel_from_the_cli_on_another_host_stops_a_migration_on_a_mover(
 
     def run():
         try:
-            outcome["migration"] = migrator.migrate(str(src), str(dst), rate_limit=2 * MiB)
+            outcome["migration"] = fleet_migrator.migrate(str(src), str(dst), rate_limit=2 * MiB)
         except MigrationCancelled as exc:
             outcome["cancelled"] = exc
 
     submitter = threading.Thread(target=run)
     submitter.start()
     running = wait_for(
-        lambda: next((m for m in migrator.list() if m.bytes_done > 0), None), 30, "copying on the mover"
+        lambda: next((m for m in fleet_migrator.list() if m.bytes_done > 0), None), 30, "copying on the mover"
     )
     other_host = netns_hosts("volcopy-operator")
     command = [sys.executable, "-m", "volcopy.cli", "migrations", "cancel", running.id]
-    command += ["--journal", postgres.socket_url(journal_url), "--wait", "30"]
+    command += ["--journal", postgres.socket_url(fleet_journal), "--wait", "30"]
     cancel = subprocess.run(other_host.command(command), capture_output=True, text=True, timeout=60)
     submitter.join(60)
 
     assert cancel.returncode == 0, cancel.stderr
     assert cancel.stdout.strip() == f"migration {running.id}: cancelled"
     assert outcome["cancelled"].reason == "cancelled on request"
-    m = migrator.status(running.id)
+    m = fleet_migrator.status(running.id)
     assert m.state == j.CANCELLED and not m.dst_valid
     assert m.bytes_done < 32 * MiB
     assert m.owner.split(":")[1] == str(mover.pid)  # the mover ended it, not the CLI
 
 
-def test_fifty_migrations_on_three_movers_of_two_slots(processes, migrator, tmp_path):
+def test_fifty_migrations_on_three_movers_of_two_slots(processes, fleet_migrator, tmp_path):
     for name in ("mover-1", "mover-2", "mover-3"):
         processes.start(name, ["file"], slots=2, wait=False)
     for mover in processes.started:
@@ -230,18 +225,18 @@ def test_fifty_migrations_on_three_movers_of_two_slots(processes, migrator, tmp_
         src = tmp_path / f"src-{number}.img"
         datas[number] = volume(src, 1 * MiB)
         # 512 KiB/s: each copy lasts about 2 s, so that the slots fill up
-        m = migrator.submit(str(src), str(tmp_path / f"dst-{number}.img"), rate_limit=512 * 1024)
+        m = fleet_migrator.submit(str(src), str(tmp_path / f"dst-{number}.img"), rate_limit=512 * 1024)
         submitted.append((number, m.id))
 
-    wait_for(lambda: all(m.finished for m in migrator.list()), 180, "the 50 migrations completed")
+    wait_for(lambda: all(m.finished for m in fleet_migrator.list()), 180, "the 50 migrations completed")
 
-    placements = migrator.journal.placements()
+    placements = fleet_migrator.journal.placements()
     running: dict[str, list[tuple]] = {}
     for number, migration_id in submitted:
-        m = migrator.status(migration_id)
+        m = fleet_migrator.status(migration_id)
         assert m.state == j.COMPLETED, (migration_id, m.reason)
         assert (tmp_path / f"dst-{number}.img").read_bytes() == datas[number]
-        copies = [s for s in migrator.steps(migration_id) if s.name == "copy"]
+        copies = [s for s in fleet_migrator.steps(migration_id) if s.name == "copy"]
         assert [s.status for s in copies] == [j.DONE]  # run once
         mover = placements[migration_id].run_by
         running.setdefault(mover, []).append((copies[0].intended_at, copies[0].ended_at))
@@ -258,39 +253,38 @@ def test_fifty_migrations_on_three_movers_of_two_slots(processes, migrator, tmp_
 # ---------------------------------------------------------------- faults under a running job
 
 
-def copy_steps(migrator, migration_id: str) -> list:
-    return [s for s in migrator.steps(migration_id) if s.name == "copy"]
+def copy_steps(fleet_migrator, migration_id: str) -> list:
+    return [s for s in fleet_migrator.steps(migration_id) if s.name == "copy"]
 
 
-@needs_netns
 def test_a_mover_cut_off_from_redis_hands_its_migration_to_another(
     processes,
-    migrator,
+    fleet_migrator,
     postgres,
-    journal_url,
+    fleet_journal,
     tmp_path,
     netns_hosts,  # noqa: F811
 ):
     rate, size = 4 * MiB, 40 * MiB
     host = netns_hosts("volcopy-host-a")
-    first = processes.start("mover-a", ["file"], host=host, journal=postgres.socket_url(journal_url))
+    first = processes.start("mover-a", ["file"], host=host)
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
     data = volume(src, size)
-    m = migrator.submit(str(src), str(dst), rate_limit=rate)
-    wait_for(lambda: migrator.status(m.id).bytes_done >= 8 * MiB, 30, "8 MiB copied on mover-a")
+    m = fleet_migrator.submit(str(src), str(dst), rate_limit=rate)
+    wait_for(lambda: fleet_migrator.status(m.id).bytes_done >= 8 * MiB, 30, "8 MiB copied on mover-a")
     processes.start("mover-b", ["file"])
 
     host.link_down()  # Redis is out of mover-a's reach; the journal (a unix socket) is not
-    wait_for(lambda: migrator.journal.placement(m.id).run_by == "mover-b", 30, "taken over by mover-b")
+    wait_for(lambda: fleet_migrator.journal.placement(m.id).run_by == "mover-b", 30, "taken over by mover-b")
     host.link_up()
-    ended = wait_for(lambda: (s := migrator.status(m.id)).finished and s, 60, "the migration ended")
+    ended = wait_for(lambda: (s := fleet_migrator.status(m.id)).finished and s, 60, "the migration ended")
 
     assert ended.state == j.COMPLETED, ended.reason
     assert ended.dst_digest == ended.src_digest == reference_digest(data)
     assert dst.read_bytes() == data
     assert ended.resumed_from > 0
     # mover-a stopped its copy (its claim could not be renewed) before mover-b's began: never both
-    a_copy, b_copy = copy_steps(migrator, m.id)
+    a_copy, b_copy = copy_steps(fleet_migrator, m.id)
     assert a_copy.status == j.FAILED and "stopped by its mover" in a_copy.detail
     assert a_copy.ended_at <= b_copy.intended_at and b_copy.status == j.DONE
     assert "its job's claim could not be renewed for 3 s" in first.log_text()
@@ -298,44 +292,44 @@ def test_a_mover_cut_off_from_redis_hands_its_migration_to_another(
     wait_for(lambda: "answers again" in first.log_text(), 15, "mover-a back in the group")
 
 
-def test_redis_restarted_empty_under_a_running_job(redis, processes, migrator, tmp_path):
+def test_redis_restarted_empty_under_a_running_job(redis, processes, fleet_migrator, tmp_path):
     rate, size = 4 * MiB, 24 * MiB
     processes.start("mover-a", ["file"])
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
     data = volume(src, size)
-    m = migrator.submit(str(src), str(dst), rate_limit=rate)
-    wait_for(lambda: migrator.status(m.id).bytes_done >= 4 * MiB, 30, "copying on mover-a")
-    lost_job = migrator.journal.placement(m.id).job
+    m = fleet_migrator.submit(str(src), str(dst), rate_limit=rate)
+    wait_for(lambda: fleet_migrator.status(m.id).bytes_done >= 4 * MiB, 30, "copying on mover-a")
+    lost_job = fleet_migrator.journal.placement(m.id).job
 
     redis.kill()  # every job, claim and member gone
     redis.start()
-    ended = wait_for(lambda: (s := migrator.status(m.id)).finished and s, 60, "the migration ended")
+    ended = wait_for(lambda: (s := fleet_migrator.status(m.id)).finished and s, 60, "the migration ended")
 
     assert ended.state == j.COMPLETED, ended.reason
     assert dst.read_bytes() == data and ended.dst_digest == reference_digest(data)
-    assert [s.status for s in copy_steps(migrator, m.id)] == [j.DONE]  # it ran on, never twice
-    assert migrator.journal.placement(m.id).job != lost_job  # posted again for the jobboard's sake
-    board = jobboard.connect(migrator.fleet_url, migrator.fleet_group, None)
+    assert [s.status for s in copy_steps(fleet_migrator, m.id)] == [j.DONE]  # it ran on, never twice
+    assert fleet_migrator.journal.placement(m.id).job != lost_job  # posted again for the jobboard's sake
+    board = jobboard.connect(fleet_migrator.fleet_url, fleet_migrator.fleet_group, None)
     try:
         wait_for(lambda: board.job_count == 0, 15, "the posted-again job consumed")
     finally:
         board.close()
 
 
-def test_the_journal_server_restarted_under_a_running_job(postgres, processes, migrator, tmp_path):
+def test_the_journal_server_restarted_under_a_running_job(postgres, processes, fleet_migrator, tmp_path):
     rate, size = 4 * MiB, 24 * MiB
     mover = processes.start("mover-a", ["file"])
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
     data = volume(src, size)
-    m = migrator.submit(str(src), str(dst), rate_limit=rate)
-    wait_for(lambda: migrator.status(m.id).bytes_done >= 4 * MiB, 30, "copying on mover-a")
+    m = fleet_migrator.submit(str(src), str(dst), rate_limit=rate)
+    wait_for(lambda: fleet_migrator.status(m.id).bytes_done >= 4 * MiB, 30, "copying on mover-a")
 
     postgres.halt()
     time.sleep(3)
     postgres.resume()
-    ended = wait_for(lambda: (s := migrator.status(m.id)).finished and s, 60, "the migration ended")
+    ended = wait_for(lambda: (s := fleet_migrator.status(m.id)).finished and s, 60, "the migration ended")
 
     assert ended.state == j.COMPLETED, ended.reason
     assert dst.read_bytes() == data and ended.dst_digest == reference_digest(data)
     assert ended.owner.split(":")[1] == str(mover.pid)
-    assert copy_steps(migrator, m.id)[-1].status == j.DONE
+    assert copy_steps(fleet_migrator, m.id)[-1].status == j.DONE
