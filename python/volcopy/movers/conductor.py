@@ -138,9 +138,9 @@ class Conductor:
         self.transports = mover.transports
         self.claim_expiry = claim_expiry
         self.metrics = metrics
+        self.migrator = Migrator(journal_url, compute=compute, checkpoint_dir=checkpoint_dir)
         self.backend = jobboard.persistence(journal_url)
         self.board = jobboard.connect(mover.url, mover.group, self.backend)
-        self.migrator = Migrator(journal_url, compute=compute, checkpoint_dir=checkpoint_dir)
         # The bandwidth budget, shared as equal parts: its copies together never exceed it.
         self.migrator.rate_cap = mover.bandwidth // mover.slots
         self._claims: dict[str, _Claimed] = {}  # by migration id

@@ -18,6 +18,7 @@ import uuid
 import warnings
 
 from ..errors import InvalidRequest
+from ..migration.errors import JournalError
 from .errors import CoordinationUnreachable
 from .membership import one_line, where
 
@@ -66,14 +67,22 @@ def _redis_client(url: str):
 def persistence(journal_url: str):
     """TaskFlow's SQLAlchemy persistence in the journal's database, its tables made if need be."""
     _, _, persistence_backends, _ = _taskflow()
+    from taskflow import exceptions
+
     logging.getLogger("alembic").setLevel(logging.WARNING)  # a line per migration step at every start
-    backend = persistence_backends.fetch({"connection": journal_url})
-    with contextlib.closing(backend.get_connection()) as connection:
-        try:
-            connection.upgrade()
-        except Exception as exc:  # noqa: BLE001 - another process made the tables at the same moment
-            log.debug("TaskFlow's tables: %s; checking them again", one_line(exc))
-            connection.upgrade()
+    try:
+        backend = persistence_backends.fetch({"connection": journal_url})
+        with contextlib.closing(backend.get_connection()) as connection:
+            try:
+                connection.upgrade()
+            except exceptions.StorageFailure as exc:  # another process made the tables at the same moment?
+                log.debug("TaskFlow's tables: %s; checking them again", one_line(exc))
+                connection.upgrade()
+    except exceptions.TaskFlowException as exc:
+        shown = journal_url.split("@", 1)[-1]
+        raise JournalError(
+            f"TaskFlow's persistence in journal {shown} cannot be used: {one_line(exc)}"
+        ) from None
     return backend
 
 
@@ -91,8 +100,9 @@ def connect(coordination_url: str, group: str, backend):
     try:
         board.connect()
     except exceptions.JobFailure as exc:
+        cause = getattr(exc, "cause", None) or exc  # TaskFlow's "Failed to connect to redis" says less
         raise CoordinationUnreachable(
-            f"jobboard at {where(coordination_url)} is unreachable: {one_line(exc)}"
+            f"coordination {where(coordination_url)} is unreachable: {one_line(cause)}"
         ) from None
     return board
 

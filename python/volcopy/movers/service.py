@@ -317,22 +317,24 @@ def main(argv: list[str]) -> int:
     )
     conductor = None
     try:
+        # All a job needs is ready before the mover joins: placement may send it one at once.
+        metrics = MoverMetrics(config.name, config.slots)
+        if config.metrics_address:
+            metrics.serve(config.metrics_address)
+        conductor = Conductor(
+            mover, config.journal, config.checkpoint_dir, config.claim_expiry, metrics, config.compute
+        )
         mover.start()
         if not stopping.is_set():
-            metrics = MoverMetrics(config.name, config.slots)
-            if config.metrics_address:
-                metrics.serve(config.metrics_address)
-            conductor = Conductor(
-                mover, config.journal, config.checkpoint_dir, config.claim_expiry, metrics, config.compute
-            )
             conductor.start()
             print(_joined_line(config), flush=True)
             mover.serve()
     except (CoordinationUnreachable, MoverNameInUse, JournalError, MetricsUnavailable) as exc:
         print(f"volcopy mover: error: {exc}", file=sys.stderr)
+        if conductor is not None:
+            conductor.stop()
         mover.stop()
         return 1
-    if conductor is not None:
-        conductor.stop()
+    conductor.stop()
     mover.stop()
     return 0
