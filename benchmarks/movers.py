@@ -13,8 +13,10 @@ give about N x one mover's budget. The volumes are files on a tmpfs.
   to the last completion.
 - **Submit to first byte.** For each migration: from the submit() call to its copy step's start in the
   journal (the mover has claimed the job, taken the migration's lock, and opens the volumes).
-- **Takeover.** One migration on mover-a, SIGKILLed once it is half copied; mover-b takes it over.
-  Times from the kill to mover-b's claim, and to its copy step's start; and the bytes copied again.
+- **Takeover.** One migration of 4 x --size on mover-a, SIGKILLed once it is half copied (the engine
+  has saved a checkpoint by then: one every 2 s); mover-b takes it over. Times from the kill to mover-b's
+  claim, and to its copy step's start; and the bytes copied again (at most the 2 s between checkpoints,
+  and the second that bytes_done may lag).
 
 Writes results/movers.md.
 """
@@ -163,7 +165,7 @@ def main() -> int:
                 print(
                     f"round {round_number + 1}: {movers} mover(s): {format_size(found['rate'])}/s", flush=True
                 )
-            takeovers.append(takeover_round(tmpfs, redis, postgres, args.size, args.bandwidth))
+            takeovers.append(takeover_round(tmpfs, redis, postgres, 4 * args.size, args.bandwidth))
             print(f"round {round_number + 1}: takeover {takeovers[-1]}", flush=True)
     finally:
         subprocess.run(["umount", "-l", str(tmpfs)], check=False)

@@ -27,9 +27,10 @@ import pytest
 from netns_hosts import needs_netns, netns_hosts  # noqa: F401 - the fixture
 
 from conftest import reference_digest
-from mover_processes import CLAIM_EXPIRY, MoverProcesses
+from mover_processes import CLAIM_EXPIRY, MoverProcesses, coordination_url
 from volcopy.migration import journal as j
 from volcopy.migration.errors import MigrationCancelled
+from volcopy.migration.migrator import Migrator
 from volcopy.movers import jobboard
 from volcopy.movers.errors import NoMoverFits
 
@@ -242,12 +243,48 @@ def test_fifty_migrations_on_three_movers_of_two_slots(processes, fleet_migrator
         running.setdefault(mover, []).append((copies[0].intended_at, copies[0].ended_at))
     assert set(running) == {"mover-1", "mover-2", "mover-3"}
     for mover, spans in running.items():
-        events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
-        at_once = most = 0
-        for _, change in events:
-            at_once += change
-            most = max(most, at_once)
-        assert most == 2, (mover, most)  # its two slots were used, never more
+        assert most_at_once(spans) == 2, mover  # its two slots were used, never more
+
+
+def most_at_once(spans: list[tuple]) -> int:
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    at_once = most = 0
+    for _, change in events:
+        at_once += change
+        most = max(most, at_once)
+    return most
+
+
+def test_a_backend_limit_holds_across_the_fleet(processes, fleet_journal, redis, mover_group, tmp_path):
+    for name in ("mover-1", "mover-2", "mover-3"):
+        processes.start(name, ["file"], slots=2, wait=False)
+    for mover in processes.started:
+        mover.wait_joined()
+    migrator = Migrator(
+        fleet_journal,
+        checkpoint_dir=str(tmp_path / "checkpoints-cinder"),
+        fleet_url=coordination_url(redis.url),
+        fleet_group=mover_group,
+        backend_limit=2,
+    )
+    try:
+        submitted = []
+        for number in range(8):  # every volume on one file system: one backend, 6 slots for it
+            src = tmp_path / f"src-{number}.img"
+            volume(src, 1 * MiB)
+            m = migrator.submit(str(src), str(tmp_path / f"dst-{number}.img"), rate_limit=512 * 1024)
+            submitted.append(m.id)
+        wait_for(lambda: all(migrator.status(i).finished for i in submitted), 120, "the migrations ended")
+
+        spans = []
+        for migration_id in submitted:
+            assert migrator.status(migration_id).state == j.COMPLETED
+            [copy] = copy_steps(migrator, migration_id)
+            spans.append((copy.intended_at, copy.ended_at))
+        assert most_at_once(spans) == 2  # never more than the limit, on 3 movers with 6 slots
+        assert len({migrator.journal.placement(i).run_by for i in submitted}) >= 2
+    finally:
+        migrator.close()
 
 
 # ---------------------------------------------------------------- faults under a running job

@@ -70,6 +70,13 @@ def add_parsers(commands, size_type) -> None:
         "none: here); see docs/movers.md",
     )
     m.add_argument("--group", help=f"the movers' group (default {DEFAULT_GROUP})")
+    m.add_argument(
+        "--backend-limit",
+        type=int,
+        default=0,
+        help="with --coordination-url: wait while that many migrations of the fleet run on src's or "
+        "dst's backend (0: no limit)",
+    )
     m.add_argument("--json", action="store_true", help="print the migration as JSON")
 
     ms = commands.add_parser("migrations", help="list, show, cancel or recover migrations in the journal")
@@ -141,6 +148,7 @@ def _migrator(args, compute_needed: bool = False):
         rbd_deep_copy=getattr(args, "rbd_deep_copy", False),
         fleet_url=getattr(args, "coordination_url", None) or os.environ.get(COORDINATION_ENVIRONMENT),
         fleet_group=getattr(args, "group", None),
+        backend_limit=getattr(args, "backend_limit", 0),
     )
 
 

@@ -159,6 +159,8 @@ class Placement(Base):
     job: Mapped[str] = mapped_column(String(36))  # the TaskFlow job's uuid
     placed_on: Mapped[str] = mapped_column(String(255))
     run_by: Mapped[str | None] = mapped_column(String(255))
+    backends: Mapped[list] = mapped_column(JSON, default=list)  # its volumes', as the submitter knew them
+    backend_limit: Mapped[int] = mapped_column(Integer, default=0)  # jobs at once on one backend; 0: none
     placed_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -452,9 +454,17 @@ class Journal:
     # ---------------------------------------------------------------- placements (movers)
 
     @_retried
-    def place(self, migration_id: str, job: str, mover: str) -> None:
+    def place(self, migration_id: str, job: str, mover: str, backends: list[str], backend_limit: int) -> None:
         with self._session() as s:
-            s.merge(Placement(migration_id=migration_id, job=job, placed_on=mover))
+            s.merge(
+                Placement(
+                    migration_id=migration_id,
+                    job=job,
+                    placed_on=mover,
+                    backends=backends,
+                    backend_limit=backend_limit,
+                )
+            )
 
     @_retried
     def placement(self, migration_id: str) -> Placement | None:

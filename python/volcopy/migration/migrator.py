@@ -143,6 +143,7 @@ class Migrator:
         rbd_deep_copy: bool = False,
         fleet_url: str | None = None,
         fleet_group: str | None = None,
+        backend_limit: int = 0,
     ):
         """journal: a SQLAlchemy URL ("sqlite:///PATH", "postgresql+psycopg://...") or a Journal.
         compute: a NovaCompute (needed only for attached volumes). clone: the driver's own clone for
@@ -153,7 +154,9 @@ class Migrator:
         (its bytes pass through this host too), it cannot be stopped or resumed, and it makes dst again,
         which loses what dst carried besides its data (image metadata such as QoS limits, mirroring).
         fleet_url: the tooz URL of the data movers (docs/movers.md); with it, migrate() runs each
-        migration on a mover that reaches both volumes (fleet_group: their group), not here."""
+        migration on a mover that reaches both volumes (fleet_group: their group), not here;
+        backend_limit: at most that many of those at once on any one backend across the fleet (a
+        draining array is not flooded; VolumeRef.backend says what a backend is), 0: no limit."""
         self.journal = journal if isinstance(journal, Journal) else Journal(journal)
         self.compute = compute
         self.clone = clone
@@ -163,6 +166,10 @@ class Migrator:
         self.rbd_deep_copy = rbd_deep_copy
         self.fleet_url = fleet_url
         self.fleet_group = fleet_group
+        if not isinstance(backend_limit, int) or backend_limit < 0:
+            raise InvalidRequest(f"backend_limit must be a whole number, 0 or more, not {backend_limit!r}")
+        self.backend_limit = backend_limit
+        self._fleet_client = None
         self.rate_cap = 0  # bytes per second, at most, for each copy this Migrator runs (0: none)
         self._owners: Owners | None = None
         self._stops: dict[str, threading.Event] = {}  # run_placed()'s: set, its run stops
@@ -176,11 +183,22 @@ class Migrator:
             )
         return self._owners
 
+    def fleet_client(self):
+        """The connections to the fleet (movers/submission.py); made on first use."""
+        if self._fleet_client is None:
+            from ..movers.submission import FleetClient
+
+            self._fleet_client = FleetClient(self)
+        return self._fleet_client
+
     def close(self) -> None:
-        """Releases the locks' connections (a process that ends releases them anyway)."""
+        """Releases the locks' and the fleet's connections (a process that ends releases them anyway)."""
         if self._owners is not None:
             self._owners.stop()
             self._owners = None
+        if self._fleet_client is not None:
+            self._fleet_client.close()
+            self._fleet_client = None
 
     # ---------------------------------------------------------------- the public calls
 

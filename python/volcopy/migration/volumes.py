@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -151,6 +152,29 @@ class VolumeRef:
         one key reached alike are one image; reached apart, they may be namesakes in two clusters."""
         spec = self.rbd_spec
         return None if spec is None else (spec.conf, dict(spec.options).get("mon_host"))
+
+    @property
+    def backend(self) -> str:
+        """The storage backend the volume lives on, as far as its connection tells (for the movers'
+        per-backend limit): an iSCSI or NVMe-oF target portal, Fibre Channel target ports, a Ceph pool
+        of a cluster, a local device; for a path, the file system (or device) it is on, on this host."""
+        if self.path:
+            path = self.path if os.path.exists(self.path) else os.path.dirname(self.path)
+            st = os.stat(path)
+            device = st.st_rdev if stat.S_ISBLK(st.st_mode) else st.st_dev
+            return f"device:{os.major(device)}:{os.minor(device)}"
+        spec = self.rbd_spec
+        if spec is not None:
+            cluster = self.cluster or (None, None)
+            return f"rbd:{cluster[0] or ''}:{cluster[1] or ''}:{spec.pool}"
+        kind = self.connection_info["driver_volume_type"].lower()
+        data = self.connection_info["data"]
+        for field in ("target_portal", "target_portals", "target_wwn", "portals", "device_path"):
+            value = data.get(field)
+            if value:
+                found = sorted(map(str, value)) if isinstance(value, list) else value
+                return f"{kind}:{found}"
+        return kind
 
     def __str__(self) -> str:
         if self.path:

@@ -13,6 +13,9 @@
   journal's owner (see migration/owners.py) are what make a second run impossible: a mover that claims
   a job whose previous mover still holds the lock (its claim lapsed while it ran) waits for that lock,
   and the previous mover's journal writes are refused once another owns the migration.
+- **A per-backend limit.** A job submitted with a backend limit is claimed only while fewer jobs than
+  that are claimed on each of its volumes' backends, across the fleet (the count and the claim are
+  made under a lock of the group's).
 - **Slots and bandwidth.** The conductor runs at most ``slots`` jobs at once, and the mover publishes
   the slots in use and its rate. Each copy is limited to ``bandwidth / slots`` (its own rate limit, if
   lower, holds): together they never exceed the budget, though a copy alone does not get the rest.
@@ -97,8 +100,31 @@ class _MoversBoard:
                 yield job  # its mover is gone: taken over
 
     def claim(self, job, who):
-        self._board.claim(job, who, expiry=self._conductor.claim_expiry)
+        limit = (job.details or {}).get("backend_limit")
+        if not limit:
+            self._board.claim(job, who, expiry=self._conductor.claim_expiry)
+        else:
+            # The count and the claim under one lock of the group's: two movers never both take the
+            # last place on a backend.
+            with self._conductor.mover.lock("backend-claims"):
+                busy = self._claimed_on(job.details["backends"])
+                if busy >= limit:
+                    from taskflow import exceptions
+
+                    raise exceptions.UnclaimableJob(f"{busy} migrations run on its backend (limit {limit})")
+                self._board.claim(job, who, expiry=self._conductor.claim_expiry)
         self._conductor.claimed(job)
+
+    def _claimed_on(self, backends: list[str]) -> int:
+        """The most claimed jobs on any one of these backends, across the fleet."""
+        from taskflow import states
+
+        counts = dict.fromkeys(backends, 0)
+        for other in self._board.iterjobs(ensure_fresh=True):
+            for backend in set((other.details or {}).get("backends") or []) & set(counts):
+                if other.state == states.CLAIMED:
+                    counts[backend] += 1
+        return max(counts.values())
 
     def consume(self, job, who):
         self._conductor.finished(job)
@@ -238,9 +264,17 @@ class Conductor:
             placement = placements[m.id]
             if placement.job in on_board:
                 continue
-            transports = (VolumeRef.from_json(m.src).transport, VolumeRef.from_json(m.dst).transport)
-            fences = bool(m.attachments)
-            job = jobboard.post(self.board, self.backend, m.id, placement.placed_on, transports, fences)
+            src, dst = VolumeRef.from_json(m.src), VolumeRef.from_json(m.dst)
+            job = jobboard.post(
+                self.board,
+                self.backend,
+                m.id,
+                placement.placed_on,
+                (src.transport, dst.transport),
+                bool(m.attachments),
+                placement.backends,
+                placement.backend_limit,
+            )
             if journal.replace_job(m.id, placement.job, job):
                 log.warning("migration %s: its job was lost from the jobboard: posted again", m.id)
 

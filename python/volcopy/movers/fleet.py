@@ -37,12 +37,18 @@ class Fleet:
         return self.place_between(transport_of(src), transport_of(dst))
 
     def place_between(
-        self, src_transport: str, dst_transport: str, fences: bool = False, queue: bool = False
+        self,
+        src_transport: str,
+        dst_transport: str,
+        fences: bool = False,
+        queue: bool = False,
+        waiting: dict[str, int] | None = None,
     ) -> MoverInfo | None:
         """place() for volumes known by their transports. fences: only a mover with a compute to fence
         an attached volume. queue: None rather than NoMoverFits when the movers that fit are all full
-        (the job then waits for the first free slot among them)."""
-        return choose(self.movers(), src_transport, dst_transport, self.group, fences, queue)
+        (the job then waits for the first free slot among them). waiting: jobs posted for each mover and
+        not claimed yet, counted as its slots in use."""
+        return choose(self.movers(), src_transport, dst_transport, self.group, fences, queue, waiting)
 
     def close(self) -> None:
         try:

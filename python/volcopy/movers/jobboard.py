@@ -107,9 +107,19 @@ def connect(coordination_url: str, group: str, backend):
     return board
 
 
-def post(board, backend, migration_id: str, mover: str, transports: tuple[str, str], fences: bool) -> str:
+def post(
+    board,
+    backend,
+    migration_id: str,
+    mover: str,
+    transports: tuple[str, str],
+    fences: bool,
+    backends: list[str],
+    backend_limit: int,
+) -> str:
     """Posts the migration's job for ``mover`` ("": any that fits); returns the job's uuid. fences: the
-    volume is attached, so only a mover with a compute can run it."""
+    volume is attached, so only a mover with a compute can run it. backend_limit: at most that many
+    jobs claimed at once on any of ``backends`` (0: no limit)."""
     engines, _, _, models = _taskflow()
     from .flow import migration_flow
 
@@ -125,6 +135,8 @@ def post(board, backend, migration_id: str, mover: str, transports: tuple[str, s
         "mover": mover,
         "transports": list(transports),
         "fences": fences,
+        "backends": list(dict.fromkeys(backends)),
+        "backend_limit": backend_limit,
     }
     job = board.post(f"{JOB_PREFIX}{migration_id}", book=book, details=details)
     return job.uuid

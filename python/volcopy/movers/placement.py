@@ -20,8 +20,9 @@ from .errors import NoMoverFits
 from .membership import MoverInfo
 
 
-def load(mover: MoverInfo) -> tuple:
-    return (mover.slots_in_use / mover.slots, mover.slots_in_use, mover.rate, mover.name)
+def load(mover: MoverInfo, waiting: int = 0) -> tuple:
+    in_use = mover.slots_in_use + waiting
+    return (in_use / mover.slots, in_use, mover.rate, mover.name)
 
 
 def describe(mover: MoverInfo) -> str:
@@ -38,19 +39,22 @@ def choose(
     group: str,
     fences: bool = False,
     queue: bool = False,
+    waiting: dict[str, int] | None = None,
 ) -> MoverInfo | None:
     """The mover to run a copy from ``src_transport`` to ``dst_transport``, or NoMoverFits. fences: the
     volume is attached, so the mover must have a compute to fence it with. queue: None rather than
-    NoMoverFits when the movers that would fit are all full."""
+    NoMoverFits when the movers that would fit are all full. waiting: jobs posted for each mover and not
+    claimed yet, counted as slots in use (its published slots count only the jobs it runs)."""
+    waiting = waiting or {}
     needed = (src_transport, dst_transport)
     reaching = [
         m
         for m in movers
         if src_transport in m.transports and dst_transport in m.transports and (m.fences or not fences)
     ]
-    fitting = [m for m in reaching if m.free_slots > 0]
+    fitting = [m for m in reaching if m.free_slots > waiting.get(m.name, 0)]
     if fitting:
-        return min(fitting, key=load)
+        return min(fitting, key=lambda m: load(m, waiting.get(m.name, 0)))
     if reaching and queue:
         return None
     both = src_transport if src_transport == dst_transport else f"{src_transport} and {dst_transport}"

@@ -99,6 +99,10 @@ class Mover:
         except membership.BACKEND_ERRORS:
             return None
 
+    def lock(self, name: str):
+        """A lock of the group's, held by one mover at a time (tooz's, on the coordination backend)."""
+        return self._coordinator.get_lock(f"{self.group}:{name}".encode())
+
     def set_rate(self, rate: float) -> None:
         """What its copies move now, in bytes per second: published at the next beat."""
         self._rate = rate

@@ -28,29 +28,55 @@ def run_on_a_mover(migrator, src_ref, dst_ref, attachments, verify, progress, co
     return wait(migrator, m.id, progress)
 
 
+class FleetClient:
+    """What a Migrator keeps to submit to the fleet: the group (placement), the jobboard, and TaskFlow's
+    persistence in the journal's database; made at the first submission, closed with the Migrator."""
+
+    def __init__(self, migrator):
+        from .fleet import Fleet
+        from .jobboard import connect, persistence
+
+        self.group = migrator.fleet_group or DEFAULT_GROUP
+        self.fleet = Fleet(migrator.fleet_url, self.group)
+        try:
+            self.backend = persistence(migrator.journal.engine.url.render_as_string(hide_password=False))
+            self.board = connect(migrator.fleet_url, self.group, self.backend)
+        except BaseException:
+            self.fleet.close()
+            raise
+
+    def waiting(self) -> dict[str, int]:
+        """Jobs posted for each mover and not claimed yet: placement counts them as slots taken."""
+        counts: dict[str, int] = {}
+        for job in self.board.iterjobs(only_unclaimed=True):
+            mover = (job.details or {}).get("mover")
+            if mover:
+                counts[mover] = counts.get(mover, 0) + 1
+        return counts
+
+    def close(self) -> None:
+        self.board.close()
+        self.fleet.close()
+
+
 def submit(migrator, src_ref, dst_ref, attachments, verify, copy_options) -> Migration:
     """The migration recorded, placed and posted; returned pending, for status() to follow."""
-    from .fleet import Fleet
-    from .jobboard import connect, persistence, post
+    from .jobboard import post
 
-    group = migrator.fleet_group or DEFAULT_GROUP
-    journal_url = migrator.journal.engine.url.render_as_string(hide_password=False)
-    with Fleet(migrator.fleet_url, group) as fleet:
-        fences = bool(attachments)
-        mover = fleet.place_between(src_ref.transport, dst_ref.transport, fences, queue=True)
-    placed_on = mover.name if mover else ""  # "": every mover that reaches both is busy; the first free
-    backend = persistence(journal_url)
-    board = connect(migrator.fleet_url, group, backend)
+    client = migrator.fleet_client()
+    fences = bool(attachments)
+    transports = (src_ref.transport, dst_ref.transport)
+    mover = client.fleet.place_between(*transports, fences, queue=True, waiting=client.waiting())
+    placed_on = mover.name if mover else ""  # "": every mover that fits is busy; the first one free
+    backends = [src_ref.backend, dst_ref.backend]
+    migration_id = migrator._new_id()
     try:
-        migration_id = migrator._new_id()
-        try:
-            m = migrator._record(migration_id, src_ref, dst_ref, attachments, verify, copy_options)
-        finally:
-            migrator.owners.release(migration_id)  # the mover takes it
-        job = post(board, backend, m.id, placed_on, (src_ref.transport, dst_ref.transport), fences)
-        migrator.journal.place(m.id, job, placed_on)
+        m = migrator._record(migration_id, src_ref, dst_ref, attachments, verify, copy_options)
     finally:
-        board.close()
+        migrator.owners.release(migration_id)  # the mover takes it
+    limit = migrator.backend_limit
+    job = post(client.board, client.backend, m.id, placed_on, transports, fences, backends, limit)
+    migrator.journal.place(m.id, job, placed_on, backends, limit)
     return m
 
 
