@@ -2,14 +2,16 @@
 a compute to fence it with ([compute] in its configuration: keystoneauth1's admin_token plugin, to the
 test's compute agent), refused with NoMoverFits while no such mover is there, and ending as an in-process
 migration must (test_migration_compute.check_completed): the guest on dst with every write, src as it
-was at its fence."""
+was at its fence. A mover SIGKILLed in the middle of such a copy: another mover with a compute takes it
+over, with the one fence held throughout."""
 
 from __future__ import annotations
 
 import pytest
 from test_migration_compute import FenceWatcher, check_completed
 
-from compute_harness import DST_ATT, SERVER, SRC_ATT, TOKEN, local, needs_guest
+from compute_harness import DST_ATT, SERVER, SIZE, SRC_ATT, TOKEN, local, needs_guest, wait_for
+from conftest import MiB
 from mover_processes import MoverProcesses
 from volcopy.movers.errors import NoMoverFits
 
@@ -51,3 +53,28 @@ def test_an_attached_volume_moves_on_a_mover_that_can_fence_it(
         ("complete", "done"),
     ]
     check_completed(m, guest, compute, src, dst, watcher)
+
+
+def test_a_mover_killed_mid_copy_of_an_attached_volume_is_taken_over_with_the_fence_held(
+    processes, fleet_migrator, guest, agent, compute, volumes
+):
+    src, dst = volumes
+    compute_section = {"auth_type": "admin_token", "endpoint": agent.url, "token": TOKEN}
+    first = processes.start("mover-a", ["local"], compute=compute_section)
+    guest.start_writer()
+    with FenceWatcher(compute, src) as watcher:
+        m = fleet_migrator.submit(
+            local(src), local(dst), attachments=[(SERVER, SRC_ATT, DST_ATT)], rate_limit=8 * MiB
+        )
+        wait_for(lambda: fleet_migrator.status(m.id).bytes_done >= SIZE // 2, 60, 0.05, "half copied")
+        second = processes.start("mover-b", ["local"], compute=compute_section)
+        first.kill()
+        ended = wait_for(lambda: (s := fleet_migrator.status(m.id)).finished and s, 120, 0.1, "ended")
+
+    assert fleet_migrator.journal.placement(m.id).run_by == "mover-b"
+    assert ended.owner.split(":")[1] == str(second.pid) and ended.resumed_from > 0
+    # one fence all along: started once, never cancelled, completed by mover-b
+    steps = [(s.name, s.status) for s in fleet_migrator.steps(m.id)]
+    assert steps.count(("start", "done")) == 1 and not any(name == "cancel" for name, _ in steps)
+    assert steps[-1] == ("complete", "done")
+    check_completed(ended, guest, compute, src, dst, watcher)

@@ -25,9 +25,11 @@ import time
 
 import pytest
 from netns_hosts import needs_netns, netns_hosts  # noqa: F401 - the fixture
+from oslo_config import cfg
 
 from conftest import reference_digest
 from mover_processes import CLAIM_EXPIRY, MoverProcesses, coordination_url
+from volcopy.migration import config as config_options
 from volcopy.migration import journal as j
 from volcopy.migration.errors import MigrationCancelled
 from volcopy.migration.migrator import Migrator
@@ -127,6 +129,35 @@ def test_each_migration_runs_on_a_mover_that_reaches_both_transports(
     ]
     shown = json.loads(volcopy("migrations", "list", "--journal", url, "--json").stdout)
     assert shown[0]["placed_on"] == shown[0]["run_by"] == "mover-devices"
+
+    # The same from an oslo.config file's [volcopy] section: the command's, and a Cinder driver's.
+    config = tmp_path / "volcopy.conf"
+    config.write_text(
+        f"[volcopy]\njournal = {url}\ncoordination_url = {fleet_migrator.fleet_url}\n"
+        f"group = {fleet_migrator.fleet_group}\nbackend_limit = 4\n"
+    )
+    by_file = volcopy(
+        "migrate", str(src), str(tmp_path / "by-file.img"), "--config-file", str(config), "--json"
+    )
+    assert by_file.returncode == 0, by_file.stderr
+    by_file_id = by_file.stdout.split()[1]  # "migration ID" heads the summary
+    assert fleet_migrator.journal.placement(by_file_id).backend_limit == 4
+    listed_by_file = volcopy("migrations", "list", "--config-file", str(config)).stdout.splitlines()
+    assert len(listed_by_file) == 4 and listed_by_file[:3] == listed
+    conf = cfg.ConfigOpts()
+    config_options.register_opts(conf)
+    conf(["--config-file", str(config)], default_config_files=[])
+    driver_side = config_options.migrator_from_config(conf)
+    try:
+        m = driver_side.migrate(str(src), str(tmp_path / "by-driver.img"))
+    finally:
+        driver_side.close()
+    assert m.state == j.COMPLETED and fleet_migrator.journal.placement(m.id).run_by
+    assert (tmp_path / "by-driver.img").read_bytes() == data
+    bad = tmp_path / "bad.conf"
+    bad.write_text("[volcopy]\nbackend_limit = many\n")
+    refused = volcopy("migrations", "list", "--config-file", str(bad))
+    assert refused.returncode == 1 and "backend_limit" in refused.stderr, refused.stderr
 
     # iSCSI is offered by no mover here: refused before anything is recorded.
     iscsi = {"driver_volume_type": "iscsi", "data": {"target_iqn": "iqn.2010-10.org.openstack:v"}}

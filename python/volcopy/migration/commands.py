@@ -28,7 +28,11 @@ def default_journal() -> str:
 
 def add_parsers(commands, size_type) -> None:
     journal_help = (
-        f"SQLAlchemy URL of the journal (default: ${JOURNAL_ENVIRONMENT}, else {default_journal()})"
+        f"SQLAlchemy URL of the journal (default: --config-file's, else ${JOURNAL_ENVIRONMENT}, else "
+        f"{default_journal()})"
+    )
+    config_help = (
+        "an INI file whose [volcopy] section sets journal, coordination_url, group, ... (oslo.config)"
     )
     m = commands.add_parser(
         "migrate",
@@ -50,6 +54,7 @@ def add_parsers(commands, size_type) -> None:
     )
     m.add_argument("--compute-url", help="the compute API endpoint, e.g. http://compute:8774/v2.1")
     m.add_argument("--journal", help=journal_help)
+    m.add_argument("--config-file", help=config_help)
     m.add_argument("--checkpoint-dir", help="for the copy's checkpoint (default: beside a SQLite journal)")
     m.add_argument(
         "--no-verify",
@@ -73,7 +78,6 @@ def add_parsers(commands, size_type) -> None:
     m.add_argument(
         "--backend-limit",
         type=int,
-        default=0,
         help="with --coordination-url: wait while that many migrations of the fleet run on src's or "
         "dst's backend (0: no limit)",
     )
@@ -81,6 +85,7 @@ def add_parsers(commands, size_type) -> None:
 
     ms = commands.add_parser("migrations", help="list, show, cancel or recover migrations in the journal")
     ms.add_argument("--journal", help=journal_help)
+    ms.add_argument("--config-file", help=config_help)
     actions = ms.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = actions.add_parser("list", help="every migration, newest last")
     listing.add_argument("--json", action="store_true")
@@ -96,6 +101,7 @@ def add_parsers(commands, size_type) -> None:
     for action in (listing, show, cancel, recover):
         # where a user types it too, after the action; SUPPRESS: absent there, it keeps the one before
         action.add_argument("--journal", default=argparse.SUPPRESS, help=journal_help)
+        action.add_argument("--config-file", default=argparse.SUPPRESS, help=config_help)
 
 
 def _volume(text: str):
@@ -135,20 +141,36 @@ def _compute(url: str | None, needed: bool):
 
 
 def _migrator(args, compute_needed: bool = False):
+    """A Migrator from the command line, else --config-file's [volcopy] section, else the environment,
+    else the defaults."""
     from .migrator import Migrator
 
-    url = args.journal or os.environ.get(JOURNAL_ENVIRONMENT)
+    options = None
+    if getattr(args, "config_file", None):
+        from .config import GROUP, load_file
+
+        options = load_file(args.config_file)[GROUP]
+
+    def pick(name: str, environment: str | None = None):
+        given = getattr(args, name, None)
+        if given is None and options is not None:
+            given = options[name]
+        if given is None and environment:
+            given = os.environ.get(environment)
+        return given
+
+    url = pick("journal", JOURNAL_ENVIRONMENT)
     if not url:  # the default's directory is ours to make; one given by the user must exist
         url = default_journal()
         os.makedirs(os.path.dirname(url[len("sqlite:///") :]), exist_ok=True)
     return Migrator(
         url,
         compute=_compute(getattr(args, "compute_url", None), compute_needed),
-        checkpoint_dir=getattr(args, "checkpoint_dir", None),
+        checkpoint_dir=pick("checkpoint_dir"),
         rbd_deep_copy=getattr(args, "rbd_deep_copy", False),
-        fleet_url=getattr(args, "coordination_url", None) or os.environ.get(COORDINATION_ENVIRONMENT),
-        fleet_group=getattr(args, "group", None),
-        backend_limit=getattr(args, "backend_limit", 0),
+        fleet_url=pick("coordination_url", COORDINATION_ENVIRONMENT) or None,
+        fleet_group=pick("group"),
+        backend_limit=pick("backend_limit") or 0,
     )
 
 

@@ -156,7 +156,7 @@ class Placement(Base):
     __tablename__ = "volcopy_placements"
 
     migration_id: Mapped[str] = mapped_column(ForeignKey("volcopy_migrations.id"), primary_key=True)
-    job: Mapped[str] = mapped_column(String(36))  # the TaskFlow job's uuid
+    job: Mapped[str] = mapped_column(String(36))  # the TaskFlow job's uuid; "": not posted yet
     placed_on: Mapped[str] = mapped_column(String(255))
     run_by: Mapped[str | None] = mapped_column(String(255))
     backends: Mapped[list] = mapped_column(JSON, default=list)  # its volumes', as the submitter knew them
@@ -311,8 +311,9 @@ class Journal:
     # ---------------------------------------------------------------- migrations
 
     @_retried
-    def create(self, migration: Migration) -> Migration:
-        """Records a new migration and claims its volumes, in one transaction."""
+    def create(self, migration: Migration, placement: Placement | None = None) -> Migration:
+        """Records a new migration and claims its volumes, in one transaction; with a placement (a
+        migration for the movers), that too, so that no moment exists when it is not the movers'."""
         try:
             with self._session() as s:
                 s.add(migration)
@@ -322,6 +323,8 @@ class Journal:
                     # one key for both: two RBD images of one name in two clusters (VolumeRef.key)
                     for key in dict.fromkeys((migration.src_key, migration.dst_key))
                 )
+                if placement is not None:
+                    s.add(placement)
         except IntegrityError:
             with self._session() as s:
                 if s.get(Migration, migration.id) is not None:
@@ -442,6 +445,12 @@ class Journal:
             s.add_all(CheckpointPiece(migration_id=migration_id, offset=o, data=d) for o, d in pieces)
 
     @_retried
+    def drop_checkpoint_pieces(self, migration_id: str, as_owner: str) -> None:
+        with self._session() as s:
+            self._check_owner(s, migration_id, as_owner, touch=False)
+            s.execute(delete(CheckpointPiece).where(CheckpointPiece.migration_id == migration_id))
+
+    @_retried
     def checkpoint_pieces(self, migration_id: str) -> list[tuple[int, bytes]]:
         with self._session() as s:
             rows = s.execute(
@@ -452,19 +461,6 @@ class Journal:
             return [(offset, bytes(data)) for offset, data in rows]
 
     # ---------------------------------------------------------------- placements (movers)
-
-    @_retried
-    def place(self, migration_id: str, job: str, mover: str, backends: list[str], backend_limit: int) -> None:
-        with self._session() as s:
-            s.merge(
-                Placement(
-                    migration_id=migration_id,
-                    job=job,
-                    placed_on=mover,
-                    backends=backends,
-                    backend_limit=backend_limit,
-                )
-            )
 
     @_retried
     def placement(self, migration_id: str) -> Placement | None:

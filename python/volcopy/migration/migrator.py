@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from .. import copier
 from ..compute.errors import ComputeConflict, ComputeError, ComputeNotFound
 from ..digest import digest
-from ..errors import Cancelled, InvalidRequest, VolcopyError
+from ..errors import Cancelled, CheckpointError, InvalidRequest, VolcopyError
 from ..rbd_volume import RBDSpec
 from ..volume import size_of
 from . import journal as j
@@ -291,8 +291,11 @@ class Migrator:
         failpoint("after-record")
         return self._run(m, clone=clone or self.clone, progress=progress)
 
-    def _record(self, migration_id, src_ref, dst_ref, checked, verify, copy_options) -> Migration:
-        """The new migration in the journal, pending, with its volumes claimed."""
+    def _record(
+        self, migration_id, src_ref, dst_ref, checked, verify, copy_options, placement=None
+    ) -> Migration:
+        """The new migration in the journal, pending, with its volumes claimed (and its placement: a
+        migration for the movers)."""
         os.makedirs(self.checkpoint_dir, exist_ok=True)
         m = self.journal.create(
             Migration(
@@ -424,7 +427,10 @@ class Migrator:
             m.owner = self.owner
             checkpoint = os.path.join(self.checkpoint_dir, f"{m.id}.ckpt")
             if m.checkpoint != checkpoint:  # another host's path: the shared checkpoint comes here
-                os.makedirs(self.checkpoint_dir, exist_ok=True)
+                try:
+                    os.makedirs(self.checkpoint_dir, exist_ok=True)
+                except OSError as exc:
+                    raise MigrationError(f"checkpoint directory {self.checkpoint_dir}: {exc}", m.id) from None
                 self._set(m, checkpoint=checkpoint)
             yield m
         finally:
@@ -736,26 +742,37 @@ class Migrator:
     def _copy_with_engine(self, m: Migration, src, dst, options: dict, progress) -> str:
         cancel = threading.Event()
         shared = SharedCheckpoint(self.journal, m.id, m.checkpoint, self.owner)
-        shared.restore()
+        from_journal = shared.restore()
         report, last = self._reporter(m, progress, cancel, shared)
 
         # Cinder's volume id knows dst again when os-brick attaches it under another device name.
         dst_id = m.dst_key if m.dst_key.startswith("volume:") else None
-        try:
-            with self._step(m, "copy", f"{m.src_key} -> {m.dst_key}"):
-                result = copier.copy(
-                    src,
-                    dst,
-                    checkpoint=m.checkpoint,
-                    dst_id=dst_id,
-                    progress=report,
-                    cancel=cancel,
-                    **options,
-                )
-        except Cancelled:
-            if last["trouble"]:
-                raise _Abort(last["trouble"]) from None
-            raise
+        while True:
+            try:
+                with self._step(m, "copy", f"{m.src_key} -> {m.dst_key}"):
+                    result = copier.copy(
+                        src,
+                        dst,
+                        checkpoint=m.checkpoint,
+                        dst_id=dst_id,
+                        progress=report,
+                        cancel=cancel,
+                        **options,
+                    )
+                break
+            except CheckpointError as exc:
+                if not from_journal:
+                    raise
+                # Another host's checkpoint, whose fingerprints of the volumes hold only there (a
+                # device known by its number, a file system without inode generations): the copy
+                # starts from the beginning, as it did before the journal kept checkpoints.
+                log.warning("migration %s: %s; copying from the start", m.id, exc)
+                shared.forget()
+                from_journal = False
+            except Cancelled:
+                if last["trouble"]:
+                    raise _Abort(last["trouble"]) from None
+                raise
         self._set(
             m,
             bytes_done=result.size,

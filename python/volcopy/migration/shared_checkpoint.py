@@ -35,13 +35,12 @@ class SharedCheckpoint:
         self._sent_to = DIGESTS_AT  # the digests below this offset are in the journal
         self._seen: tuple[int, int] | None = None  # the file's (mtime, size) at the last sync
 
-    def restore(self) -> int:
-        """Makes the local file the journal's copy when that one resumes further; returns where the
-        copy will resume from."""
+    def restore(self) -> bool:
+        """Makes the local file the journal's copy when that one resumes further; True when it did."""
         pieces = self.journal.checkpoint_pieces(self.migration_id)
         local = checkpoint_resume_offset(self.path) if os.path.exists(self.path) else 0
         if not pieces:
-            return local
+            return False
         staged = f"{self.path}.journal"
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -53,12 +52,21 @@ class SharedCheckpoint:
         shared = checkpoint_resume_offset(staged)
         if shared <= local:
             os.unlink(staged)
-            return local
+            return False
         os.replace(staged, self.path)
         end = max(offset + len(data) for offset, data in pieces)
         self._sent_to = max(DIGESTS_AT, end)
         log.info("migration %s: checkpoint taken from the journal: resumes at %d", self.migration_id, shared)
-        return shared
+        return True
+
+    def forget(self) -> None:
+        """Removes the checkpoint, here and in the journal: the copy starts from the beginning."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self.journal.drop_checkpoint_pieces(self.migration_id, as_owner=self.owner)
+        self._sent_to, self._seen = DIGESTS_AT, None
 
     def sync(self) -> None:
         """Sends what the engine saved since the last call (nothing when the file did not change)."""

@@ -34,13 +34,14 @@ from oslo_log import log as logging
 from ..migration.errors import JournalError, LostOwnership
 from ..migration.migrator import Migrator
 from ..migration.volumes import VolumeRef
-from . import flow, jobboard
+from . import flow, jobboard, membership
 from .flow import RunAgain
 from .membership import one_line
 from .metrics import MoverMetrics
 
 log = logging.getLogger(__name__)
 
+LOCK_WAIT = 5.0  # seconds a claim waits for the group's lock of the backends' counts
 WAIT_FOR_LOCK = 1.0  # seconds between tries at the lock of a migration its previous mover still holds
 ERROR_PAUSE = 5.0  # seconds a job that failed waits before it is abandoned, to run again
 
@@ -83,6 +84,8 @@ class _MoversBoard:
         live = None
         for job in self._board.iterjobs(only_unclaimed=True, ensure_fresh=ensure_fresh):
             details = job.details or {}
+            if self._conductor.has_claimed(details.get("migration_id")):
+                continue  # a job posted again for a migration this mover runs: not a second run here
             placed_on = details.get("mover")
             if placed_on == self._conductor.name:
                 yield job
@@ -100,20 +103,34 @@ class _MoversBoard:
                 yield job  # its mover is gone: taken over
 
     def claim(self, job, who):
+        from taskflow import exceptions
+
+        if self._conductor.stopping:
+            raise exceptions.UnclaimableJob(f"mover {who} is stopping")
         limit = (job.details or {}).get("backend_limit")
         if not limit:
             self._board.claim(job, who, expiry=self._conductor.claim_expiry)
-        else:
-            # The count and the claim under one lock of the group's: two movers never both take the
-            # last place on a backend.
-            with self._conductor.mover.lock("backend-claims"):
-                busy = self._claimed_on(job.details["backends"])
-                if busy >= limit:
-                    from taskflow import exceptions
-
-                    raise exceptions.UnclaimableJob(f"{busy} migrations run on its backend (limit {limit})")
-                self._board.claim(job, who, expiry=self._conductor.claim_expiry)
-        self._conductor.claimed(job)
+            self._conductor.claimed(job)
+            return
+        # The count and the claim under one lock of the group's: two movers never both take the last
+        # place on a backend.
+        lock = self._conductor.mover.lock("backend-claims")
+        try:
+            if not lock.acquire(blocking=LOCK_WAIT):
+                raise exceptions.UnclaimableJob("the backends' lock is busy")
+        except membership.BACKEND_ERRORS as exc:
+            raise exceptions.JobFailure(f"the backends' lock: {one_line(exc)}") from None
+        try:
+            busy = self._claimed_on(job.details["backends"])
+            if busy >= limit:
+                raise exceptions.UnclaimableJob(f"{busy} migrations run on its backend (limit {limit})")
+            self._board.claim(job, who, expiry=self._conductor.claim_expiry)
+            self._conductor.claimed(job)
+        finally:
+            try:
+                lock.release()
+            except membership.BACKEND_ERRORS:
+                pass  # it expires with its own lease
 
     def _claimed_on(self, backends: list[str]) -> int:
         """The most claimed jobs on any one of these backends, across the fleet."""
@@ -168,10 +185,12 @@ class Conductor:
         self.backend = jobboard.persistence(journal_url)
         self.board = jobboard.connect(mover.url, mover.group, self.backend)
         # The bandwidth budget, shared as equal parts: its copies together never exceed it.
-        self.migrator.rate_cap = mover.bandwidth // mover.slots
+        self.migrator.rate_cap = max(1, mover.bandwidth // mover.slots) if mover.bandwidth else 0
         self._claims: dict[str, _Claimed] = {}  # by migration id
         self._guard = threading.Lock()
-        self._stopping = threading.Event()
+        self.stopping = False  # set by stop(): nothing more is claimed
+        self.failed: str | None = None  # why the conductor's loop ended on its own
+        self._stopping = threading.Event()  # ends the claims' thread
         self._threads: list[threading.Thread] = []
         self._rate_at = time.monotonic()
         with warnings.catch_warnings():
@@ -192,25 +211,50 @@ class Conductor:
 
     def start(self) -> None:
         self._threads = [
-            threading.Thread(target=self._taskflow.run, name="conductor", daemon=True),
+            threading.Thread(target=self._dispatch, name="conductor", daemon=True),
             threading.Thread(target=self._renew_claims, name="claims", daemon=True),
         ]
         for thread in self._threads:
             thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Hands back every running migration (each stops before its next write; its job is abandoned
-        for another mover) and stops claiming."""
+        """Stops claiming, hands back every running migration (each stops before its next write; its job
+        is abandoned for another mover) and waits for the runs to end, renewing their claims meanwhile."""
+        self.stopping = True
+        self._taskflow.stop()
         with self._guard:
             claims = list(self._claims.values())
         for claim in claims:
             self._hand_back(claim, f"mover {self.name} is stopping")
-        self._taskflow.stop()
+        conductor, *others = self._threads or [None]
+        if conductor is not None:
+            conductor.join(timeout)  # its executor waits for the runs
+            if conductor.is_alive():
+                # A run that does not stop keeps its lock until this process exits, which ends it.
+                log.error("a migration did not stop in %.0f s: its lock goes with this process", timeout)
+                self._stopping.set()
+                return
         self._stopping.set()
-        for thread in self._threads:
+        for thread in others:
             thread.join(timeout)
         self.migrator.close()
         self.board.close()
+
+    def _dispatch(self) -> None:
+        """TaskFlow's loop; if it ends on its own (an error it does not ride out), the mover stops
+        rather than advertise slots nobody fills."""
+        try:
+            self._taskflow.run()
+        except Exception as exc:  # noqa: BLE001 - whatever it was, this mover can run nothing more
+            log.exception("the conductor stopped")
+            self.failed = one_line(exc)
+        if not self.stopping:
+            self.failed = self.failed or "the conductor stopped"
+            self.mover.stopping.set()
+
+    def has_claimed(self, migration_id: str | None) -> bool:
+        with self._guard:
+            return migration_id in self._claims
 
     def live_movers(self) -> set[str] | None:
         return self.mover.live_names()
@@ -233,9 +277,12 @@ class Conductor:
 
     def finished(self, job) -> None:
         with self._guard:
-            claim = self._claims.pop(job.details["migration_id"], None)
-        if claim is not None:
-            self.metrics.bytes_copied.inc(claim.newly_moved())
+            claim = self._claims.get(job.details["migration_id"])
+            if claim is None or claim.job.uuid != job.uuid:
+                return
+            del self._claims[job.details["migration_id"]]
+            moved = claim.newly_moved()
+        self.metrics.bytes_copied.inc(moved)
 
     def _renew_claims(self) -> None:
         rounds = 0
@@ -290,8 +337,7 @@ class Conductor:
         """The mover's rate: what its copies did since the last time, over that time."""
         now = time.monotonic()
         with self._guard:
-            claims = list(self._claims.values())
-        moved = sum(claim.newly_moved() for claim in claims)
+            moved = sum(claim.newly_moved() for claim in self._claims.values())
         rate = moved / max(now - self._rate_at, 1e-3)
         self.mover.set_rate(rate)
         self.metrics.rate.set(rate)

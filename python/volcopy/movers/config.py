@@ -141,7 +141,17 @@ def load(argv: list[str]) -> MoverConfig:
         from ..migration.commands import default_journal
 
         values["journal"] = default_journal()
-        os.makedirs(os.path.dirname(values["journal"][len("sqlite:///") :]), exist_ok=True)
+        directory = os.path.dirname(values["journal"][len("sqlite:///") :])
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"{files}: [mover] journal: the default's directory {directory}: {exc}"
+            ) from None
+    if not values["coordination_url"].startswith("redis://"):
+        raise ConfigError(
+            f"{files}: [mover] coordination_url: the movers' jobboard needs Redis (redis://HOST:PORT)"
+        )
     for name in ("name", "coordination_url", "group"):
         if not values[name]:
             raise ConfigError(f"{files}: [mover] {name} must not be empty")

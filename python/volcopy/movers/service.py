@@ -341,4 +341,7 @@ def main(argv: list[str]) -> int:
         return 1
     conductor.stop()
     mover.stop()
+    if conductor.failed:
+        print(f"volcopy mover: error: {conductor.failed}", file=sys.stderr)
+        return 1
     return 0

@@ -4,20 +4,24 @@ it to end, as an in-process migrate() would: the completed migration, or Migrati
 
 Nothing is recorded when no live mover reaches both volumes (NoMoverFits names the transports and the
 movers seen). When the ones that do are all busy, the job is queued for whichever of them has a free
-slot first. The
-migration is in the journal before its job is posted, and its placement is written after: a crash in
-between leaves a pending migration that no job runs and that recover() finishes here (it skips only
-the placed ones, which are the movers'). Ctrl-C while waiting asks for a cancel, as in-process.
+slot first. The migration is recorded with its placement in one transaction, then its job is posted:
+if this process dies (or Redis fails) in between, a mover finds a placed migration without a job and
+posts it (conductor.repost_lost_jobs); recover() leaves placed migrations to the movers. Ctrl-C while
+waiting asks for a cancel, as in-process.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
+from ..errors import VolcopyError
 from ..migration import journal as j
 from ..migration.errors import MigrationCancelled, MigrationConflict
-from ..migration.journal import Migration
+from ..migration.journal import Migration, Placement
 from .defaults import DEFAULT_GROUP
+
+log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.2  # seconds between looks at the journal while the migration runs on its mover
 CANCEL_WAIT = 60.0  # seconds Ctrl-C waits for the cancel it asked for
@@ -61,6 +65,8 @@ class FleetClient:
 
 def submit(migrator, src_ref, dst_ref, attachments, verify, copy_options) -> Migration:
     """The migration recorded, placed and posted; returned pending, for status() to follow."""
+    from taskflow.exceptions import TaskFlowException
+
     from .jobboard import post
 
     client = migrator.fleet_client()
@@ -69,14 +75,22 @@ def submit(migrator, src_ref, dst_ref, attachments, verify, copy_options) -> Mig
     mover = client.fleet.place_between(*transports, fences, queue=True, waiting=client.waiting())
     placed_on = mover.name if mover else ""  # "": every mover that fits is busy; the first one free
     backends = [src_ref.backend, dst_ref.backend]
+    limit = migrator.backend_limit
     migration_id = migrator._new_id()
     try:
-        m = migrator._record(migration_id, src_ref, dst_ref, attachments, verify, copy_options)
+        # Placed as it is recorded (its job not posted yet): recover() leaves it to the movers, and a
+        # mover posts its job if this process cannot.
+        placement = Placement(
+            migration_id=migration_id, job="", placed_on=placed_on, backends=backends, backend_limit=limit
+        )
+        m = migrator._record(migration_id, src_ref, dst_ref, attachments, verify, copy_options, placement)
     finally:
         migrator.owners.release(migration_id)  # the mover takes it
-    limit = migrator.backend_limit
-    job = post(client.board, client.backend, m.id, placed_on, transports, fences, backends, limit)
-    migrator.journal.place(m.id, job, placed_on, backends, limit)
+    try:
+        job = post(client.board, client.backend, m.id, placed_on, transports, fences, backends, limit)
+        migrator.journal.replace_job(m.id, "", job)  # False: a mover posted it first; either job runs it
+    except (VolcopyError, TaskFlowException) as exc:
+        log.warning("migration %s: its job is not posted (%s): a mover will post it", m.id, exc)
     return m
 
 
