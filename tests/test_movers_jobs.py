@@ -140,8 +140,7 @@ def test_each_migration_runs_on_a_mover_that_reaches_both_transports(
         "migrate", str(src), str(tmp_path / "by-file.img"), "--config-file", str(config), "--json"
     )
     assert by_file.returncode == 0, by_file.stderr
-    by_file_id = by_file.stdout.split()[1]  # "migration ID" heads the summary
-    assert fleet_migrator.journal.placement(by_file_id).backend_limit == 4
+    assert fleet_migrator.journal.placement(json.loads(by_file.stdout)["id"]).backend_limit == 4
     listed_by_file = volcopy("migrations", "list", "--config-file", str(config)).stdout.splitlines()
     assert len(listed_by_file) == 4 and listed_by_file[:3] == listed
     conf = cfg.ConfigOpts()

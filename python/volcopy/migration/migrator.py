@@ -309,7 +309,8 @@ class Migrator:
                 options=dict(copy_options, verify=bool(verify)),
                 owner=self.owner,
                 checkpoint=os.path.join(self.checkpoint_dir, f"{migration_id}.ckpt"),
-            )
+            ),
+            placement,
         )
         log.info("migration %s: %s -> %s, %d attachment(s)", m.id, src_ref, dst_ref, len(checked))
         return m

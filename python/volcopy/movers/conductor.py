@@ -5,10 +5,10 @@
   that is no longer in the group (it died, or left: the takeover), and those its mover left unclaimed
   for a claim expiry (placement is advisory: that mover may be full).
 - **Claims expire.** A claim is made with an expiry (``claim_expiry``) and renewed three times per
-  expiry while the job runs. A mover that dies stops renewing, its claims lapse, and another mover claims the
-  job. A mover that finds its claim gone or taken, or that cannot reach Redis for longer than the
-  expiry, hands the migration back (the ``stop`` of ``Migrator.run_placed``): it stops before its
-  next write, and the journal stays as recorded for the next mover.
+  expiry while the job runs. A mover that dies stops renewing, its claims lapse, and another mover
+  claims the job. A mover that finds its claim taken by another, or that cannot reach Redis for longer
+  than the expiry, hands the migration back (the ``stop`` of ``Migrator.run_placed``): it stops before
+  its next write, and the journal stays as recorded for the next mover.
 - **One run at a time.** The claim is what the conductor dispatches on; the migration's lock and the
   journal's owner (see migration/owners.py) are what make a second run impossible: a mover that claims
   a job whose previous mover still holds the lock (its claim lapsed while it ran) waits for that lock,
@@ -349,25 +349,28 @@ class Conductor:
         that could not be renewed for a whole expiry, is handed back. A claim that lapsed unseen is
         taken again; one whose job is gone (a Redis restarted empty) runs on: the migration's lock
         still keeps any other mover out, and the job is posted again (repost_lost_jobs)."""
-        from taskflow import exceptions
+        from taskflow import exceptions, states
 
         with self._guard:
             claims = [claim for claim in self._claims.values() if not claim.stop.is_set()]
         for claim in claims:
+            job = claim.job
             try:
-                owner = self.board.find_owner(claim.job)
-                if owner is None:
-                    try:
-                        self.board.claim(claim.job, self.name, expiry=self.claim_expiry)
-                    except exceptions.NotFound:
-                        log.warning("%s is gone from the jobboard; its migration runs on", claim.job.name)
-                    except exceptions.UnclaimableJob:
-                        owner = self.board.find_owner(claim.job)
+                state = job.state
+                if state == states.COMPLETE:  # no longer on the jobboard
+                    log.warning("%s is gone from the jobboard; its migration runs on", job.name)
                     claim.renewed_at = time.monotonic()
-                    if owner is None:
+                    continue
+                if state == states.UNCLAIMED:
+                    try:
+                        self.board.claim(job, self.name, expiry=self.claim_expiry)
+                        claim.renewed_at = time.monotonic()
                         continue
+                    except (exceptions.UnclaimableJob, exceptions.NotFound):
+                        pass  # claimed by another meanwhile, or gone: asked again below or next time
+                owner = self.board.find_owner(job)  # raises if the claim lapsed meanwhile: next time
                 if owner == self.name:
-                    claim.job.extend_expiry(self.claim_expiry)
+                    job.extend_expiry(self.claim_expiry)
                     claim.renewed_at = time.monotonic()
                     continue
                 reason = f"its job's claim is held by {owner}"
