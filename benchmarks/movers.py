@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from postgres_server import PostgresServer  # noqa: E402
 
+from compute_harness import wait_for  # noqa: E402
 from mover_processes import CLAIM_EXPIRY, MoverProcesses, coordination_url  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
 from volcopy.migration.migrator import Migrator  # noqa: E402
@@ -47,14 +48,24 @@ MOVER_COUNTS = (1, 2, 4)
 JOBS_PER_MOVER = 2
 
 
-def wait_until(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise RuntimeError(f"{what}: not within {timeout} s")
+def fleet(workdir: Path, redis, postgres, label: str) -> tuple[MoverProcesses, Migrator]:
+    """Movers (none started yet) and a Migrator of a group and a journal of their own."""
+    journal = postgres.new_database()
+    group = f"bench-{label}-{os.urandom(3).hex()}"
+    migrator = Migrator(
+        journal,
+        checkpoint_dir=str(workdir / "checkpoints"),
+        fleet_url=coordination_url(redis.url),
+        fleet_group=group,
+    )
+    return MoverProcesses(workdir, redis, group, journal=journal), migrator
+
+
+def stop(processes: MoverProcesses, migrator: Migrator, workdir: Path) -> None:
+    migrator.close()
+    processes.stop_all()
+    for path in workdir.glob("*.img"):
+        path.unlink()
 
 
 def copy_started_at(migrator: Migrator, migration_id: str, run: int = 0) -> float | None:
@@ -63,15 +74,7 @@ def copy_started_at(migrator: Migrator, migration_id: str, run: int = 0) -> floa
 
 
 def throughput_round(workdir: Path, redis, postgres, movers: int, size: int, bandwidth: int) -> dict:
-    journal = postgres.new_database()
-    group = f"bench-{movers}-{os.urandom(3).hex()}"
-    processes = MoverProcesses(workdir, redis, group, journal=journal)
-    migrator = Migrator(
-        journal,
-        checkpoint_dir=str(workdir / "checkpoints"),
-        fleet_url=coordination_url(redis.url),
-        fleet_group=group,
-    )
+    processes, migrator = fleet(workdir, redis, postgres, str(movers))
     try:
         for number in range(movers):
             processes.start(f"mover-{number}", ["file"], slots=1, bandwidth=str(bandwidth), wait=False)
@@ -86,8 +89,8 @@ def throughput_round(workdir: Path, redis, postgres, movers: int, size: int, ban
             at = time.time()
             m = migrator.submit(str(workdir / f"src-{number}.img"), str(workdir / f"dst-{number}.img"))
             submitted.append((m.id, at))
-        wait_until(
-            lambda: all(migrator.status(i).finished for i, _ in submitted), 600, "the migrations ended"
+        wait_for(
+            lambda: all(migrator.status(i).finished for i, _ in submitted), 600, 0.1, "the migrations ended"
         )
         ended = max(migrator.status(i).finished_at.timestamp() for i, _ in submitted)
         for migration_id, _ in submitted:
@@ -99,35 +102,24 @@ def throughput_round(workdir: Path, redis, postgres, movers: int, size: int, ban
             "first_byte": sorted(first_byte)[:movers],
         }
     finally:
-        migrator.close()
-        processes.stop_all()
-        for path in workdir.glob("*.img"):
-            path.unlink()
+        stop(processes, migrator, workdir)
 
 
 def takeover_round(workdir: Path, redis, postgres, size: int, bandwidth: int) -> dict:
-    journal = postgres.new_database()
-    group = f"bench-takeover-{os.urandom(3).hex()}"
-    processes = MoverProcesses(workdir, redis, group, journal=journal)
-    migrator = Migrator(
-        journal,
-        checkpoint_dir=str(workdir / "checkpoints"),
-        fleet_url=coordination_url(redis.url),
-        fleet_group=group,
-    )
+    processes, migrator = fleet(workdir, redis, postgres, "takeover")
     try:
         first = processes.start("mover-a", ["file"], slots=1, bandwidth=str(bandwidth))
         (workdir / "src.img").write_bytes(os.urandom(size))
         m = migrator.submit(str(workdir / "src.img"), str(workdir / "dst.img"))
         processes.start("mover-b", ["file"], slots=1, bandwidth=str(bandwidth))
-        wait_until(lambda: migrator.status(m.id).bytes_done >= size // 2, 120, "half copied")
+        wait_for(lambda: migrator.status(m.id).bytes_done >= size // 2, 120, what="half copied")
         done_at_kill = migrator.status(m.id).bytes_done
         first.kill()
         killed = time.time()
-        wait_until(lambda: migrator.journal.placement(m.id).run_by == "mover-b", 120, "taken over")
+        wait_for(lambda: migrator.journal.placement(m.id).run_by == "mover-b", 120, what="taken over")
         claimed = time.time()
-        copying = wait_until(lambda: copy_started_at(migrator, m.id, run=1), 120, "copying again")
-        ended = wait_until(lambda: (s := migrator.status(m.id)).finished and s, 600, "ended")
+        copying = wait_for(lambda: copy_started_at(migrator, m.id, run=1), 120, what="copying again")
+        ended = wait_for(lambda: (s := migrator.status(m.id)).finished and s, 600, what="ended")
         assert ended.state == "completed", ended.reason
         return {
             "claimed": claimed - killed,
@@ -135,10 +127,7 @@ def takeover_round(workdir: Path, redis, postgres, size: int, bandwidth: int) ->
             "again": max(0, done_at_kill - ended.resumed_from),
         }
     finally:
-        migrator.close()
-        processes.stop_all()
-        for path in workdir.glob("*.img"):
-            path.unlink()
+        stop(processes, migrator, workdir)
 
 
 def main() -> int:

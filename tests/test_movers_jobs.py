@@ -27,6 +27,7 @@ import pytest
 from netns_hosts import needs_netns, netns_hosts  # noqa: F401 - the fixture
 from oslo_config import cfg
 
+from compute_harness import wait_for
 from conftest import reference_digest
 from mover_processes import CLAIM_EXPIRY, MoverProcesses, coordination_url
 from volcopy.migration import config as config_options
@@ -62,20 +63,15 @@ def processes(redis, mover_group, tmp_path, fleet_journal, postgres, netns_hosts
     processes.stop_all()
 
 
+def ended_migration(migrator, migration_id: str, timeout: float = 60):
+    """The migration once it has ended."""
+    return wait_for(lambda: (m := migrator.status(migration_id)).finished and m, timeout, what="its end")
+
+
 def volume(path, size: int) -> bytes:
     data = os.urandom(size)
     path.write_bytes(data)
     return data
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 def test_each_migration_runs_on_a_mover_that_reaches_both_transports(
@@ -176,17 +172,19 @@ def test_a_mover_killed_mid_copy_is_taken_over_from_the_shared_checkpoint(
     data = volume(src, size)
 
     m = fleet_migrator.submit(str(src), str(dst), rate_limit=rate)
-    wait_for(lambda: fleet_migrator.status(m.id).bytes_done >= 16 * MiB, 30, "16 MiB copied on mover-a")
+    wait_for(lambda: fleet_migrator.status(m.id).bytes_done >= 16 * MiB, 30, what="16 MiB copied on mover-a")
     second = processes.start("mover-b", ["file"])  # mover-a has the job; mover-b has none yet
     done_at_kill = fleet_migrator.status(m.id).bytes_done
     first.kill()
     killed_at = time.monotonic()
 
     taken = wait_for(
-        lambda: fleet_migrator.journal.placement(m.id).run_by == "mover-b", 30, "taken over by mover-b"
+        lambda: fleet_migrator.journal.placement(m.id).run_by == "mover-b", 30, what="taken over by mover-b"
     )
     taken_over_after = time.monotonic() - killed_at
-    ended = wait_for(lambda: (s := fleet_migrator.status(m.id)).finished and s, 60, "the migration ended")
+    ended = wait_for(
+        lambda: (s := fleet_migrator.status(m.id)).finished and s, 60, what="the migration ended"
+    )
 
     assert taken and ended.state == j.COMPLETED, ended.reason
     assert taken_over_after < CLAIM_EXPIRY + 10
@@ -259,7 +257,7 @@ def test_fifty_migrations_on_three_movers_of_two_slots(processes, fleet_migrator
         m = fleet_migrator.submit(str(src), str(tmp_path / f"dst-{number}.img"), rate_limit=512 * 1024)
         submitted.append((number, m.id))
 
-    wait_for(lambda: all(m.finished for m in fleet_migrator.list()), 180, "the 50 migrations completed")
+    wait_for(lambda: all(m.finished for m in fleet_migrator.list()), 180, what="the 50 migrations completed")
 
     placements = fleet_migrator.journal.placements()
     running: dict[str, list[tuple]] = {}
@@ -304,7 +302,9 @@ def test_a_backend_limit_holds_across_the_fleet(processes, fleet_journal, redis,
             volume(src, 1 * MiB)
             m = migrator.submit(str(src), str(tmp_path / f"dst-{number}.img"), rate_limit=512 * 1024)
             submitted.append(m.id)
-        wait_for(lambda: all(migrator.status(i).finished for i in submitted), 120, "the migrations ended")
+        wait_for(
+            lambda: all(migrator.status(i).finished for i in submitted), 120, what="the migrations ended"
+        )
 
         spans = []
         for migration_id in submitted:
@@ -327,8 +327,6 @@ def copy_steps(fleet_migrator, migration_id: str) -> list:
 def test_a_mover_cut_off_from_redis_hands_its_migration_to_another(
     processes,
     fleet_migrator,
-    postgres,
-    fleet_journal,
     tmp_path,
     netns_hosts,  # noqa: F811
 ):
@@ -338,13 +336,17 @@ def test_a_mover_cut_off_from_redis_hands_its_migration_to_another(
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
     data = volume(src, size)
     m = fleet_migrator.submit(str(src), str(dst), rate_limit=rate)
-    wait_for(lambda: fleet_migrator.status(m.id).bytes_done >= 8 * MiB, 30, "8 MiB copied on mover-a")
+    wait_for(lambda: fleet_migrator.status(m.id).bytes_done >= 8 * MiB, 30, what="8 MiB copied on mover-a")
     processes.start("mover-b", ["file"])
 
     host.link_down()  # Redis is out of mover-a's reach; the journal (a unix socket) is not
-    wait_for(lambda: fleet_migrator.journal.placement(m.id).run_by == "mover-b", 30, "taken over by mover-b")
+    wait_for(
+        lambda: fleet_migrator.journal.placement(m.id).run_by == "mover-b", 30, what="taken over by mover-b"
+    )
     host.link_up()
-    ended = wait_for(lambda: (s := fleet_migrator.status(m.id)).finished and s, 60, "the migration ended")
+    ended = wait_for(
+        lambda: (s := fleet_migrator.status(m.id)).finished and s, 60, what="the migration ended"
+    )
 
     assert ended.state == j.COMPLETED, ended.reason
     assert ended.dst_digest == ended.src_digest == reference_digest(data)
@@ -356,7 +358,7 @@ def test_a_mover_cut_off_from_redis_hands_its_migration_to_another(
     assert a_copy.ended_at <= b_copy.intended_at and b_copy.status == j.DONE
     assert "its job's claim could not be renewed for 3 s" in first.log_text()
     assert first.process.poll() is None  # it rides the partition out, and is back in the group
-    wait_for(lambda: "answers again" in first.log_text(), 15, "mover-a back in the group")
+    wait_for(lambda: "answers again" in first.log_text(), 15, what="mover-a back in the group")
 
 
 def test_redis_restarted_empty_under_a_running_job(redis, processes, fleet_migrator, tmp_path):
@@ -365,12 +367,14 @@ def test_redis_restarted_empty_under_a_running_job(redis, processes, fleet_migra
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
     data = volume(src, size)
     m = fleet_migrator.submit(str(src), str(dst), rate_limit=rate)
-    wait_for(lambda: fleet_migrator.status(m.id).bytes_done >= 4 * MiB, 30, "copying on mover-a")
+    wait_for(lambda: fleet_migrator.status(m.id).bytes_done >= 4 * MiB, 30, what="copying on mover-a")
     lost_job = fleet_migrator.journal.placement(m.id).job
 
     redis.kill()  # every job, claim and member gone
     redis.start()
-    ended = wait_for(lambda: (s := fleet_migrator.status(m.id)).finished and s, 60, "the migration ended")
+    ended = wait_for(
+        lambda: (s := fleet_migrator.status(m.id)).finished and s, 60, what="the migration ended"
+    )
 
     assert ended.state == j.COMPLETED, ended.reason
     assert dst.read_bytes() == data and ended.dst_digest == reference_digest(data)
@@ -378,7 +382,7 @@ def test_redis_restarted_empty_under_a_running_job(redis, processes, fleet_migra
     assert fleet_migrator.journal.placement(m.id).job != lost_job  # posted again for the jobboard's sake
     board = jobboard.connect(fleet_migrator.fleet_url, fleet_migrator.fleet_group, None)
     try:
-        wait_for(lambda: board.job_count == 0, 15, "the posted-again job consumed")
+        wait_for(lambda: board.job_count == 0, 15, what="the posted-again job consumed")
     finally:
         board.close()
 
@@ -389,12 +393,14 @@ def test_the_journal_server_restarted_under_a_running_job(postgres, processes, f
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
     data = volume(src, size)
     m = fleet_migrator.submit(str(src), str(dst), rate_limit=rate)
-    wait_for(lambda: fleet_migrator.status(m.id).bytes_done >= 4 * MiB, 30, "copying on mover-a")
+    wait_for(lambda: fleet_migrator.status(m.id).bytes_done >= 4 * MiB, 30, what="copying on mover-a")
 
     postgres.halt()
     time.sleep(3)
     postgres.resume()
-    ended = wait_for(lambda: (s := fleet_migrator.status(m.id)).finished and s, 60, "the migration ended")
+    ended = wait_for(
+        lambda: (s := fleet_migrator.status(m.id)).finished and s, 60, what="the migration ended"
+    )
 
     assert ended.state == j.COMPLETED, ended.reason
     assert dst.read_bytes() == data and ended.dst_digest == reference_digest(data)
