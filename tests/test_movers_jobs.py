@@ -182,9 +182,7 @@ def test_a_mover_killed_mid_copy_is_taken_over_from_the_shared_checkpoint(
         lambda: fleet_migrator.journal.placement(m.id).run_by == "mover-b", 30, what="taken over by mover-b"
     )
     taken_over_after = time.monotonic() - killed_at
-    ended = wait_for(
-        lambda: (s := fleet_migrator.status(m.id)).finished and s, 60, what="the migration ended"
-    )
+    ended = ended_migration(fleet_migrator, m.id)
 
     assert taken and ended.state == j.COMPLETED, ended.reason
     assert taken_over_after < CLAIM_EXPIRY + 10
@@ -227,7 +225,9 @@ def test_a_cancel_from_the_cli_on_another_host_stops_a_migration_on_a_mover(
     submitter = threading.Thread(target=run)
     submitter.start()
     running = wait_for(
-        lambda: next((m for m in fleet_migrator.list() if m.bytes_done > 0), None), 30, "copying on the mover"
+        lambda: next((m for m in fleet_migrator.list() if m.bytes_done > 0), None),
+        30,
+        what="copying on the mover",
     )
     other_host = netns_hosts("volcopy-operator")
     command = [sys.executable, "-m", "volcopy.cli", "migrations", "cancel", running.id]
@@ -344,9 +344,7 @@ def test_a_mover_cut_off_from_redis_hands_its_migration_to_another(
         lambda: fleet_migrator.journal.placement(m.id).run_by == "mover-b", 30, what="taken over by mover-b"
     )
     host.link_up()
-    ended = wait_for(
-        lambda: (s := fleet_migrator.status(m.id)).finished and s, 60, what="the migration ended"
-    )
+    ended = ended_migration(fleet_migrator, m.id)
 
     assert ended.state == j.COMPLETED, ended.reason
     assert ended.dst_digest == ended.src_digest == reference_digest(data)
@@ -372,9 +370,7 @@ def test_redis_restarted_empty_under_a_running_job(redis, processes, fleet_migra
 
     redis.kill()  # every job, claim and member gone
     redis.start()
-    ended = wait_for(
-        lambda: (s := fleet_migrator.status(m.id)).finished and s, 60, what="the migration ended"
-    )
+    ended = ended_migration(fleet_migrator, m.id)
 
     assert ended.state == j.COMPLETED, ended.reason
     assert dst.read_bytes() == data and ended.dst_digest == reference_digest(data)
@@ -398,9 +394,7 @@ def test_the_journal_server_restarted_under_a_running_job(postgres, processes, f
     postgres.halt()
     time.sleep(3)
     postgres.resume()
-    ended = wait_for(
-        lambda: (s := fleet_migrator.status(m.id)).finished and s, 60, what="the migration ended"
-    )
+    ended = ended_migration(fleet_migrator, m.id)
 
     assert ended.state == j.COMPLETED, ended.reason
     assert dst.read_bytes() == data and ended.dst_digest == reference_digest(data)
