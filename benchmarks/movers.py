@@ -165,8 +165,8 @@ def main() -> int:
     lines = [
         "# Data movers: throughput, scheduling overhead, takeover",
         "",
-        f"`python benchmarks/movers.py --rounds {args.rounds} --size {format_size(args.size)} "
-        f"--bandwidth {format_size(args.bandwidth)}` on {platform.node()} ({os.cpu_count()} CPUs), "
+        f"`python benchmarks/movers.py {' '.join(sys.argv[1:])}` on {platform.node()} ({os.cpu_count()} "
+        "CPUs), "
         f"{time.strftime('%Y-%m-%d')}. Every mover has 1 slot and a budget of "
         f"{format_size(args.bandwidth)}/s; {JOBS_PER_MOVER} migrations of {format_size(args.size)} per "
         "mover, files on a tmpfs; Redis and PostgreSQL on this host. Medians of the rounds (min-max).",
@@ -190,7 +190,9 @@ def main() -> int:
         _row("takeover: bytes copied again (MiB)", [t["again"] / (1 << 20) for t in takeovers]),
         "",
         f"The claim expiry is {CLAIM_EXPIRY:g} s and the membership timeout 2 s (tests/mover_processes.py): "
-        "a takeover waits for the claim to lapse, then for the next conductor round (0.5 s).",
+        "a takeover waits for the claim to lapse, then for the next conductor round (0.5 s). The claim is "
+        "seen by polling the journal for the new mover's name, written once it holds the migration's "
+        "lock, just before its copy starts: the two takeover times are one moment seen twice.",
         "",
     ]
     RESULTS.write_text("\n".join(lines))
