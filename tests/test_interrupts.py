@@ -10,6 +10,7 @@ so the engine has its usual 32 MiB in flight and finishes them within millisecon
 from __future__ import annotations
 
 import _thread
+import fcntl
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import threading
 import time
 
 import pytest
-from nbd_devices import nbd_devices  # noqa: F401 - a fixture
+from nbd_devices import BLKFLSBUF, nbd_devices  # noqa: F401 - a fixture
 
 import volcopy
 from conftest import ENGINES, MiB, read_all, reference_digest, write_layout
@@ -44,6 +45,9 @@ def slow_disk(nbd_devices, workdir):  # noqa: F811 - the fixture imported above
     with open(device.path, "r+b", buffering=0) as f:
         f.write(content)
         os.fsync(f.fileno())
+        # Out of the loop device's page cache: else the buffered (unaligned) reads find it there and
+        # never wait for the slow disk (a copy that ended before its cancel, seen once in CI).
+        fcntl.ioctl(f.fileno(), BLKFLSBUF)
     device.fail(delay=0.15)
     return device, content
 
