@@ -260,6 +260,35 @@ def test_recover_finishes_a_detached_migration_killed_at(point, journal_url, wor
     assert Migrator(url).recover() == [], "nothing is left to recover"
 
 
+def test_a_journal_checkpoint_that_does_not_hold_here_is_copied_over_from_the_start(journal_url, workdir):
+    """Another host's checkpoint, taken from the journal, whose fingerprint of src no longer holds (src
+    changed since), is dropped for a copy from the start: also when the first run here died between
+    taking it and opening it, so that the file here is already the journal's copy."""
+    src, dst = workdir / "src.img", workdir / "dst.img"
+    write_layout(src, 64 * MiB, [(0, 64 * MiB)], seed=9)
+    fill_garbage(dst, 64 * MiB)
+    killed = cli(
+        "migrate", src, dst, "--journal", journal_url, "--checkpoint-dir", workdir / "host-a",
+        "--rate", "12M", env=dict(os.environ, VOLCOPY_FAILPOINT="mid-copy"), check=False,
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr
+    assert Journal(journal_url).checkpoint_pieces(Journal(journal_url).list()[0].id)
+    os.utime(src, ns=(time.time_ns(), time.time_ns()))  # src changed: the checkpoint is no longer its copy's
+
+    host_b = str(workdir / "host-b")
+    on_host_b = f"import volcopy.migration as m; m.Migrator({journal_url!r}, checkpoint_dir={host_b!r})"
+    died = subprocess.run(
+        [sys.executable, "-c", on_host_b + ".recover()"],
+        env=dict(os.environ, VOLCOPY_FAILPOINT="checkpoint-restored"),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert died.returncode == -9, died.stderr
+    recovered = Migrator(journal_url, checkpoint_dir=host_b).recover()
+
+    assert [(m.state, m.resumed_from) for m in recovered] == [("completed", 0)], recovered[0].reason
+    assert read_all(dst) == read_all(src)
+
+
 def test_bad_input_is_refused_before_anything_is_recorded(source, workdir):
     src, _ = source
     url = f"sqlite:///{workdir}/journal.sqlite"

@@ -66,13 +66,18 @@ def test_a_mover_killed_mid_copy_of_an_attached_volume_is_taken_over_with_the_fe
         m = fleet_migrator.submit(
             local(src), local(dst), attachments=[(SERVER, SRC_ATT, DST_ATT)], rate_limit=8 * MiB
         )
-        wait_for(lambda: fleet_migrator.status(m.id).bytes_done >= SIZE // 2, 60, 0.05, "half copied")
+        wait_for(lambda: fleet_migrator.status(m.id).bytes_done > 0, 60, 0.05, "copying on mover-a")
+        # mover-b joins while mover-a copies (mover-a has the job), so that the kill comes mid-copy
         second = processes.start("mover-b", ["local"], compute=compute_section)
+        wait_for(lambda: fleet_migrator.status(m.id).bytes_done >= SIZE // 2, 60, 0.05, "half copied")
         first.kill()
+        killed_in = fleet_migrator.status(m.id)
         ended = wait_for(lambda: (s := fleet_migrator.status(m.id)).finished and s, 120, 0.1, "ended")
 
+    assert killed_in.state == "copying" and killed_in.bytes_done < SIZE, killed_in
     assert fleet_migrator.journal.placement(m.id).run_by == "mover-b"
-    assert ended.owner.split(":")[1] == str(second.pid) and ended.resumed_from > 0
+    assert ended.owner.split(":")[1] == str(second.pid)
+    assert ended.resumed_from > 0, second.log_text()
     # one fence all along: started once, never cancelled, completed by mover-b
     steps = [(s.name, s.status) for s in fleet_migrator.steps(m.id)]
     assert steps.count(("start", "done")) == 1 and not any(name == "cancel" for name, _ in steps)

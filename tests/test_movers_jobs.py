@@ -9,7 +9,8 @@ persistence and the migrations' locks), with a Migrator given the fleet's URL su
 - a cancel from the CLI on another host (a network namespace) stops a migration running on a mover;
 - 50 small migrations on 3 movers of 2 slots: all complete, each once, never more than 2 at a time on
   a mover;
-- faults under a running job: a mover cut off from Redis, Redis restarted empty, PostgreSQL restarted.
+- faults under a running job: a mover cut off from Redis, Redis restarted empty, PostgreSQL restarted;
+- a job posted twice for one migration: the one the journal does not name is dropped.
 
 An attached volume moved by a mover: test_movers_attached.py.
 """
@@ -400,3 +401,27 @@ def test_the_journal_server_restarted_under_a_running_job(postgres, processes, f
     assert dst.read_bytes() == data and ended.dst_digest == reference_digest(data)
     assert ended.owner.split(":")[1] == str(mover.pid)
     assert copy_steps(fleet_migrator, m.id)[-1].status == j.DONE
+
+
+def test_a_job_posted_twice_runs_its_migration_once(processes, fleet_migrator, tmp_path):
+    """A second job for a placed migration, as a mover posting a "lost" job while its submitter posted
+    the first would leave: the mover that claims the job the journal does not name drops it, at once
+    rather than holding a slot while the other runs."""
+    mover = processes.start("mover-a", ["file"], slots=2)
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    data = volume(src, 16 * MiB)
+    m = fleet_migrator.submit(str(src), str(dst), rate_limit=2 * MiB)
+    client = fleet_migrator.fleet_client()
+    placement = fleet_migrator.journal.placement(m.id)
+    second = jobboard.post(
+        client.board, client.backend, m.id, "mover-a", ("file", "file"), False, placement.backends, 0
+    )
+    wait_for(lambda: mover.metrics()["volcopy_mover_jobs_total{outcome=duplicate}"] == 1, 30, what="dropped")
+    assert not fleet_migrator.status(m.id).finished  # dropped while the migration runs on
+
+    ended = ended_migration(fleet_migrator, m.id)
+    assert ended.state == j.COMPLETED and dst.read_bytes() == data
+    assert [s.status for s in copy_steps(fleet_migrator, m.id)] == [j.DONE]
+    assert fleet_migrator.journal.placement(m.id).job == placement.job != second
+    wait_for(lambda: client.board.job_count == 0, 15, what="both jobs consumed")
+    assert f"is not its job ({placement.job} is): dropped" in mover.log_text()

@@ -6,6 +6,7 @@ The points, in the order a migration passes them (N counts attachments from 1):
   after-record           the migration is in the journal, nothing else done
   before-start-N         start of attachment N is recorded as intended, not sent
   after-start-N          attachment N is fenced, not yet recorded as done
+  checkpoint-restored    the copy's checkpoint is in place (the journal's, if further along), unread
   mid-copy               half the volume is copied (and a checkpoint taken, with a slow enough copy)
   after-copy             dst holds the copy, its digest not yet compared
   before-complete-N      complete of attachment N is recorded as intended, not sent

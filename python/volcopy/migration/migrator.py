@@ -744,6 +744,7 @@ class Migrator:
         cancel = threading.Event()
         shared = SharedCheckpoint(self.journal, m.id, m.checkpoint, self.owner)
         from_journal = shared.restore()
+        failpoint("checkpoint-restored")
         report, last = self._reporter(m, progress, cancel, shared)
 
         # Cinder's volume id knows dst again when os-brick attaches it under another device name.

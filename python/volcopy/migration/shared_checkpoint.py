@@ -36,7 +36,10 @@ class SharedCheckpoint:
         self._seen: tuple[int, int] | None = None  # the file's (mtime, size) at the last sync
 
     def restore(self) -> bool:
-        """Makes the local file the journal's copy when that one resumes further; True when it did."""
+        """Makes the local file the journal's copy unless the local one resumes further; True when the
+        file is now the journal's: a checkpoint perhaps saved on another host, whose fingerprints of the
+        volumes may hold only there. Also when both resume at the same offset, for a run that stopped
+        before its engine opened the journal's copy finds that copy here again."""
         pieces = self.journal.checkpoint_pieces(self.migration_id)
         local = checkpoint_resume_offset(self.path) if os.path.exists(self.path) else 0
         if not pieces:
@@ -50,7 +53,7 @@ class SharedCheckpoint:
         finally:
             os.close(fd)
         shared = checkpoint_resume_offset(staged)
-        if shared <= local:
+        if shared == 0 or shared < local:
             os.unlink(staged)
             return False
         os.replace(staged, self.path)

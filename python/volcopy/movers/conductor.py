@@ -158,11 +158,13 @@ class _MoversBoard:
 
 
 def _age(job) -> float:
-    """Seconds since the job was posted (TaskFlow writes its time as UTC without a zone)."""
-    created = job.created_on
-    if created.tzinfo is None:
-        created = created.replace(tzinfo=datetime.timezone.utc)
-    return (datetime.datetime.now(datetime.timezone.utc) - created).total_seconds()
+    """Seconds since the job was posted."""
+    return (datetime.datetime.now(datetime.timezone.utc) - _aware(job.created_on)).total_seconds()
+
+
+def _aware(moment: datetime.datetime) -> datetime.datetime:
+    """TaskFlow, and SQLite, give UTC times without a zone."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
 
 
 class Conductor:
@@ -219,7 +221,7 @@ class Conductor:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stops claiming, hands back every running migration (each stops before its next write; its job
-        is abandoned for another mover) and waits for the runs to end, renewing their claims meanwhile."""
+        is abandoned for another mover) and waits for the runs to end."""
         self.stopping = True
         self._taskflow.stop()
         with self._guard:
@@ -268,12 +270,19 @@ class Conductor:
     # ------------------------------------------------------------------ claims
 
     def claimed(self, job) -> None:
+        claim = _Claimed(job)
         with self._guard:
-            self._claims[job.details["migration_id"]] = _Claimed(job)
+            self._claims[job.details["migration_id"]] = claim
+        if self.stopping:  # stop() began after the claim was made: it did not see this one
+            self._hand_back(claim, f"mover {self.name} is stopping")
         placed_on = job.details.get("mover")
         if placed_on and placed_on != self.name:
             self.metrics.takeovers.inc()
         log.info("claimed %s (placed on %s)", job.name, placed_on or "any mover")
+
+    def _still_running(self, claim: _Claimed) -> bool:
+        with self._guard:
+            return self._claims.get(claim.job.details["migration_id"]) is claim
 
     def finished(self, job) -> None:
         with self._guard:
@@ -307,9 +316,14 @@ class Conductor:
         if not unfinished:
             return
         on_board = {job.uuid for job in self.board.iterjobs(ensure_fresh=True)}
+        # A submitter records a migration, then posts its job: a job-less one is lost after a while only.
+        now = datetime.datetime.now(datetime.timezone.utc)
+        posting_since = now - datetime.timedelta(seconds=self.claim_expiry)
         for m in unfinished:
             placement = placements[m.id]
             if placement.job in on_board:
+                continue
+            if not placement.job and _aware(placement.placed_at) > posting_since:
                 continue
             src, dst = VolumeRef.from_json(m.src), VolumeRef.from_json(m.dst)
             job = jobboard.post(
@@ -364,10 +378,14 @@ class Conductor:
                 if state == states.UNCLAIMED:
                     try:
                         self.board.claim(job, self.name, expiry=self.claim_expiry)
-                        claim.renewed_at = time.monotonic()
-                        continue
                     except (exceptions.UnclaimableJob, exceptions.NotFound):
                         pass  # claimed by another meanwhile, or gone: asked again below or next time
+                    else:
+                        if not self._still_running(claim):  # its run abandoned the job meanwhile
+                            self.board.abandon(job, self.name)
+                            continue
+                        claim.renewed_at = time.monotonic()
+                        continue
                 owner = self.board.find_owner(job)  # raises if the claim lapsed meanwhile: next time
                 if owner == self.name:
                     job.extend_expiry(self.claim_expiry)
@@ -381,6 +399,15 @@ class Conductor:
             self._hand_back(claim, reason)
 
     # ------------------------------------------------------------------ running a job
+
+    def _duplicate(self, migration_id: str, job) -> bool:
+        """True for a job that the journal does not name as its migration's: one posted again while the
+        first was still being posted. The journal's job runs the migration; this one is consumed."""
+        placement = self.migrator.journal.placement(migration_id)
+        if placement is None or not placement.job or placement.job == job.uuid:
+            return False
+        log.info("migration %s: %s is not its job (%s is): dropped", migration_id, job.name, placement.job)
+        return True
 
     def run(self, migration_id: str) -> str:
         """The job's task: runs the migration; returns the state it ended in, or raises RunAgain."""
@@ -397,6 +424,9 @@ class Conductor:
                     outcome = "handed_back"
                     raise RunAgain(claim.reason)
                 try:
+                    if self._duplicate(migration_id, claim.job):
+                        outcome = "duplicate"
+                        return outcome
                     m = self.migrator.run_placed(migration_id, self.name, claim.stop, claim.progress)
                 except (LostOwnership, JournalError) as exc:
                     log.warning("migration %s: stopped here, to run again: %s", migration_id, exc)

@@ -6,9 +6,10 @@ once by the mover at start (``volcopy mover``, conductor.py). The migration's ow
 the journal, which is where a takeover resumes from; TaskFlow's persistence records that the job's task
 ran and what it ended in.
 
-The task's failures say what the conductor does with the job: MoverStopped and a journal or lock that
-cannot be reached are ExecutionFailures, so the job is abandoned (not consumed) and runs again, on this
-mover or another; a migration that ended, completed or cancelled, consumes it.
+The task's failures say what the conductor does with the job: RunAgain (a migration handed back, a
+journal or lock that cannot be reached, a failed run) is an ExecutionFailure, so the job is abandoned (not
+consumed) and runs again, on this mover or another; a migration that ended, completed or cancelled, and
+a duplicate job consume it.
 """
 
 from __future__ import annotations

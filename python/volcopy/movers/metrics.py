@@ -5,7 +5,7 @@ fleet's movers add up in one query.
 | metric | kind | what |
 | --- | --- | --- |
 | volcopy_mover_jobs_running | gauge | migrations running on this mover now |
-| volcopy_mover_jobs_total{outcome} | counter | runs ended: completed, cancelled, handed_back, error |
+| volcopy_mover_jobs_total{outcome} | counter | runs ended, by outcome (OUTCOMES) |
 | volcopy_mover_bytes_copied_total | counter | bytes its copies moved |
 | volcopy_mover_rate_bytes | gauge | bytes per second its copies move now |
 | volcopy_mover_errors_total | counter | runs that stopped on an error (the job runs again) |
@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 from .errors import MoverError
 
-OUTCOMES = ("completed", "cancelled", "handed_back", "error")
+OUTCOMES = ("completed", "cancelled", "handed_back", "duplicate", "error")
 
 
 class MoverMetrics:

@@ -6,8 +6,8 @@ Nothing is recorded when no live mover reaches both volumes (NoMoverFits names t
 movers seen). When the ones that do are all busy, the job is queued for whichever of them has a free
 slot first. The migration is recorded with its placement in one transaction, then its job is posted:
 if this process dies (or Redis fails) in between, a mover finds a placed migration without a job and
-posts it (conductor.repost_lost_jobs); recover() leaves placed migrations to the movers. Ctrl-C while
-waiting asks for a cancel, as in-process.
+posts it (conductor.repost_lost_jobs); recover() leaves placed migrations to the movers. Ctrl-C once
+the migration is recorded asks for its cancel, as in-process.
 """
 
 from __future__ import annotations
@@ -88,9 +88,13 @@ def submit(migrator, src_ref, dst_ref, attachments, verify, copy_options) -> Mig
         migrator.owners.release(migration_id)  # the mover takes it
     try:
         job = post(client.board, client.backend, m.id, placed_on, transports, fences, backends, limit)
-        migrator.journal.replace_job(m.id, "", job)  # False: a mover posted it first; either job runs it
+        # False: a mover posted it first (this one took too long); the mover that claims this job drops it
+        migrator.journal.replace_job(m.id, "", job)
     except (VolcopyError, TaskFlowException) as exc:
         log.warning("migration %s: its job is not posted (%s): a mover will post it", m.id, exc)
+    except KeyboardInterrupt:
+        migrator.cancel(m.id)  # recorded already: Ctrl-C asks for its cancel, as while waiting
+        raise
     return m
 
 
