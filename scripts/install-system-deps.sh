@@ -24,9 +24,9 @@ packages=(
     # the tests, the rbd command and Python bindings (Debian-only) for the peers and os-brick's RBD
     # connector, and QEMU's rbd block driver for the compute handoff
     librbd-dev ceph-mon ceph-osd ceph-common python3-rados python3-rbd qemu-block-extra
-    # the data movers' coordination (tooz groups; the jobboard later): the tests start their own Redis,
-    # and run movers on hosts of their own (network namespaces and veth links: ip)
-    redis-server iproute2
+    # the data movers' coordination (tooz groups, TaskFlow's jobboard): the tests start their own Redis
+    # and etcd, and run movers on hosts of their own (network namespaces and veth links: ip)
+    redis-server etcd-server iproute2
 )
 
 missing=()

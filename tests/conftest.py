@@ -15,9 +15,16 @@ import pytest
 import xxhash
 
 # The real guests and the compute agent, with their fixtures (volumes, guest, agent, compute), a real
-# Keystone (keystone), a real single-node Ceph (ceph, ceph_pool), a real Redis (redis, mover_group) and
-# the movers' journal and Migrator (fleet_journal, fleet_migrator).
-pytest_plugins = ["compute_harness", "keystone_server", "ceph_cluster", "redis_server", "mover_processes"]
+# Keystone (keystone), a real single-node Ceph (ceph, ceph_pool), a real Redis (redis, mover_group), a
+# real etcd (etcd) and the movers' journal and Migrator (fleet_journal, fleet_migrator).
+pytest_plugins = [
+    "compute_harness",
+    "keystone_server",
+    "ceph_cluster",
+    "redis_server",
+    "etcd_server",
+    "mover_processes",
+]
 
 MiB = 1 << 20
 LIBVIRT_GROUP = "libvirtd"

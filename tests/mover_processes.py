@@ -1,6 +1,7 @@
 """`volcopy mover` processes for the tests, each with its own configuration file, name and transports, on
-the session's Redis (tests/redis_server.py), with a short membership timeout so that a dead mover lapses
-in seconds. A started mover has printed its "joined" line; its log (stderr) is kept in a file.
+the session's Redis (tests/redis_server.py) or etcd (tests/etcd_server.py), with a short membership
+timeout so that a dead mover lapses in seconds. A started mover has printed its "joined" line; its log
+(stderr) is kept in a file.
 
 ``MoverProcesses.start()`` runs one on this host; with ``host=`` (a NetnsHost, tests/netns_hosts.py)
 it runs on that host: its own network namespace, address and host name, reaching Redis at the host's
@@ -26,7 +27,7 @@ JOIN_TIMEOUT = 30.0  # a mover's start: Python, oslo, os-brick and tooz imports 
 
 
 def coordination_url(base: str) -> str:
-    """``timeout=2``: Redis calls give up after 2 s (a mover notices a lost Redis within a beat)."""
+    """``timeout=2``: the backend's calls give up after 2 s (a mover notices a lost Redis within a beat)."""
     return f"{base}?membership_timeout={MEMBERSHIP_TIMEOUT:g}&timeout=2"
 
 
@@ -108,7 +109,7 @@ class MoverProcesses:
         self.journal = journal or f"sqlite:///{directory}/movers-journal.sqlite"
         self.own_hosts = own_hosts
         self.journal_on_hosts = journal_on_hosts
-        self.redis = redis
+        self.redis = redis  # or an etcd server (no own_hosts then)
         self.url = coordination_url(redis.url)
         self.group = group
         self.started: list[MoverProcess] = []
@@ -203,14 +204,20 @@ def fleet_journal(postgres) -> str:
 
 
 @pytest.fixture
-def fleet_migrator(redis, mover_group, fleet_journal, tmp_path):
-    """A Migrator that runs its migrations on the test's movers (mover_group on the session's Redis)."""
+def coordination_server(redis):
+    """The movers' coordination backend: the session's Redis; a test module may give etcd instead."""
+    return redis
+
+
+@pytest.fixture
+def fleet_migrator(coordination_server, mover_group, fleet_journal, tmp_path):
+    """A Migrator that runs its migrations on the test's movers (mover_group on coordination_server)."""
     from volcopy.migration.migrator import Migrator
 
     migrator = Migrator(
         fleet_journal,
         checkpoint_dir=str(tmp_path / "checkpoints-cinder"),
-        fleet_url=coordination_url(redis.url),
+        fleet_url=coordination_url(coordination_server.url),
         fleet_group=mover_group,
     )
     yield migrator

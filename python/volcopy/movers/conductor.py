@@ -81,6 +81,10 @@ class _MoversBoard:
         return getattr(self._board, name)
 
     def iterjobs(self, only_unclaimed=False, ensure_fresh=False):
+        with _as_job_failure():
+            yield from self._claimable(ensure_fresh)
+
+    def _claimable(self, ensure_fresh: bool):
         live = None
         for job in self._board.iterjobs(only_unclaimed=True, ensure_fresh=ensure_fresh):
             details = job.details or {}
@@ -109,7 +113,8 @@ class _MoversBoard:
             raise exceptions.UnclaimableJob(f"mover {who} is stopping")
         limit = (job.details or {}).get("backend_limit")
         if not limit:
-            self._board.claim(job, who, expiry=self._conductor.claim_expiry)
+            with _as_job_failure():
+                self._board.claim(job, who, expiry=self._conductor.claim_expiry)
             self._conductor.claimed(job)
             return
         # The count and the claim under one lock of the group's: two movers never both take the last
@@ -124,7 +129,8 @@ class _MoversBoard:
             busy = self._claimed_on(job.details["backends"])
             if busy >= limit:
                 raise exceptions.UnclaimableJob(f"{busy} migrations run on its backend (limit {limit})")
-            self._board.claim(job, who, expiry=self._conductor.claim_expiry)
+            with _as_job_failure():
+                self._board.claim(job, who, expiry=self._conductor.claim_expiry)
             self._conductor.claimed(job)
         finally:
             try:
@@ -137,28 +143,47 @@ class _MoversBoard:
         from taskflow import states
 
         counts = dict.fromkeys(backends, 0)
-        for other in self._board.iterjobs(ensure_fresh=True):
-            for backend in set((other.details or {}).get("backends") or []) & set(counts):
-                if other.state == states.CLAIMED:
-                    counts[backend] += 1
+        with _as_job_failure():
+            for other in self._board.iterjobs(ensure_fresh=True):
+                for backend in set((other.details or {}).get("backends") or []) & set(counts):
+                    if other.state == states.CLAIMED:
+                        counts[backend] += 1
         return max(counts.values())
 
     def consume(self, job, who):
         self._conductor.finished(job)
-        self._board.consume(job, who)
+        with _as_job_failure():
+            self._board.consume(job, who)
         self._conductor.forget(job)
 
     def abandon(self, job, who):
         self._conductor.finished(job)
-        return self._board.abandon(job, who)
+        with _as_job_failure():
+            return self._board.abandon(job, who)
 
     def trash(self, job, who):
         self._conductor.finished(job)
-        return self._board.trash(job, who)
+        with _as_job_failure():
+            return self._board.trash(job, who)
+
+
+@contextlib.contextmanager
+def _as_job_failure():
+    """The backend's client errors as TaskFlow's JobFailure, which its conductor rides out (a round
+    later): TaskFlow's Redis jobboard translates redis-py's, its etcd jobboard passes etcd3gw's on."""
+    from taskflow import exceptions
+
+    try:
+        yield
+    except membership.BACKEND_ERRORS as exc:
+        raise exceptions.JobFailure(f"the jobboard: {one_line(exc)}") from None
 
 
 def _age(job) -> float:
-    """Seconds since the job was posted."""
+    """Seconds since the job was posted (by the poster's clock)."""
+    posted_at = (job.details or {}).get("posted_at")
+    if posted_at is not None:
+        return time.time() - posted_at
     return (datetime.datetime.now(datetime.timezone.utc) - _aware(job.created_on)).total_seconds()
 
 
@@ -173,7 +198,7 @@ class Conductor:
         mover,
         journal_url: str,
         checkpoint_dir: str | None,
-        claim_expiry: float,
+        claim_expiry: int,
         metrics: MoverMetrics,
         compute=None,
     ):

@@ -11,8 +11,10 @@ from keystoneauth1 import loading as ks_loading
 from oslo_config import cfg
 from oslo_log import log as logging
 
+from ..errors import InvalidRequest
 from ..units import parse_size
 from .defaults import DEFAULT_GROUP, DEFAULT_URL
+from .jobboard import check_url
 from .transports import KNOWN, usable
 
 mover_opts = [
@@ -26,9 +28,10 @@ mover_opts = [
         "coordination_url",
         default=DEFAULT_URL,
         secret=True,  # may hold a password
-        help="tooz's URL of the coordination backend, e.g. redis://HOST:6379?membership_timeout=10 "
+        help="tooz's URL of the coordination backend, Redis or etcd, e.g. "
+        "redis://HOST:6379?membership_timeout=10 or etcd3+http://HOST:2379?membership_timeout=10 "
         "(a mover whose heartbeats stop leaves the group that many seconds after its last one; "
-        "30 by default).",
+        "30 by default). The group, its locks and the jobboard live there.",
     ),
     cfg.StrOpt("group", default=DEFAULT_GROUP, help="The tooz group the movers join."),
     cfg.ListOpt(
@@ -56,12 +59,12 @@ mover_opts = [
         help="Where this mover keeps the checkpoints of the copies it runs (the journal keeps a copy for "
         "a takeover). Default: as the Migrator's.",
     ),
-    cfg.FloatOpt(
+    cfg.IntOpt(
         "claim_expiry",
-        default=15.0,
-        min=1.0,
+        default=15,
+        min=2,  # etcd's shortest lease
         help="Seconds a job's claim lasts unless renewed (three times per expiry): about how long after "
-        "a mover dies another one takes its migrations over.",
+        "a mover dies another one takes its migrations over. Whole seconds, as etcd's leases.",
     ),
     cfg.StrOpt(
         "metrics_address",
@@ -104,7 +107,7 @@ class MoverConfig:
     heartbeat_interval: float
     journal: str
     checkpoint_dir: str | None
-    claim_expiry: float
+    claim_expiry: int
     metrics_address: str
     compute: (
         object | None
@@ -148,13 +151,13 @@ def load(argv: list[str]) -> MoverConfig:
             raise ConfigError(
                 f"{files}: [mover] journal: the default's directory {directory}: {exc}"
             ) from None
-    if not values["coordination_url"].startswith("redis://"):
-        raise ConfigError(
-            f"{files}: [mover] coordination_url: the movers' jobboard needs Redis (redis://HOST:PORT)"
-        )
     for name in ("name", "coordination_url", "group"):
         if not values[name]:
             raise ConfigError(f"{files}: [mover] {name} must not be empty")
+    try:
+        check_url(values["coordination_url"])
+    except InvalidRequest as exc:
+        raise ConfigError(f"{files}: [mover] coordination_url: {exc}") from None
     try:
         values["bandwidth"] = parse_size(values["bandwidth"])
     except ValueError as exc:

@@ -1,5 +1,6 @@
-"""The movers' jobboard: TaskFlow's Redis jobboard on the coordination backend's Redis, and TaskFlow's
-SQLAlchemy persistence in the journal's database.
+"""The movers' jobboard: TaskFlow's jobboard on the coordination backend, Redis (``redis://``) or etcd
+(``etcd3+http://``, ``etcd3+https://``, the URLs of tooz's etcd3gw driver), and TaskFlow's SQLAlchemy
+persistence in the journal's database.
 
 A migration placed on the fleet is one job, named ``migration-ID``; its details name the migration, the
 mover it was placed on, the transports it needs and whether it fences attachments (so that another
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import urllib.parse
 import uuid
 import warnings
@@ -20,7 +22,7 @@ import warnings
 from ..errors import InvalidRequest
 from ..migration.errors import JournalError
 from .errors import CoordinationUnreachable
-from .membership import one_line, where
+from .membership import BACKEND_ERRORS, one_line, where
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,38 @@ def _taskflow():
     return engines, jobboards, persistence_backends, models
 
 
-def _redis_client(url: str):
+ETCD_SCHEMES = ("etcd3+http", "etcd3+https")
+
+
+def check_url(url: str) -> None:
+    """InvalidRequest unless the coordination URL is a backend the jobboard runs on."""
+    if urllib.parse.urlsplit(url).scheme not in ("redis", *ETCD_SCHEMES):
+        raise InvalidRequest(
+            "the movers' jobboard needs Redis (redis://HOST:PORT) or etcd (etcd3+http://HOST:PORT) as "
+            f"the coordination backend, not {where(url)}"
+        )
+
+
+def _board_config(url: str, group: str) -> tuple[dict, object]:
+    """TaskFlow's jobboard configuration for the group, and its client (None: TaskFlow makes it)."""
+    check_url(url)
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme == "redis":
+        return {"board": "redis", "namespace": f"volcopy:{group}".encode()}, _redis_client(parsed)
+    options = {name: values[-1] for name, values in urllib.parse.parse_qs(parsed.query).items()}
+    conf = {
+        "board": "etcd",
+        "path": f"volcopy/{group}",  # under TaskFlow's /taskflow/jobs
+        "host": parsed.hostname or "127.0.0.1",
+        "port": parsed.port or 2379,
+        "protocol": "https" if parsed.scheme.endswith("https") else "http",
+        "timeout": float(options.get("timeout", "30")),  # tooz's default; etcd3gw's own is none at all
+    }
+    conf.update({name: options[name] for name in ("ca_cert", "cert_key", "cert_cert") if name in options})
+    return conf, None
+
+
+def _redis_client(parsed: urllib.parse.SplitResult):
     """A redis-py client for tooz's Redis URL, without redis-py's own retries (see
     membership._fail_fast): a jobboard call to a Redis that is down fails at once, and the conductor's
     next round is its retry."""
@@ -45,11 +78,6 @@ def _redis_client(url: str):
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme != "redis":
-        raise InvalidRequest(
-            f"the movers' jobboard needs a Redis coordination URL (redis://HOST:PORT), not {where(url)}"
-        )
     options = urllib.parse.parse_qs(parsed.query)
     timeout = float(options.get("timeout", ["30"])[0])
     return redis.Redis(
@@ -87,16 +115,13 @@ def persistence(journal_url: str):
 
 
 def connect(coordination_url: str, group: str, backend):
-    """The group's jobboard (its Redis keys under ``volcopy:GROUP``), connected."""
+    """The group's jobboard (its keys under ``volcopy:GROUP`` in Redis, ``/taskflow/jobs/volcopy/GROUP``
+    in etcd), connected."""
     _, jobboards, _, _ = _taskflow()
     from taskflow import exceptions
 
-    board = jobboards.fetch(
-        f"volcopy-{group}",
-        {"board": "redis", "namespace": f"volcopy:{group}".encode()},
-        persistence=backend,
-        client=_redis_client(coordination_url),
-    )
+    conf, client = _board_config(coordination_url, group)
+    board = jobboards.fetch(f"volcopy-{group}", conf, persistence=backend, client=client)
     try:
         board.connect()
     except exceptions.JobFailure as exc:
@@ -137,6 +162,10 @@ def post(
         "fences": fences,
         "backends": list(dict.fromkeys(backends)),
         "backend_limit": backend_limit,
+        "posted_at": time.time(),  # TaskFlow's etcd jobboard does not give a job's created_on back
     }
-    job = board.post(f"{JOB_PREFIX}{migration_id}", book=book, details=details)
+    try:
+        job = board.post(f"{JOB_PREFIX}{migration_id}", book=book, details=details)
+    except BACKEND_ERRORS as exc:  # etcd3gw's: TaskFlow's etcd jobboard passes them on
+        raise CoordinationUnreachable(f"the jobboard is unreachable: {one_line(exc)}") from None
     return job.uuid

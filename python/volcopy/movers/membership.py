@@ -3,8 +3,8 @@
 Each mover is a member of the group (default ``volcopy-movers``) named after the mover; its tooz
 capabilities are a MoverInfo as a dict, written at join and again at each heartbeat. Liveness is
 tooz's: a member whose heartbeats stop is dropped from the group once the backend's membership timeout
-has passed since its last one (with Redis: the ``membership_timeout`` option of the URL, 30 s by
-default), by whoever reads the group next.
+has passed since its last one (the ``membership_timeout`` option of the URL, 30 s by default): with
+Redis by whoever reads the group next, with etcd when its lease expires.
 """
 
 from __future__ import annotations
@@ -35,15 +35,24 @@ _coordination()
 
 
 def _backend_errors() -> tuple[type[BaseException], ...]:
-    """What a call to the backend raises when it fails: tooz's errors, and with Redis also redis-py's
-    own (tooz 9's Redis driver translates them only for start, stop and heartbeat)."""
+    """What a call to the backend raises when it fails: tooz's errors, and the clients' own, which
+    tooz translates only for some calls (and TaskFlow's jobboards not at all): redis-py's, etcd3gw's."""
     from tooz import ToozError
 
+    errors: list[type[BaseException]] = [ToozError]
     try:
         from redis.exceptions import RedisError
+
+        errors.append(RedisError)
     except ImportError:
-        return (ToozError,)
-    return (ToozError, RedisError)
+        pass
+    try:
+        from etcd3gw.exceptions import Etcd3Exception
+
+        errors.append(Etcd3Exception)
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 BACKEND_ERRORS = _backend_errors()

@@ -20,6 +20,8 @@ from ..migration import journal as j
 from ..migration.errors import MigrationCancelled, MigrationConflict
 from ..migration.journal import Migration, Placement
 from .defaults import DEFAULT_GROUP
+from .errors import CoordinationUnreachable
+from .membership import one_line
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +53,18 @@ class FleetClient:
 
     def waiting(self) -> dict[str, int]:
         """Jobs posted for each mover and not claimed yet: placement counts them as slots taken."""
+        from taskflow.exceptions import TaskFlowException
+
+        from .membership import BACKEND_ERRORS
+
         counts: dict[str, int] = {}
-        for job in self.board.iterjobs(only_unclaimed=True):
-            mover = (job.details or {}).get("mover")
-            if mover:
-                counts[mover] = counts.get(mover, 0) + 1
+        try:
+            for job in self.board.iterjobs(only_unclaimed=True):
+                mover = (job.details or {}).get("mover")
+                if mover:
+                    counts[mover] = counts.get(mover, 0) + 1
+        except (TaskFlowException, *BACKEND_ERRORS) as exc:
+            raise CoordinationUnreachable(f"the movers' jobboard is unreachable: {one_line(exc)}") from None
         return counts
 
     def close(self) -> None:
