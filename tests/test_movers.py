@@ -93,6 +93,7 @@ def test_a_configured_transport_this_host_cannot_attach_stops_the_mover(tmp_path
         ("name =\n", "name must not be empty"),
         ("coordination_url =\n", "coordination_url must not be empty"),
         ("coordination_url = zookeeper://zk:2181\n", "coordination_url: the movers' jobboard needs Redis"),
+        ("coordination_url = redis://s:26379?sentinel=m\n", "jobboard does not follow a Redis Sentinel"),
         ("metrics_address = 9464\n", "metrics_address: HOST:PORT, not '9464'"),
         ("journal = sqlite:///x\n[compute]\nauth_type = nosuchplugin\n", "[compute]: "),
     ],

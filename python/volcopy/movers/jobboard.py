@@ -44,11 +44,14 @@ ETCD_SCHEMES = ("etcd3+http", "etcd3+https")
 
 def check_url(url: str) -> None:
     """InvalidRequest unless the coordination URL is a backend the jobboard runs on."""
-    if urllib.parse.urlsplit(url).scheme not in ("redis", *ETCD_SCHEMES):
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("redis", *ETCD_SCHEMES):
         raise InvalidRequest(
             "the movers' jobboard needs Redis (redis://HOST:PORT) or etcd (etcd3+http://HOST:PORT) as "
             f"the coordination backend, not {where(url)}"
         )
+    if "sentinel" in urllib.parse.parse_qs(parsed.query):
+        raise InvalidRequest(f"the movers' jobboard does not follow a Redis Sentinel: {where(url)}")
 
 
 def _board_config(url: str, group: str) -> tuple[dict, object]:
