@@ -5,7 +5,8 @@ on this host, the journal on the session's PostgreSQL.
 - placement, `volcopy movers list` and a per-backend limit, whose count and claim are made under a tooz
   lock on etcd;
 - a mover SIGKILLed mid-copy: its claim (an etcd lease) lapses, another mover takes the job over and
-  resumes from the journal's checkpoint.
+  resumes from the journal's checkpoint;
+- a mover stopped past its claim's expiry takes the claim again when it runs on, and keeps it.
 
 The Redis cases, and the faults under a running job: test_movers_jobs.py.
 """
@@ -13,6 +14,8 @@ The Redis cases, and the faults under a running job: test_movers_jobs.py.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -122,3 +125,35 @@ def test_a_mover_killed_mid_copy_on_etcd_is_taken_over_from_the_shared_checkpoin
     assert [s.status for s in copy_steps(fleet_migrator, m.id)] == [j.INTENDED, j.DONE]
     assert ended.owner.split(":")[1] == str(second.pid)
     assert second.metrics()["volcopy_mover_takeovers_total"] == 1
+
+
+def test_a_claim_that_lapsed_is_taken_again_and_then_kept_on_etcd(processes, fleet_migrator, tmp_path):
+    """A mover stopped (SIGSTOP) past its claim's expiry, with no other mover: once it runs again it
+    takes the claim again (a new etcd lease), and from then on keeps it, renewing that lease, not the
+    lapsed one."""
+    mover = processes.start("mover-a", ["file"])
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    data = volume(src, 24 * MiB)
+    m = fleet_migrator.submit(str(src), str(dst), rate_limit=2 * MiB)
+    wait_for(lambda: fleet_migrator.status(m.id).bytes_done > 0, 30, what="copying on mover-a")
+    board = fleet_migrator.fleet_client().board
+    [job] = [
+        job
+        for job in board.iterjobs(ensure_fresh=True)
+        if job.uuid == fleet_migrator.journal.placement(m.id).job
+    ]
+
+    os.kill(mover.pid, signal.SIGSTOP)
+    time.sleep(CLAIM_EXPIRY + 1)
+    lapsed = board.find_owner(job)
+    os.kill(mover.pid, signal.SIGCONT)
+    wait_for(lambda: board.find_owner(job) == "mover-a", 10, 0.1, "the claim taken again")
+    owners = set()
+    for _ in range(int(3 * CLAIM_EXPIRY / 0.2)):  # three expiries: the new lease is the one renewed
+        owners.add(board.find_owner(job))
+        time.sleep(0.2)
+    ended = ended_migration(fleet_migrator, m.id)
+
+    assert lapsed is None and owners == {"mover-a"}
+    assert ended.state == j.COMPLETED and dst.read_bytes() == data
+    assert [s.status for s in copy_steps(fleet_migrator, m.id)] == [j.DONE]

@@ -10,7 +10,8 @@ persistence and the migrations' locks), with a Migrator given the fleet's URL su
 - 50 small migrations on 3 movers of 2 slots: all complete, each once, never more than 2 at a time on
   a mover;
 - faults under a running job: a mover cut off from Redis, Redis restarted empty, PostgreSQL restarted;
-- a job posted twice for one migration: the one the journal does not name is dropped.
+- a job posted twice for one migration: the one the journal does not name is dropped, unless the named
+  one is gone from the jobboard: then it becomes the named one and runs the migration.
 
 An attached volume moved by a mover: test_movers_attached.py.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -425,3 +427,28 @@ def test_a_job_posted_twice_runs_its_migration_once(processes, fleet_migrator, t
     assert fleet_migrator.journal.placement(m.id).job == placement.job != second
     wait_for(lambda: client.board.job_count == 0, 15, what="both jobs consumed")
     assert f"is not its job ({placement.job} is): dropped" in mover.log_text()
+
+
+def test_a_job_the_journal_does_not_name_runs_its_migration_when_the_named_one_is_gone(
+    processes, fleet_migrator, tmp_path
+):
+    """The journal names a job that is no longer on the jobboard (consumed by mistake, or dropped before
+    the journal named it), and another job of the migration is there: that one becomes its job."""
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    data = volume(src, 4 * MiB)
+    mover = processes.start("mover-a", ["file"])
+    os.kill(mover.pid, signal.SIGSTOP)  # listed a little longer, claiming nothing meanwhile
+    m = fleet_migrator.submit(str(src), str(dst))
+    client = fleet_migrator.fleet_client()
+    named = fleet_migrator.journal.placement(m.id)
+    [lost] = [job for job in client.board.iterjobs(ensure_fresh=True) if job.uuid == named.job]
+    client.board.claim(lost, "test")
+    client.board.consume(lost, "test")
+    other = jobboard.post(client.board, client.backend, m.id, "", ("file", "file"), False, named.backends, 0)
+
+    os.kill(mover.pid, signal.SIGCONT)
+    ended = ended_migration(fleet_migrator, m.id)
+
+    assert ended.state == j.COMPLETED and dst.read_bytes() == data
+    assert fleet_migrator.journal.placement(m.id).job == other
+    assert f"its job {named.job} is gone: {other} runs it" in mover.log_text()

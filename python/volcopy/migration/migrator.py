@@ -743,8 +743,9 @@ class Migrator:
     def _copy_with_engine(self, m: Migration, src, dst, options: dict, progress) -> str:
         cancel = threading.Event()
         shared = SharedCheckpoint(self.journal, m.id, m.checkpoint, self.owner)
-        from_journal = shared.restore()
+        shared.restore()
         failpoint("checkpoint-restored")
+        started_afresh = False
         report, last = self._reporter(m, progress, cancel, shared)
 
         # Cinder's volume id knows dst again when os-brick attaches it under another device name.
@@ -763,14 +764,15 @@ class Migrator:
                     )
                 break
             except CheckpointError as exc:
-                if not from_journal:
+                if started_afresh:
                     raise
-                # Another host's checkpoint, whose fingerprints of the volumes hold only there (a
-                # device known by its number, a file system without inode generations): the copy
-                # starts from the beginning, as it did before the journal kept checkpoints.
+                # A checkpoint that is not this copy's: another host's, whose fingerprints of the
+                # volumes hold only there (a device known by its number, a file system without inode
+                # generations), or one made before src changed. dst is the migration's all the same:
+                # the copy starts from the beginning.
                 log.warning("migration %s: %s; copying from the start", m.id, exc)
                 shared.forget()
-                from_journal = False
+                started_afresh = True
             except Cancelled:
                 if last["trouble"]:
                     raise _Abort(last["trouble"]) from None

@@ -35,15 +35,12 @@ class SharedCheckpoint:
         self._sent_to = DIGESTS_AT  # the digests below this offset are in the journal
         self._seen: tuple[int, int] | None = None  # the file's (mtime, size) at the last sync
 
-    def restore(self) -> bool:
-        """Makes the local file the journal's copy unless the local one resumes further; True when the
-        file is now the journal's: a checkpoint perhaps saved on another host, whose fingerprints of the
-        volumes may hold only there. Also when both resume at the same offset, for a run that stopped
-        before its engine opened the journal's copy finds that copy here again."""
+    def restore(self) -> None:
+        """Makes the local file the journal's copy when that one resumes further."""
         pieces = self.journal.checkpoint_pieces(self.migration_id)
         local = checkpoint_resume_offset(self.path) if os.path.exists(self.path) else 0
         if not pieces:
-            return False
+            return
         staged = f"{self.path}.journal"
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -53,14 +50,13 @@ class SharedCheckpoint:
         finally:
             os.close(fd)
         shared = checkpoint_resume_offset(staged)
-        if shared == 0 or shared < local:
+        if shared <= local:
             os.unlink(staged)
-            return False
+            return
         os.replace(staged, self.path)
         end = max(offset + len(data) for offset, data in pieces)
         self._sent_to = max(DIGESTS_AT, end)
         log.info("migration %s: checkpoint taken from the journal: resumes at %d", self.migration_id, shared)
-        return True
 
     def forget(self) -> None:
         """Removes the checkpoint, here and in the journal: the copy starts from the beginning."""

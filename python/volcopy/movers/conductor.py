@@ -114,7 +114,7 @@ class _MoversBoard:
         limit = (job.details or {}).get("backend_limit")
         if not limit:
             with _as_job_failure():
-                self._board.claim(job, who, expiry=self._conductor.claim_expiry)
+                _claim(self._board, job, who, self._conductor.claim_expiry)
             self._conductor.claimed(job)
             return
         # The count and the claim under one lock of the group's: two movers never both take the last
@@ -130,7 +130,7 @@ class _MoversBoard:
             if busy >= limit:
                 raise exceptions.UnclaimableJob(f"{busy} migrations run on its backend (limit {limit})")
             with _as_job_failure():
-                self._board.claim(job, who, expiry=self._conductor.claim_expiry)
+                _claim(self._board, job, who, self._conductor.claim_expiry)
             self._conductor.claimed(job)
         finally:
             try:
@@ -167,6 +167,13 @@ class _MoversBoard:
             return self._board.trash(job, who)
 
 
+def _claim(board, job, who: str, expiry: int) -> None:
+    board.claim(job, who, expiry=expiry)
+    # TaskFlow's etcd job keeps the lease of the first claim it extended, for ever: this claim has its own
+    if hasattr(job, "_lease"):
+        job._lease = None
+
+
 @contextlib.contextmanager
 def _as_job_failure():
     """The backend's client errors as TaskFlow's JobFailure, which its conductor rides out (a round
@@ -184,6 +191,8 @@ def _age(job) -> float:
     posted_at = (job.details or {}).get("posted_at")
     if posted_at is not None:
         return time.time() - posted_at
+    if job.created_on is None:  # TaskFlow's etcd jobboard does not give it back
+        return 0.0
     return (datetime.datetime.now(datetime.timezone.utc) - _aware(job.created_on)).total_seconds()
 
 
@@ -402,7 +411,7 @@ class Conductor:
                     continue
                 if state == states.UNCLAIMED:
                     try:
-                        self.board.claim(job, self.name, expiry=self.claim_expiry)
+                        _claim(self.board, job, self.name, self.claim_expiry)
                     except (exceptions.UnclaimableJob, exceptions.NotFound):
                         pass  # claimed by another meanwhile, or gone: asked again below or next time
                     else:
@@ -411,28 +420,42 @@ class Conductor:
                             continue
                         claim.renewed_at = time.monotonic()
                         continue
-                owner = self.board.find_owner(job)  # raises if the claim lapsed meanwhile: next time
-                if owner == self.name:
-                    job.extend_expiry(self.claim_expiry)
-                    claim.renewed_at = time.monotonic()
+                owner = self.board.find_owner(job)
+                if owner is None:
+                    continue  # the claim lapsed since its state was read: taken again next time
+                if owner != self.name:
+                    self._hand_back(claim, f"its job's claim is held by {owner}")
                     continue
-                reason = f"its job's claim is held by {owner}"
-            except Exception as exc:  # noqa: BLE001 - Redis does not answer: the claim may lapse
-                if time.monotonic() - claim.renewed_at < self.claim_expiry:
-                    continue
-                reason = f"its job's claim could not be renewed for {self.claim_expiry:g} s: {one_line(exc)}"
-            self._hand_back(claim, reason)
+                if not job.extend_expiry(self.claim_expiry):
+                    raise exceptions.JobFailure("the claim's expiry was not extended")
+                claim.renewed_at = time.monotonic()
+            except Exception as exc:  # noqa: BLE001 - the backend does not answer: the claim may lapse
+                if time.monotonic() - claim.renewed_at >= self.claim_expiry:
+                    why = f"its job's claim could not be renewed for {self.claim_expiry:g} s: {one_line(exc)}"
+                    self._hand_back(claim, why)
 
     # ------------------------------------------------------------------ running a job
 
     def _duplicate(self, migration_id: str, job) -> bool:
-        """True for a job that the journal does not name as its migration's: one posted again while the
-        first was still being posted. The journal's job runs the migration; this one is consumed."""
-        placement = self.migrator.journal.placement(migration_id)
-        if placement is None or not placement.job or placement.job == job.uuid:
-            return False
-        log.info("migration %s: %s is not its job (%s is): dropped", migration_id, job.name, placement.job)
-        return True
+        """True for a job that the journal does not name as its migration's while the named one is on
+        the jobboard: one posted again while the first was still being posted. The named job runs the
+        migration, and this one is consumed. When the named job is not on the jobboard (lost, or itself
+        dropped before the journal named it), this job becomes the named one."""
+        journal = self.migrator.journal
+        while True:
+            named = journal.placement(migration_id)
+            if named is None or not named.job or named.job == job.uuid:
+                return False
+            with _as_job_failure():
+                on_board = {other.uuid for other in self.board.iterjobs(ensure_fresh=True)}
+            if named.job in on_board:
+                log.info(
+                    "migration %s: %s is not its job (%s is): dropped", migration_id, job.name, named.job
+                )
+                return True
+            if journal.replace_job(migration_id, named.job, job.uuid):
+                log.warning("migration %s: its job %s is gone: %s runs it", migration_id, named.job, job.uuid)
+                return False
 
     def run(self, migration_id: str) -> str:
         """The job's task: runs the migration; returns the state it ended in, or raises RunAgain."""

@@ -102,7 +102,10 @@ def submit(migrator, src_ref, dst_ref, attachments, verify, copy_options) -> Mig
     except (VolcopyError, TaskFlowException) as exc:
         log.warning("migration %s: its job is not posted (%s): a mover will post it", m.id, exc)
     except KeyboardInterrupt:
-        migrator.cancel(m.id)  # recorded already: Ctrl-C asks for its cancel, as while waiting
+        try:
+            migrator.cancel(m.id)  # recorded already: Ctrl-C asks for its cancel, as while waiting
+        except Exception as exc:  # noqa: BLE001 - the interrupt is what the caller must see
+            log.error("migration %s: interrupted, and not cancelled: %s", m.id, exc)
         raise
     return m
 
