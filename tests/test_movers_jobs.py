@@ -9,7 +9,9 @@ persistence and the migrations' locks), with a Migrator given the fleet's URL su
 - a cancel from the CLI on another host (a network namespace) stops a migration running on a mover;
 - 50 small migrations on 3 movers of 2 slots: all complete, each once, never more than 2 at a time on
   a mover;
-- faults under a running job: a mover cut off from Redis, Redis restarted empty, PostgreSQL restarted;
+- faults under a running job: a mover cut off from Redis, a mover frozen while the database dropped its
+  session (refused by the generation token once it runs on), Redis restarted empty, PostgreSQL
+  restarted;
 - a job posted twice for one migration: the one the journal does not name is dropped, unless the named
   one is gone from the jobboard: then it becomes the named one and runs the migration.
 
@@ -26,9 +28,11 @@ import sys
 import threading
 import time
 
+import psycopg
 import pytest
 from netns_hosts import needs_netns, netns_hosts  # noqa: F401 - the fixture
 from oslo_config import cfg
+from test_migration_hosts import lock_holders
 
 from compute_harness import wait_for
 from conftest import reference_digest
@@ -360,6 +364,45 @@ def test_a_mover_cut_off_from_redis_hands_its_migration_to_another(
     assert "its job's claim could not be renewed for 3 s" in first.log_text()
     assert first.process.poll() is None  # it rides the partition out, and is back in the group
     wait_for(lambda: "answers again" in first.log_text(), 15, what="mover-a back in the group")
+
+
+def test_a_frozen_mover_whose_session_died_is_refused_by_the_generation_token(
+    processes,
+    fleet_migrator,
+    postgres,
+    fleet_journal,
+    tmp_path,
+):
+    """mover-a frozen (SIGSTOP, as a long pause or a partition would) past its claim's expiry, and the
+    session that holds its migration's lock dropped by the database (as TCP keepalives would): mover-b
+    takes the migration over. mover-a, let go on, is refused by the journal's owner (the generation
+    token), stops the migration there, and leaves it to mover-b."""
+    rate, size = 4 * MiB, 40 * MiB
+    first = processes.start("mover-a", ["file"])
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    data = volume(src, size)
+    m = fleet_migrator.submit(str(src), str(dst), rate_limit=rate)
+    wait_for(lambda: fleet_migrator.status(m.id).bytes_done >= 8 * MiB, 30, what="8 MiB copied on mover-a")
+    processes.start("mover-b", ["file"])
+
+    first.process.send_signal(signal.SIGSTOP)
+    [holder] = lock_holders(postgres, fleet_journal)
+    with psycopg.connect(f"host=127.0.0.1 port={postgres.port} user=volcopy dbname=postgres") as c:
+        assert c.execute("SELECT pg_terminate_backend(%s)", (holder,)).fetchone() == (True,)
+    wait_for(
+        lambda: fleet_migrator.journal.placement(m.id).run_by == "mover-b", 30, what="taken over by mover-b"
+    )
+    first.process.send_signal(signal.SIGCONT)
+    ended = ended_migration(fleet_migrator, m.id)
+
+    assert ended.state == j.COMPLETED, ended.reason
+    assert ended.dst_digest == ended.src_digest == reference_digest(data) and dst.read_bytes() == data
+    assert ended.owner.split(":")[0] == "volcopy-mover-b"
+    a_copy, b_copy = copy_steps(fleet_migrator, m.id)
+    assert a_copy.status == j.FAILED and "LostOwnership" in a_copy.detail, a_copy.detail
+    assert b_copy.status == j.DONE
+    refused = wait_for(lambda: "stopped here, to run again" in first.log_text(), 15, what="mover-a stopped")
+    assert refused and first.process.poll() is None
 
 
 def test_redis_restarted_empty_under_a_running_job(redis, processes, fleet_migrator, tmp_path):

@@ -145,8 +145,9 @@ class _MoversBoard:
         counts = dict.fromkeys(backends, 0)
         with _as_job_failure():
             for other in self._board.iterjobs(ensure_fresh=True):
-                for backend in set((other.details or {}).get("backends") or []) & set(counts):
-                    if other.state == states.CLAIMED:
+                shared = set((other.details or {}).get("backends") or []) & set(counts)
+                if shared and other.state == states.CLAIMED:  # its state: a call to the backend
+                    for backend in shared:
                         counts[backend] += 1
         return max(counts.values())
 
