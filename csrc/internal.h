@@ -112,6 +112,8 @@ struct vc_throttle {
 };
 
 void vc_throttle_init(struct vc_throttle *t, uint64_t rate, uint64_t burst);
+/* A new rate (and bucket) from now on; the credit held so far is kept, up to the new bucket. */
+void vc_throttle_set(struct vc_throttle *t, uint64_t rate, uint64_t burst);
 /* 0 when n bytes may go now (and takes them), else the milliseconds to wait. */
 int vc_throttle_take(struct vc_throttle *t, uint64_t n);
 

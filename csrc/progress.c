@@ -60,9 +60,20 @@ int save_checkpoint(struct engine *g)
     return 0;
 }
 
+/* A rate limit another thread changed (a mover sharing its budget among its copies). The size of a
+ * read stays as the first limit made it: a higher rate only means more of them. */
+static void follow_rate(struct engine *g)
+{
+    uint64_t rate = __atomic_load_n(g->p->rate_live, __ATOMIC_RELAXED);
+    if (rate && rate != g->throttle.rate)
+        vc_throttle_set(&g->throttle, rate, VC_MAX(g->io_max, rate / 20));
+}
+
 void tick(struct engine *g)
 {
     uint64_t now = vc_now_ns();
+    if (g->p->rate_live && g->p->rate_limit)
+        follow_rate(g);
     if (g->p->progress && now - g->last_progress_ns >= PROGRESS_NS) {
         g->last_progress_ns = now;
         if (g->p->progress(g->p->progress_ctx, g->done, g->total) && !g->status)

@@ -19,6 +19,15 @@ void vc_throttle_init(struct vc_throttle *t, uint64_t rate, uint64_t burst)
     t->last_ns = vc_now_ns();
 }
 
+void vc_throttle_set(struct vc_throttle *t, uint64_t rate, uint64_t burst)
+{
+    vc_throttle_take(t, 0); /* the credit earned at the old rate, up to now */
+    t->rate = rate;
+    t->burst = burst;
+    if (t->tokens > (double)burst)
+        t->tokens = (double)burst;
+}
+
 int vc_throttle_take(struct vc_throttle *t, uint64_t n)
 {
     if (!t->rate)

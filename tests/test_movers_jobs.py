@@ -12,6 +12,7 @@ persistence and the migrations' locks), with a Migrator given the fleet's URL su
 - faults under a running job: a mover cut off from Redis, a mover frozen while the database dropped its
   session (refused by the generation token once it runs on), Redis restarted empty, PostgreSQL
   restarted;
+- a mover's copies share its bandwidth budget: one alone gets all of it, two never more together;
 - a job posted twice for one migration: the one the journal does not name is dropped, unless the named
   one is gone from the jobboard: then it becomes the named one and runs the migration.
 
@@ -322,6 +323,32 @@ def test_a_backend_limit_holds_across_the_fleet(processes, fleet_journal, redis,
         assert len({migrator.journal.placement(i).run_by for i in submitted}) >= 2
     finally:
         migrator.close()
+
+
+def test_a_movers_copies_share_its_bandwidth_budget(processes, fleet_migrator, tmp_path):
+    """A mover of 2 slots and 4 MiB/s: a copy alone gets the whole budget (not half of it), and two
+    copies at once never exceed it together."""
+    budget, size = 4 * MiB, 12 * MiB
+    processes.start("mover-a", ["file"], slots=2, bandwidth="4M")
+    data = {name: volume(tmp_path / f"{name}.img", size) for name in ("alone", "one", "two")}
+
+    alone = fleet_migrator.migrate(str(tmp_path / "alone.img"), str(tmp_path / "alone-copy.img"))
+    pair = [
+        fleet_migrator.submit(str(tmp_path / f"{name}.img"), str(tmp_path / f"{name}-copy.img"))
+        for name in ("one", "two")
+    ]
+    ended = [ended_migration(fleet_migrator, m.id) for m in pair]
+
+    assert alone.state == j.COMPLETED and (tmp_path / "alone-copy.img").read_bytes() == data["alone"]
+    # its rate over the copy step, start and final flush included: well above the 2 MiB/s of half
+    assert 0.75 * budget <= alone.rate <= 1.05 * budget, alone.rate / MiB
+    assert all(m.state == j.COMPLETED for m in ended)
+    assert [(tmp_path / f"{n}-copy.img").read_bytes() for n in ("one", "two")] == [data["one"], data["two"]]
+    copies = [copy_steps(fleet_migrator, m.id)[0] for m in pair]
+    assert most_at_once([(c.intended_at, c.ended_at) for c in copies]) == 2
+    span = (max(c.ended_at for c in copies) - min(c.intended_at for c in copies)).total_seconds()
+    # together: 24 MiB at no more than the budget (and the 50 ms of credit each copy starts with)
+    assert 2 * size / span <= 1.05 * budget, 2 * size / span / MiB
 
 
 # ---------------------------------------------------------------- faults under a running job

@@ -1,5 +1,6 @@
-"""Checkpoints and resume after SIGKILL at random moments, cancel, the rate limit, progress reports,
-the GIL, and bounded memory. Copies run in a subprocess (the CLI) where they are to be killed."""
+"""Checkpoints and resume after SIGKILL at random moments, cancel, the rate limit (also changed while
+the copy runs), progress reports, the GIL, and bounded memory. Copies run in a subprocess (the CLI)
+where they are to be killed."""
 
 from __future__ import annotations
 
@@ -217,6 +218,36 @@ def test_rate_limit_holds_within_5_percent_over_any_2_seconds(tmp_path):
                 break
     print(f"worst 2 s window: {worst / rate:.3f} x the limit")
     assert worst <= 1.05 * rate
+
+
+def test_a_rate_limit_changed_during_the_copy_is_followed_from_then_on(tmp_path):
+    """A RateLimit raised from 8 to 24 MiB/s after 2 s (as a mover's budget is, when its other copy
+    ends): the copy keeps to the first rate before, and goes at the second after."""
+    slow, fast, size = 8 * MiB, 24 * MiB, 64 * MiB
+    write_layout(tmp_path / "src.img", size, [(0, size)], seed=13)
+    limit = volcopy.RateLimit(slow)
+    samples, started = [], time.monotonic()
+
+    def progress(done, total):
+        now = time.monotonic()
+        samples.append((now, done))
+        if now - started >= 2.0 and limit.bytes_per_second == slow:
+            limit.bytes_per_second = fast
+            samples.append(("raised", now))
+
+    volcopy.copy(tmp_path / "src.img", tmp_path / "dst.img", rate_limit=limit, progress=progress)
+
+    [raised_at] = [t for mark, t in samples if mark == "raised"]
+    before = [(t, d) for t, d in samples if t != "raised" and t <= raised_at]
+    after = [(t, d) for t, d in samples if t != "raised" and t >= raised_at + 0.1]  # the engine's 50 ms
+    rate_before = (before[-1][1] - before[0][1] - MiB) / (before[-1][0] - before[0][0])
+    rate_after = (after[-1][1] - after[0][1]) / (after[-1][0] - after[0][0])
+    print(f"before {rate_before / MiB:.1f} MiB/s, after {rate_after / MiB:.1f} MiB/s")
+    assert rate_before <= 1.05 * slow
+    assert 0.85 * fast <= rate_after <= 1.05 * fast + MiB / (after[-1][0] - after[0][0])
+    assert read_all(tmp_path / "dst.img") == read_all(tmp_path / "src.img")
+    with pytest.raises(volcopy.InvalidRequest, match="whole number of bytes per second, not 0"):
+        limit.bytes_per_second = 0
 
 
 def test_progress_reports_finished_bytes_about_ten_times_a_second(tmp_path):

@@ -80,6 +80,9 @@ struct vc_copy_params {
     uint32_t queue_depth;        /* blocks in flight */
     uint32_t flags;              /* enum vc_flags */
     uint64_t rate_limit;         /* bytes read per second, 0 = unlimited */
+    /* With rate_limit set: the limit from now on, read at every turn of the copy loop (another thread
+     * stores it; 0 keeps the last one). NULL: rate_limit holds for the whole copy. */
+    const uint64_t *rate_live;
     const int64_t *extents;      /* sorted disjoint (offset, length) pairs; NULL = the whole volume */
     uint64_t n_extents;
     uint8_t *chunk_digests;      /* VC_DIGEST_SIZE per chunk of length, with VC_FLAG_DIGEST */

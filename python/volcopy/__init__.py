@@ -19,6 +19,7 @@ from .errors import (
     VolcopyError,
 )
 from .extents import extents
+from .rate import RateLimit
 
 __all__ = [
     "copy",
@@ -26,6 +27,7 @@ __all__ = [
     "digest",
     "verify",
     "CopyResult",
+    "RateLimit",
     "VolcopyError",
     "InvalidRequest",
     "EngineUnavailable",

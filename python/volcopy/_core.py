@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from ._native import ffi, lib
 from ._version import version
 from .errors import Cancelled, CheckpointError, CopyIOError, EngineUnavailable, InvalidRequest
+from .rate import RateLimit
 
 CHUNK_SIZE = lib.VC_CHUNK_SIZE
 MAX_BUFFER_BYTES = lib.VC_MAX_BUFFER_BYTES
@@ -134,7 +135,7 @@ def run(
     sparse: bool,
     dst_is_zero: bool,
     digest: bool,
-    rate_limit: int,
+    rate_limit: int | RateLimit,
     extents,
     checkpoint: str | None,
     fingerprints: Fingerprints | None,
@@ -163,7 +164,16 @@ def run(
         | (lib.VC_FLAG_DIGEST if digest else 0)
         | (lib.VC_FLAG_DST_NEW if dst_new else 0)
     )
-    p.rate_limit = rate_limit
+    live = rate_limit if isinstance(rate_limit, RateLimit) else None
+    p.rate_limit = live.bytes_per_second if live else rate_limit
+    follow_rate = None
+    if live:
+        rate_cell = ffi.new("uint64_t *", p.rate_limit)  # the closure holds it, not keep: it is written
+        p.rate_live = rate_cell  # until the engine has returned
+
+        def follow_rate() -> None:
+            rate_cell[0] = live.bytes_per_second
+
     chunk_digests = None
     if digest:
         chunk_digests = bytearray(chunk_count(length) * DIGEST_SIZE)
@@ -194,7 +204,7 @@ def run(
 
     result = ffi.new("struct vc_copy_result *")
     error = ffi.new("struct vc_error *")
-    rc = _run_stoppable(p, result, error, stop, cancel, keep)
+    rc = _run_stoppable(p, result, error, stop, cancel, keep, follow_rate)
     if reporter is not None and reporter.exception is not None:
         raise reporter.exception
     if rc < 0:
@@ -211,7 +221,9 @@ def run(
     )
 
 
-def _run_stoppable(params, result, error, stop, cancel: threading.Event | None, keep: list) -> int:
+def _run_stoppable(
+    params, result, error, stop, cancel: threading.Event | None, keep: list, each_step: Callable | None
+) -> int:
     """vc_copy on its own thread while this one waits in 50 ms steps: a signal's Python handler runs
     only on the main thread between bytecodes, never inside a C call, so the wait is where Ctrl-C lands.
     Either way the engine sees the stop flag at its next turn and returns once what it has in flight
@@ -219,7 +231,7 @@ def _run_stoppable(params, result, error, stop, cancel: threading.Event | None, 
 
     The wait is on an Event, not Thread.join: a join interrupted by KeyboardInterrupt marks the thread
     as ended while it still runs (CPython's _wait_for_tstate_lock), and the caller would then close
-    descriptors the engine is still using."""
+    descriptors the engine is still using. each_step: called at every step (a rate limit to follow)."""
     outcome = []
     entered, done = threading.Event(), threading.Event()
 
@@ -236,6 +248,8 @@ def _run_stoppable(params, result, error, stop, cancel: threading.Event | None, 
         while not done.wait(0.05):
             if cancel is not None and cancel.is_set():
                 stop[0] = 1
+            if each_step is not None:
+                each_step()
     except BaseException:
         # Interrupted inside start(), the thread may or may not exist: one that does enters at once.
         if entered.is_set() or entered.wait(1.0):

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Union
 from . import _core
 from .digest import first_difference, first_difference_in_extents, hash_volume
 from .errors import CheckpointError, EngineUnavailable, InvalidRequest, VerifyError
+from .rate import MAX_RATE, RateLimit
 from .volume import Volume, VolumeSpec, describe, open_destination, open_source, overlaps
 
 DEFAULT_BLOCK_SIZE = 1 << 20
@@ -101,8 +102,8 @@ def check_options(engine: str, block_size, queue_depth, direct, rate_limit, leng
         )
     if direct not in (True, False, "auto"):
         raise InvalidRequest(f"direct must be True, False or 'auto', not {direct!r}")
-    if rate_limit is not None:
-        rate_limit = _positive_int(rate_limit, "rate_limit", 1, 1 << 50)
+    if rate_limit is not None and not isinstance(rate_limit, RateLimit):  # a RateLimit checks itself
+        rate_limit = _positive_int(rate_limit, "rate_limit", 1, MAX_RATE)
     if length is not None:
         length = _positive_int(length, "length", 0, 1 << 62)
     return block_size, queue_depth, rate_limit or 0, length
@@ -171,7 +172,7 @@ def copy(
     sparse: bool = True,
     dst_is_zero: bool = False,
     verify: bool = False,
-    rate_limit: int | None = None,
+    rate_limit: int | RateLimit | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
     checkpoint: str | os.PathLike[str] | None = None,

@@ -30,6 +30,7 @@ from .. import copier
 from ..compute.errors import ComputeConflict, ComputeError, ComputeNotFound
 from ..digest import digest
 from ..errors import Cancelled, CheckpointError, InvalidRequest, VolcopyError
+from ..rate import BandwidthBudget
 from ..rbd_volume import RBDSpec
 from ..volume import size_of
 from . import journal as j
@@ -170,7 +171,7 @@ class Migrator:
             raise InvalidRequest(f"backend_limit must be a whole number, 0 or more, not {backend_limit!r}")
         self.backend_limit = backend_limit
         self._fleet_client = None
-        self.rate_cap = 0  # bytes per second, at most, for each copy this Migrator runs (0: none)
+        self.bandwidth: BandwidthBudget | None = None  # shared by the engine copies this Migrator runs
         self._owners: Owners | None = None
         self._stops: dict[str, threading.Event] = {}  # run_placed()'s: set, its run stops
 
@@ -589,8 +590,6 @@ class Migrator:
         src_ref, dst_ref = VolumeRef.from_json(m.src), VolumeRef.from_json(m.dst)
         options = dict(m.options)
         verify = options.pop("verify", False)
-        if self.rate_cap:
-            options["rate_limit"] = min(options.get("rate_limit") or self.rate_cap, self.rate_cap)
         try:
             with src_ref.attached() as src, dst_ref.attached() as dst:
                 path = self._clone(m, clone, src, dst, progress, options)
@@ -653,7 +652,7 @@ class Migrator:
                     return "clone"
                 step.detail = "the file system cannot share extents"
         if self.rbd_deep_copy and isinstance(src, RBDSpec) and isinstance(dst, RBDSpec):
-            if options.get("rate_limit"):
+            if options.get("rate_limit") or self.bandwidth is not None:
                 log.info("migration %s: a rate limit is set: copied by the engine, not librbd", m.id)
                 return None
             return self._deep_copy(m, src, dst, progress)
@@ -745,38 +744,44 @@ class Migrator:
         shared = SharedCheckpoint(self.journal, m.id, m.checkpoint, self.owner)
         shared.restore()
         failpoint("checkpoint-restored")
-        started_afresh = False
         report, last = self._reporter(m, progress, cancel, shared)
-
         # Cinder's volume id knows dst again when os-brick attaches it under another device name.
         dst_id = m.dst_key if m.dst_key.startswith("volume:") else None
-        while True:
-            try:
-                with self._step(m, "copy", f"{m.src_key} -> {m.dst_key}"):
-                    result = copier.copy(
-                        src,
-                        dst,
-                        checkpoint=m.checkpoint,
-                        dst_id=dst_id,
-                        progress=report,
-                        cancel=cancel,
-                        **options,
-                    )
-                break
-            except CheckpointError as exc:
-                if started_afresh:
+        share = self.bandwidth.join(options.get("rate_limit")) if self.bandwidth is not None else None
+        if share is not None:
+            options = options | {"rate_limit": share}  # follows the budget as other copies come and go
+        started_afresh = False
+        try:
+            while True:
+                try:
+                    with self._step(m, "copy", f"{m.src_key} -> {m.dst_key}"):
+                        result = copier.copy(
+                            src,
+                            dst,
+                            checkpoint=m.checkpoint,
+                            dst_id=dst_id,
+                            progress=report,
+                            cancel=cancel,
+                            **options,
+                        )
+                    break
+                except CheckpointError as exc:
+                    if started_afresh:
+                        raise
+                    # A checkpoint that is not this copy's: another host's, whose fingerprints of the
+                    # volumes hold only there (a device known by its number, a file system without inode
+                    # generations), or one made before src changed. dst is the migration's all the
+                    # same: the copy starts from the beginning.
+                    log.warning("migration %s: %s; copying from the start", m.id, exc)
+                    shared.forget()
+                    started_afresh = True
+                except Cancelled:
+                    if last["trouble"]:
+                        raise _Abort(last["trouble"]) from None
                     raise
-                # A checkpoint that is not this copy's: another host's, whose fingerprints of the
-                # volumes hold only there (a device known by its number, a file system without inode
-                # generations), or one made before src changed. dst is the migration's all the same:
-                # the copy starts from the beginning.
-                log.warning("migration %s: %s; copying from the start", m.id, exc)
-                shared.forget()
-                started_afresh = True
-            except Cancelled:
-                if last["trouble"]:
-                    raise _Abort(last["trouble"]) from None
-                raise
+        finally:
+            if share is not None:
+                self.bandwidth.leave(share)
         self._set(
             m,
             bytes_done=result.size,

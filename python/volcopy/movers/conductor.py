@@ -17,8 +17,9 @@
   that are claimed on each of its volumes' backends, across the fleet (the count and the claim are
   made under a lock of the group's).
 - **Slots and bandwidth.** The conductor runs at most ``slots`` jobs at once, and the mover publishes
-  the slots in use and its rate. Each copy is limited to ``bandwidth / slots`` (its own rate limit, if
-  lower, holds): together they never exceed the budget, though a copy alone does not get the rest.
+  the slots in use and its rate. The running copies share ``bandwidth`` (rate.BandwidthBudget): each
+  gets an equal part, or its own rate limit when lower, and the parts change as copies start and end,
+  so a copy alone gets the whole budget and together they never exceed it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from oslo_log import log as logging
 from ..migration.errors import JournalError, LostOwnership
 from ..migration.migrator import Migrator
 from ..migration.volumes import VolumeRef
+from ..rate import BandwidthBudget
 from . import flow, jobboard, membership
 from .flow import RunAgain
 from .membership import one_line
@@ -221,8 +223,8 @@ class Conductor:
         self.migrator = Migrator(journal_url, compute=compute, checkpoint_dir=checkpoint_dir)
         self.backend = jobboard.persistence(journal_url)
         self.board = jobboard.connect(mover.url, mover.group, self.backend)
-        # The bandwidth budget, shared as equal parts: its copies together never exceed it.
-        self.migrator.rate_cap = max(1, mover.bandwidth // mover.slots) if mover.bandwidth else 0
+        # The bandwidth budget, shared by the running copies: together they never exceed it.
+        self.migrator.bandwidth = BandwidthBudget(mover.bandwidth) if mover.bandwidth else None
         self._claims: dict[str, _Claimed] = {}  # by migration id
         self._guard = threading.Lock()
         self.stopping = False  # set by stop(): nothing more is claimed
