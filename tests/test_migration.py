@@ -303,6 +303,7 @@ def test_bad_input_is_refused_before_anything_is_recorded(source, workdir):
         (lambda: migrator.migrate(src, {"data": {}}), "a path, rbd:POOL/IMAGE or Cinder connection_info"),
         (lambda: migrator.migrate(src, dst, speed=3), "unknown copy option"),
         (lambda: migrator.migrate(src, dst, block_size=3), "block_size"),
+        (lambda: migrator.migrate(src, dst, rate_limit=volcopy.RateLimit(1)), "not a RateLimit"),
     ]
     for call, message in cases:
         with pytest.raises(InvalidRequest, match=message):

@@ -30,7 +30,7 @@ from .. import copier
 from ..compute.errors import ComputeConflict, ComputeError, ComputeNotFound
 from ..digest import digest
 from ..errors import Cancelled, CheckpointError, InvalidRequest, VolcopyError
-from ..rate import BandwidthBudget
+from ..rate import BandwidthBudget, RateLimit
 from ..rbd_volume import RBDSpec
 from ..volume import size_of
 from . import journal as j
@@ -111,6 +111,11 @@ def _check_copy_options(options: dict) -> None:
     if unknown:
         raise InvalidRequest(
             f"unknown copy option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(COPY_OPTIONS))}"
+        )
+    if isinstance(options.get("rate_limit"), RateLimit):
+        raise InvalidRequest(
+            "a migration's rate_limit is kept in its journal: a whole number of bytes per second, "
+            "not a RateLimit"
         )
     copier.check_options(
         options.get("engine", "auto"),
