@@ -44,7 +44,7 @@ class BandwidthBudget:
 
     def join(self, own_limit: int | None = None) -> RateLimit:
         """A limit for one more copy (at most own_limit), to give back with leave() when it ends."""
-        limit = RateLimit(max(1, min(self.total, own_limit or self.total)))
+        limit = RateLimit(self.total)  # its part is set by _share
         with self._lock:
             self._copies[limit] = own_limit or None
             self._share()

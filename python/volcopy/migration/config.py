@@ -35,8 +35,8 @@ migration_opts = [
     cfg.StrOpt(
         "coordination_url",
         secret=True,
-        help="tooz's URL of the data movers' group (Redis): migrations run on a mover that reaches both "
-        "volumes (docs/movers.md); empty: in this process.",
+        help="tooz's URL of the data movers' group (Redis or etcd): migrations run on a mover that "
+        "reaches both volumes (docs/movers.md); empty: in this process.",
     ),
     cfg.StrOpt("group", default=DEFAULT_GROUP, help="The movers' group."),
     cfg.IntOpt(

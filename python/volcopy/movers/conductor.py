@@ -190,17 +190,13 @@ def _as_job_failure():
 
 
 def _age(job) -> float:
-    """Seconds since the job was posted (by the poster's clock)."""
-    posted_at = (job.details or {}).get("posted_at")
-    if posted_at is not None:
-        return time.time() - posted_at
-    if job.created_on is None:  # TaskFlow's etcd jobboard does not give it back
-        return 0.0
-    return (datetime.datetime.now(datetime.timezone.utc) - _aware(job.created_on)).total_seconds()
+    """Seconds since the job was posted, by the poster's clock (jobboard.post writes it: TaskFlow's etcd
+    jobboard does not give a job's created_on back)."""
+    return time.time() - (job.details or {}).get("posted_at", time.time())
 
 
 def _aware(moment: datetime.datetime) -> datetime.datetime:
-    """TaskFlow, and SQLite, give UTC times without a zone."""
+    """SQLite gives UTC times without a zone."""
     return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
 
 
@@ -352,7 +348,7 @@ class Conductor:
         unfinished = [m for m in journal.list(unfinished_only=True) if m.id in placements]
         if not unfinished:
             return
-        on_board = {job.uuid for job in self.board.iterjobs(ensure_fresh=True)}
+        on_board = self._on_board()
         # A submitter records a migration, then posts its job: a job-less one is lost after a while only.
         now = datetime.datetime.now(datetime.timezone.utc)
         posting_since = now - datetime.timedelta(seconds=self.claim_expiry)
@@ -375,6 +371,10 @@ class Conductor:
             )
             if journal.replace_job(m.id, placement.job, job):
                 log.warning("migration %s: its job was lost from the jobboard: posted again", m.id)
+
+    def _on_board(self) -> set[str]:
+        """The uuids of every job on the jobboard, claimed or not, read afresh."""
+        return {job.uuid for job in self.board.iterjobs(ensure_fresh=True)}
 
     def forget(self, job) -> None:
         """A consumed job's logbook, which TaskFlow's persistence would otherwise keep for ever."""
@@ -450,7 +450,7 @@ class Conductor:
             if named is None or not named.job or named.job == job.uuid:
                 return False
             with _as_job_failure():
-                on_board = {other.uuid for other in self.board.iterjobs(ensure_fresh=True)}
+                on_board = self._on_board()
             if named.job in on_board:
                 log.info(
                     "migration %s: %s is not its job (%s is): dropped", migration_id, job.name, named.job

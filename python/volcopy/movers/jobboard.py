@@ -165,7 +165,7 @@ def post(
         "fences": fences,
         "backends": list(dict.fromkeys(backends)),
         "backend_limit": backend_limit,
-        "posted_at": time.time(),  # TaskFlow's etcd jobboard does not give a job's created_on back
+        "posted_at": time.time(),  # its age (conductor._age): TaskFlow's etcd jobboard loses created_on
     }
     try:
         job = board.post(f"{JOB_PREFIX}{migration_id}", book=book, details=details)
