@@ -107,6 +107,8 @@ static int setup(struct engine *g)
      * is refused); punching a hole in a file writes none. */
     g->zeroing_throttled = p->rate_limit && g->has_dst && p->dst.kind == VC_KIND_BLOCKDEV;
 
+    residency_open(g);
+
     vc_digest_zeros(VC_CHUNK_SIZE, g->zero_digest_chunk);
     vc_digest_zeros(p->length % VC_CHUNK_SIZE, g->zero_digest_tail);
 
@@ -150,6 +152,7 @@ static void teardown(struct engine *g)
         g->io_buffered.ops->fini(&g->io_buffered);
     if (g->ckpt_open)
         vc_checkpoint_close(&g->ckpt);
+    residency_close(g);
     free(g->slots);
     free(g->reqs);
     free(g->completions);

@@ -6,6 +6,7 @@
  *   pipeline.c       slots: issuing reads and writes, completions, zero scan and hash of a unit
  *   zeroing.c        making ranges of dst read as zeros
  *   progress.c       progress reports, cancellation, checkpoints and the watermark they record
+ *   residency.c      which pages of src the page cache holds (read those through it)
  *   errors.c         recording the first failure, and the lowest offset any failure touched
  */
 #ifndef VC_ENGINE_H
@@ -38,10 +39,18 @@ struct slot {
 struct request {
     unsigned slot;
     int op;
+    bool cached; /* a read of pages the page cache holds: through it, not O_DIRECT */
     uint64_t off;
     uint32_t len;
     uint8_t *buf;
     unsigned next_free;
+};
+
+struct residency {
+    uint8_t *map; /* src mapped, never touched: mincore() asks about its pages (NULL: not in use) */
+    size_t map_len;
+    uint64_t page;
+    unsigned char *vec; /* mincore's answer for one request */
 };
 
 struct zero_range {
@@ -80,6 +89,8 @@ struct engine {
     struct zero_range zero_pending;
     bool zeroing_throttled; /* zeroing a device writes (or may write): it counts against the rate */
     uint8_t zero_digest_chunk[VC_DIGEST_SIZE], zero_digest_tail[VC_DIGEST_SIZE];
+
+    struct residency residency;
 
     struct vc_throttle throttle;
     int throttle_wait_ms;
@@ -120,6 +131,11 @@ int zero_add(struct engine *g, uint64_t off, uint64_t len);
 int zero_flush(struct engine *g);
 void digest_zeros(struct engine *g, uint64_t from, uint64_t to);
 const uint8_t *zero_digest(struct engine *g, uint64_t len);
+
+/* residency.c */
+void residency_open(struct engine *g);
+void residency_close(struct engine *g);
+uint64_t resident_run(struct engine *g, uint64_t off, uint64_t len, bool *cached);
 
 /* progress.c */
 bool stop_requested(struct engine *g); /* a failure, or a cancel seen now (which becomes the status) */

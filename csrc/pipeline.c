@@ -61,7 +61,7 @@ static int queue_request(struct engine *g, struct request *rq, unsigned tag)
     bool buffered = s->buffered && ep->kind != VC_KIND_RBD;
     struct vc_io_request io_rq = {
         .op = rq->op,
-        .fd = buffered ? ep->fd_buffered : ep->fd,
+        .fd = buffered || rq->cached ? ep->fd_buffered : ep->fd,
         .rbd = ep->kind == VC_KIND_RBD ? ep->rbd : NULL,
         .buf = rq->buf,
         .len = rq->len,
@@ -94,8 +94,11 @@ static bool slot_issue(struct engine *g, unsigned i)
     while (s->next_op < s->n_ops) {
         struct extent *x = &s->ops[s->next_op];
         uint64_t len = VC_MIN(g->io_max, x->off + x->len - s->next_off);
+        bool cached = false;
         if (g->free_req == UINT32_MAX)
             return false;
+        if (op == VC_OP_READ && g->residency.map && !s->buffered)
+            len = resident_run(g, s->next_off, len, &cached);
         if (op == VC_OP_READ) {
             int wait = vc_throttle_take(&g->throttle, len);
             if (wait) {
@@ -108,6 +111,7 @@ static bool slot_issue(struct engine *g, unsigned i)
         g->free_req = rq->next_free;
         rq->slot = i;
         rq->op = op;
+        rq->cached = cached;
         rq->off = s->next_off;
         rq->len = (uint32_t)len;
         rq->buf = s->buf + (s->next_off - s->start);
@@ -235,12 +239,14 @@ static void process_read(struct engine *g, unsigned i)
     slot_queue(g, i);
 }
 
-static void account(struct engine *g, int op, uint64_t n)
+static void account(struct engine *g, const struct request *rq, uint64_t n)
 {
-    if (op == VC_OP_READ)
+    if (rq->op == VC_OP_READ) {
         g->r->bytes_read += n;
-    else
+        g->r->bytes_from_cache += rq->cached ? n : 0;
+    } else {
         g->r->bytes_written += n;
+    }
 }
 
 /* Short transfers and interrupted requests are retried here, where they happen; true if requeued. A
@@ -251,7 +257,7 @@ static bool retry(struct engine *g, struct request *rq, unsigned tag, int64_t re
     if (!short_transfer && res != -EINTR && res != -EAGAIN)
         return false;
     if (short_transfer) {
-        account(g, rq->op, (uint64_t)res);
+        account(g, rq, (uint64_t)res);
         rq->off += (uint64_t)res;
         rq->buf += res;
         rq->len -= (uint32_t)res;
@@ -276,7 +282,7 @@ static void complete(struct engine *g, const struct vc_io_completion *c)
             fail(g, EIO, side, rq->op, rq->off,
                  rq->op == VC_OP_READ ? "read (unexpected end of file)" : "write (no progress)");
         else
-            account(g, rq->op, rq->len);
+            account(g, rq, rq->len);
     }
     release_request(g, tag);
     /* Stopping, a slot only waits for its requests to come home; it stays busy so that the

@@ -16,6 +16,7 @@ The fault classes:
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import random
@@ -25,7 +26,7 @@ import time
 
 import pytest
 from faultshim import fault_env, injections
-from nbd_devices import nbd_devices  # noqa: F401 - a fixture
+from nbd_devices import BLKFLSBUF, nbd_devices  # noqa: F401 - a fixture
 
 from conftest import ENGINES, MiB, fill_garbage, needs_root_for_loop, read_all, reference_digest, write_layout
 from volcopy._core import checkpoint_resume_offset
@@ -227,6 +228,7 @@ def device_source(nbd_devices, source):  # noqa: F811 - the fixture imported abo
     with open(device.path, "r+b", buffering=0) as f:
         f.write(source[1])
         os.fsync(f.fileno())
+        fcntl.ioctl(f.fileno(), BLKFLSBUF)  # reads must reach the device: none may come from the cache
     return device, source[1]
 
 

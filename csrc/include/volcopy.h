@@ -56,7 +56,8 @@ enum vc_flags {
     VC_FLAG_SPARSE = 1,      /* skip holes (files) and detect zero blocks */
     VC_FLAG_DST_IS_ZERO = 2, /* the caller promises dst reads as zeros: never zero it */
     VC_FLAG_DIGEST = 4,      /* fill chunk_digests and the volume digest */
-    VC_FLAG_DST_NEW = 8      /* dst was created for this copy: a checkpoint with progress cannot be its */
+    VC_FLAG_DST_NEW = 8,     /* dst was created for this copy: a checkpoint with progress cannot be its */
+    VC_FLAG_SRC_FROM_CACHE = 16 /* src is direct: read the pages the page cache holds through it */
 };
 
 /* An RBD image opened by vc_rbd_open; opaque. */
@@ -104,6 +105,7 @@ struct vc_copy_result {
     uint64_t bytes_written; /* written to dst as data */
     uint64_t bytes_skipped; /* holes of src, never read */
     uint64_t bytes_zero;    /* read, found zero, not written as data */
+    uint64_t bytes_from_cache; /* of bytes_read, read from the page cache (VC_FLAG_SRC_FROM_CACHE) */
     uint64_t resumed_from;  /* offset a checkpoint let this run start at */
     int engine;             /* the engine that ran */
     uint8_t digest[16];     /* with VC_FLAG_DIGEST */

@@ -97,6 +97,7 @@ class NativeResult:
     bytes_written: int
     bytes_skipped: int
     bytes_zero: int
+    bytes_from_cache: int
     resumed_from: int
     engine: str
     digest: str | None
@@ -142,6 +143,7 @@ def run(
     dst_new: bool,
     progress: Callable[[int, int], bool] | None,
     cancel: threading.Event | None = None,
+    src_from_cache: bool = False,
 ) -> NativeResult:
     """Runs one copy (or, without dst, one digest) in the engine, on a thread of its own: this thread
     waits for it, so a KeyboardInterrupt (Ctrl-C) stops the engine within 50 ms and is raised again once
@@ -163,6 +165,7 @@ def run(
         | (lib.VC_FLAG_DST_IS_ZERO if dst_is_zero else 0)
         | (lib.VC_FLAG_DIGEST if digest else 0)
         | (lib.VC_FLAG_DST_NEW if dst_new else 0)
+        | (lib.VC_FLAG_SRC_FROM_CACHE if src_from_cache else 0)
     )
     live = rate_limit if isinstance(rate_limit, RateLimit) else None
     p.rate_limit = live.bytes_per_second if live else rate_limit
@@ -214,6 +217,7 @@ def run(
         bytes_written=result.bytes_written,
         bytes_skipped=result.bytes_skipped,
         bytes_zero=result.bytes_zero,
+        bytes_from_cache=result.bytes_from_cache,
         resumed_from=result.resumed_from,
         engine=ENGINE_NAMES[result.engine],
         digest=bytes(ffi.buffer(result.digest, DIGEST_SIZE)).hex() if digest else None,

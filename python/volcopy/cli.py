@@ -92,11 +92,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _summary(result: copier.CopyResult, src: str, dst: str) -> str:
+    from_cache = f" ({format_size(result.bytes_from_cache)} from the page cache)" if result.bytes_from_cache else ""
     rows = [
         ("copied", f"{src} -> {dst}"),
         ("size", format_size(result.size)),
         ("time", f"{result.seconds:.2f} s at {format_size(result.rate)}/s"),
-        ("read", format_size(result.bytes_read)),
+        ("read", format_size(result.bytes_read) + from_cache),
         ("written", format_size(result.bytes_written)),
         ("holes skipped", format_size(result.bytes_skipped)),
         ("zeros detected", format_size(result.bytes_zero)),

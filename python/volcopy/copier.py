@@ -48,6 +48,7 @@ class CopyResult:
     verified: bool = False
     block_size: int = DEFAULT_BLOCK_SIZE
     queue_depth: int = DEFAULT_QUEUE_DEPTH
+    bytes_from_cache: int = 0  # of bytes_read, read from the page cache (direct="auto": what it held)
 
     @property
     def chunk_digests(self) -> np.ndarray | None:
@@ -221,6 +222,8 @@ def copy(
                     dst_new=target.created,
                     progress=_progress_reporter(progress),
                     cancel=cancel,
+                    # What of src the page cache holds is read from it; direct=True means the disk.
+                    src_from_cache=direct == "auto",
                 )
             except BaseException as exc:
                 # Without a checkpoint to resume from, a file we created is only a half-written copy.
@@ -249,6 +252,7 @@ def copy(
                 bytes_written=native.bytes_written,
                 bytes_skipped=native.bytes_skipped,
                 bytes_zero=native.bytes_zero,
+                bytes_from_cache=native.bytes_from_cache,
                 seconds=time.monotonic() - started,
                 engine=native.engine,
                 direct=source.direct and target.direct,

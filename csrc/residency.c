@@ -1,0 +1,65 @@
+/* Which of src's pages the page cache holds, so that a copy reads those through it and the rest with
+ * O_DIRECT (VC_FLAG_SRC_FROM_CACHE).
+ *
+ * A source that was just written or downloaded (Cinder's image-to-volume copy, an image cache) is often
+ * all in memory; O_DIRECT would read it from the disk again. mincore() on a mapping of src answers per
+ * page without touching the pages. RWF_NOWAIT would answer too, but on a miss it starts readahead into
+ * the cache: a cold source would be read twice and fill the cache. The buffered descriptor gets
+ * POSIX_FADV_RANDOM, so that reading a cached page never starts readahead past it either: what the copy
+ * leaves in the cache is what it found there. */
+#include <fcntl.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "engine.h"
+
+void residency_open(struct engine *g)
+{
+    const struct vc_endpoint *src = &g->p->src;
+    struct residency *c = &g->residency;
+
+    if (!(g->p->flags & VC_FLAG_SRC_FROM_CACHE) || !src->direct || src->kind == VC_KIND_RBD || !g->end)
+        return;
+    c->page = (uint64_t)sysconf(_SC_PAGESIZE);
+    c->map_len = (size_t)VC_ROUND_UP(g->end, c->page);
+    c->vec = malloc(g->io_max / c->page + 2);
+    void *map = mmap(NULL, c->map_len, PROT_READ, MAP_SHARED, src->fd_buffered, 0);
+    /* Only a faster way to read: where src cannot be mapped, everything is read with O_DIRECT. */
+    if (map == MAP_FAILED || !c->vec) {
+        if (map != MAP_FAILED)
+            munmap(map, c->map_len);
+        free(c->vec);
+        c->vec = NULL;
+        return;
+    }
+    c->map = map;
+    posix_fadvise(src->fd_buffered, 0, 0, POSIX_FADV_RANDOM);
+}
+
+void residency_close(struct engine *g)
+{
+    struct residency *c = &g->residency;
+    if (c->map)
+        munmap(c->map, c->map_len);
+    free(c->vec);
+    c->map = NULL;
+    c->vec = NULL;
+}
+
+/* The length of the run from off (at most len) whose pages are all cached, or all not; *cached says
+ * which. Runs end on page boundaries, so each piece stays aligned for O_DIRECT. */
+uint64_t resident_run(struct engine *g, uint64_t off, uint64_t len, bool *cached)
+{
+    struct residency *c = &g->residency;
+    uint64_t first = off / c->page, last = (off + len - 1) / c->page;
+    if (mincore(c->map + first * c->page, (size_t)(last - first + 1) * c->page, c->vec) < 0) {
+        *cached = false;
+        return len;
+    }
+    *cached = c->vec[0] & 1;
+    uint64_t k = 1;
+    while (k <= last - first && (c->vec[k] & 1) == *cached)
+        k++;
+    return VC_MIN(len, (first + k) * c->page - off);
+}

@@ -1,0 +1,174 @@
+"""A source the page cache holds is read from it; the rest is read with O_DIRECT (direct="auto").
+
+What the copy leaves in the cache is what it found there: a cold source is not pulled in, a half-cached
+one stays half-cached. Residency is asked of the kernel with mincore(), as the engine does, and set up
+with posix_fadvise (DONTNEED drops a file's clean pages; reads through a descriptor marked RANDOM bring
+in only the pages read)."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+
+import pytest
+from nbd_devices import BLKFLSBUF, nbd_devices  # noqa: F401 - a fixture
+
+import volcopy
+from conftest import ENGINES, MiB, needs_root_for_loop, read_all, reference_digest
+
+SIZE = 8 * MiB
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t] + [ctypes.c_int] * 3 + [ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+
+
+def resident_bytes(path, size: int = SIZE) -> int:
+    """Bytes of the first ``size`` of path that the page cache holds (fincore reads 0 for a device)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if address == ctypes.c_void_p(-1).value:
+            raise OSError(ctypes.get_errno(), "mmap")
+        try:
+            pages = ctypes.create_string_buffer(size // mmap.PAGESIZE)
+            if _libc.mincore(address, size, pages) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+            return sum(byte & 1 for byte in pages.raw) * mmap.PAGESIZE
+        finally:
+            _libc.munmap(address, size)
+    finally:
+        os.close(fd)
+
+
+def drop_from_cache(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if os.path.isfile(path):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        else:
+            fcntl.ioctl(fd, BLKFLSBUF)
+    finally:
+        os.close(fd)
+
+
+def read_into_cache(holder: int, pieces) -> None:
+    """Reads exactly these (offset, length) pieces through the page cache, without readahead."""
+    os.posix_fadvise(holder, 0, 0, os.POSIX_FADV_RANDOM)
+    for offset, length in pieces:
+        os.pread(holder, length, offset)
+
+
+@pytest.fixture
+def holder(source):
+    """A descriptor held open on src for the test: a block device's page cache is dropped when its last
+    opener closes it."""
+    fd = os.open(source[0], os.O_RDONLY)
+    yield fd
+    os.close(fd)
+
+
+@pytest.fixture(params=["file", "loop"])
+def source(request, tmp_path):
+    """SIZE bytes of random data, written and synced, none of it in the page cache."""
+    content = os.urandom(SIZE)
+    backing = tmp_path / "src.img"
+    with open(backing, "wb") as f:
+        f.write(content)
+        os.fsync(f.fileno())
+    drop_from_cache(backing)
+    path = backing
+    if request.param == "loop":
+        if os.geteuid() != 0:
+            pytest.skip("loop devices need root")
+        path = request.getfixturevalue("loops").attach(backing, read_only=True)
+    assert resident_bytes(path) == 0
+    return path, content
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_source_the_page_cache_holds_is_read_from_it(engine, source, holder, tmp_path):
+    src, content = source
+    read_into_cache(holder, [(0, SIZE)])
+    assert resident_bytes(src) == SIZE
+
+    result = volcopy.copy(src, tmp_path / "dst.img", engine=engine)
+
+    assert (result.bytes_read, result.bytes_from_cache) == (SIZE, SIZE)
+    assert result.digest == reference_digest(content)
+    assert read_all(tmp_path / "dst.img") == content
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_cold_source_is_read_with_o_direct_and_left_out_of_the_cache(engine, source, holder, tmp_path):
+    src, content = source
+
+    result = volcopy.copy(src, tmp_path / "dst.img", engine=engine)
+
+    assert (result.bytes_read, result.bytes_from_cache) == (SIZE, 0)
+    assert resident_bytes(src) == 0
+    assert read_all(tmp_path / "dst.img") == content
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_half_cached_source_is_read_each_part_its_own_way_and_stays_half_cached(
+    engine, source, holder, tmp_path
+):
+    """Every other 512 KiB is cached: requests split at the edges, pieces of both kinds in each slot."""
+    src, content = source
+    cached = [(offset, 512 * 1024) for offset in range(0, SIZE, MiB)]
+    read_into_cache(holder, cached)
+    assert resident_bytes(src) == SIZE // 2
+
+    result = volcopy.copy(src, tmp_path / "dst.img", engine=engine)
+
+    assert (result.bytes_read, result.bytes_from_cache) == (SIZE, SIZE // 2)
+    assert resident_bytes(src) == SIZE // 2
+    assert result.digest == reference_digest(content)
+    assert read_all(tmp_path / "dst.img") == content
+
+
+def test_direct_true_reads_the_disk_even_when_the_cache_holds_src(source, holder, tmp_path):
+    src, content = source
+    read_into_cache(holder, [(0, SIZE)])
+
+    result = volcopy.copy(src, tmp_path / "dst.img", direct=True)
+
+    assert (result.bytes_read, result.bytes_from_cache) == (SIZE, 0)
+    assert read_all(tmp_path / "dst.img") == content
+
+
+@needs_root_for_loop
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_failing_read_past_the_cached_part_is_reported_where_it_failed(
+    engine, nbd_devices, request, tmp_path  # noqa: F811
+):
+    """The first half of a device is cached, a sector of the second half fails: the copy fails there
+    with EIO, whichever way each part was read; healed, the same copy is exact."""
+    content = os.urandom(SIZE)
+    device = nbd_devices.faulty(SIZE)
+    with open(device.path, "r+b", buffering=0) as f:
+        f.write(content)
+        os.fsync(f.fileno())
+    drop_from_cache(device.path)
+    holder = os.open(device.path, os.O_RDONLY)
+    request.addfinalizer(lambda: os.close(holder))
+    read_into_cache(holder, [(0, SIZE // 2)])
+    assert resident_bytes(device.path) == SIZE // 2
+    bad = 6 * MiB + 8192
+    device.fail(read=[(bad, 4096)])
+
+    with pytest.raises(volcopy.CopyIOError) as failed:
+        volcopy.copy(device.path, tmp_path / "dst.img", engine=engine)
+
+    assert (failed.value.operation, failed.value.errno) == ("read", errno.EIO)
+    assert 6 * MiB <= failed.value.offset <= bad
+    assert not (tmp_path / "dst.img").exists()  # a destination it created is removed, not left half-written
+    device.heal()
+    result = volcopy.copy(device.path, tmp_path / "dst.img", engine=engine)
+    assert result.bytes_from_cache == SIZE // 2
+    assert read_all(tmp_path / "dst.img") == content
