@@ -92,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _summary(result: copier.CopyResult, src: str, dst: str) -> str:
-    from_cache = f" ({format_size(result.bytes_from_cache)} from the page cache)" if result.bytes_from_cache else ""
+    cached = result.bytes_from_cache
+    from_cache = f" ({format_size(cached)} from the page cache)" if cached else ""
     rows = [
         ("copied", f"{src} -> {dst}"),
         ("size", format_size(result.size)),
