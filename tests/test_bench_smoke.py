@@ -55,8 +55,9 @@ def test_harness_runs_every_tool_on_every_workload_and_checks_every_copy(tmp_pat
     assert rc == 0
     assert _machine_settings() == settings_before  # what the harness holds for the run, it puts back
     text = (results / "compare.md").read_text()
-    for workload in ("## W1", "## W2", "## W3", "## W4", "## W5"):
+    for workload in ("## W1 ", "## W1-hot ", "## part-hot ", "## W2", "## W3", "## W4", "## W5"):
         assert workload in text
+    assert "W1-hot dense 16.0 MiB file to file, src in the page cache: volcopy / fastest correct peer" in text
     for tool in (
         "| volcopy |",
         "| dd |",

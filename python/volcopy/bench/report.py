@@ -82,7 +82,8 @@ def report(results: Results, command: str, where: str, memory: str, throttle) ->
         "",
         f"`{command}` on {time.strftime('%Y-%m-%d %H:%M')} UTC.",
         "",
-        f"Machine: {machine()}. {where}. Loop devices with direct I/O. Page cache dropped before every run."
+        f"Machine: {machine()}. {where}. Loop devices with direct I/O. Page cache dropped before every run "
+        "(then, for W1-hot and part-hot, all or every other 16 MiB of src read into it)."
         + memory,
         "",
         "Times are wall seconds (median and min-max over the rounds); CPU is user+sys seconds per GiB of "
@@ -127,6 +128,10 @@ def report(results: Results, command: str, where: str, memory: str, throttle) ->
                     Verdict(f"{name}: volcopy / fastest correct peer ({fastest[0]})", ours / fastest[1], 1.00)
                 )
         floors = WRITE_FLOOR in runs and READ_FLOOR in runs
+        if case.resident and fastest:
+            verdicts.append(
+                Verdict(f"{name}: volcopy / fastest correct peer ({fastest[0]})", ours / fastest[1], 1.00)
+            )
         if case.workload in ("W3", "W4") and fastest:
             verdicts.append(
                 Verdict(

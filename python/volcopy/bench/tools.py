@@ -29,6 +29,7 @@ class Case:
     garbage: bool  # dst is refilled with garbage before every run
     file_to_file: bool
     data: tuple[tuple[int, int], ...] = ()  # src's data extents (offset, length); empty when dense
+    resident: float = 0.0  # the part of src read into the page cache before every run (W1-hot, part-hot)
     scratch: str = tempfile.gettempdir()  # a directory for the tools' own files (fio's I/O logs)
 
 

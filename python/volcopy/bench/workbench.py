@@ -55,6 +55,23 @@ def drop_caches() -> None:
             f.write("3")
 
 
+RESIDENT_PIECE = 16 * MiB  # part-hot: every other piece of this size is cached
+
+
+def warm(case: Case) -> None:
+    """Reads case.resident of src into the page cache: all of it, or every other RESIDENT_PIECE for a
+    half (the rest stays cold: the descriptor is marked RANDOM, so nothing is read ahead)."""
+    step = RESIDENT_PIECE if case.resident >= 1.0 else int(RESIDENT_PIECE / case.resident)
+    fd = os.open(case.src, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        for at in range(0, case.size, step):
+            for piece in range(at, min(at + RESIDENT_PIECE, case.size), MiB):
+                os.pread(fd, min(MiB, case.size - piece), piece)
+    finally:
+        os.close(fd)
+
+
 class Workbench:
     """Generates the sources once and owns the loop devices."""
 
@@ -108,6 +125,7 @@ def build_case(
     device: bool = False,
     garbage: bool = False,
     data: tuple[tuple[int, int], ...] = (),
+    resident: float = 0.0,
 ) -> Case:
     return Case(
         name,
@@ -121,6 +139,7 @@ def build_case(
         garbage=garbage,
         file_to_file=not device,
         data=data,
+        resident=resident,
     )
 
 
@@ -134,6 +153,15 @@ def make_cases(bench: Workbench, only: set[str], tmpfs: Path) -> list[Case]:
                 f"W1 dense {format_size(size)} file to file", "W1", src, str(w / "w1-dst.img"), size, size
             )
         )
+    # A source just written or downloaded (Cinder's image-to-volume copy, an image cache), all or half of
+    # it still in the page cache: the W1 source and destination.
+    for workload, resident in (("W1-hot", 1.0), ("part-hot", 0.5)):
+        if workload in only:
+            size = bench.size(4 * GiB)
+            src, _ = bench.source("w1-src.img", size)
+            cached = "in the page cache" if resident == 1.0 else "half in the page cache"
+            name = f"{workload} dense {format_size(size)} file to file, src {cached}"
+            cases.append(build_case(name, workload, src, str(w / "w1-dst.img"), size, size, resident=resident))
     sparse_size = bench.size(16 * GiB)
     if "W2" in only or "W3" in only:
         src, allocated = bench.source("w2-src.img", sparse_size, allocated=0.05)
