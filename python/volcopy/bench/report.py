@@ -83,8 +83,7 @@ def report(results: Results, command: str, where: str, memory: str, throttle) ->
         f"`{command}` on {time.strftime('%Y-%m-%d %H:%M')} UTC.",
         "",
         f"Machine: {machine()}. {where}. Loop devices with direct I/O. Page cache dropped before every run "
-        "(then, for W1-hot and part-hot, all or every other 16 MiB of src read into it)."
-        + memory,
+        "(then, for W1-hot and part-hot, all or every other 16 MiB of src read into it)." + memory,
         "",
         "Times are wall seconds (median and min-max over the rounds); CPU is user+sys seconds per GiB of "
         "volume; RSS is the peak of the process (for volcopy, the Python interpreter included). "

@@ -161,7 +161,8 @@ def make_cases(bench: Workbench, only: set[str], tmpfs: Path) -> list[Case]:
             src, _ = bench.source("w1-src.img", size)
             cached = "in the page cache" if resident == 1.0 else "half in the page cache"
             name = f"{workload} dense {format_size(size)} file to file, src {cached}"
-            cases.append(build_case(name, workload, src, str(w / "w1-dst.img"), size, size, resident=resident))
+            dst = str(w / "w1-dst.img")
+            cases.append(build_case(name, workload, src, dst, size, size, resident=resident))
     sparse_size = bench.size(16 * GiB)
     if "W2" in only or "W3" in only:
         src, allocated = bench.source("w2-src.img", sparse_size, allocated=0.05)
