@@ -6,7 +6,6 @@ Errors are one line on stderr and a non-zero exit status, never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -31,7 +30,8 @@ def _size(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="volcopy", description="Fast, safe copying of block volumes.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # prog given: argparse would otherwise build a help formatter for it (shutil, the terminal's size)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", prog="volcopy")
 
     c = commands.add_parser(
         "copy", help="copy SRC to DST", description="Copy a volume (file or block device)."
@@ -138,6 +138,8 @@ def _copy(args: argparse.Namespace) -> int:
     if bar:
         bar.close()
     if args.json:
+        import json
+
         print(json.dumps(result.as_dict() | {"rate": result.rate}, indent=2))
     else:
         print(_summary(result, args.src, args.dst))

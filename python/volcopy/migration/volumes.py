@@ -9,7 +9,6 @@ stores the spec, so recover() can reach the volume again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -144,6 +143,8 @@ class VolumeRef:
         # A hash, not the data: connection_info may hold auth_password or keys, and the key is shown
         # (migrations list, step targets).
         canonical = json.dumps(data, sort_keys=True).encode()
+        import hashlib  # here: every volcopy command imports this module to build its parser
+
         return self.connection_info["driver_volume_type"] + ":" + hashlib.sha256(canonical).hexdigest()
 
     @property
