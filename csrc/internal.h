@@ -24,6 +24,7 @@ struct vc_io_request {
     uint64_t offset;
     uint64_t tag;
     int buf_index; /* which registered buffer holds buf, -1 if none */
+    bool cached;   /* a read of pages the page cache holds (a memory copy, no device I/O) */
 };
 
 struct vc_io_completion {

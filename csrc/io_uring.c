@@ -170,6 +170,11 @@ static int uring_queue(struct vc_io *io, const struct vc_io_request *rq)
     }
     if (fixed >= 0)
         sqe->flags |= IOSQE_FIXED_FILE;
+    /* A read the page cache holds would be copied inline, on this thread, at submission; a kernel
+     * worker copies it on the other CPU while this one hashes and issues. 1 GiB in the cache, file to
+     * file, 4 runs each: 0.84-0.90 s inline, 0.73-0.82 s handed over (nbdcopy 0.68-0.74 s). */
+    if (rq->cached)
+        sqe->flags |= IOSQE_ASYNC;
     io_uring_sqe_set_data64(sqe, rq->tag);
     s->unsubmitted[s->n_unsubmitted++] = (struct uring_queued){sqe, rq->tag};
     return 0;

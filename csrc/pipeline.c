@@ -68,6 +68,7 @@ static int queue_request(struct engine *g, struct request *rq, unsigned tag)
         .offset = rq->off,
         .tag = tag,
         .buf_index = buffered ? -1 : (int)rq->slot, /* any range inside the slot's registered buffer */
+        .cached = rq->cached,
     };
     struct vc_io *io = buffered ? &g->io_buffered : &g->io;
     int rc = io->ops->queue(io, &io_rq);
