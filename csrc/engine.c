@@ -184,6 +184,8 @@ static void run(struct engine *g)
                 reap(g, &g->io, 1, timeout);
             } else if (g->throttle_wait_ms) {
                 sleep_ms(VC_MIN(g->throttle_wait_ms, 50));
+            } else if (g->awaiting_writer) {
+                sleep_ms(1); /* the copy ahead publishes at every turn of its own loop */
             }
         }
         tick(g);
@@ -226,6 +228,8 @@ int vc_copy(const struct vc_copy_params *params, struct vc_copy_result *result, 
             if (rc < 0)
                 fail(&g, -rc, VC_SIDE_DST, VC_OP_FLUSH, 0, "flush");
         }
+        if (!g.status && params->written_until)
+            __atomic_store_n(params->written_until, g.end, __ATOMIC_RELEASE);
         /* A cancelled or failed copy still records how far it durably got, so it can resume. */
         if (g.ckpt_open && g.status)
             save_checkpoint(&g);

@@ -85,6 +85,7 @@ struct engine {
     uint64_t pos;                               /* next offset not yet handed to a slot or to the zeroer */
     uint64_t data_query, data_start, data_stop; /* the last next_data answer, asked at data_query */
     uint64_t ext_index;                         /* explicit extents: the one pos lies in or before */
+    bool awaiting_writer;                       /* pos reached readable_until: nothing to hand out yet */
 
     struct zero_range zero_pending;
     bool zeroing_throttled; /* zeroing a device writes (or may write): it counts against the rate */
@@ -117,6 +118,7 @@ bool vc_in_memory(int fd);
 int choose_engine(struct engine *g, const struct vc_io_setup *setup);
 
 /* produce.c: fill free slots with units */
+uint64_t readable_end(struct engine *g);
 void produce(struct engine *g);
 void add_op(struct slot *s, uint64_t off, uint64_t len);
 int check_src_size(struct engine *g, uint64_t from); /* -1 (and the failure) when src shrank below length */

@@ -40,8 +40,20 @@ int check_src_size(struct engine *g, uint64_t from)
     return 0;
 }
 
-/* The data of src in [from, to), from the endpoint's extent map (cached between calls). */
-static int next_data(struct engine *g, uint64_t from, uint64_t to, uint64_t *start, uint64_t *stop)
+/* Where src may be read to: its end, or, behind a running copy (readable_until), the last whole chunk
+ * the copy has written, so that a unit never splits a chunk. */
+uint64_t readable_end(struct engine *g)
+{
+    if (!g->p->readable_until)
+        return g->end;
+    uint64_t written = __atomic_load_n(g->p->readable_until, __ATOMIC_ACQUIRE);
+    return written >= g->end ? g->end : VC_ROUND_DOWN(written, VC_CHUNK_SIZE);
+}
+
+/* The data of src in [from, to), from the endpoint's extent map (cached between calls). The map is asked
+ * only up to limit: behind a running copy, what lies past it may still change. */
+static int next_data(struct engine *g, uint64_t from, uint64_t to, uint64_t limit, uint64_t *start,
+                     uint64_t *stop)
 {
     if (!g->sparse) {
         *start = from;
@@ -51,7 +63,7 @@ static int next_data(struct engine *g, uint64_t from, uint64_t to, uint64_t *sta
     /* The cached answer holds for any offset between where we asked and the end of its extent. */
     if (!(from >= g->data_query && from < g->data_stop)) {
         g->data_query = from;
-        int rc = g->src_ops->next_data(&g->p->src, from, g->end, &g->data_start, &g->data_stop);
+        int rc = g->src_ops->next_data(&g->p->src, from, limit, &g->data_start, &g->data_stop);
         if (rc < 0)
             return fail(g, -rc, VC_SIDE_SRC, VC_OP_READ, from, "finding data extents");
         if (g->data_start >= g->end && check_src_size(g, from) < 0)
@@ -72,15 +84,16 @@ static unsigned free_slot(struct engine *g)
     return UINT32_MAX;
 }
 
-/* Whole-volume mode: the next run of chunks. Holes of whole chunks are settled here, without a slot. */
-static int produce_chunks(struct engine *g, struct slot *s)
+/* Whole-volume mode: the next run of chunks before limit. Holes of whole chunks are settled here,
+ * without a slot. */
+static int produce_chunks(struct engine *g, struct slot *s, uint64_t limit)
 {
-    uint64_t unit_end = VC_MIN(g->pos + g->p->block_size, g->end);
+    uint64_t unit_end = VC_MIN(g->pos + g->p->block_size, limit);
     uint64_t ds, de;
 
-    if (next_data(g, g->pos, g->end, &ds, &de) < 0)
+    if (next_data(g, g->pos, limit, limit, &ds, &de) < 0)
         return -1;
-    uint64_t hole_end = ds >= g->end ? g->end : VC_ROUND_DOWN(ds, VC_CHUNK_SIZE);
+    uint64_t hole_end = ds >= limit ? limit : VC_ROUND_DOWN(ds, VC_CHUNK_SIZE);
     if (hole_end > g->pos) {
         /* Whole chunks of hole before the next data: nothing to read, nothing to hash. */
         digest_zeros(g, g->pos, hole_end);
@@ -95,7 +108,7 @@ static int produce_chunks(struct engine *g, struct slot *s)
     s->len = unit_end - g->pos;
     s->n_ops = 0;
     for (uint64_t at = g->pos; at < unit_end;) {
-        if (next_data(g, at, unit_end, &ds, &de) < 0)
+        if (next_data(g, at, unit_end, limit, &ds, &de) < 0)
             return -1;
         if (ds >= unit_end)
             break;
@@ -143,13 +156,19 @@ static bool unit_unaligned(const struct slot *s)
  * also touches could write back stale bytes. */
 void produce(struct engine *g)
 {
+    g->awaiting_writer = false;
     while (!g->status && g->pos < g->end && !g->buffered_busy) {
+        uint64_t limit = readable_end(g);
+        if (g->pos >= limit) {
+            g->awaiting_writer = true;
+            return;
+        }
         unsigned i = free_slot(g);
         if (i == UINT32_MAX)
             return;
         struct slot *s = &g->slots[i];
         uint64_t saved_pos = g->pos;
-        int rc = g->p->extents ? produce_extent(g, s) : produce_chunks(g, s);
+        int rc = g->p->extents ? produce_extent(g, s) : produce_chunks(g, s, limit);
         if (rc < 0)
             return;
         if (rc == 0)

@@ -72,6 +72,9 @@ static void follow_rate(struct engine *g)
 void tick(struct engine *g)
 {
     uint64_t now = vc_now_ns();
+    /* Below end: the flush at the end publishes end, once dst holds all of it. */
+    if (g->p->written_until)
+        __atomic_store_n(g->p->written_until, VC_MIN(watermark(g), g->end - 1), __ATOMIC_RELEASE);
     if (g->p->rate_live && g->p->rate_limit)
         follow_rate(g);
     if (g->p->progress && now - g->last_progress_ns >= PROGRESS_NS) {

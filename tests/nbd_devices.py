@@ -7,7 +7,8 @@ The stack, one per device (there is no kernel NBD module here, so FUSE stands in
         -> nbdkit, running the Python plugin tests/nbd_plugin.py over a backing file
 
 ``FaultyDevice``      reads, writes and/or flushes fail with EIO (or another errno) while armed,
-                      everywhere or only where a request overlaps chosen byte ranges.
+                      everywhere or only where a request overlaps chosen byte ranges; or reads of
+                      chosen ranges succeed with wrong bytes (silent corruption).
 ``PowerLossDevice``   a disk with a volatile write cache: a write is pending until a flush makes it
                       durable; ``crash()`` cuts the power (nbdkit and nbdfuse are killed: pending
                       writes are lost, every later request on the old device fails with EIO, and the
@@ -305,6 +306,7 @@ class NbdDevice:
         flush: bool = False,
         errno: str = "EIO",
         delay: float = 0.0,
+        corrupt: Sequence[tuple[int, int]] = (),
     ) -> None:
         """Arm faults, replacing any armed before; takes effect with the next NBD request.
 
@@ -314,6 +316,8 @@ class NbdDevice:
         errno  the error's name, one the NBD protocol carries: EIO, ENOSPC, EPERM, EINVAL, ENOMEM,
                EOVERFLOW, ESHUTDOWN (others arrive as EINVAL).
         delay  seconds every request takes before it is served: a slow disk.
+        corrupt  reads overlapping these (offset, length) succeed with every byte there inverted: a
+               disk that silently returns wrong data.
         """
         if not hasattr(errno_module, errno):
             raise ValueError(f"unknown errno {errno}")
@@ -329,6 +333,7 @@ class NbdDevice:
             "write": ranges(write),
             "flush": bool(flush),
             "delay": float(delay),
+            "corrupt": ranges(list(corrupt)),
         }
         tmp = self.control.with_suffix(".tmp")
         tmp.write_text(json.dumps(spec))

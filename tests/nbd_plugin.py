@@ -9,6 +9,7 @@ control    a JSON file read again whenever it changes (replace it atomically, by
                 "read":  true | [[offset, length], ...],   # NBD pread
                 "write": true | [[offset, length], ...],   # NBD pwrite, zero and trim
                 "flush": true,                             # NBD flush (and the flush of a FUA write)
+                "corrupt": [[offset, length], ...],        # reads there succeed, every byte inverted
                 "delay": 0.05}                             # seconds every request takes first
            ``true`` fails every request of that kind; a list fails those that overlap a range.
            A missing file (or a missing key) fails nothing. ``delay`` makes a slow disk, for tests
@@ -258,6 +259,11 @@ def pread(h, buf, offset, flags):
     _note(f"pread {offset} {count}")
     _check("read", "pread", offset, count)
     buf[:] = _read(offset, count)
+    for o, n in _faults.get("corrupt", []):  # silent corruption: the disk returns wrong bytes
+        lo, hi = max(offset, o), min(offset + count, o + n)
+        if lo < hi:
+            _note(f"CORRUPT pread {lo} {hi - lo}")
+            buf[lo - offset : hi - offset] = bytes(b ^ 0xFF for b in buf[lo - offset : hi - offset])
 
 
 def pwrite(h, buf, offset, flags):

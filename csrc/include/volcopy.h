@@ -84,6 +84,12 @@ struct vc_copy_params {
     /* With rate_limit set: the limit from now on, read at every turn of the copy loop (another thread
      * stores it; 0 keeps the last one). NULL: rate_limit holds for the whole copy. */
     const uint64_t *rate_live;
+    /* A copy stores here, at every turn, the offset below which dst holds the copy (written, maybe not
+     * flushed yet), and length once dst is flushed. NULL: not published. */
+    uint64_t *written_until;
+    /* A run without dst reads no further than this, and waits for it to grow: the verification of a copy
+     * that is still running, reading dst behind the copy's written_until. NULL: no limit. */
+    const uint64_t *readable_until;
     const int64_t *extents;      /* sorted disjoint (offset, length) pairs; NULL = the whole volume */
     uint64_t n_extents;
     uint8_t *chunk_digests;      /* VC_DIGEST_SIZE per chunk of length, with VC_FLAG_DIGEST */

@@ -82,6 +82,14 @@ def _fill_endpoint(target, endpoint: Endpoint) -> None:
     target.rbd = endpoint.rbd if endpoint.rbd is not None else ffi.NULL
 
 
+class Watermark:
+    """How far a running copy has written dst: the copy's engine stores it at every turn, and the engine
+    verifying dst reads no further (the cell the two share)."""
+
+    def __init__(self) -> None:
+        self.cell = ffi.new("uint64_t *")
+
+
 @dataclass(frozen=True)
 class Fingerprints:
     """What a checkpoint must match to be resumed (fingerprint.py says what each covers)."""
@@ -144,6 +152,8 @@ def run(
     progress: Callable[[int, int], bool] | None,
     cancel: threading.Event | None = None,
     src_from_cache: bool = False,
+    written_until: Watermark | None = None,
+    readable_until: Watermark | None = None,
 ) -> NativeResult:
     """Runs one copy (or, without dst, one digest) in the engine, on a thread of its own: this thread
     waits for it, so a KeyboardInterrupt (Ctrl-C) stops the engine within 50 ms and is raised again once
@@ -177,6 +187,10 @@ def run(
         def follow_rate() -> None:
             rate_cell[0] = live.bytes_per_second
 
+    for name, watermark in (("written_until", written_until), ("readable_until", readable_until)):
+        if watermark is not None:
+            setattr(p, name, watermark.cell)
+            keep.append(watermark)
     chunk_digests = None
     if digest:
         chunk_digests = bytearray(chunk_count(length) * DIGEST_SIZE)

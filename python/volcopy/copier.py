@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Union
 
 from . import _core
-from .digest import first_difference, first_difference_in_extents, hash_volume
+from .digest import BackgroundHash, first_difference, first_difference_in_extents, hash_volume
 from .errors import CheckpointError, EngineUnavailable, InvalidRequest, VerifyError
 from .rate import MAX_RATE, RateLimit
 from .volume import Volume, VolumeSpec, describe, open_destination, open_source, overlaps
@@ -201,6 +201,13 @@ def copy(
         extent_array = check_extents(extents, length) if extents is not None else None
         with open_destination(dst, length, direct) as target:
             _match_direct(source, target, direct)
+            readback = written = None
+            options = {"engine": engine, "block_size": block_size, "queue_depth": queue_depth}
+            # dst is read back while the copy runs, behind what it has written, not in a second pass. Not
+            # an RBD image: its map of allocated extents is read once, and would miss what comes after.
+            if verify and extent_array is None and target.rbd is None:
+                written = _core.Watermark()
+                readback = BackgroundHash(target, length, behind=written, **options)
             try:
                 native = _core.run(
                     source.endpoint(),
@@ -224,8 +231,11 @@ def copy(
                     cancel=cancel,
                     # What of src the page cache holds is read from it; direct=True means the disk.
                     src_from_cache=direct == "auto",
+                    written_until=written,
                 )
             except BaseException as exc:
+                if readback is not None:
+                    readback.stop()
                 # Without a checkpoint to resume from, a file we created is only a half-written copy.
                 if target.created and (checkpoint is None or isinstance(exc, CheckpointError)):
                     try:
@@ -233,19 +243,15 @@ def copy(
                     except OSError as cleanup:  # the failure to report is the copy's (an OSD gone, say)
                         exc.add_note(f"the half-written destination {target.name} is left: {cleanup}")
                 raise
+            readback_digests = None
+            if readback is not None:  # the copy published all of dst: the read-back ends on its own
+                readback_digests = readback.result().chunk_digests
+            elif verify and extent_array is None:  # an RBD image: read back now
+                readback_digests = hash_volume(target, length, **options).chunk_digests
             if checkpoint is not None and os.path.exists(checkpoint):
                 os.unlink(checkpoint)
             if verify:
-                _verify_copy(
-                    source,
-                    target,
-                    length,
-                    native,
-                    extent_array,
-                    engine=engine,
-                    block_size=block_size,
-                    queue_depth=queue_depth,
-                )
+                _verify_copy(source, target, length, native, extent_array, readback_digests)
             return CopyResult(
                 size=length,
                 bytes_read=native.bytes_read,
@@ -265,14 +271,13 @@ def copy(
             )
 
 
-def _verify_copy(source: Volume, target: Volume, length: int, native, extents, **engine_options) -> None:
-    """Reads dst back and compares it with src: against the digests the copy computed, or, when only
-    some extents were copied, byte for byte over those extents."""
+def _verify_copy(source: Volume, target: Volume, length: int, native, extents, readback_digests) -> None:
+    """Compares dst with src: its read-back digests against those the copy computed, or, when only some
+    extents were copied, byte for byte over those extents."""
     if extents is not None:
         offset = first_difference_in_extents(source, target, extents)
     else:
-        readback = hash_volume(target, length, **engine_options)
-        chunk = _core.first_differing_chunk(readback.chunk_digests, native.chunk_digests)
+        chunk = _core.first_differing_chunk(readback_digests, native.chunk_digests)
         offset = None if chunk is None else first_difference(source, target, chunk, length)
     if offset is not None:
         raise VerifyError(

@@ -21,8 +21,10 @@ def hash_volume(
     block_size: int | None = None,
     queue_depth: int | None = None,
     cancel: threading.Event | None = None,
+    behind: _core.Watermark | None = None,
 ) -> _core.NativeResult:
-    """Reads a volume through the engine (holes cost nothing) and returns its digests."""
+    """Reads a volume through the engine (holes cost nothing) and returns its digests. behind: the
+    volume is a running copy's dst; read it only where that copy has written, waiting for it."""
     from .copier import DEFAULT_BLOCK_SIZE, DEFAULT_QUEUE_DEPTH  # copier imports this module
 
     return _core.run(
@@ -42,7 +44,56 @@ def hash_volume(
         dst_new=False,
         progress=None,
         cancel=cancel,
+        readable_until=behind,
     )
+
+
+class BackgroundHash:
+    """hash_volume on a thread of its own: the engine releases the GIL, so it overlaps whatever this
+    thread does meanwhile. ``failed`` is set when it raised (to stop the other side); stop() cancels it.
+    stop() and result() return only once its engine has ended, through any Ctrl-C: the volume's
+    descriptors must outlive it."""
+
+    def __init__(self, volume: Volume, length: int, **options):
+        self.failed, self._cancel, self._done = threading.Event(), threading.Event(), threading.Event()
+        self._outcome: _core.NativeResult | BaseException | None = None
+        options["cancel"] = self._cancel
+        threading.Thread(target=self._run, args=(volume, length, options), daemon=True).start()
+
+    def _run(self, volume: Volume, length: int, options: dict) -> None:
+        try:
+            self._outcome = hash_volume(volume, length, **options)
+        except BaseException as exc:  # noqa: BLE001 - raised again by result()
+            self._outcome = exc
+            self.failed.set()
+        finally:
+            self._done.set()
+
+    def _wait(self) -> None:
+        try:
+            self._done.wait()
+        except BaseException:  # a Ctrl-C while waiting: stop the engine, and let it end first
+            self._cancel.set()
+            while not self._done.is_set():
+                try:
+                    self._done.wait()
+                except BaseException:  # noqa: BLE001 - the engine must end first
+                    pass
+            raise
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._outcome if isinstance(self._outcome, BaseException) else None
+
+    def stop(self) -> None:
+        self._cancel.set()
+        self._wait()
+
+    def result(self) -> _core.NativeResult:
+        self._wait()
+        if self.error is not None:
+            raise self.error
+        return self._outcome
 
 
 def _length_for(volume: Volume, length: int | None) -> int:
@@ -102,40 +153,17 @@ def verify(src: VolumeSpec, dst: VolumeSpec, *, length: int | None = None) -> No
                 f"destination {target.name} holds {target.size} bytes, fewer than the {length} to compare",
                 target.size,
             )
-        # Both sides at once: the engine releases the GIL, so the two reads overlap. A failure or a Ctrl-C
-        # on one side stops the other.
-        results: dict = {}
-        stop, dst_done = threading.Event(), threading.Event()
-
-        def hash_into(key: str, volume: Volume) -> None:
-            try:
-                results[key] = hash_volume(volume, length, cancel=stop)
-            except BaseException as exc:  # noqa: BLE001 - raised again below
-                results[key] = exc
-                stop.set()
-
-        def hash_dst() -> None:
-            try:
-                hash_into("dst", target)
-            finally:
-                dst_done.set()
-
-        threading.Thread(target=hash_dst).start()
-        hash_into("src", source)
+        # Both sides at once. A failure or a Ctrl-C on one side stops the other.
+        dst_hash = BackgroundHash(target, length)
         try:
-            dst_done.wait()
-        except BaseException:  # a Ctrl-C while waiting for dst: stop it, and let it end before closing
-            stop.set()
-            while not dst_done.is_set():
-                try:
-                    dst_done.wait()
-                except BaseException:  # noqa: BLE001 - dst's engine must end first
-                    pass
+            src_result = hash_volume(source, length, cancel=dst_hash.failed)
+        except BaseException as exc:
+            dst_hash.stop()
+            if isinstance(exc, Cancelled) and dst_hash.error is not None:
+                raise dst_hash.error from None  # the cause, not the Cancelled it caused here
             raise
-        failures = [v for v in results.values() if isinstance(v, BaseException)]
-        if failures:  # the cause, not the Cancelled it caused on the other side
-            raise next((f for f in failures if not isinstance(f, Cancelled)), failures[0])
-        chunk = _core.first_differing_chunk(results["src"].chunk_digests, results["dst"].chunk_digests)
+        dst_result = dst_hash.result()
+        chunk = _core.first_differing_chunk(src_result.chunk_digests, dst_result.chunk_digests)
         if chunk is not None:
             offset = first_difference(source, target, chunk, length)
             raise VerifyError(f"{target.name} differs from {source.name} at offset {offset}", offset)
