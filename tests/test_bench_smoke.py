@@ -55,8 +55,12 @@ def test_harness_runs_every_tool_on_every_workload_and_checks_every_copy(tmp_pat
     assert rc == 0
     assert _machine_settings() == settings_before  # what the harness holds for the run, it puts back
     text = (results / "compare.md").read_text()
-    for workload in ("## W1 ", "## W1-hot ", "## part-hot ", "## W2", "## W3", "## W4", "## W5"):
-        assert workload in text
+    for workload in ("W1 ", "W1-hot ", "part-hot ", "W2", "W3", "W4", "W5", "W6 ", "W6-dense "):
+        assert f"## {workload}" in text
+    assert "W6: volcopy on the sparse volume / volcopy on its data alone (dense) <= 1.20" in text
+    for verified in ("W1", "W2", "W3", "W4"):  # each has its verify row
+        section = text.split(f"## {verified} ", 1)[1].split("\n## ", 1)[0]
+        assert "| volcopy --verify | yes |" in section
     assert "W1-hot dense 16.0 MiB file to file, src in the page cache: volcopy / fastest correct peer" in text
     for tool in (
         "| volcopy |",

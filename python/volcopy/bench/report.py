@@ -162,6 +162,16 @@ def report(results: Results, command: str, where: str, memory: str, throttle) ->
         verdicts.append(
             Verdict(f"{name}: volcopy peak RSS (MiB)", max(r.rss for r in runs["volcopy"]) / MiB, 64.0)
         )
+    sparse = [n for n, c in results.cases.items() if c.workload == "W6"]
+    dense = [n for n, c in results.cases.items() if c.workload == "W6-dense"]
+    if sparse and dense:
+        verdicts.append(
+            Verdict(
+                "W6: volcopy on the sparse volume / volcopy on its data alone (dense)",
+                _median(results.runs[sparse[0]]["volcopy"]) / _median(results.runs[dense[0]]["volcopy"]),
+                1.20,
+            )
+        )
     if throttle:
         measured, target = throttle
         verdicts.append(

@@ -13,10 +13,11 @@ import numpy as np
 
 from ..units import format_size
 from .tools import Case
-from .workloads import make_dense, make_sparse
+from .workloads import make_dense, make_sparse, make_spread
 
 GiB = 1 << 30
 MiB = 1 << 20
+W6_EXTENT = 256 << 10
 
 
 def _loop(path: Path, read_only: bool = False) -> str:
@@ -100,6 +101,12 @@ class Workbench:
         extents = make_sparse(str(path), size, allocated, allocated_bytes=allocated_bytes)
         self.data[str(path)] = tuple((int(offset), int(length)) for offset, length in extents)
         return str(path), sum(length for _, length in extents)
+
+    def spread_source(self, name: str, size: int, count: int, length: int) -> tuple[str, int]:
+        path = self.workdir / name
+        extents = make_spread(str(path), size, count, length)
+        self.data[str(path)] = tuple(extents)
+        return str(path), count * length
 
     def device(self, backing: str, size: int | None = None, read_only: bool = False) -> str:
         if size is not None:
@@ -240,6 +247,17 @@ def make_cases(bench: Workbench, only: set[str], tmpfs: Path) -> list[Case]:
                     size,
                 )
             )
+    if "W6" in only:  # holes must cost neither time nor memory: against a dense copy of the same data
+        size = max(bench.size(1 << 40) * 8, GiB)  # 8 TiB (ext4 refuses 16 TiB)
+        count = max(16, bench.size(GiB) // W6_EXTENT)
+        src, allocated = bench.spread_source("w6-src.img", size, count, W6_EXTENT)
+        data = f"{format_size(allocated)} data in {count} extents"
+        name = f"W6 sparse {format_size(size)} ({data}) file to file"
+        dst = str(w / "w6-dst.img")
+        cases.append(build_case(name, "W6", src, dst, size, allocated, data=bench.data[src]))
+        dense, _ = bench.source("w6-dense.img", allocated)
+        name = f"W6-dense {format_size(allocated)} file to file, W6's data without its holes"
+        cases.append(build_case(name, "W6-dense", dense, str(w / "w6-dense-dst.img"), allocated, allocated))
     for case in cases:  # fio's I/O logs go with the workloads, and are removed with them
         case.scratch = str(w)
     return cases

@@ -68,6 +68,23 @@ def make_sparse(
     return extents
 
 
+def make_spread(path: str, size: int, count: int, length: int, seed: int = 0) -> list:
+    """A huge sparse image: ``count`` extents of random data, ``length`` bytes each, spread evenly over
+    ``size`` (W6: 8 TiB apparent, 1 GiB of data in 4096 extents); returns the extents."""
+    rng = np.random.default_rng(seed + 2)
+    step = size // count // (64 << 10) * (64 << 10)
+    extents = [(k * step, length) for k in range(count)]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        for offset, n in extents:
+            _write_random(fd, rng, offset, n)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return extents
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
