@@ -84,6 +84,7 @@ struct engine {
     /* the producer */
     uint64_t pos;                               /* next offset not yet handed to a slot or to the zeroer */
     uint64_t data_query, data_start, data_stop; /* the last next_data answer, asked at data_query */
+    uint64_t data_limit;                        /* ... for the map up to data_limit */
     uint64_t ext_index;                         /* explicit extents: the one pos lies in or before */
     bool awaiting_writer;                       /* pos reached readable_until: nothing to hand out yet */
 

@@ -60,9 +60,12 @@ static int next_data(struct engine *g, uint64_t from, uint64_t to, uint64_t limi
         *stop = to;
         return 0;
     }
-    /* The cached answer holds for any offset between where we asked and the end of its extent. */
-    if (!(from >= g->data_query && from < g->data_stop)) {
+    /* The cached answer holds for any offset between where we asked and the end of its extent; an
+     * answer cut at the limit it was asked with says nothing of what lies past that limit. */
+    bool cut = g->data_stop == g->data_limit;
+    if (!(from >= g->data_query && from < g->data_stop && !(cut && to > g->data_limit))) {
         g->data_query = from;
+        g->data_limit = limit;
         int rc = g->src_ops->next_data(&g->p->src, from, limit, &g->data_start, &g->data_stop);
         if (rc < 0)
             return fail(g, -rc, VC_SIDE_SRC, VC_OP_READ, from, "finding data extents");

@@ -6,20 +6,54 @@
  * page without touching the pages. RWF_NOWAIT would answer too, but on a miss it starts readahead into
  * the cache: a cold source would be read twice and fill the cache. The buffered descriptor gets
  * POSIX_FADV_RANDOM, so that reading a cached page never starts readahead past it either: what the copy
- * leaves in the cache is what it found there. */
+ * leaves in the cache is what it found there.
+ *
+ * Only for a regular file on a local file system, where the page cache is the file's one truth. A block
+ * device's cache goes stale when its storage is written by another name (a partition and its disk, a
+ * loop device and its file, a dm device and its paths, another host on shared storage), and so does a
+ * network file system's when another client writes; a stale page would be copied, and verify would
+ * not see it, since it compares dst with what the copy read. They are read with O_DIRECT as before.
+ * mincore() answers for a file only to its owner, a writer or a privileged caller (Linux 5.0); anyone
+ * else is told nothing is cached and reads it all with O_DIRECT. */
 #include <fcntl.h>
+#include <linux/magic.h>
 #include <stdlib.h>
 #include <sys/mman.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include "engine.h"
+
+#ifndef F2FS_SUPER_MAGIC
+#define F2FS_SUPER_MAGIC 0xF2F52010
+#endif
+#define ZFS_SUPER_MAGIC 0x2FC12FC1
+
+static bool on_local_file_system(int fd)
+{
+    struct statfs fs;
+    if (fstatfs(fd, &fs) < 0)
+        return false;
+    switch ((unsigned long)fs.f_type) {
+    case EXT4_SUPER_MAGIC: /* also ext2 and ext3 */
+    case XFS_SUPER_MAGIC:
+    case BTRFS_SUPER_MAGIC:
+    case TMPFS_MAGIC:
+    case F2FS_SUPER_MAGIC:
+    case ZFS_SUPER_MAGIC:
+        return true;
+    default:
+        return false;
+    }
+}
 
 void residency_open(struct engine *g)
 {
     const struct vc_endpoint *src = &g->p->src;
     struct residency *c = &g->residency;
 
-    if (!(g->p->flags & VC_FLAG_SRC_FROM_CACHE) || !src->direct || src->kind == VC_KIND_RBD || !g->end)
+    if (!(g->p->flags & VC_FLAG_SRC_FROM_CACHE) || !src->direct || src->kind != VC_KIND_FILE || !g->end ||
+        !on_local_file_system(src->fd_buffered))
         return;
     c->page = (uint64_t)sysconf(_SC_PAGESIZE);
     c->map_len = (size_t)VC_ROUND_UP(g->end, c->page);

@@ -76,6 +76,9 @@ def source(workdir):
         f.seek(ZERO_RUN[0])
         f.write(bytes(ZERO_RUN[1]))
     content[ZERO_RUN[0] : sum(ZERO_RUN)] = bytes(ZERO_RUN[1])
+    with open(path, "rb") as f:  # just written, it sits in the page cache: its reads must reach the disk
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     return path, bytes(content)
 
 

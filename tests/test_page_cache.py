@@ -1,4 +1,5 @@
-"""A source the page cache holds is read from it; the rest is read with O_DIRECT (direct="auto").
+"""What of a source file the page cache holds is read from it; the rest is read with O_DIRECT
+(direct="auto"). Block devices are always read with O_DIRECT: their cache can be stale.
 
 What the copy leaves in the cache is what it found there: a cold source is not pulled in, a half-cached
 one stays half-cached. Residency is asked of the kernel with mincore(), as the engine does, and set up
@@ -12,6 +13,7 @@ import errno
 import fcntl
 import mmap
 import os
+import subprocess
 
 import pytest
 from nbd_devices import BLKFLSBUF, nbd_devices  # noqa: F401 - a fixture
@@ -65,27 +67,22 @@ def read_into_cache(holder: int, pieces) -> None:
 
 @pytest.fixture
 def holder(source):
-    """A descriptor held open on src for the test: a block device's page cache is dropped when its last
-    opener closes it."""
+    """A descriptor that reads src into the cache."""
     fd = os.open(source[0], os.O_RDONLY)
     yield fd
     os.close(fd)
 
 
-@pytest.fixture(params=["file", "loop"])
-def source(request, tmp_path):
-    """SIZE bytes of random data, written and synced, none of it in the page cache."""
+@pytest.fixture
+def source(tmp_path):
+    """A file of SIZE random bytes on the disk's file system (ext4), written and synced, none of it in the
+    page cache."""
     content = os.urandom(SIZE)
-    backing = tmp_path / "src.img"
-    with open(backing, "wb") as f:
+    path = tmp_path / "src.img"
+    with open(path, "wb") as f:
         f.write(content)
         os.fsync(f.fileno())
-    drop_from_cache(backing)
-    path = backing
-    if request.param == "loop":
-        if os.geteuid() != 0:
-            pytest.skip("loop devices need root")
-        path = request.getfixturevalue("loops").attach(backing, read_only=True)
+    drop_from_cache(path)
     assert resident_bytes(path) == 0
     return path, content
 
@@ -143,30 +140,53 @@ def test_direct_true_reads_the_disk_even_when_the_cache_holds_src(source, holder
 
 
 @needs_root_for_loop
+def test_a_block_device_is_read_with_o_direct_even_when_its_cache_holds_it(source, loops, tmp_path):
+    """Its cache goes stale when the storage is written by another name (here: the loop device's file)."""
+    src, content = source
+    device = loops.attach(src, read_only=True)
+    holder = os.open(device, os.O_RDONLY)
+    try:
+        read_into_cache(holder, [(0, SIZE)])
+        assert resident_bytes(device) == SIZE
+
+        result = volcopy.copy(device, tmp_path / "dst.img")
+    finally:
+        os.close(holder)
+
+    assert (result.bytes_read, result.bytes_from_cache) == (SIZE, 0)
+    assert read_all(tmp_path / "dst.img") == content
+
+
+@needs_root_for_loop
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_read_failing_past_the_cached_half_fails_there(engine, nbd_devices, request, tmp_path):  # noqa: F811
-    """The first half of a device is cached, a sector of the second half fails: the copy fails there
-    with EIO, whichever way each part was read; healed, the same copy is exact."""
-    content = os.urandom(SIZE)
-    device = nbd_devices.faulty(SIZE)
-    with open(device.path, "r+b", buffering=0) as f:
+    """A file on ext4 over a disk that fails every read once armed: its first half comes from the page
+    cache, and the reads of the second half fail; healed, the copy is exact."""
+    device = nbd_devices.faulty(64 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", device.path], check=True)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    subprocess.run(["mount", device.path, str(mountpoint)], check=True)
+    request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(mountpoint)], check=False))
+    src, content = mountpoint / "src.img", os.urandom(SIZE)
+    with open(src, "wb") as f:
         f.write(content)
         os.fsync(f.fileno())
-    drop_from_cache(device.path)
-    holder = os.open(device.path, os.O_RDONLY)
+    drop_from_cache(src)
+    holder = os.open(src, os.O_RDONLY)
     request.addfinalizer(lambda: os.close(holder))
     read_into_cache(holder, [(0, SIZE // 2)])
-    assert resident_bytes(device.path) == SIZE // 2
-    bad = 6 * MiB + 8192
-    device.fail(read=[(bad, 4096)])
+    assert resident_bytes(src) == SIZE // 2
+    device.fail(read=True)
 
     with pytest.raises(volcopy.CopyIOError) as failed:
-        volcopy.copy(device.path, tmp_path / "dst.img", engine=engine)
+        volcopy.copy(src, tmp_path / "dst.img", engine=engine)
 
-    assert (failed.value.operation, failed.value.errno) == ("read", errno.EIO)
-    assert 6 * MiB <= failed.value.offset <= bad
+    failure = failed.value
+    assert (failure.operation, failure.errno) == ("read", errno.EIO)
+    assert SIZE // 2 <= failure.offset < SIZE  # a read of the uncached half (several were in flight)
     assert not (tmp_path / "dst.img").exists()  # a destination it created is removed, not left half-written
     device.heal()
-    result = volcopy.copy(device.path, tmp_path / "dst.img", engine=engine)
+    result = volcopy.copy(src, tmp_path / "dst.img", engine=engine)
     assert result.bytes_from_cache == SIZE // 2
     assert read_all(tmp_path / "dst.img") == content

@@ -14,7 +14,9 @@ import pytest
 from nbd_devices import nbd_devices  # noqa: F401 - a fixture
 
 import volcopy
-from conftest import ENGINES, MiB, fill_garbage, needs_root_for_loop, read_all, write_layout
+from conftest import ENGINES, MiB, fill_garbage, needs_root_for_loop, read_all, reference_digest, write_layout
+from volcopy import _core
+from volcopy.volume import open_source
 
 SIZE = 16 * MiB + 12345  # an unaligned tail, read and written through the page cache
 DEVICE_SIZE = 17 * MiB  # a loop device holds whole sectors: dst devices are larger than src
@@ -122,3 +124,54 @@ def test_a_cancelled_verified_copy_stops_both_engines(source, nbd_devices):  # n
         volcopy.copy(src, dst.path, verify=True, cancel=cancel)
 
     assert engines_left() == []
+
+
+@needs_root_for_loop
+def test_a_read_back_that_fails_stops_the_copy(source, nbd_devices, workdir):  # noqa: F811
+    """The copy does not run on to the end of a volume whose read-back has already failed."""
+    src, _ = source
+    dst = nbd_devices.faulty(DEVICE_SIZE)
+    with open(dst.path, "r+b", buffering=0) as f:
+        f.write(b"\xa5" * DEVICE_SIZE)
+    dst.fail(read=[(MiB, 4096)], delay=0.05)  # a slow disk, so that the copy is still running
+
+    with pytest.raises(volcopy.CopyIOError) as failed:
+        volcopy.copy(src, dst.path, verify=True, queue_depth=2)
+
+    assert (failed.value.operation, failed.value.filename) == ("read", dst.path)
+    dst.heal()
+    with open(dst.path, "rb", buffering=0) as f:
+        assert f.read()[-MiB:] == b"\xa5" * MiB  # the copy stopped before the end
+    assert engines_left() == []
+
+
+def test_the_read_back_asks_for_extents_again_past_where_it_last_could(workdir):
+    """An extent map asked for up to the copy's watermark says nothing of what lies past it: once the
+    watermark has moved on, the read-back asks again. Throttled on one slot, so that the watermark moves
+    while a unit is still being read."""
+    path = write_layout(workdir / "dst.img", 4 * MiB, [(0, MiB // 2), (5 * MiB // 2, MiB // 2)], seed=6)
+    written = _core.Watermark()
+    written.cell[0] = 2 * MiB
+    threading.Timer(0.1, written.cell.__setitem__, (0, 4 * MiB)).start()
+
+    with open_source(workdir / "dst.img") as volume:
+        readback = _core.run(
+            volume.endpoint(),
+            None,
+            length=4 * MiB,
+            engine="auto",
+            block_size=MiB,
+            queue_depth=1,
+            sparse=True,
+            dst_is_zero=False,
+            digest=True,
+            rate_limit=MiB,
+            extents=None,
+            checkpoint=None,
+            fingerprints=None,
+            dst_new=False,
+            progress=None,
+            readable_until=written,
+        )
+
+    assert readback.digest == reference_digest(path)

@@ -57,7 +57,8 @@ enum vc_flags {
     VC_FLAG_DST_IS_ZERO = 2, /* the caller promises dst reads as zeros: never zero it */
     VC_FLAG_DIGEST = 4,      /* fill chunk_digests and the volume digest */
     VC_FLAG_DST_NEW = 8,     /* dst was created for this copy: a checkpoint with progress cannot be its */
-    VC_FLAG_SRC_FROM_CACHE = 16 /* src is direct: read the pages the page cache holds through it */
+    VC_FLAG_SRC_FROM_CACHE = 16 /* src is a direct file on a local file system: read the pages the page
+                                   cache holds through it */
 };
 
 /* An RBD image opened by vc_rbd_open; opaque. */

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Union
 
 from . import _core
 from .digest import BackgroundHash, first_difference, first_difference_in_extents, hash_volume
-from .errors import CheckpointError, EngineUnavailable, InvalidRequest, VerifyError
+from .errors import Cancelled, CheckpointError, EngineUnavailable, InvalidRequest, VerifyError
 from .rate import MAX_RATE, RateLimit
 from .volume import Volume, VolumeSpec, describe, open_destination, open_source, overlaps
 
@@ -150,6 +150,16 @@ def _match_direct(source: Volume, target: Volume, direct) -> None:
                 volume.fd, volume.direct = volume.fd_buffered, False
 
 
+class _AnyOf:
+    """Set once any of its events is (None: never): what a copy polls as its cancel."""
+
+    def __init__(self, *events: threading.Event | None):
+        self.events = [event for event in events if event is not None]
+
+    def is_set(self) -> bool:
+        return any(event.is_set() for event in self.events)
+
+
 def _progress_reporter(progress: Callable[[int, int], None] | None) -> Callable[[int, int], bool] | None:
     if progress is None:
         return None  # the engine then never takes the GIL back
@@ -203,12 +213,12 @@ def copy(
             _match_direct(source, target, direct)
             readback = written = None
             options = {"engine": engine, "block_size": block_size, "queue_depth": queue_depth}
-            # dst is read back while the copy runs, behind what it has written, not in a second pass. Not
-            # an RBD image: its map of allocated extents is read once, and would miss what comes after.
-            if verify and extent_array is None and target.rbd is None:
-                written = _core.Watermark()
-                readback = BackgroundHash(target, length, behind=written, **options)
             try:
+                # dst is read back while the copy runs, behind what it has written, not in a second pass.
+                # Not an RBD image: its map of allocated extents is read once, and would miss the rest.
+                if verify and extent_array is None and target.rbd is None:
+                    written = _core.Watermark()
+                    readback = BackgroundHash(target, length, behind=written, **options)
                 native = _core.run(
                     source.endpoint(),
                     target.endpoint(),
@@ -228,26 +238,32 @@ def copy(
                     ),
                     dst_new=target.created,
                     progress=_progress_reporter(progress),
-                    cancel=cancel,
+                    # a read-back that failed stops the copy: its error is the one raised
+                    cancel=_AnyOf(cancel, readback.failed) if readback is not None else cancel,
                     # What of src the page cache holds is read from it; direct=True means the disk.
                     src_from_cache=direct == "auto",
                     written_until=written,
                 )
+                readback_digests = None
+                if readback is not None:  # the copy published all of dst: the read-back ends on its own
+                    readback_digests = readback.result().chunk_digests
+                elif verify and extent_array is None:  # an RBD image: read back now
+                    readback_digests = hash_volume(target, length, **options).chunk_digests
             except BaseException as exc:
+                failure = exc
                 if readback is not None:
-                    readback.stop()
+                    readback.stop()  # it must end before dst is closed
+                    if isinstance(exc, Cancelled) and readback.error is not None:
+                        failure = readback.error
                 # Without a checkpoint to resume from, a file we created is only a half-written copy.
-                if target.created and (checkpoint is None or isinstance(exc, CheckpointError)):
+                if target.created and (checkpoint is None or isinstance(failure, CheckpointError)):
                     try:
                         target.remove_created()
                     except OSError as cleanup:  # the failure to report is the copy's (an OSD gone, say)
-                        exc.add_note(f"the half-written destination {target.name} is left: {cleanup}")
-                raise
-            readback_digests = None
-            if readback is not None:  # the copy published all of dst: the read-back ends on its own
-                readback_digests = readback.result().chunk_digests
-            elif verify and extent_array is None:  # an RBD image: read back now
-                readback_digests = hash_volume(target, length, **options).chunk_digests
+                        failure.add_note(f"the half-written destination {target.name} is left: {cleanup}")
+                if failure is exc:
+                    raise
+                raise failure from None
             if checkpoint is not None and os.path.exists(checkpoint):
                 os.unlink(checkpoint)
             if verify:
