@@ -7,7 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Union
 
 from . import _core
@@ -65,10 +65,9 @@ class CopyResult:
         return (self.size - self.resumed_from) / self.seconds if self.seconds > 0 else 0.0
 
     def as_dict(self) -> dict:
-        """Everything but the chunk digests, for JSON."""
-        d = asdict(self)
-        d.pop("chunk_digest_bytes")
-        return d
+        """Everything but the chunk digests, for JSON. Not dataclasses.asdict: it deep-copies them first
+        (16 MiB per TiB of volume)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "chunk_digest_bytes"}
 
 
 def _positive_int(value, what: str, low: int, high: int) -> int:
