@@ -51,12 +51,8 @@ def sparse_extents(size: int, allocated: float, seed: int = 0, allocated_bytes: 
     return extents
 
 
-def make_sparse(
-    path: str, size: int, allocated: float, seed: int = 0, allocated_bytes: int | None = None
-) -> list:
-    """A sparse image: random data in random extents, holes elsewhere; returns the extents."""
-    rng = np.random.default_rng(seed + 1)
-    extents = sparse_extents(size, allocated, seed, allocated_bytes)
+def _write_extents(path: str, size: int, extents, rng: np.random.Generator) -> None:
+    """A file of ``size`` bytes: random data in the extents, holes elsewhere."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.ftruncate(fd, size)
@@ -65,23 +61,23 @@ def make_sparse(
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_sparse(
+    path: str, size: int, allocated: float, seed: int = 0, allocated_bytes: int | None = None
+) -> list:
+    """A sparse image: random data in random extents, holes elsewhere; returns the extents."""
+    extents = sparse_extents(size, allocated, seed, allocated_bytes)
+    _write_extents(path, size, extents, np.random.default_rng(seed + 1))
     return extents
 
 
 def make_spread(path: str, size: int, count: int, length: int, seed: int = 0) -> list:
     """A huge sparse image: ``count`` extents of random data, ``length`` bytes each, spread evenly over
     ``size`` (W6: 8 TiB apparent, 1 GiB of data in 4096 extents); returns the extents."""
-    rng = np.random.default_rng(seed + 2)
     step = size // count // (64 << 10) * (64 << 10)
     extents = [(k * step, length) for k in range(count)]
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.ftruncate(fd, size)
-        for offset, n in extents:
-            _write_random(fd, rng, offset, n)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _write_extents(path, size, extents, np.random.default_rng(seed + 2))
     return extents
 
 
