@@ -11,9 +11,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import json
 import mmap
 import os
+import shutil
 import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 from nbd_devices import BLKFLSBUF, nbd_devices  # noqa: F401 - a fixture
@@ -22,6 +27,9 @@ import volcopy
 from conftest import ENGINES, MiB, needs_root_for_loop, read_all, reference_digest
 
 SIZE = 8 * MiB
+# The benchmark harness's smoke test drops the whole machine's page cache, and these tests assert what it
+# holds: one worker runs them all.
+pytestmark = pytest.mark.xdist_group("machine-settings")
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t] + [ctypes.c_int] * 3 + [ctypes.c_long]
@@ -190,3 +198,37 @@ def test_a_read_failing_past_the_cached_half_fails_there(engine, nbd_devices, re
     result = volcopy.copy(src, tmp_path / "dst.img", engine=engine)
     assert result.bytes_from_cache == SIZE // 2
     assert read_all(tmp_path / "dst.img") == content
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to run the copy as another user (nobody)")
+def test_a_caller_mincore_does_not_answer_reads_with_o_direct_and_leaves_the_cache_alone(tmp_path):
+    """To a caller who neither owns nor may write a file, mincore() says every page is cached (Linux
+    5.0): such a caller must not take that for the truth, read a cold file through the cache, and fill
+    it. The copy runs as nobody, after importing volcopy as root (the interpreter lies under /root)."""
+    directory = Path(tempfile.mkdtemp(prefix="volcopy-nobody-"))
+    try:
+        directory.chmod(0o777)
+        src, content = directory / "src.img", os.urandom(SIZE)
+        with open(src, "wb") as f:
+            f.write(content)
+            os.fsync(f.fileno())
+        src.chmod(0o644)
+        drop_from_cache(src)
+        assert resident_bytes(src) == 0
+        script = (
+            "import json, os, sys, volcopy\n"
+            "os.setgid(65534); os.setuid(65534)\n"
+            "r = volcopy.copy(sys.argv[1], sys.argv[2])\n"
+            "print(json.dumps([r.bytes_read, r.bytes_from_cache]))\n"
+        )
+        run = subprocess.run(
+            [sys.executable, "-c", script, str(src), str(directory / "dst.img")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert json.loads(run.stdout) == [SIZE, 0]
+        assert resident_bytes(src) == 0
+        assert read_all(directory / "dst.img") == content
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -16,6 +16,7 @@ from nbd_devices import nbd_devices  # noqa: F401 - a fixture
 import volcopy
 from conftest import ENGINES, MiB, fill_garbage, needs_root_for_loop, read_all, reference_digest, write_layout
 from volcopy import _core
+from volcopy.migration import MigrationCancelled, Migrator
 from volcopy.volume import open_source
 
 SIZE = 16 * MiB + 12345  # an unaligned tail, read and written through the page cache
@@ -175,3 +176,21 @@ def test_the_read_back_asks_for_extents_again_past_where_it_last_could(workdir):
         )
 
     assert readback.digest == reference_digest(path)
+
+
+@needs_root_for_loop
+def test_a_migration_reading_back_wrong_bytes_is_cancelled(source, nbd_devices, workdir):  # noqa: F811
+    """A migration verifies with the same read-back, while it copies: the copy step fails where dst
+    returned wrong bytes, and the migration is cancelled."""
+    src, _ = source
+    dst = nbd_devices.faulty(DEVICE_SIZE)
+    dst.fail(corrupt=[(9 * MiB + 100, 10)])
+    migrator = Migrator(f"sqlite:///{workdir}/journal.sqlite")
+
+    with pytest.raises(MigrationCancelled, match="dst differs from src") as raised:
+        migrator.migrate(str(src), dst.path)
+
+    m = migrator.status(raised.value.migration_id)
+    assert m.state == "cancelled" and not m.dst_valid
+    copy_step = next(s for s in migrator.steps(m.id) if s.name == "copy")
+    assert copy_step.status == "failed" and f"at offset {9 * MiB + 100}" in copy_step.detail

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from .. import copier
 from ..compute.errors import ComputeConflict, ComputeError, ComputeNotFound
 from ..digest import digest
-from ..errors import Cancelled, CheckpointError, InvalidRequest, VolcopyError
+from ..errors import Cancelled, CheckpointError, InvalidRequest, VerifyError, VolcopyError
 from ..rate import BandwidthBudget, RateLimit
 from ..rbd_volume import RBDSpec
 from ..volume import size_of
@@ -603,12 +603,15 @@ class Migrator:
                 src_digest = dst_digest = None
                 if path is None:
                     path = "copy"
-                    # What the engine wrote is what it hashed: the copy gives both digests.
+                    # What the engine wrote is what it hashed: the copy gives both digests. With verify,
+                    # dst is read back while the engine copies, and a difference raises VerifyError.
+                    options["verify"] = bool(verify)
                     src_digest = dst_digest = self._copy_with_engine(m, src, dst, options, progress)
                 if verify or path == "driver-clone":  # a driver's clone is not taken on trust
                     with self._step(m, "verify", str(dst_ref)):
-                        src_digest = src_digest or digest(src)
-                        dst_digest = digest(dst, length=size_of(src))
+                        if path != "copy":  # the copy read dst back already
+                            src_digest = src_digest or digest(src)
+                            dst_digest = digest(dst, length=size_of(src))
                 failpoint("after-copy")
         except (JournalError, LostOwnership):
             raise  # nothing can be recorded, or it is another's to record: the flow stops here
@@ -616,6 +619,8 @@ class Migrator:
             raise  # a fenced attachment the compute reports in trouble
         except Cancelled:
             raise _Abort("cancelled on request") from None  # only a request in the journal cancels a copy
+        except VerifyError as exc:
+            raise _Abort(f"dst differs from src: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - whatever stopped the copy, the fences are lifted
             raise _Abort(f"the copy failed: {_one_line(exc)}") from None
         self._set(m, copy_path=path, src_digest=src_digest, dst_digest=dst_digest)
