@@ -217,7 +217,11 @@ def copy(
                 # Not an RBD image: its map of allocated extents is read once, and would miss the rest.
                 if verify and extent_array is None and target.rbd is None:
                     written = _core.Watermark()
-                    readback = BackgroundHash(target, length, behind=written, **options)
+                    # A quarter of the copy's depth: it only trails the copy. Default depth, 5 interleaved
+                    # runs each, 32 against 8: 4 GiB loop to loop with 5% data 0.613 against 0.577 s
+                    # (median), 1 GiB file to file 1.886 against 1.952 s; peak RSS 78 against 54 MiB.
+                    depth = {"queue_depth": max(1, queue_depth // 4)}
+                    readback = BackgroundHash(target, length, behind=written, **(options | depth))
                 native = _core.run(
                     source.endpoint(),
                     target.endpoint(),
