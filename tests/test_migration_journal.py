@@ -157,3 +157,27 @@ def test_a_volume_key_never_holds_the_secrets_of_its_connection_info():
     assert VolumeRef(connection_info=same).key == key
     other = {"driver_volume_type": "iscsi", "data": {"target_iqn": "iqn.y", "auth_password": "s3cret-pw"}}
     assert VolumeRef(connection_info=other).key != key
+
+
+def _open_journal_when_told(url: str, go, failures) -> None:
+    go.wait()
+    try:
+        Journal(url)
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        failures.put(repr(exc))
+
+
+def test_many_processes_opening_a_new_sqlite_journal_at_once_all_open_it(tmp_path):
+    """A fleet of movers starting together on a new SQLite journal: each creates the missing tables,
+    SQLite one table per transaction, and a process that loses the race on one table tries again."""
+    url = f"sqlite:///{tmp_path}/journal.sqlite"
+    context = multiprocessing.get_context("fork")
+    go, failures = context.Event(), context.Queue()
+    processes = [context.Process(target=_open_journal_when_told, args=(url, go, failures)) for _ in range(6)]
+    for process in processes:
+        process.start()
+    go.set()
+    for process in processes:
+        process.join(60)
+    assert [process.exitcode for process in processes] == [0] * 6
+    assert failures.empty(), failures.get()

@@ -251,16 +251,21 @@ class Journal:
         return JournalError(f"journal {self.where} refused the request: {reason}")
 
     def _create_schema(self) -> None:
-        for attempt in range(3):
+        attempts = 10
+        for attempt in range(attempts):
             try:
                 Base.metadata.create_all(self.engine)  # only the tables that are missing
                 break
             except (IntegrityError, ProgrammingError):
                 break  # another process created the tables at the same moment (the version check follows)
             except OperationalError as exc:
-                # SQLite's word for the same race; anything else is the database's answer to give
-                if "already exists" not in str(exc.orig) or attempt == 2:
+                # SQLite's word for the same race; anything else is the database's answer to give. SQLite
+                # creates the tables one by one, each in its own transaction: with several processes
+                # starting at once (a fleet of movers) one can lose the race on table after table, so it
+                # tries again, a little later each time (3 tries were not always enough for 3 movers).
+                if "already exists" not in str(exc.orig) or attempt == attempts - 1:
                     raise self._error(exc) from None
+                time.sleep(0.05 * (attempt + 1))
             except DBAPIError as exc:
                 raise self._error(exc) from None
         try:
