@@ -177,10 +177,12 @@ class CheckpointPiece(Base):
 
 def _sqlite_pragmas(connection, _record) -> None:
     # WAL lets another process read progress while the migration writes; the busy timeout makes
-    # writers from several processes wait for each other instead of failing.
+    # writers from several processes wait for each other instead of failing. The timeout first: the
+    # switch to WAL takes a lock too, and without it failed at once ("database is locked") when several
+    # processes opened a new journal together.
     cursor = connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
@@ -263,19 +265,30 @@ class Journal:
                 # creates the tables one by one, each in its own transaction: with several processes
                 # starting at once (a fleet of movers) one can lose the race on table after table, so it
                 # tries again, a little later each time (3 tries were not always enough for 3 movers).
-                if "already exists" not in str(exc.orig) or attempt == attempts - 1:
+                # "database is locked": a read that must become a write while another process wrote,
+                # which SQLite refuses at once, without its busy timeout.
+                lost_race = any(word in str(exc.orig) for word in ("already exists", "database is locked"))
+                if not lost_race or attempt == attempts - 1:
                     raise self._error(exc) from None
                 time.sleep(0.05 * (attempt + 1))
             except DBAPIError as exc:
                 raise self._error(exc) from None
-        try:
+
+        def record_version() -> None:
+            try:
+                with self._session() as s:
+                    if s.scalar(select(SchemaVersion.version)) is None:
+                        s.add(SchemaVersion(version=SCHEMA_VERSION))
+            except IntegrityError:
+                pass  # the same: another process wrote the version first
+
+        def read_versions() -> list:
             with self._session() as s:
-                if s.scalar(select(SchemaVersion.version)) is None:
-                    s.add(SchemaVersion(version=SCHEMA_VERSION))
-        except IntegrityError:
-            pass  # the same: another process wrote the version first
-        with self._session() as s:
-            versions = s.scalars(select(SchemaVersion.version)).all()
+                return s.scalars(select(SchemaVersion.version)).all()
+
+        # SQLite's "database is locked" here too, for the same race: tried again like a lost connection
+        self._retry("recording the schema version", record_version)
+        versions = self._retry("reading the schema version", read_versions)
         if versions != [SCHEMA_VERSION]:
             raise JournalError(
                 f"journal {self.where} has schema version {versions}; this volcopy knows {SCHEMA_VERSION}"
