@@ -761,11 +761,19 @@ def local(path: str) -> dict:
 
 
 def wait_state(compute, state: str, attachment=SRC_ATT, timeout=60, server=SERVER) -> dict:
-    return wait_for(
-        lambda: (s := compute.migration_state(server, attachment))["state"] == state and s,
-        timeout=timeout,
-        what=f"state {state}",
-    )
+    """The attachment's migration once in state; on a timeout, the error names the state it is in."""
+    seen = {}
+
+    def reached():
+        seen.update(compute.migration_state(server, attachment))
+        return seen["state"] == state and dict(seen)
+
+    try:
+        return wait_for(reached, timeout=timeout, what=f"state {state}")
+    except AssertionError:
+        raise AssertionError(
+            f"timed out waiting for state {state}: it is {seen.get('state')}, reason {seen.get('reason')!r}"
+        ) from None
 
 
 def fill(path, size: int, byte: int) -> None:

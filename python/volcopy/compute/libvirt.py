@@ -62,7 +62,9 @@ def start_event_loop() -> None:
 
 
 class BlockJobs:
-    """One connection's block-job events (READY, COMPLETED, FAILED, CANCELED), per domain and disk."""
+    """One connection's block-job events (READY, COMPLETED, FAILED, CANCELED), per domain, disk and job
+    kind. Events arrive on the event loop's thread, late at times: the CANCELED of a copy just aborted
+    can come after the commit that follows has started, and must not be taken for the commit's."""
 
     _NAMES = {
         libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED: "completed",
@@ -83,19 +85,20 @@ class BlockJobs:
     def _event(self, conn, dom, target, job_type, status, opaque) -> None:
         name = self._NAMES.get(status, str(status))
         with self._cond:
-            self._last[(dom.UUIDString(), target)] = name
+            self._last[(dom.UUIDString(), target, job_type)] = name
             self._cond.notify_all()
         if self._on_event:
             self._on_event(dom.UUIDString(), target, name)
 
-    def forget(self, dom: libvirt.virDomain, target: str) -> None:
-        """Before a job starts: an older job's last event must not be taken for its."""
+    def forget(self, dom: libvirt.virDomain, target: str, kind: int) -> None:
+        """Before a job of this kind starts: an older job's last event must not be taken for its."""
         with self._cond:
-            self._last.pop((dom.UUIDString(), target), None)
+            self._last.pop((dom.UUIDString(), target, kind), None)
 
-    def wait(self, dom: libvirt.virDomain, target: str, timeout: float = READY_TIMEOUT) -> str:
-        """The next status of the disk's job: "ready", "completed", "failed" or "canceled"."""
-        key = (dom.UUIDString(), target)
+    def wait(self, dom: libvirt.virDomain, target: str, kind: int, timeout: float = READY_TIMEOUT) -> str:
+        """The next status of the disk's job of this kind (a VIR_DOMAIN_BLOCK_JOB_TYPE_*): "ready",
+        "completed", "failed" or "canceled"."""
+        key = (dom.UUIDString(), target, kind)
         with self._cond:
             if not self._cond.wait_for(lambda: key in self._last, timeout):
                 raise LibvirtHandoffError(f"disk {target}: no block job event in {timeout:.0f} s")
@@ -310,11 +313,12 @@ def fence(dom: libvirt.virDomain, target: str, overlay: str) -> None:
 
 
 def _pivot_when_ready(
-    dom: libvirt.virDomain, target: str, jobs: BlockJobs, what: str, before_pivot: Callable[[], None]
+    dom: libvirt.virDomain, target: str, jobs: BlockJobs, kind: int, before_pivot: Callable[[], None]
 ) -> None:
-    """Waits for the job's READY event, calls before_pivot(), pivots. A job a previous caller left
-    running may have been ready before we listened: its pivot is tried first."""
-    status = jobs.wait(dom, target) if not _ready_already(dom, target) else "ready"
+    """Waits for the READY event of the disk's job of this kind, calls before_pivot(), pivots. A job a
+    previous caller left running may have been ready before we listened: its pivot is tried first."""
+    what = _JOB_KINDS[kind]
+    status = jobs.wait(dom, target, kind) if not _ready_already(dom, target) else "ready"
     if status != "ready":
         raise LibvirtHandoffError(f"disk {target}: the {what} job ended {status} before it was ready")
     before_pivot()
@@ -351,7 +355,7 @@ def commit(
     _check(len(chain) >= 2, "there is no overlay to merge", dom, target)
     below = chain[1]
     if not _job_running(dom, target, libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT):
-        jobs.forget(dom, target)
+        jobs.forget(dom, target, libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT)
         flags = (
             libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
             | libvirt.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW
@@ -361,7 +365,7 @@ def commit(
             dom.blockCommit(target, None, None, 0, flags)
         except libvirt.libvirtError as exc:
             raise LibvirtHandoffError(f"disk {target}: the block commit failed to start: {exc}") from None
-    _pivot_when_ready(dom, target, jobs, "commit", before_pivot)
+    _pivot_when_ready(dom, target, jobs, libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT, before_pivot)
     _check(
         disk_chain(dom, target)[:1] == [below], f"the disk is not on {below} after the commit", dom, target
     )
@@ -397,7 +401,7 @@ def start_copy(
         | libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT
         | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
     )
-    jobs.forget(dom, target)
+    jobs.forget(dom, target, libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY)
     try:
         dom.blockCopy(target, xml, None, flags)
     except libvirt.libvirtError as exc:
@@ -419,7 +423,7 @@ def copy_onto(
     if disk_chain(dom, target)[:2] == [newtop, dst]:
         return
     start_copy(dom, target, jobs, newtop, dst, dst_format, dst_image)
-    _pivot_when_ready(dom, target, jobs, "copy", before_pivot)
+    _pivot_when_ready(dom, target, jobs, libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY, before_pivot)
     _check(disk_chain(dom, target)[:2] == [newtop, dst], f"the disk is not on {newtop} -> {dst}", dom, target)
 
 
@@ -449,12 +453,12 @@ def move_read_only(
         kind, source = _source_xml(dst, dst_image)
         xml = f"<disk type='{kind}'><driver type='raw'/>{source}</disk>"
         flags = libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
-        jobs.forget(dom, target)
+        jobs.forget(dom, target, libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY)
         try:
             dom.blockCopy(target, xml, None, flags)
         except libvirt.libvirtError as exc:
             raise LibvirtHandoffError(f"disk {target}: the block copy failed to start: {exc}") from None
-    _pivot_when_ready(dom, target, jobs, "copy", lambda: None)
+    _pivot_when_ready(dom, target, jobs, libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY, lambda: None)
     _check(disk_chain(dom, target) == [dst], f"the disk is not on {dst}", dom, target)
 
 
