@@ -1,11 +1,15 @@
 /* Checkpoint: a file that says how far a copy got, so that a copy killed at any moment resumes there.
  *
- * Layout: two 512-byte header slots at 0 and 512, the chunk digests from 4096 on (16 bytes a chunk).
- * A save writes the new digests, syncs, then writes the header slot the last save did not use, and
- * syncs again. A torn header fails its checksum and the other slot, one save older, wins: a crash at
- * any moment leaves a valid checkpoint that is never ahead of what dst durably holds. */
+ * Layout: two 512-byte header slots at 0 and 512, then from 4096 on a record (chunk index, digest) for
+ * each chunk below the watermark that holds data, in order; a chunk without a record reads as zeros. So
+ * the file grows with the data copied, not with the volume: a mostly empty 8 TiB volume needs kilobytes.
+ * A save appends the new records, syncs, then writes the header slot the last save did not use (which
+ * counts the records), and syncs again. A torn header fails its checksum and the other slot, one save
+ * older, wins: a crash at any moment leaves a valid checkpoint that is never ahead of what dst durably
+ * holds. */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -15,9 +19,16 @@
 #include "internal.h"
 
 #define CKPT_MAGIC "VOLCOPYC"
-#define CKPT_VERSION 2 /* 1 had one fingerprint for everything; such a checkpoint starts afresh */
+/* 1 had one fingerprint for everything, 2 a digest for every chunk; such a checkpoint starts afresh */
+#define CKPT_VERSION 3
 #define CKPT_HEADER_SIZE 512
-#define CKPT_DIGESTS_AT 4096
+#define CKPT_RECORDS_AT 4096
+#define CKPT_BATCH 2048 /* records read or written at a time: 48 KiB */
+
+struct ckpt_record {
+    uint64_t chunk;
+    uint8_t digest[VC_DIGEST_SIZE];
+};
 
 struct ckpt_header {
     char magic[8];
@@ -27,6 +38,7 @@ struct ckpt_header {
     struct vc_checkpoint_identity identity;
     uint64_t length;
     uint64_t watermark;
+    uint64_t records; /* from CKPT_RECORDS_AT on */
     uint64_t checksum; /* XXH64 of everything above */
 };
 
@@ -101,6 +113,54 @@ static int full_pwrite(int fd, const void *buf, size_t len, off_t off)
     return 0;
 }
 
+/* The digests of the records, each into its chunk's place; -EBADMSG for records out of order or beyond
+ * the chunks the header counts (a checksum-valid header with such records was not written by us). */
+static int load_records(int fd, uint64_t records, uint64_t chunks, uint8_t *digests)
+{
+    struct ckpt_record *batch = malloc(CKPT_BATCH * sizeof(*batch));
+    uint64_t next_chunk = 0;
+    int rc = batch ? 0 : -ENOMEM;
+
+    for (uint64_t first = 0; first < records && rc == 0; first += CKPT_BATCH) {
+        size_t n = (size_t)VC_MIN((uint64_t)CKPT_BATCH, records - first);
+        rc = full_pread(fd, batch, n * sizeof(*batch), (off_t)(CKPT_RECORDS_AT + first * sizeof(*batch)));
+        for (size_t i = 0; i < n && rc == 0; i++) {
+            if (batch[i].chunk < next_chunk || batch[i].chunk >= chunks) {
+                rc = -EBADMSG;
+                break;
+            }
+            memcpy(digests + batch[i].chunk * VC_DIGEST_SIZE, batch[i].digest, VC_DIGEST_SIZE);
+            next_chunk = batch[i].chunk + 1;
+        }
+    }
+    free(batch);
+    return rc;
+}
+
+/* Appends a record for each chunk in [from, to) that holds data; *records counts them. */
+static int append_records(int fd, const uint8_t *digests, uint64_t from, uint64_t to, uint64_t *records)
+{
+    static const uint8_t zeros[VC_DIGEST_SIZE];
+    struct ckpt_record *batch = malloc(CKPT_BATCH * sizeof(*batch));
+    size_t n = 0;
+    int rc = batch ? 0 : -ENOMEM;
+
+    for (uint64_t chunk = from; chunk < to && rc == 0; chunk++) {
+        if (memcmp(digests + chunk * VC_DIGEST_SIZE, zeros, VC_DIGEST_SIZE) != 0) {
+            batch[n].chunk = chunk;
+            memcpy(batch[n].digest, digests + chunk * VC_DIGEST_SIZE, VC_DIGEST_SIZE);
+            n++;
+        }
+        if (n == CKPT_BATCH || (chunk + 1 == to && n)) {
+            rc = full_pwrite(fd, batch, n * sizeof(*batch), (off_t)(CKPT_RECORDS_AT + *records * sizeof(*batch)));
+            *records += rc == 0 ? n : 0;
+            n = 0;
+        }
+    }
+    free(batch);
+    return rc;
+}
+
 int vc_checkpoint_open(struct vc_checkpoint *c, const char *path, const struct vc_checkpoint_identity *identity,
                        uint64_t length, bool dst_new, uint8_t *digests, uint64_t *watermark, struct vc_error *error)
 {
@@ -116,8 +176,16 @@ int vc_checkpoint_open(struct vc_checkpoint *c, const char *path, const struct v
     c->identity = *identity;
     c->length = length;
     best = best_header(c->fd, h);
-    if (!best)
-        return 0; /* new, empty, or never saved completely: start from 0 */
+    if (!best) { /* new, empty, never saved completely, or of an older version: start from 0 */
+        if (ftruncate(c->fd, 0) < 0) {
+            rc = vc_fail(error, errno, VC_SIDE_CHECKPOINT, VC_OP_CHECKPOINT, 0, "cannot truncate checkpoint %s: %s",
+                         path, strerror(errno));
+            close(c->fd);
+            c->fd = -1;
+            return rc;
+        }
+        return 0;
+    }
     const char *why = mismatch(best, c, dst_new);
     if (why) {
         rc = vc_fail(error, ESTALE, VC_SIDE_CHECKPOINT, VC_OP_CHECKPOINT, 0,
@@ -128,17 +196,16 @@ int vc_checkpoint_open(struct vc_checkpoint *c, const char *path, const struct v
     }
     c->seq = best->seq;
     uint64_t chunks = chunks_below(best->watermark, length);
-    if (digests && chunks) {
-        rc = full_pread(c->fd, digests, (size_t)(chunks * VC_DIGEST_SIZE), CKPT_DIGESTS_AT);
-        if (rc < 0) {
-            vc_fail(error, -rc, VC_SIDE_CHECKPOINT, VC_OP_CHECKPOINT, 0, "cannot read checkpoint %s: %s", path,
-                    strerror(-rc));
-            close(c->fd);
-            c->fd = -1;
-            return rc;
-        }
+    rc = digests ? load_records(c->fd, best->records, chunks, digests) : 0;
+    if (rc < 0) {
+        vc_fail(error, -rc, VC_SIDE_CHECKPOINT, VC_OP_CHECKPOINT, 0, "cannot read checkpoint %s: %s", path,
+                rc == -EBADMSG ? "its records are out of order; remove it to start afresh" : strerror(-rc));
+        close(c->fd);
+        c->fd = -1;
+        return rc;
     }
     c->saved_chunks = chunks;
+    c->saved_records = best->records;
     *watermark = best->watermark;
     return 0;
 }
@@ -156,18 +223,16 @@ uint64_t vc_checkpoint_resume_offset(const char *path)
 
 int vc_checkpoint_save(struct vc_checkpoint *c, uint64_t watermark, const uint8_t *digests)
 {
-    uint64_t chunks = chunks_below(watermark, c->length);
+    uint64_t chunks = chunks_below(watermark, c->length), records = c->saved_records;
     unsigned char slot[CKPT_HEADER_SIZE];
     struct ckpt_header h;
     int rc;
 
     if (digests && chunks > c->saved_chunks) {
-        rc = full_pwrite(c->fd, digests + c->saved_chunks * VC_DIGEST_SIZE,
-                         (size_t)((chunks - c->saved_chunks) * VC_DIGEST_SIZE),
-                         (off_t)(CKPT_DIGESTS_AT + c->saved_chunks * VC_DIGEST_SIZE));
+        rc = append_records(c->fd, digests, c->saved_chunks, chunks, &records);
         if (rc < 0)
             return rc;
-        if (fdatasync(c->fd) < 0)
+        if (records > c->saved_records && fdatasync(c->fd) < 0)
             return -errno;
     }
     memset(&h, 0, sizeof(h));
@@ -177,6 +242,7 @@ int vc_checkpoint_save(struct vc_checkpoint *c, uint64_t watermark, const uint8_
     h.identity = c->identity;
     h.length = c->length;
     h.watermark = watermark;
+    h.records = records;
     h.checksum = header_checksum(&h);
     memset(slot, 0, sizeof(slot));
     memcpy(slot, &h, sizeof(h));
@@ -187,6 +253,7 @@ int vc_checkpoint_save(struct vc_checkpoint *c, uint64_t watermark, const uint8_
         return -errno;
     c->seq = h.seq;
     c->saved_chunks = VC_MAX(c->saved_chunks, chunks);
+    c->saved_records = records;
     return 0;
 }
 

@@ -33,9 +33,33 @@ void vc_digest_zeros(uint64_t len, uint8_t out[VC_DIGEST_SIZE])
     canonical(XXH3_128bits_digest(&state), out);
 }
 
-void vc_volume_digest(const uint8_t *chunk_digests, uint64_t n_chunks, uint8_t *out)
+/* Streamed in batches, each chunk recorded as zeros (engine.h: record_digest) replaced by the digest of
+ * its zeros: the reads of a huge sparse volume's untouched pages map the zero page, no memory. */
+void vc_volume_digest(const uint8_t *chunk_digests, uint64_t length, uint8_t *out)
 {
-    canonical(XXH3_128bits(chunk_digests, (size_t)(n_chunks * VC_DIGEST_SIZE)), out);
+    static const uint8_t zeros[VC_DIGEST_SIZE];
+    enum { BATCH = 4096 };
+    uint8_t batch[BATCH * VC_DIGEST_SIZE], of_zeros[VC_DIGEST_SIZE];
+    uint64_t n_chunks = VC_ROUND_UP(length, VC_CHUNK_SIZE) / VC_CHUNK_SIZE;
+    XXH3_state_t state;
+
+    vc_digest_zeros(VC_CHUNK_SIZE, of_zeros);
+    XXH3_128bits_reset(&state);
+    for (uint64_t first = 0; first < n_chunks; first += BATCH) {
+        uint64_t n = VC_MIN((uint64_t)BATCH, n_chunks - first);
+        memcpy(batch, chunk_digests + first * VC_DIGEST_SIZE, (size_t)(n * VC_DIGEST_SIZE));
+        for (uint64_t i = 0; i < n; i++) {
+            uint8_t *d = batch + i * VC_DIGEST_SIZE;
+            if (memcmp(d, zeros, VC_DIGEST_SIZE) != 0)
+                continue;
+            if (first + i == n_chunks - 1 && length % VC_CHUNK_SIZE)
+                vc_digest_zeros(length % VC_CHUNK_SIZE, d);
+            else
+                memcpy(d, of_zeros, VC_DIGEST_SIZE);
+        }
+        XXH3_128bits_update(&state, batch, (size_t)(n * VC_DIGEST_SIZE));
+    }
+    canonical(XXH3_128bits_digest(&state), out);
 }
 
 void vc_hash128(const void *buf, size_t len, uint8_t *out)

@@ -132,8 +132,9 @@ int reap(struct engine *g, struct vc_io *io, unsigned min, int timeout_ms);
 /* zeroing.c */
 int zero_add(struct engine *g, uint64_t off, uint64_t len);
 int zero_flush(struct engine *g);
+/* The chunk at chunk_offset has this digest; NULL: it reads as zeros. */
+void record_digest(struct engine *g, uint64_t chunk_offset, const uint8_t digest[VC_DIGEST_SIZE]);
 void digest_zeros(struct engine *g, uint64_t from, uint64_t to);
-const uint8_t *zero_digest(struct engine *g, uint64_t len);
 
 /* residency.c */
 void residency_open(struct engine *g);

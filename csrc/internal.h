@@ -131,7 +131,8 @@ struct vc_checkpoint {
     uint64_t seq;
     struct vc_checkpoint_identity identity;
     uint64_t length;
-    uint64_t saved_chunks; /* chunk digests already on disk */
+    uint64_t saved_chunks;  /* chunks below the saved watermark */
+    uint64_t saved_records; /* records on disk: one per chunk below it that holds data */
 };
 
 /* Open or create; *watermark is where a previous run got to (0 when new), and the chunk digests

@@ -225,11 +225,13 @@ static void process_read(struct engine *g, unsigned i)
     if (g->digest) {
         for (uint64_t c = s->start; c < s->start + s->len; c += VC_CHUNK_SIZE) {
             uint64_t len = VC_MIN((uint64_t)VC_CHUNK_SIZE, s->start + s->len - c);
-            uint8_t *out = g->p->chunk_digests + (c / VC_CHUNK_SIZE) * VC_DIGEST_SIZE;
-            if (chunk_has_data & (1ull << ((c - s->start) / VC_CHUNK_SIZE)))
-                vc_digest_chunk(s->buf + (c - s->start), (size_t)len, out);
-            else
-                memcpy(out, zero_digest(g, len), VC_DIGEST_SIZE);
+            uint8_t digest[VC_DIGEST_SIZE];
+            if (chunk_has_data & (1ull << ((c - s->start) / VC_CHUNK_SIZE))) {
+                vc_digest_chunk(s->buf + (c - s->start), (size_t)len, digest);
+                record_digest(g, c, digest);
+            } else {
+                record_digest(g, c, NULL);
+            }
         }
     }
     if (s->n_ops == 0) {

@@ -96,19 +96,28 @@ int zero_add(struct engine *g, uint64_t off, uint64_t len)
     return 0;
 }
 
-/* ---- digests of what needs no read */
+/* ---- chunk digests
+ * A chunk that reads as zeros is recorded as 16 zero bytes, not as the digest of its zeros: chunk_digests
+ * starts zero-filled, so the holes of a huge sparse volume touch none of its pages, and a checkpoint
+ * stores the chunks that hold data only. */
 
-const uint8_t *zero_digest(struct engine *g, uint64_t len)
+void record_digest(struct engine *g, uint64_t chunk_offset, const uint8_t digest[VC_DIGEST_SIZE])
 {
-    return len == VC_CHUNK_SIZE ? g->zero_digest_chunk : g->zero_digest_tail;
+    static const uint8_t zeros[VC_DIGEST_SIZE];
+    uint8_t *out = g->p->chunk_digests + (chunk_offset / VC_CHUNK_SIZE) * VC_DIGEST_SIZE;
+    uint64_t len = VC_MIN((uint64_t)VC_CHUNK_SIZE, g->end - chunk_offset);
+    const uint8_t *of_zeros = len == VC_CHUNK_SIZE ? g->zero_digest_chunk : g->zero_digest_tail;
+
+    if (!digest || memcmp(digest, of_zeros, VC_DIGEST_SIZE) == 0)
+        digest = zeros;
+    if (memcmp(out, digest, VC_DIGEST_SIZE) != 0) /* a hole's page stays untouched */
+        memcpy(out, digest, VC_DIGEST_SIZE);
 }
 
 void digest_zeros(struct engine *g, uint64_t from, uint64_t to)
 {
     if (!g->digest)
         return;
-    for (uint64_t c = from; c < to; c += VC_CHUNK_SIZE) {
-        uint64_t len = VC_MIN((uint64_t)VC_CHUNK_SIZE, g->end - c);
-        memcpy(g->p->chunk_digests + (c / VC_CHUNK_SIZE) * VC_DIGEST_SIZE, zero_digest(g, len), VC_DIGEST_SIZE);
-    }
+    for (uint64_t c = from; c < to; c += VC_CHUNK_SIZE)
+        record_digest(g, c, NULL);
 }

@@ -28,8 +28,13 @@ def test_digest_of_holes_equals_digest_of_written_zeros(workdir):
     assert volcopy.digest(workdir / "sparse.img") == reference_digest(bytes(7 * MiB + 9))
 
 
-def test_chunk_digests_are_canonical_xxh3_128_of_each_chunk(workdir):
-    content = write_layout(workdir / "src.img", 3 * MiB + 10, [(MiB, 2 * MiB + 10)], seed=3)
+@pytest.mark.parametrize(
+    "extents",
+    [[(MiB, 2 * MiB + 10)], [(MiB, MiB)]],  # data to the end; a hole at both ends, the last chunk short
+)
+def test_chunk_digests_are_canonical_xxh3_128_of_each_chunk(extents, workdir):
+    """Also for the chunks of zeros, which the engine records as 16 zero bytes."""
+    content = write_layout(workdir / "src.img", 3 * MiB + 10, extents, seed=3)
 
     result = volcopy.copy(workdir / "src.img", workdir / "dst.img")
 

@@ -93,7 +93,9 @@ struct vc_copy_params {
     const uint64_t *readable_until;
     const int64_t *extents;      /* sorted disjoint (offset, length) pairs; NULL = the whole volume */
     uint64_t n_extents;
-    uint8_t *chunk_digests;      /* VC_DIGEST_SIZE per chunk of length, with VC_FLAG_DIGEST */
+    /* With VC_FLAG_DIGEST: VC_DIGEST_SIZE bytes per chunk of length, zero-filled on entry. A chunk that
+     * reads as zeros is left as 16 zero bytes (a hole touches no page); any other gets its digest. */
+    uint8_t *chunk_digests;
     const char *checkpoint_path; /* NULL: no checkpoint */
     /* What a checkpoint must match to be resumed: src and its state, dst's identity, the request. */
     uint64_t fingerprint_src;
@@ -143,8 +145,9 @@ uint64_t vc_checkpoint_resume_offset(const char *path);
 int vc_extents(const struct vc_endpoint *volume, uint64_t start, uint64_t end, int64_t *out, uint32_t cap,
                uint64_t *next);
 
-/* The volume digest from chunk digests (XXH3-128 of their concatenation), canonical form. */
-void vc_volume_digest(const uint8_t *chunk_digests, uint64_t n_chunks, uint8_t *out);
+/* The volume digest of a volume of length bytes from its chunk digests as vc_copy records them: the
+ * XXH3-128 of the chunks' digests concatenated, where a chunk of zeros has the digest of its zeros. */
+void vc_volume_digest(const uint8_t *chunk_digests, uint64_t length, uint8_t *out);
 
 /* Canonical XXH3-128 of a buffer. */
 void vc_hash128(const void *buf, size_t len, uint8_t *out);

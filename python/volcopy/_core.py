@@ -6,6 +6,7 @@ Everything here takes and returns plain Python values; errors come back as volco
 from __future__ import annotations
 
 import errno
+import mmap
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,6 +67,18 @@ def chunk_count(length: int) -> int:
     return (length + CHUNK_SIZE - 1) // CHUNK_SIZE
 
 
+# DIGEST_SIZE bytes per chunk, as the engine records them: a chunk of zeros as 16 zero bytes.
+ChunkDigests = bytearray | mmap.mmap
+
+
+def new_chunk_digests(length: int) -> ChunkDigests:
+    """Zero-filled room for a volume's chunk digests. A private anonymous mapping, not a bytearray (which
+    writes every byte): the pages of a huge sparse volume's holes are never touched, so they take no
+    memory (16 MiB per TiB otherwise)."""
+    size = chunk_count(length) * DIGEST_SIZE
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE) if size else bytearray()
+
+
 @dataclass
 class Endpoint:
     fd: int
@@ -109,7 +122,7 @@ class NativeResult:
     resumed_from: int
     engine: str
     digest: str | None
-    chunk_digests: bytearray | None  # DIGEST_SIZE bytes per chunk
+    chunk_digests: ChunkDigests | None
 
 
 class _Progress:
@@ -193,7 +206,7 @@ def run(
             keep.append(watermark)
     chunk_digests = None
     if digest:
-        chunk_digests = bytearray(chunk_count(length) * DIGEST_SIZE)
+        chunk_digests = new_chunk_digests(length)
         p.chunk_digests = ffi.from_buffer("uint8_t[]", chunk_digests, require_writable=True)
         keep.append(p.chunk_digests)
     if extents is not None:
@@ -297,7 +310,7 @@ def _exception(rc: int, error, src: Endpoint, dst: Endpoint | None, checkpoint: 
             return EngineUnavailable(message)
         if err == errno.EINVAL:
             return InvalidRequest(message)
-    if error.side == lib.VC_SIDE_CHECKPOINT and err == errno.ESTALE:
+    if error.side == lib.VC_SIDE_CHECKPOINT and err in (errno.ESTALE, errno.EBADMSG):  # another's; damaged
         return CheckpointError(message)
     names = {
         lib.VC_SIDE_SRC: src.name,
@@ -339,22 +352,32 @@ def hash128(buffer) -> bytes:
     return bytes(ffi.buffer(out, DIGEST_SIZE))
 
 
-def volume_digest(chunk_digests) -> str:
-    """The volume digest from chunk digests (bytes-like, DIGEST_SIZE bytes each)."""
+def volume_digest(chunk_digests: ChunkDigests, length: int) -> str:
+    """The volume digest of a volume of length bytes from its chunk digests as the engine records them."""
     out = ffi.new("uint8_t[16]")
-    data = ffi.from_buffer(chunk_digests)
-    lib.vc_volume_digest(data, len(data) // DIGEST_SIZE, out)
+    lib.vc_volume_digest(ffi.from_buffer(chunk_digests), length, out)
     return bytes(ffi.buffer(out, DIGEST_SIZE)).hex()
 
 
-def first_differing_chunk(a, b) -> int | None:
-    """The index of the first chunk whose digests differ, or None."""
-    if a == b:
-        return None
-    return (
-        next(i for i in range(0, len(a), DIGEST_SIZE) if a[i : i + DIGEST_SIZE] != b[i : i + DIGEST_SIZE])
-        // DIGEST_SIZE
-    )
+def zero_chunk_digest(length: int, index: int) -> bytes:
+    """The digest of chunk index of a volume of length bytes when it reads as zeros."""
+    return hash128(bytes(min(CHUNK_SIZE, length - index * CHUNK_SIZE)))
+
+
+def first_differing_chunk(a: ChunkDigests, b: ChunkDigests) -> int | None:
+    """The index of the first chunk whose digests differ, or None. Compared a piece at a time: a copy
+    of the whole would take 16 MiB per TiB."""
+    piece = 65536 * DIGEST_SIZE
+    for start in range(0, max(len(a), len(b)), piece):
+        left, right = a[start : start + piece], b[start : start + piece]
+        if left != right:
+            at = next(
+                i
+                for i in range(0, max(len(left), len(right)), DIGEST_SIZE)
+                if left[i : i + DIGEST_SIZE] != right[i : i + DIGEST_SIZE]
+            )
+            return (start + at) // DIGEST_SIZE
+    return None
 
 
 # ---------------------------------------------------------------- RBD images

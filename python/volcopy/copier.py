@@ -43,7 +43,8 @@ class CopyResult:
     engine: str
     direct: bool
     digest: str | None  # the volume digest of src (None when extents were given)
-    chunk_digest_bytes: bytes | None = field(repr=False)  # 16 bytes per chunk
+    # 16 bytes per chunk as the engine records them: 16 zero bytes for a chunk of zeros (_core)
+    chunk_digest_bytes: _core.ChunkDigests | None = field(repr=False)
     resumed_from: int = 0  # where a checkpoint let this run start
     verified: bool = False
     block_size: int = DEFAULT_BLOCK_SIZE
@@ -52,12 +53,22 @@ class CopyResult:
 
     @property
     def chunk_digests(self) -> np.ndarray | None:
-        """(chunks, 16) uint8: the canonical XXH3-128 of each 1 MiB chunk, for diffing two volumes."""
+        """(chunks, 16) uint8: the canonical XXH3-128 of each 1 MiB chunk, for diffing two volumes. A new
+        array of 16 MiB per TiB of volume, holes included: chunk_digest_bytes takes memory for the chunks
+        that hold data only."""
         if self.chunk_digest_bytes is None:
             return None
         import numpy as np
 
-        return np.frombuffer(self.chunk_digest_bytes, dtype=np.uint8).reshape(-1, _core.DIGEST_SIZE)
+        digests = np.frombuffer(self.chunk_digest_bytes, dtype=np.uint8).reshape(-1, _core.DIGEST_SIZE).copy()
+        zeros = np.flatnonzero(~digests.any(axis=1))
+        if len(zeros):
+            digests[zeros] = np.frombuffer(_core.zero_chunk_digest(self.size, 0), dtype=np.uint8)
+            if self.size % _core.CHUNK_SIZE and zeros[-1] == len(digests) - 1:
+                digests[-1] = np.frombuffer(
+                    _core.zero_chunk_digest(self.size, len(digests) - 1), dtype=np.uint8
+                )
+        return digests
 
     @property
     def rate(self) -> float:

@@ -2,13 +2,14 @@
 another host (a mover, or recover() anywhere the journal is shared) resumes where it stopped instead of
 starting again.
 
-The engine keeps its checkpoint in a local file (csrc/checkpoint.c): two 512-byte header slots, then 16
-bytes of digest per 1 MiB chunk from offset 4096 on. Its digests are written before the header that
-counts them, and a digest once written never changes. So ``sync()`` reads the header slots first and
-then the digests it has not sent yet, and writes both to the journal in one transaction, conditional on
-the migration's owner: what the journal holds is always a checkpoint the engine could have saved, never
-ahead of the file, which is never ahead of what dst durably holds. ``restore()`` puts it back in the local
-file before a copy, when it is further along than what the file has.
+The engine keeps its checkpoint in a local file (csrc/checkpoint.c): two 512-byte header slots, then
+from offset 4096 on a record (chunk, digest) for each 1 MiB chunk that holds data. Its records are
+appended before the header that counts them, and one the header counts never changes. So ``sync()``
+reads the header slots first and then the records it has not sent yet, and writes both to the journal
+in one transaction, conditional on the migration's owner: what the journal holds is always a checkpoint
+the engine could have saved, never ahead of the file, which is never ahead of what dst durably holds.
+``restore()`` puts it back in the local file before a copy, when it is further along than what the file
+has.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .journal import Journal
 log = logging.getLogger(__name__)
 
 HEADERS_SIZE = 1024  # the two header slots
-DIGESTS_AT = 4096
+RECORDS_AT = 4096
 
 
 class SharedCheckpoint:
@@ -32,7 +33,7 @@ class SharedCheckpoint:
         self.migration_id = migration_id
         self.path = path
         self.owner = owner
-        self._sent_to = DIGESTS_AT  # the digests below this offset are in the journal
+        self._sent_to = RECORDS_AT  # the records below this offset are in the journal
         self._seen: tuple[int, int] | None = None  # the file's (mtime, size) at the last sync
 
     def restore(self) -> None:
@@ -55,7 +56,7 @@ class SharedCheckpoint:
             return
         os.replace(staged, self.path)
         end = max(offset + len(data) for offset, data in pieces)
-        self._sent_to = max(DIGESTS_AT, end)
+        self._sent_to = max(RECORDS_AT, end)
         log.info("migration %s: checkpoint taken from the journal: resumes at %d", self.migration_id, shared)
 
     def forget(self) -> None:
@@ -65,7 +66,7 @@ class SharedCheckpoint:
         except FileNotFoundError:
             pass
         self.journal.drop_checkpoint_pieces(self.migration_id, as_owner=self.owner)
-        self._sent_to, self._seen = DIGESTS_AT, None
+        self._sent_to, self._seen = RECORDS_AT, None
 
     def sync(self) -> None:
         """Sends what the engine saved since the last call (nothing when the file did not change)."""
@@ -77,13 +78,13 @@ class SharedCheckpoint:
         if seen == self._seen:
             return
         with open(self.path, "rb") as f:
-            headers = f.read(HEADERS_SIZE)  # first: the digests read after them are at least as new
+            headers = f.read(HEADERS_SIZE)  # first: the records read after them are at least as new
             f.seek(self._sent_to)
-            digests = f.read()
+            records = f.read()
         pieces = [(0, headers)]
-        if digests:
-            pieces.append((self._sent_to, digests))
-        self._seen = seen  # sent or not: the engine's next save sends this one's digests too
+        if records:
+            pieces.append((self._sent_to, records))
+        self._seen = seen  # sent or not: the engine's next save sends this one's records too
         try:
             self.journal.save_checkpoint_pieces(self.migration_id, pieces, as_owner=self.owner)
         except LostOwnership:
@@ -91,4 +92,4 @@ class SharedCheckpoint:
         except MigrationError as exc:
             log.warning("migration %s: checkpoint not sent to the journal: %s", self.migration_id, exc)
             return
-        self._sent_to += len(digests)
+        self._sent_to += len(records)
