@@ -18,6 +18,29 @@ void vc_digest_chunk(const void *buf, size_t len, uint8_t out[VC_DIGEST_SIZE])
     canonical(XXH3_128bits(buf, len), out);
 }
 
+/* The digest of buf[0, len) where the holes (sorted, disjoint (offset, length) pairs within it) read as
+ * zeros, whatever buf holds there: streamed, so that the holes of a chunk need no memset first. */
+void vc_digest_chunk_with_holes(const uint8_t *buf, size_t len, const uint64_t (*holes)[2], unsigned n_holes,
+                                uint8_t out[VC_DIGEST_SIZE])
+{
+    static const uint8_t zeros[64 << 10]; /* never written: its pages read as the zero page */
+    XXH3_state_t state;
+    uint64_t at = 0;
+
+    XXH3_128bits_reset(&state);
+    for (unsigned k = 0; k <= n_holes; k++) {
+        uint64_t hole = k < n_holes ? holes[k][0] : len, hole_end = k < n_holes ? hole + holes[k][1] : len;
+        XXH3_128bits_update(&state, buf + at, (size_t)(hole - at));
+        for (uint64_t done = hole; done < hole_end;) {
+            size_t n = (size_t)VC_MIN(hole_end - done, (uint64_t)sizeof(zeros));
+            XXH3_128bits_update(&state, zeros, n);
+            done += n;
+        }
+        at = hole_end;
+    }
+    canonical(XXH3_128bits_digest(&state), out);
+}
+
 /* Streams a small static zero page so that the digest of a hole costs no allocation and no read. */
 void vc_digest_zeros(uint64_t len, uint8_t out[VC_DIGEST_SIZE])
 {

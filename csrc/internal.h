@@ -102,6 +102,8 @@ bool vc_zero_check(const void *buf, size_t len);
 
 void vc_digest_chunk(const void *buf, size_t len, uint8_t out[VC_DIGEST_SIZE]);
 void vc_digest_zeros(uint64_t len, uint8_t out[VC_DIGEST_SIZE]);
+void vc_digest_chunk_with_holes(const uint8_t *buf, size_t len, const uint64_t (*holes)[2], unsigned n_holes,
+                                uint8_t out[VC_DIGEST_SIZE]);
 
 /* ---- throttle (throttle.c): a token bucket on bytes read ---- */
 
