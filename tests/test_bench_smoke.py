@@ -57,7 +57,8 @@ def test_harness_runs_every_tool_on_every_workload_and_checks_every_copy(tmp_pat
     text = (results / "compare.md").read_text()
     for workload in ("W1 ", "W1-hot ", "part-hot ", "W2", "W3", "W4", "W5", "W6 ", "W6-dense "):
         assert f"## {workload}" in text
-    assert "W6: volcopy on the sparse volume / volcopy on its data alone (dense) <= 1.20" in text
+    [w6] = [line for line in text.splitlines() if line.startswith("| W6: volcopy on the sparse volume")]
+    assert w6.split(" | ")[0].endswith("<= 1.20") and w6.split(" | ")[2] != "-"  # its floor, from fio
     for verified in ("W1", "W2", "W3", "W4"):  # each has its verify row
         section = text.split(f"## {verified} ", 1)[1].split("\n## ", 1)[0]
         assert "| volcopy --verify | yes |" in section
@@ -72,8 +73,12 @@ def test_harness_runs_every_tool_on_every_workload_and_checks_every_copy(tmp_pat
         "| volcopy --verify |",
         "| floor: dd zeros to dst |",
         "| floor: dd reads src |",
+        "| floor: fio reads src |",
     ):
         assert tool in text
+    # on the disk, verify's floor is the copy and fio's read: W1, W2 and W3's two (5 with W4's)
+    verify_floors = [line.split(" | ")[2] for line in text.splitlines() if "--verify / volcopy" in line]
+    assert len(verify_floors) == 5 and "-" not in verify_floors
     assert "| volcopy | yes |" in text and "| volcopy | **WRONG** |" not in text
     assert "| target | measured | floor | verdict |" in text
     assert (results / "compare.png").stat().st_size > 10_000

@@ -28,12 +28,14 @@ from .machine_settings import freed_memory_kept, huge_pages_for_fio
 from .report import Results, Run, chart, filesystem, report
 from .sweep import sweep
 from .tools import (
+    DISK_READ_FLOOR,
     LIMIT,
     READ_FLOOR,
     TOOLS,
     WRITE_FLOOR,
     YARDSTICKS,
     Case,
+    disk_read_floor,
     fio_start_up,
     read_floor,
     volcopy,
@@ -92,6 +94,8 @@ def compare(bench: Workbench, only: set[str], tmpfs: Path, rounds: int, throttle
         tools = dict(TOOLS)
         if case.workload in VERIFIED:
             tools["volcopy --verify"] = volcopy_verify
+            if case.workload != "W4":
+                tools[DISK_READ_FLOOR] = disk_read_floor
         if case.workload == "W4":
             tools[WRITE_FLOOR] = write_floor
             tools[READ_FLOOR] = read_floor

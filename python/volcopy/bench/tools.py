@@ -119,6 +119,28 @@ def fio_limit(case: Case) -> list[str]:
     ]
 
 
+def disk_read_floor(case: Case) -> list[str]:
+    """On the disk: fio reading what verify's read-back of dst reads, with the fio limit's settings: all
+    of a device (a block device has no holes to skip), a file's data extents. It reads src, laid out as
+    dst is after the copy (the same extents, or, on a loop device, a file as sparse), because each tool
+    runs on a freshly reset dst."""
+    memory = "shmhuge" if huge_pages_free() >= FIO_HUGE_PAGES else "malloc"
+    if case.data and not case.dst_is_device:
+        read = [f"--read_iolog={_io_log(case, 'read', case.src)}", "--replay_no_stall=1"]
+    else:
+        read = [f"--filename={case.src}", "--rw=read", "--bs=1M", f"--size={case.size}"]
+    return [
+        "fio",
+        "--output=/dev/null",
+        "--name=read",
+        *read,
+        "--ioengine=io_uring",
+        "--direct=1",
+        "--iodepth=32",
+        f"--mem={memory}",
+    ]
+
+
 def fio_start_up(scratch: str) -> list[str]:
     """fio reading 1 MiB: its start-up alone, which is inside every time of the fio limit."""
     file = Path(scratch) / "fio-start-up"
@@ -183,4 +205,5 @@ TOOLS: dict[str, Callable[[Case], list[str] | None]] = {
 LIMIT = "fio limit"  # not a copy: its output is not checked, and it is the yardstick
 WRITE_FLOOR = "floor: dd zeros to dst"  # not copies either: the W4 floors
 READ_FLOOR = "floor: dd reads src"
-YARDSTICKS = (LIMIT, WRITE_FLOOR, READ_FLOOR)
+DISK_READ_FLOOR = "floor: fio reads src"  # on the disk: the one more read that verify adds
+YARDSTICKS = (LIMIT, WRITE_FLOOR, READ_FLOOR, DISK_READ_FLOOR)
