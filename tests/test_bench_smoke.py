@@ -79,6 +79,7 @@ def test_harness_runs_every_tool_on_every_workload_and_checks_every_copy(tmp_pat
     # on the disk, verify's floor is the copy and fio's read: W1, W2 and W3's two (5 with W4's)
     verify_floors = [line.split(" | ")[2] for line in text.splitlines() if "--verify / volcopy" in line]
     assert len(verify_floors) == 5 and "-" not in verify_floors
+    assert "volcopy --verify / (fio limit + fio's read of dst) <= 1.10" in text  # W1's own floor
     assert "| volcopy | yes |" in text and "| volcopy | **WRONG** |" not in text
     assert "| target | measured | floor | verdict |" in text
     assert (results / "compare.png").stat().st_size > 10_000

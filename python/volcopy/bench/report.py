@@ -164,6 +164,14 @@ def report(results: Results, command: str, where: str, memory: str, throttle) ->
                     (ours + read_floor) / ours if read_floor is not None else None,
                 )
             )
+            if case.workload == "W1" and limit and read_floor is not None:  # read src, write dst, read dst
+                verdicts.append(
+                    Verdict(
+                        f"{name}: volcopy --verify / (fio limit + fio's read of dst)",
+                        _median(runs["volcopy --verify"]) / (limit + read_floor),
+                        1.10,
+                    )
+                )
         verdicts.append(
             Verdict(f"{name}: volcopy peak RSS (MiB)", max(r.rss for r in runs["volcopy"]) / MiB, 64.0)
         )
