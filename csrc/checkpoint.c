@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #define XXH_INLINE_ALL
@@ -161,6 +162,71 @@ static int append_records(int fd, const uint8_t *digests, uint64_t from, uint64_
     return rc;
 }
 
+/* Writes and syncs the header slot of save seq. */
+static int write_header(struct vc_checkpoint *c, uint64_t seq, uint64_t watermark, uint64_t records)
+{
+    unsigned char slot[CKPT_HEADER_SIZE];
+    struct ckpt_header h;
+
+    memset(&h, 0, sizeof(h));
+    memcpy(h.magic, CKPT_MAGIC, 8);
+    h.version = CKPT_VERSION;
+    h.seq = seq;
+    h.identity = c->identity;
+    h.length = c->length;
+    h.watermark = watermark;
+    h.records = records;
+    h.checksum = header_checksum(&h);
+    memset(slot, 0, sizeof(slot));
+    memcpy(slot, &h, sizeof(h));
+    int rc = full_pwrite(c->fd, slot, sizeof(slot), (off_t)(seq % 2) * CKPT_HEADER_SIZE);
+    if (rc < 0)
+        return rc;
+    if (fdatasync(c->fd) < 0)
+        return -errno;
+    c->seq = seq;
+    return 0;
+}
+
+/* Whether the file is empty or a checkpoint of ours (of any version, or cut short): only those are
+ * emptied to start afresh. A checkpoint has its magic from its creation on (start_afresh), and a save
+ * rewrites one slot at a time, so one of the two always holds it. */
+static bool ours(int fd)
+{
+    char magic[2][8];
+    struct stat st;
+
+    if (fstat(fd, &st) == 0 && st.st_size == 0)
+        return true;
+    for (int slot = 0; slot < 2; slot++)
+        if (pread(fd, magic[slot], 8, (off_t)slot * CKPT_HEADER_SIZE) == 8 && memcmp(magic[slot], CKPT_MAGIC, 8) == 0)
+            return true;
+    return false;
+}
+
+/* Nothing to resume: the file is emptied and gets a header at once (watermark 0), so that it is known as
+ * ours from then on. A file that is not ours (a checkpoint path given wrongly, naming someone's data) is
+ * left as it is. */
+static int start_afresh(struct vc_checkpoint *c, const char *path, struct vc_error *error)
+{
+    const char *why = NULL;
+    int rc = 0;
+
+    if (!ours(c->fd)) {
+        rc = -ESTALE;
+        why = "it is not a volcopy checkpoint: name another file, or remove it";
+    } else if (ftruncate(c->fd, 0) < 0 || (rc = write_header(c, 0, 0, 0)) < 0) {
+        rc = rc ? rc : -errno;
+        why = strerror(-rc);
+    }
+    if (rc == 0)
+        return 0;
+    vc_fail(error, -rc, VC_SIDE_CHECKPOINT, VC_OP_CHECKPOINT, 0, "cannot use checkpoint %s: %s", path, why);
+    close(c->fd);
+    c->fd = -1;
+    return rc;
+}
+
 int vc_checkpoint_open(struct vc_checkpoint *c, const char *path, const struct vc_checkpoint_identity *identity,
                        uint64_t length, bool dst_new, uint8_t *digests, uint64_t *watermark, struct vc_error *error)
 {
@@ -176,16 +242,9 @@ int vc_checkpoint_open(struct vc_checkpoint *c, const char *path, const struct v
     c->identity = *identity;
     c->length = length;
     best = best_header(c->fd, h);
-    if (!best) { /* new, empty, never saved completely, or of an older version: start from 0 */
-        if (ftruncate(c->fd, 0) < 0) {
-            rc = vc_fail(error, errno, VC_SIDE_CHECKPOINT, VC_OP_CHECKPOINT, 0, "cannot truncate checkpoint %s: %s",
-                         path, strerror(errno));
-            close(c->fd);
-            c->fd = -1;
-            return rc;
-        }
-        return 0;
-    }
+    /* new, empty, with nothing saved, cut short before its first save, or of an older version */
+    if (!best || best->watermark == 0)
+        return start_afresh(c, path, error);
     const char *why = mismatch(best, c, dst_new);
     if (why) {
         rc = vc_fail(error, ESTALE, VC_SIDE_CHECKPOINT, VC_OP_CHECKPOINT, 0,
@@ -224,8 +283,6 @@ uint64_t vc_checkpoint_resume_offset(const char *path)
 int vc_checkpoint_save(struct vc_checkpoint *c, uint64_t watermark, const uint8_t *digests)
 {
     uint64_t chunks = chunks_below(watermark, c->length), records = c->saved_records;
-    unsigned char slot[CKPT_HEADER_SIZE];
-    struct ckpt_header h;
     int rc;
 
     if (digests && chunks > c->saved_chunks) {
@@ -235,23 +292,9 @@ int vc_checkpoint_save(struct vc_checkpoint *c, uint64_t watermark, const uint8_
         if (records > c->saved_records && fdatasync(c->fd) < 0)
             return -errno;
     }
-    memset(&h, 0, sizeof(h));
-    memcpy(h.magic, CKPT_MAGIC, 8);
-    h.version = CKPT_VERSION;
-    h.seq = c->seq + 1;
-    h.identity = c->identity;
-    h.length = c->length;
-    h.watermark = watermark;
-    h.records = records;
-    h.checksum = header_checksum(&h);
-    memset(slot, 0, sizeof(slot));
-    memcpy(slot, &h, sizeof(h));
-    rc = full_pwrite(c->fd, slot, sizeof(slot), (off_t)(h.seq % 2) * CKPT_HEADER_SIZE);
+    rc = write_header(c, c->seq + 1, watermark, records);
     if (rc < 0)
         return rc;
-    if (fdatasync(c->fd) < 0)
-        return -errno;
-    c->seq = h.seq;
     c->saved_chunks = VC_MAX(c->saved_chunks, chunks);
     c->saved_records = records;
     return 0;

@@ -58,7 +58,7 @@ void vc_digest_zeros(uint64_t len, uint8_t out[VC_DIGEST_SIZE])
 
 /* Streamed in batches, each chunk recorded as zeros (engine.h: record_digest) replaced by the digest of
  * its zeros: the reads of a huge sparse volume's untouched pages map the zero page, no memory. */
-void vc_volume_digest(const uint8_t *chunk_digests, uint64_t length, uint8_t *out)
+void vc_volume_digest_recorded(const uint8_t *chunk_digests, uint64_t length, uint8_t *out)
 {
     static const uint8_t zeros[VC_DIGEST_SIZE];
     enum { BATCH = 4096 };

@@ -236,7 +236,7 @@ int vc_copy(const struct vc_copy_params *params, struct vc_copy_result *result, 
         if (params->progress && !g.status)
             params->progress(params->progress_ctx, g.done, g.total);
         if (g.digest && !g.status)
-            vc_volume_digest(params->chunk_digests, params->length, result->digest);
+            vc_volume_digest_recorded(params->chunk_digests, params->length, result->digest);
         rc = g.status;
     }
     teardown(&g);

@@ -141,6 +141,20 @@ def test_destination_in_missing_directory_is_refused(src, workdir):
         volcopy.copy(src, workdir / "no" / "such" / "dst.img")
 
 
+def test_a_checkpoint_path_naming_someone_s_data_is_refused_and_left_alone(src, garbage_dst, workdir):
+    """A mistaken --checkpoint (here the source of another copy) is never emptied to start afresh: only
+    an empty file or one that is a volcopy checkpoint is."""
+    data = workdir / "other-data.img"
+    content = write_layout(data, 2 * MiB, [(0, 2 * MiB)], seed=5)
+
+    with refused(
+        "is not a volcopy checkpoint: name another file, or remove it", garbage_dst, volcopy.CheckpointError
+    ):
+        volcopy.copy(src, garbage_dst, checkpoint=data)
+
+    assert read_all(data) == content
+
+
 @pytest.mark.parametrize(
     "options,match",
     [

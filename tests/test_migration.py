@@ -329,3 +329,36 @@ def test_cli_errors_are_one_line(workdir, source):
     ]:
         assert proc.returncode == 1 and proc.stderr.startswith("volcopy: error: ") and message in proc.stderr
         assert proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_a_journal_holding_an_earlier_checkpoint_file_has_it_replaced_whole(journal_url, workdir):
+    """The journal holds pieces of a checkpoint file the engine will not resume (here an older
+    version's: no valid header, digests where the new file's records go). The first sync of the new
+    file replaces them all, rather than only the pieces at its own offsets: a later takeover resumes,
+    instead of laying the old bytes over the new records and copying from the start again."""
+    src, dst = workdir / "src.img", workdir / "dst.img"
+    write_layout(src, 64 * MiB, [(0, 64 * MiB)], seed=9)
+    fill_garbage(dst, 64 * MiB)
+    killed = cli(
+        "migrate", src, dst, "--journal", journal_url, "--checkpoint-dir", workdir / "host-a",
+        "--rate", "12M", env=dict(os.environ, VOLCOPY_FAILPOINT="mid-copy"), check=False,
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr
+    journal = Journal(journal_url)
+    [m] = journal.list()
+    journal.drop_checkpoint_pieces(m.id, as_owner=m.owner)
+    journal.save_checkpoint_pieces(m.id, [(0, bytes(1024)), (4096 + 24, b"\xff" * 4096)], as_owner=m.owner)
+
+    host_b = str(workdir / "host-b")
+    on_host_b = f"import volcopy.migration as m; m.Migrator({journal_url!r}, checkpoint_dir={host_b!r})"
+    died = subprocess.run(
+        [sys.executable, "-c", on_host_b + ".recover()"],
+        env=dict(os.environ, VOLCOPY_FAILPOINT="mid-copy"),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert died.returncode == -9, died.stderr
+    recovered = Migrator(journal_url, checkpoint_dir=str(workdir / "host-c")).recover()
+
+    assert [m.state for m in recovered] == ["completed"], recovered[0].reason
+    assert recovered[0].resumed_from > 0, "the takeover copied from the start"
+    assert read_all(dst) == read_all(src)

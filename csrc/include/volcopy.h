@@ -145,9 +145,10 @@ uint64_t vc_checkpoint_resume_offset(const char *path);
 int vc_extents(const struct vc_endpoint *volume, uint64_t start, uint64_t end, int64_t *out, uint32_t cap,
                uint64_t *next);
 
-/* The volume digest of a volume of length bytes from its chunk digests as vc_copy records them: the
- * XXH3-128 of the chunks' digests concatenated, where a chunk of zeros has the digest of its zeros. */
-void vc_volume_digest(const uint8_t *chunk_digests, uint64_t length, uint8_t *out);
+/* The volume digest of a volume of length bytes from its chunk digests as vc_copy records them (all
+ * chunk_count(length) of them): the XXH3-128 of the chunks' digests concatenated, where a chunk recorded
+ * as zeros has the digest of its zeros. */
+void vc_volume_digest_recorded(const uint8_t *chunk_digests, uint64_t length, uint8_t *out);
 
 /* Canonical XXH3-128 of a buffer. */
 void vc_hash128(const void *buf, size_t len, uint8_t *out);

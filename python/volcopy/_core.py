@@ -76,7 +76,11 @@ def new_chunk_digests(length: int) -> ChunkDigests:
     writes every byte): the pages of a huge sparse volume's holes are never touched, so they take no
     memory (16 MiB per TiB otherwise)."""
     size = chunk_count(length) * DIGEST_SIZE
-    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE) if size else bytearray()
+    if not size:
+        return bytearray()
+    digests = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+    digests.madvise(mmap.MADV_NOHUGEPAGE)  # a huge page would make one digest cost 2 MiB
+    return digests
 
 
 @dataclass
@@ -354,8 +358,10 @@ def hash128(buffer) -> bytes:
 
 def volume_digest(chunk_digests: ChunkDigests, length: int) -> str:
     """The volume digest of a volume of length bytes from its chunk digests as the engine records them."""
+    if len(chunk_digests) < chunk_count(length) * DIGEST_SIZE:
+        raise InvalidRequest(f"{len(chunk_digests)} bytes of chunk digests are too few for {length} bytes")
     out = ffi.new("uint8_t[16]")
-    lib.vc_volume_digest(ffi.from_buffer(chunk_digests), length, out)
+    lib.vc_volume_digest_recorded(ffi.from_buffer(chunk_digests), length, out)
     return bytes(ffi.buffer(out, DIGEST_SIZE)).hex()
 
 

@@ -44,7 +44,7 @@ class CopyResult:
     direct: bool
     digest: str | None  # the volume digest of src (None when extents were given)
     # 16 bytes per chunk as the engine records them: 16 zero bytes for a chunk of zeros (_core)
-    chunk_digest_bytes: _core.ChunkDigests | None = field(repr=False)
+    chunk_digest_bytes: _core.ChunkDigests | None = field(repr=False, compare=False)
     resumed_from: int = 0  # where a checkpoint let this run start
     verified: bool = False
     block_size: int = DEFAULT_BLOCK_SIZE

@@ -447,19 +447,17 @@ class Journal:
     # ---------------------------------------------------------------- the shared checkpoint
 
     def save_checkpoint_pieces(
-        self, migration_id: str, pieces: list[tuple[int, bytes]], as_owner: str
+        self, migration_id: str, pieces: list[tuple[int, bytes]], as_owner: str, replace_all: bool = False
     ) -> None:
-        """Writes pieces of the migration's checkpoint file (each replaces the piece at its offset),
-        only while the migration is still ``as_owner``'s. Never retried, like progress: the engine's
-        next checkpoint is sent with what this one missed."""
+        """Writes pieces of the migration's checkpoint file (each replaces the piece at its offset; with
+        replace_all, every piece there was), only while the migration is still ``as_owner``'s. Never
+        retried, like progress: the engine's next checkpoint is sent with what this one missed."""
         with self._session() as s:
             self._check_owner(s, migration_id, as_owner, touch=False)
-            offsets = [offset for offset, _ in pieces]
-            s.execute(
-                delete(CheckpointPiece).where(
-                    CheckpointPiece.migration_id == migration_id, CheckpointPiece.offset.in_(offsets)
-                )
-            )
+            stale = CheckpointPiece.migration_id == migration_id
+            if not replace_all:
+                stale = stale & CheckpointPiece.offset.in_([offset for offset, _ in pieces])
+            s.execute(delete(CheckpointPiece).where(stale))
             s.add_all(CheckpointPiece(migration_id=migration_id, offset=o, data=d) for o, d in pieces)
 
     @_retried

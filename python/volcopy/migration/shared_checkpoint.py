@@ -84,9 +84,14 @@ class SharedCheckpoint:
         pieces = [(0, headers)]
         if records:
             pieces.append((self._sent_to, records))
+        # The whole file is sent: what the journal holds of an earlier file (one the engine started
+        # afresh, an older version's) goes, or restore() would lay it over this one's records.
+        replace_all = self._sent_to == RECORDS_AT
         self._seen = seen  # sent or not: the engine's next save sends this one's records too
         try:
-            self.journal.save_checkpoint_pieces(self.migration_id, pieces, as_owner=self.owner)
+            self.journal.save_checkpoint_pieces(
+                self.migration_id, pieces, as_owner=self.owner, replace_all=replace_all
+            )
         except LostOwnership:
             raise
         except MigrationError as exc:
