@@ -260,10 +260,8 @@ def test_recover_finishes_a_detached_migration_killed_at(point, journal_url, wor
     assert Migrator(url).recover() == [], "nothing is left to recover"
 
 
-def test_a_journal_checkpoint_that_does_not_hold_here_is_copied_over_from_the_start(journal_url, workdir):
-    """Another host's checkpoint, taken from the journal, whose fingerprint of src no longer holds (src
-    changed since), is dropped for a copy from the start: also when the first run here died between
-    taking it and opening it, so that the file here is already the journal's copy."""
+def migration_killed_mid_copy(journal_url, workdir):
+    """A 64 MiB migration from the CLI, killed halfway with a checkpoint in the journal: src, dst."""
     src, dst = workdir / "src.img", workdir / "dst.img"
     write_layout(src, 64 * MiB, [(0, 64 * MiB)], seed=9)
     fill_garbage(dst, 64 * MiB)
@@ -272,17 +270,30 @@ def test_a_journal_checkpoint_that_does_not_hold_here_is_copied_over_from_the_st
         "--rate", "12M", env=dict(os.environ, VOLCOPY_FAILPOINT="mid-copy"), check=False,
     )  # fmt: skip
     assert killed.returncode == -9, killed.stderr
+    return src, dst
+
+
+def recover_killed_at(point: str, journal_url, checkpoint_dir: str) -> None:
+    """recover() on another host (a process with its own checkpoint directory), killed at point."""
+    on_host = f"import volcopy.migration as m; m.Migrator({journal_url!r}, checkpoint_dir={checkpoint_dir!r})"
+    died = subprocess.run(
+        [sys.executable, "-c", on_host + ".recover()"],
+        env=dict(os.environ, VOLCOPY_FAILPOINT=point),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert died.returncode == -9, died.stderr
+
+
+def test_a_journal_checkpoint_that_does_not_hold_here_is_copied_over_from_the_start(journal_url, workdir):
+    """Another host's checkpoint, taken from the journal, whose fingerprint of src no longer holds (src
+    changed since), is dropped for a copy from the start: also when the first run here died between
+    taking it and opening it, so that the file here is already the journal's copy."""
+    src, dst = migration_killed_mid_copy(journal_url, workdir)
     assert Journal(journal_url).checkpoint_pieces(Journal(journal_url).list()[0].id)
     os.utime(src, ns=(time.time_ns(), time.time_ns()))  # src changed: the checkpoint is no longer its copy's
 
     host_b = str(workdir / "host-b")
-    on_host_b = f"import volcopy.migration as m; m.Migrator({journal_url!r}, checkpoint_dir={host_b!r})"
-    died = subprocess.run(
-        [sys.executable, "-c", on_host_b + ".recover()"],
-        env=dict(os.environ, VOLCOPY_FAILPOINT="checkpoint-restored"),
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert died.returncode == -9, died.stderr
+    recover_killed_at("checkpoint-restored", journal_url, host_b)
     recovered = Migrator(journal_url, checkpoint_dir=host_b).recover()
 
     assert [(m.state, m.resumed_from) for m in recovered] == [("completed", 0)], recovered[0].reason
@@ -336,27 +347,13 @@ def test_a_journal_holding_an_earlier_checkpoint_file_has_it_replaced_whole(jour
     version's: no valid header, digests where the new file's records go). The first sync of the new
     file replaces them all, rather than only the pieces at its own offsets: a later takeover resumes,
     instead of laying the old bytes over the new records and copying from the start again."""
-    src, dst = workdir / "src.img", workdir / "dst.img"
-    write_layout(src, 64 * MiB, [(0, 64 * MiB)], seed=9)
-    fill_garbage(dst, 64 * MiB)
-    killed = cli(
-        "migrate", src, dst, "--journal", journal_url, "--checkpoint-dir", workdir / "host-a",
-        "--rate", "12M", env=dict(os.environ, VOLCOPY_FAILPOINT="mid-copy"), check=False,
-    )  # fmt: skip
-    assert killed.returncode == -9, killed.stderr
+    src, dst = migration_killed_mid_copy(journal_url, workdir)
     journal = Journal(journal_url)
     [m] = journal.list()
     journal.drop_checkpoint_pieces(m.id, as_owner=m.owner)
     journal.save_checkpoint_pieces(m.id, [(0, bytes(1024)), (4096 + 24, b"\xff" * 4096)], as_owner=m.owner)
 
-    host_b = str(workdir / "host-b")
-    on_host_b = f"import volcopy.migration as m; m.Migrator({journal_url!r}, checkpoint_dir={host_b!r})"
-    died = subprocess.run(
-        [sys.executable, "-c", on_host_b + ".recover()"],
-        env=dict(os.environ, VOLCOPY_FAILPOINT="mid-copy"),
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert died.returncode == -9, died.stderr
+    recover_killed_at("mid-copy", journal_url, str(workdir / "host-b"))
     recovered = Migrator(journal_url, checkpoint_dir=str(workdir / "host-c")).recover()
 
     assert [m.state for m in recovered] == ["completed"], recovered[0].reason
