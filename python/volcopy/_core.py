@@ -356,15 +356,6 @@ def hash128(buffer) -> bytes:
     return bytes(ffi.buffer(out, DIGEST_SIZE))
 
 
-def volume_digest(chunk_digests: ChunkDigests, length: int) -> str:
-    """The volume digest of a volume of length bytes from its chunk digests as the engine records them."""
-    if len(chunk_digests) < chunk_count(length) * DIGEST_SIZE:
-        raise InvalidRequest(f"{len(chunk_digests)} bytes of chunk digests are too few for {length} bytes")
-    out = ffi.new("uint8_t[16]")
-    lib.vc_volume_digest_recorded(ffi.from_buffer(chunk_digests), length, out)
-    return bytes(ffi.buffer(out, DIGEST_SIZE)).hex()
-
-
 def zero_chunk_digest(length: int, index: int) -> bytes:
     """The digest of chunk index of a volume of length bytes when it reads as zeros."""
     return hash128(bytes(min(CHUNK_SIZE, length - index * CHUNK_SIZE)))
