@@ -48,20 +48,28 @@ static uint64_t header_checksum(const struct ckpt_header *h)
     return XXH64(h, offsetof(struct ckpt_header, checksum), 0);
 }
 
-static bool read_header(int fd, int slot, struct ckpt_header *h)
+/* 1: the slot holds a valid header; 0: it does not; -errno: it could not be read. */
+static int read_header(int fd, int slot, struct ckpt_header *h)
 {
     ssize_t n = pread(fd, h, sizeof(*h), (off_t)slot * CKPT_HEADER_SIZE);
+    if (n < 0)
+        return -errno;
     return n == (ssize_t)sizeof(*h) && memcmp(h->magic, CKPT_MAGIC, 8) == 0 && h->version == CKPT_VERSION &&
            h->checksum == header_checksum(h);
 }
 
-/* The newer of the two valid header slots, or NULL. */
-static struct ckpt_header *best_header(int fd, struct ckpt_header h[2])
+/* The newer of the two valid header slots, or NULL; *rc is -errno when a slot could not be read (a
+ * checkpoint that failed a read is not one to start afresh over). */
+static struct ckpt_header *best_header(int fd, struct ckpt_header h[2], int *rc)
 {
     struct ckpt_header *best = NULL;
-    for (int i = 0; i < 2; i++)
-        if (read_header(fd, i, &h[i]) && (!best || h[i].seq > best->seq))
+    *rc = 0;
+    for (int i = 0; i < 2; i++) {
+        int valid = read_header(fd, i, &h[i]);
+        *rc = valid < 0 ? valid : *rc;
+        if (valid > 0 && (!best || h[i].seq > best->seq))
             best = &h[i];
+    }
     return best;
 }
 
@@ -188,20 +196,26 @@ static int write_header(struct vc_checkpoint *c, uint64_t seq, uint64_t watermar
     return 0;
 }
 
-/* Whether the file is empty or a checkpoint of ours (of any version, or cut short): only those are
- * emptied to start afresh. A checkpoint has its magic from its creation on (start_afresh), and a save
- * rewrites one slot at a time, so one of the two always holds it. */
-static bool ours(int fd)
+/* 1 when the file is empty or a checkpoint of ours (of any version, or cut short): only those are
+ * emptied to start afresh; 0 otherwise; -errno when it cannot be read. A checkpoint has its magic from
+ * its creation on (start_afresh), and a save rewrites one slot at a time, so one of the two holds it. */
+static int ours(int fd)
 {
-    char magic[2][8];
+    char magic[8];
     struct stat st;
 
-    if (fstat(fd, &st) == 0 && st.st_size == 0)
-        return true;
-    for (int slot = 0; slot < 2; slot++)
-        if (pread(fd, magic[slot], 8, (off_t)slot * CKPT_HEADER_SIZE) == 8 && memcmp(magic[slot], CKPT_MAGIC, 8) == 0)
-            return true;
-    return false;
+    if (fstat(fd, &st) < 0)
+        return -errno;
+    if (st.st_size == 0)
+        return 1;
+    for (int slot = 0; slot < 2; slot++) {
+        ssize_t n = pread(fd, magic, 8, (off_t)slot * CKPT_HEADER_SIZE);
+        if (n < 0)
+            return -errno;
+        if (n == 8 && memcmp(magic, CKPT_MAGIC, 8) == 0)
+            return 1;
+    }
+    return 0;
 }
 
 /* Nothing to resume: the file is emptied and gets a header at once (watermark 0), so that it is known as
@@ -209,18 +223,20 @@ static bool ours(int fd)
  * left as it is. */
 static int start_afresh(struct vc_checkpoint *c, const char *path, struct vc_error *error)
 {
-    const char *why = NULL;
-    int rc = 0;
+    const char *why;
+    int rc = ours(c->fd);
 
-    if (!ours(c->fd)) {
+    if (rc == 1) {
+        rc = ftruncate(c->fd, 0) < 0 ? -errno : write_header(c, 0, 0, 0);
+        if (rc == 0)
+            return 0;
+        why = strerror(-rc);
+    } else if (rc == 0) {
         rc = -ESTALE;
         why = "it is not a volcopy checkpoint: name another file, or remove it";
-    } else if (ftruncate(c->fd, 0) < 0 || (rc = write_header(c, 0, 0, 0)) < 0) {
-        rc = rc ? rc : -errno;
+    } else {
         why = strerror(-rc);
     }
-    if (rc == 0)
-        return 0;
     vc_fail(error, -rc, VC_SIDE_CHECKPOINT, VC_OP_CHECKPOINT, 0, "cannot use checkpoint %s: %s", path, why);
     close(c->fd);
     c->fd = -1;
@@ -241,7 +257,14 @@ int vc_checkpoint_open(struct vc_checkpoint *c, const char *path, const struct v
                        path, strerror(errno));
     c->identity = *identity;
     c->length = length;
-    best = best_header(c->fd, h);
+    best = best_header(c->fd, h, &rc);
+    if (rc < 0) {
+        vc_fail(error, -rc, VC_SIDE_CHECKPOINT, VC_OP_CHECKPOINT, 0, "cannot read checkpoint %s: %s", path,
+                strerror(-rc));
+        close(c->fd);
+        c->fd = -1;
+        return rc;
+    }
     /* new, empty, with nothing saved, cut short before its first save, or of an older version */
     if (!best || best->watermark == 0)
         return start_afresh(c, path, error);
@@ -272,10 +295,10 @@ int vc_checkpoint_open(struct vc_checkpoint *c, const char *path, const struct v
 uint64_t vc_checkpoint_resume_offset(const char *path)
 {
     struct ckpt_header h[2], *best;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int rc, fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return 0;
-    best = best_header(fd, h);
+    best = best_header(fd, h, &rc);
     close(fd);
     return best ? best->watermark : 0;
 }

@@ -176,6 +176,55 @@ def test_a_failed_flush_saves_nothing_after_it(engine, source, destination, work
     assert_failed_then_exact(outcome, source, dst, checkpoint, "flush", errno.EIO, engine=engine)
 
 
+# ---------------------------------------------------------------- the checkpoint file
+
+
+@pytest.mark.parametrize(
+    "call,nth,err",
+    [
+        ("pwrite", 1, "ENOSPC"),  # the header a new checkpoint gets at once
+        ("fdatasync", 1, "EIO"),  # its sync
+        ("pwrite", 2, "ENOSPC"),  # the records of the first save, 2 s in at 4 MiB/s
+    ],
+)
+def test_a_failed_write_of_the_checkpoint(call, nth, err, source, workdir):
+    """The checkpoint's own writes fail: the copy ends with a CopyIOError naming the checkpoint, which
+    covers nothing past the failure, and the same copy run again ends exact."""
+    dst, checkpoint = workdir / "vol" / "dst.img", workdir / "copy.ckpt"
+    fill_garbage(dst, SIZE)
+    env = fault_env(call, nth=nth, errno=err, path=str(checkpoint))
+
+    outcome = copy(source[0], dst, env=env, checkpoint=str(checkpoint), rate_limit=4 * MiB)
+
+    assert [i.call for i in outcome["injected"]] == [call]
+    assert outcome["filename"] == str(checkpoint)
+    assert_failed_then_exact(outcome, source, dst, checkpoint, "checkpoint", getattr(errno, err))
+
+
+@pytest.mark.parametrize("nth", [1, 3])  # a header slot; the records (after both slots)
+def test_a_failed_read_of_the_checkpoint_leaves_it_for_the_next_run(nth, source, workdir):
+    """A checkpoint with records, saved before dst's last flush failed, cannot be read when the copy
+    runs again: that run fails with EIO naming the checkpoint, rather than take the file for none and
+    start it afresh, and the run after resumes from it exactly."""
+    dst, checkpoint = workdir / "vol" / "dst.img", workdir / "copy.ckpt"
+    fill_garbage(dst, SIZE)
+    failed_flush = fault_env("fdatasync", nth=2, errno="EIO", path=str(dst))
+    first = copy(source[0], dst, env=failed_flush, checkpoint=str(checkpoint), rate_limit=4 * MiB)
+    saved, resume_at = checkpoint.read_bytes(), checkpoint_resume_offset(str(checkpoint))
+    assert first["ok"] is False and resume_at > 0, first
+
+    outcome = copy(source[0], dst, env=fault_env("pread", nth=nth, errno="EIO", path=str(checkpoint)),
+                   checkpoint=str(checkpoint))  # fmt: skip
+
+    assert (outcome["ok"], outcome["operation"], outcome["errno"]) == (False, "checkpoint", errno.EIO)
+    assert outcome["filename"] == str(checkpoint)
+    assert checkpoint.read_bytes() == saved
+    rerun = copy(source[0], dst, checkpoint=str(checkpoint))
+    assert rerun["ok"] and rerun["resumed_from"] == resume_at, rerun
+    assert rerun["digest"] == reference_digest(source[1])
+    assert read_all(dst, SIZE) == source[1]
+
+
 @pytest.mark.parametrize(
     "engine,call",
     [

@@ -79,7 +79,10 @@ def new_chunk_digests(length: int) -> ChunkDigests:
     if not size:
         return bytearray()
     digests = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
-    digests.madvise(mmap.MADV_NOHUGEPAGE)  # a huge page would make one digest cost 2 MiB
+    try:  # a huge page would make one digest cost 2 MiB; a kernel without them refuses the advice
+        digests.madvise(mmap.MADV_NOHUGEPAGE)
+    except OSError:
+        pass
     return digests
 
 
