@@ -139,3 +139,25 @@ def test_errors_are_one_line_with_non_zero_status(args, message, workdir):
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("volcopy")]
     assert len(lines) == 1
+
+
+def test_a_copy_imports_only_what_it_uses(workdir):
+    """A command's start-up is most of a short copy (the bench's W7): dataclasses (with inspect), typing,
+    numpy and the other commands' modules (the migration's, the movers') cost more than the copy of a
+    MiB. The copy must still be right."""
+    content = write_layout(workdir / "src.img", MiB, [(0, MiB)], seed=7)
+    probe = (
+        "import sys, runpy; sys.argv = ['volcopy', 'copy', sys.argv[1], sys.argv[2]]\n"
+        "try:\n    runpy.run_module('volcopy.cli', run_name='__main__')\n"
+        "except SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
+        "heavy = ('dataclasses', 'inspect', 'typing', 'numpy', 'volcopy.migration', 'volcopy.movers')\n"
+        "print(sorted(m for m in heavy if m in sys.modules), file=sys.stderr)"
+    )
+    shown = subprocess.run(
+        [sys.executable, "-c", probe, str(workdir / "src.img"), str(workdir / "dst.img")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (shown.returncode, shown.stderr) == (0, "[]\n")
+    assert read_all(workdir / "dst.img", MiB) == content

@@ -123,3 +123,17 @@ def test_copy_with_verify_and_extents_compares_the_extents(workdir):
 
     assert result.verified
     assert read_all(workdir / "dst.img")[4096:14096] == content[4096:14096]
+
+
+def test_a_copy_result_is_a_read_only_value_shown_without_its_chunk_digests(workdir):
+    write_layout(workdir / "src.img", 3 * MiB, [(0, 2 * MiB)], seed=5)
+    result = volcopy.copy(workdir / "src.img", workdir / "dst.img")
+
+    assert "chunk_digest" not in repr(result) and f"digest={result.digest!r}" in repr(result)
+    assert set(result.as_dict()) == set(result.__slots__) - {"chunk_digest_bytes"}
+    # compared as values: the chunk digests' buffer (16 MiB per TiB) is not, the volume digest is
+    fields = result.as_dict() | {"chunk_digest_bytes": None}
+    assert volcopy.CopyResult(**fields) == result and hash(volcopy.CopyResult(**fields)) == hash(result)
+    assert volcopy.CopyResult(**(fields | {"bytes_zero": 1})) != result
+    with pytest.raises(AttributeError, match="read-only: cannot set size"):
+        result.size = 0

@@ -399,6 +399,21 @@ def test_a_secret_never_shows_in_a_refusal_or_a_repr(tmp_path):
     assert secret not in repr(spec) and secret not in str(spec)
 
 
+def test_an_image_name_is_a_read_only_value_whose_own_clients_are_not_part_of_it():
+    """Names are compared, hashed and pickled (a journal, a set of names); own_clients says who holds
+    the image open, not which image it is."""
+    import pickle
+
+    spec = volcopy.rbd_volume.parse("rbd:p/ns/i@s:conf=/etc/c.conf:id=u:mon_host=1.2.3.4")
+    held = volcopy.rbd_volume.RBDSpec("p", "ns", "i", "s", "/etc/c.conf", "u", (("mon_host", "1.2.3.4"),), 1)
+    assert spec == held and hash(spec) == hash(held) and len({spec, held}) == 1
+    assert spec != volcopy.rbd_volume.RBDSpec("p", "ns", "i")
+    assert pickle.loads(pickle.dumps(held)).own_clients == 1 and pickle.loads(pickle.dumps(held)) == spec
+    with pytest.raises(AttributeError, match="read-only: cannot set image"):
+        spec.image = "other"
+    assert spec.image == "i"
+
+
 @pytest.mark.parametrize(
     "name, message",
     [

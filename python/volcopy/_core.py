@@ -8,8 +8,8 @@ from __future__ import annotations
 import errno
 import mmap
 import threading
+from collections import namedtuple
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from ._native import ffi, lib
 from ._version import version
@@ -86,14 +86,13 @@ def new_chunk_digests(length: int) -> ChunkDigests:
     return digests
 
 
-@dataclass
-class Endpoint:
-    fd: int
-    fd_buffered: int
-    kind: int
-    direct: bool
-    name: str  # for messages
-    rbd: object = None  # KIND_RBD: the image's handle from rbd_open
+# The records here are named tuples, not dataclasses: importing dataclasses (and inspect with it) took
+# a fifth of a short copy's start-up (the bench's W7).
+class Endpoint(namedtuple("Endpoint", "fd fd_buffered kind direct name rbd", defaults=(None,))):
+    """One side of a copy as the engine takes it: name is for messages; rbd, for KIND_RBD, is the image's
+    handle from rbd_open."""
+
+    __slots__ = ()
 
 
 def _fill_endpoint(target, endpoint: Endpoint) -> None:
@@ -110,26 +109,17 @@ class Watermark:
         self.cell = ffi.new("uint64_t *")
 
 
-@dataclass(frozen=True)
-class Fingerprints:
+class Fingerprints(namedtuple("Fingerprints", "src dst request")):
     """What a checkpoint must match to be resumed (fingerprint.py says what each covers)."""
 
-    src: int
-    dst: int
-    request: int
+    __slots__ = ()
 
 
-@dataclass
-class NativeResult:
-    bytes_read: int
-    bytes_written: int
-    bytes_skipped: int
-    bytes_zero: int
-    bytes_from_cache: int
-    resumed_from: int
-    engine: str
-    digest: str | None
-    chunk_digests: ChunkDigests | None
+NativeResult = namedtuple(
+    "NativeResult",
+    "bytes_read bytes_written bytes_skipped bytes_zero bytes_from_cache resumed_from engine digest "
+    "chunk_digests",
+)
 
 
 class _Progress:
@@ -383,15 +373,8 @@ def first_differing_chunk(a: ChunkDigests, b: ChunkDigests) -> int | None:
 # ---------------------------------------------------------------- RBD images
 
 
-@dataclass(frozen=True)
-class RBDInfo:
-    size: int
-    object_size: int
-    snap_id: int | None
-    pool_id: int
-    modified: tuple[int, int]
-    fsid: str
-    image_id: str
+# snap_id: None for the image itself; modified: librbd's modification time (seconds, nanoseconds)
+RBDInfo = namedtuple("RBDInfo", "size object_size snap_id pool_id modified fsid image_id")
 
 
 def rbd_compiled() -> bool:

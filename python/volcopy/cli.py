@@ -28,11 +28,7 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="volcopy", description="Fast, safe copying of block volumes.")
-    # prog given: argparse would otherwise build a help formatter for it (shutil, the terminal's size)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", prog="volcopy")
-
+def _add_copy(commands) -> None:
     c = commands.add_parser(
         "copy", help="copy SRC to DST", description="Copy a volume (file or block device)."
     )
@@ -55,39 +51,76 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--json", action="store_true", help="print the result as JSON")
 
+
+def _add_digest(commands) -> None:
     d = commands.add_parser("digest", help="print the volume digest of PATH")
     d.add_argument("path")
     d.add_argument("--length", type=_size)
 
+
+def _add_verify(commands) -> None:
     v = commands.add_parser("verify", help="check that DST reads back as SRC")
     v.add_argument("src")
     v.add_argument("dst")
     v.add_argument("--length", type=_size)
 
+
+def _add_bench(commands) -> None:
     commands.add_parser(
         "bench", help="compare with dd, qemu-img, nbdcopy, cp and the fio limit (see --help)", add_help=False
     )
 
-    from .migration.commands import add_parsers as add_migration_parsers
 
-    add_migration_parsers(commands, _size)
+def _add_migration(commands) -> None:
+    from .migration.commands import add_parsers
 
-    from .movers.commands import add_parsers as add_mover_parsers
+    add_parsers(commands, _size)
 
-    add_mover_parsers(commands)
+
+def _add_movers(commands) -> None:
+    from .movers.commands import add_parsers
+
+    add_parsers(commands)
+
+
+def _add_services(commands) -> None:
     # like compute-agent: oslo.config parses its options (--config-file FILE, oslo.log's)
     commands.add_parser(
         "mover",
         help="run a data mover: join the movers' group with this host's transports, slots and bandwidth "
         "(--config-file FILE; see docs/movers.md)",
     )
-
     # its options are oslo.config's (--config-file FILE, oslo.log's): it parses them itself
     commands.add_parser(
         "compute-agent",
         help="run the reference compute side of the migration handoff (--config-file FILE; see "
         "docs/compute-agent.md)",
     )
+
+
+# command -> what adds its parser; in the order `volcopy --help` lists them
+_COMMANDS = {
+    "copy": _add_copy,
+    "digest": _add_digest,
+    "verify": _add_verify,
+    "bench": _add_bench,
+    "migrate": _add_migration,
+    "migrations": _add_migration,
+    "movers": _add_movers,
+    "mover": _add_services,
+    "compute-agent": _add_services,
+}
+
+
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of ``command`` alone: building them all (and importing the
+    migration's and movers' modules for theirs) was a third of a short copy's start-up."""
+    parser = argparse.ArgumentParser(prog="volcopy", description="Fast, safe copying of block volumes.")
+    # prog given: argparse would otherwise build a help formatter for it (shutil, the terminal's size)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", prog="volcopy")
+    adders = [_COMMANDS[command]] if command in _COMMANDS else _COMMANDS.values()
+    for add in dict.fromkeys(adders):  # each once: one adds migrate and migrations
+        add(commands)
     return parser
 
 
@@ -171,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .movers.service import main as mover_main
 
         return mover_main(argv[1:])
-    args = _parser().parse_args(argv)
+    args = _parser(argv[0] if argv else None).parse_args(argv)
     try:
         if args.command == "copy":
             return _copy(args)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from . import _core
 from .volume import VolumeSpec, open_source
 
+TYPE_CHECKING = False  # as typing's, without importing typing (copier.py says why)
 if TYPE_CHECKING:
     import numpy as np
 

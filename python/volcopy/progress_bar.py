@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
 
 from .units import format_size
+
+TYPE_CHECKING = False  # as typing's, without importing typing (copier.py says why)
+if TYPE_CHECKING:
+    from typing import TextIO
 
 
 class ProgressBar:

@@ -12,7 +12,6 @@ import errno
 import re
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 
 from . import _core
 from .errors import CopyIOError, InvalidRequest
@@ -34,20 +33,44 @@ _REQUEST_ERRORS = {
 }
 
 
-@dataclass(frozen=True, repr=False)  # its repr is its name, a key masked
 class RBDSpec:
-    pool: str
-    namespace: str
-    image: str
-    snap: str | None = None
-    conf: str | None = None
-    user: str | None = None
-    options: tuple[tuple[str, str], ...] = ()
-    # Clients of the caller's own with the image open (os-brick's wrapper that handed it over): not
-    # someone else using it. Not part of the name.
-    own_clients: int = field(default=0, compare=False)
+    """An image's name, read-only and hashable. (Not a dataclass: _core.py says why.)"""
 
-    def __repr__(self) -> str:
+    __slots__ = ("pool", "namespace", "image", "snap", "conf", "user", "options", "own_clients")
+
+    def __init__(
+        self,
+        pool: str,
+        namespace: str,
+        image: str,
+        snap: str | None = None,
+        conf: str | None = None,
+        user: str | None = None,
+        options: tuple[tuple[str, str], ...] = (),
+        # Clients of the caller's own with the image open (os-brick's wrapper that handed it over): not
+        # someone else using it. Not part of the name.
+        own_clients: int = 0,
+    ):
+        values = (pool, namespace, image, snap, conf, user, options, own_clients)
+        for name, value in zip(self.__slots__, values, strict=True):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"an RBDSpec is read-only: cannot set {name}")
+
+    def __reduce__(self):
+        return RBDSpec, tuple(getattr(self, name) for name in self.__slots__)
+
+    def _name(self) -> tuple:
+        return (self.pool, self.namespace, self.image, self.snap, self.conf, self.user, self.options)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RBDSpec) and self._name() == other._name()
+
+    def __hash__(self) -> int:
+        return hash(self._name())
+
+    def __repr__(self) -> str:  # its name, a key masked
         return f"RBDSpec({str(self)!r})"
 
     def __str__(self) -> str:
@@ -176,14 +199,11 @@ def from_connection_info(connection_info: Mapping) -> RBDSpec:
     return RBDSpec(pool, namespace, image, data.get("snapshot") or None, None, user or None, tuple(options))
 
 
-@dataclass
 class RBDImage:
     """An open image: the native handle and what identifies it."""
 
-    spec: RBDSpec
-    handle: object
-    info: _core.RBDInfo
-    created: bool = False
+    def __init__(self, spec: RBDSpec, handle: object, info: _core.RBDInfo, created: bool = False):
+        self.spec, self.handle, self.info, self.created = spec, handle, info, created
 
     @property
     def identity(self) -> tuple:

@@ -10,35 +10,39 @@ import errno
 import fcntl
 import os
 import stat
-from dataclasses import dataclass, field
-from typing import Union
 
 from . import rbd_volume
 from ._core import KIND_BLOCKDEV, KIND_FILE, KIND_RBD, Endpoint
 from .errors import InvalidRequest
 from .rbd_volume import RBDImage, RBDSpec, is_rbd
 
-VolumeSpec = Union[str, "os.PathLike[str]", int, RBDSpec]
+VolumeSpec = str | os.PathLike[str] | int | RBDSpec
 
 BLKSSZGET = 0x1268  # logical block size of a block device
 BLKROGET = 0x125E  # whether a block device is read-only: it still opens O_RDWR, then fails each write
 
 
-@dataclass
 class Volume:
     """An opened volume. ``fd`` carries O_DIRECT when ``direct``; ``fd_buffered`` never does. An RBD
-    image has no descriptors (-1): ``rbd`` holds it."""
+    image has no descriptors (-1): ``rbd`` holds it. (Not a dataclass: _core.py says why.)"""
 
-    name: str
-    kind: int
-    size: int
-    fd: int
-    fd_buffered: int
-    direct: bool
-    identities: frozenset = field(default_factory=frozenset)  # what makes two volumes the same
-    created: bool = False
-    path: str | None = None  # of a file created for this copy
-    rbd: RBDImage | None = None
+    def __init__(
+        self,
+        *,
+        name: str,
+        kind: int,
+        size: int,
+        fd: int,
+        fd_buffered: int,
+        direct: bool,
+        identities: frozenset = frozenset(),  # what makes two volumes the same
+        created: bool = False,
+        path: str | None = None,  # of a file created for this copy
+        rbd: RBDImage | None = None,
+    ):
+        self.name, self.kind, self.size = name, kind, size
+        self.fd, self.fd_buffered, self.direct = fd, fd_buffered, direct
+        self.identities, self.created, self.path, self.rbd = identities, created, path, rbd
 
     def endpoint(self) -> Endpoint:
         handle = self.rbd.handle if self.rbd else None
