@@ -55,14 +55,26 @@ def test_harness_runs_every_tool_on_every_workload_and_checks_every_copy(tmp_pat
     assert rc == 0
     assert _machine_settings() == settings_before  # what the harness holds for the run, it puts back
     text = (results / "compare.md").read_text()
-    for workload in ("W1 ", "W1-hot ", "part-hot ", "W2", "W3", "W4", "W5", "W6 ", "W6-dense "):
+    for workload in ("W1 ", "W1-hot ", "part-hot ", "W2", "W3", "W4", "W5", "W6 ", "W6-dense ", "W7 "):
         assert f"## {workload}" in text
-    [w6] = [line for line in text.splitlines() if line.startswith("| W6: volcopy on the sparse volume")]
-    assert w6.split(" | ")[0].endswith("<= 1.20") and w6.split(" | ")[2] != "-"  # its floor, from fio
+    verdicts = [
+        line.split(" | ") for line in text.split("## Targets")[1].splitlines() if line.startswith("| T")
+    ]
+    # every target of the performance issue has its verdicts, each on the workload it names
+    assert sorted({v[0].split()[1] for v in verdicts}) == [f"T{k}" for k in range(1, 9)]
+    [w6] = [v for v in verdicts if v[0].startswith("| T8 W6: volcopy on the sparse volume")]
+    assert w6[0].endswith("<= 1.20") and w6[2] != "-"  # its floor, from fio
+    [w7_wall, w7_rss] = [v for v in verdicts if v[0].startswith("| T7 W7 ")]
+    assert w7_wall[0].endswith("median wall seconds <= 0.05") and float(w7_wall[2]) > 0  # Python's start-up
+    assert w7_rss[0].endswith("peak RSS (MiB) <= 25.00") and float(w7_rss[2]) > 0
+    w7 = text.split("## W7 ", 1)[1].split("\n## ", 1)[0]
+    assert "| floor: Python starts and exits | n/a |" in w7 and "| fio limit |" not in w7
     for verified in ("W1", "W2", "W3", "W4"):  # each has its verify row
         section = text.split(f"## {verified} ", 1)[1].split("\n## ", 1)[0]
         assert "| volcopy --verify | yes |" in section
-    assert "W1-hot dense 16.0 MiB file to file, src in the page cache: volcopy / fastest correct peer" in text
+    assert (
+        "T1 W1-hot dense 16.0 MiB file to file, src in the page cache: volcopy / fastest correct peer" in text
+    )
     for tool in (
         "| volcopy |",
         "| dd |",
@@ -76,10 +88,13 @@ def test_harness_runs_every_tool_on_every_workload_and_checks_every_copy(tmp_pat
         "| floor: fio reads src |",
     ):
         assert tool in text
-    # on the disk, verify's floor is the copy and fio's read: W1, W2 and W3's two (5 with W4's)
-    verify_floors = [line.split(" | ")[2] for line in text.splitlines() if "--verify / volcopy" in line]
-    assert len(verify_floors) == 5 and "-" not in verify_floors
-    assert "volcopy --verify / (fio limit + fio's read of dst) <= 1.10" in text  # W1's own floor
+    # T3 (W2 and W3's two): verify's floor is the copy and fio's read; T4 (W1) is against its floor
+    verify_floors = [v[2] for v in verdicts if "--verify / volcopy" in v[0]]
+    assert len(verify_floors) == 3 and "-" not in verify_floors
+    assert (
+        "T4 W1 dense 16.0 MiB file to file: volcopy --verify / (fio limit + fio's read of dst) <= 1.10"
+        in text
+    )
     assert "| volcopy | yes |" in text and "| volcopy | **WRONG** |" not in text
     assert "| target | measured | floor | verdict |" in text
     assert (results / "compare.png").stat().st_size > 10_000

@@ -11,7 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..units import format_size
-from .tools import DISK_READ_FLOOR, LIMIT, READ_FLOOR, WRITE_FLOOR, YARDSTICKS, Case
+from .tools import (
+    DISK_READ_FLOOR,
+    LIMIT,
+    PYTHON_FLOOR,
+    READ_FLOOR,
+    W7_MORE_ROUNDS,
+    WRITE_FLOOR,
+    YARDSTICKS,
+    Case,
+)
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -76,6 +85,104 @@ def filesystem(path: Path) -> str:
     return " ".join(out[0].split()) if out else "unknown"  # the first of stacked mounts
 
 
+def _peak_rss(runs: list[Run]) -> float:
+    return max(r.rss for r in runs) / MiB
+
+
+def _verdicts(results: Results) -> list[Verdict]:
+    """The targets of the performance issue (14), numbered as it numbers them: T1 ... T8."""
+    verdicts = []
+    for name, runs in results.runs.items():
+        case = results.cases[name]
+        ours = _median(runs["volcopy"])
+        limit = _median(runs[LIMIT]) if LIMIT in runs else None
+        fastest = _fastest_correct_peer(runs)
+        verify = _median(runs["volcopy --verify"]) if "volcopy --verify" in runs else None
+        read_back = None  # verify's one more read, of dst: dd's on tmpfs; on the disk fio's, start-up off
+        if READ_FLOOR in runs:
+            read_back = _median(runs[READ_FLOOR])
+        elif DISK_READ_FLOOR in runs:
+            read_back = _median(runs[DISK_READ_FLOOR]) - results.fio_start_up
+        if case.workload == "W1" and limit:
+            verdicts.append(Verdict(f"T1 {name}: volcopy / fio limit", ours / limit, 1.10))
+        if case.resident and fastest:
+            verdicts.append(
+                Verdict(
+                    f"{'T1' if case.resident == 1.0 else 'T2'} {name}: volcopy / fastest correct peer "
+                    f"({fastest[0]})",
+                    ours / fastest[1],
+                    1.00,
+                )
+            )
+        if case.workload in ("W2", "W3") and verify and read_back is not None:
+            verdicts.append(
+                Verdict(
+                    f"T3 {name}: volcopy --verify / volcopy", verify / ours, 1.15, (ours + read_back) / ours
+                )
+            )
+        # T4: read src, write dst, read dst
+        if case.workload == "W1" and limit and verify and read_back is not None:
+            verdicts.append(
+                Verdict(
+                    f"T4 {name}: volcopy --verify / (fio limit + fio's read of dst)",
+                    verify / (limit + read_back),
+                    1.10,
+                )
+            )
+        if case.workload == "W4" and fastest:
+            floor = max(_median(runs[READ_FLOOR]), _median(runs[WRITE_FLOOR]))
+            verdicts += [
+                Verdict(
+                    f"T5 {name}: volcopy / fastest correct peer ({fastest[0]})",
+                    ours / fastest[1],
+                    1.00,
+                    floor / fastest[1],
+                ),
+                Verdict(
+                    f"T5 {name}: volcopy / the larger of the read and the write floor", ours / floor, 1.15
+                ),
+            ]
+        if case.workload == "W3" and not case.garbage and "qemu-img" in runs:
+            verdicts.append(
+                Verdict(
+                    f"T6 {name}: volcopy CPU / qemu-img CPU",
+                    _cpu(runs["volcopy"]) / _cpu(runs["qemu-img"]),
+                    0.60,
+                )
+            )
+        if case.workload == "W7":
+            start_up = runs[PYTHON_FLOOR]
+            verdicts += [
+                Verdict(f"T7 {name}: volcopy median wall seconds", ours, 0.05, _median(start_up)),
+                Verdict(
+                    f"T7 {name}: volcopy peak RSS (MiB)",
+                    _peak_rss(runs["volcopy"]),
+                    25.0,
+                    _peak_rss(start_up),
+                ),
+            ]
+        if case.workload == "W6":
+            verdicts.append(Verdict(f"T8 {name}: volcopy peak RSS (MiB)", _peak_rss(runs["volcopy"]), 64.0))
+    sparse = [n for n, c in results.cases.items() if c.workload == "W6"]
+    dense = [n for n, c in results.cases.items() if c.workload == "W6-dense"]
+    if sparse and dense:
+        sparse_runs, dense_runs = results.runs[sparse[0]], results.runs[dense[0]]
+        # the floor: the fio limit moves the same data, scattered over the sparse volume or packed
+        limits = LIMIT in sparse_runs and LIMIT in dense_runs
+        verdicts.append(
+            Verdict(
+                "T8 W6: volcopy on the sparse volume / volcopy on its data alone (dense)",
+                _median(sparse_runs["volcopy"]) / _median(dense_runs["volcopy"]),
+                1.20,
+                (_median(sparse_runs[LIMIT]) - results.fio_start_up)
+                / (_median(dense_runs[LIMIT]) - results.fio_start_up)
+                if limits
+                else None,
+            )
+        )
+    return verdicts
+
+
 def report(results: Results, command: str, where: str, memory: str, throttle) -> str:
     lines = [
         "# volcopy against its peers",
@@ -91,10 +198,10 @@ def report(results: Results, command: str, where: str, memory: str, throttle) ->
         f"include fio's own start-up, {results.fio_start_up:.3f} s (fio reading 1 MiB, median of 3). "
         "On tmpfs (W4) it runs inline on one CPU and is no limit; there are two floors instead: dd writing "
         "zeros to dst (filling dst's fresh pages, reading nothing) and a dd per CPU reading its share of src "
-        "(writing nothing).",
+        f"(writing nothing). W7 (a command's fixed cost) runs {W7_MORE_ROUNDS} times as many rounds: a "
+        "start-up varies by milliseconds from run to run.",
         "",
     ]
-    verdicts = []
     for name, runs in results.runs.items():
         case = results.cases[name]
         ours = _median(runs["volcopy"])
@@ -119,79 +226,7 @@ def report(results: Results, command: str, where: str, memory: str, throttle) ->
                 f"{cpu:.3f} | {format_size(rss)} |"
             )
         lines.append("")
-        fastest = _fastest_correct_peer(runs)
-        if case.workload in ("W1", "W2") and limit:
-            verdicts.append(Verdict(f"{name}: volcopy / fio limit", ours / limit, 1.10))
-            if fastest:
-                verdicts.append(
-                    Verdict(f"{name}: volcopy / fastest correct peer ({fastest[0]})", ours / fastest[1], 1.00)
-                )
-        floors = WRITE_FLOOR in runs and READ_FLOOR in runs
-        if case.resident and fastest:
-            verdicts.append(
-                Verdict(f"{name}: volcopy / fastest correct peer ({fastest[0]})", ours / fastest[1], 1.00)
-            )
-        if case.workload in ("W3", "W4") and fastest:
-            verdicts.append(
-                Verdict(
-                    f"{name}: volcopy / fastest correct peer ({fastest[0]})",
-                    ours / fastest[1],
-                    0.70,
-                    _median(runs[WRITE_FLOOR]) / fastest[1] if floors else None,
-                )
-            )
-            if "qemu-img" in runs:
-                qemu = _cpu(runs["qemu-img"])
-                verdicts.append(
-                    Verdict(
-                        f"{name}: volcopy CPU / qemu-img CPU",
-                        _cpu(runs["volcopy"]) / qemu,
-                        0.60,
-                        (_cpu(runs[WRITE_FLOOR]) + _cpu(runs[READ_FLOOR])) / qemu if floors else None,
-                    )
-                )
-        if "volcopy --verify" in runs:
-            read_floor = None
-            if floors:
-                read_floor = _median(runs[READ_FLOOR])
-            elif DISK_READ_FLOOR in runs:
-                read_floor = _median(runs[DISK_READ_FLOOR]) - results.fio_start_up
-            verdicts.append(
-                Verdict(
-                    f"{name}: volcopy --verify / volcopy",
-                    _median(runs["volcopy --verify"]) / ours,
-                    1.15,
-                    (ours + read_floor) / ours if read_floor is not None else None,
-                )
-            )
-            if case.workload == "W1" and limit and read_floor is not None:  # read src, write dst, read dst
-                verdicts.append(
-                    Verdict(
-                        f"{name}: volcopy --verify / (fio limit + fio's read of dst)",
-                        _median(runs["volcopy --verify"]) / (limit + read_floor),
-                        1.10,
-                    )
-                )
-        verdicts.append(
-            Verdict(f"{name}: volcopy peak RSS (MiB)", max(r.rss for r in runs["volcopy"]) / MiB, 64.0)
-        )
-    sparse = [n for n, c in results.cases.items() if c.workload == "W6"]
-    dense = [n for n, c in results.cases.items() if c.workload == "W6-dense"]
-    if sparse and dense:
-        sparse_runs, dense_runs = results.runs[sparse[0]], results.runs[dense[0]]
-        # the floor: the fio limit moves the same data, scattered over the sparse volume or packed
-        limits = LIMIT in sparse_runs and LIMIT in dense_runs
-        verdicts.append(
-            Verdict(
-                "W6: volcopy on the sparse volume / volcopy on its data alone (dense)",
-                _median(sparse_runs["volcopy"]) / _median(dense_runs["volcopy"]),
-                1.20,
-                (_median(sparse_runs[LIMIT]) - results.fio_start_up)
-                / (_median(dense_runs[LIMIT]) - results.fio_start_up)
-                if limits
-                else None,
-            )
-        )
+    verdicts = _verdicts(results)
     if throttle:
         measured, target = throttle
         verdicts.append(
@@ -204,13 +239,13 @@ def report(results: Results, command: str, where: str, memory: str, throttle) ->
     lines += [
         "## Targets",
         "",
-        "Where a floor is given, it is the same ratio for the floors alone, as if a tool cost nothing but "
-        "them: the write floor for wall time; the read and the write floor for CPU (a copy that hashes its "
-        "data must read it into its memory and write it out); the copy plus the read floor for verify (one "
-        "more read, of dst: dd's on tmpfs; on the disk fio's, its start-up taken off, of src laid out as dst "
-        "is). A target below its floor is out of reach on this machine for such a copy; for verify, only as "
-        "far as the copy leaves neither the disk nor a CPU idle for the read-back to use. W6's floor is the "
-        "fio limit on the sparse volume over the fio limit on its data packed, their start-up taken off.",
+        "T1 to T8 are the performance issue's targets, numbered as it numbers them. Where a floor is given, "
+        "it is the same figure for the floors alone, as if a tool cost nothing but them: for T3, the copy "
+        "plus one more read, of dst (fio's, its start-up taken off, of src laid out as dst is); for T5, the "
+        "larger of the read and the write floor; for T7, this Python starting and exiting with nothing to "
+        "do; for T8's time, the fio limit on the sparse volume over the fio limit on its data packed, their "
+        "start-up taken off. A target below its floor is out of reach on this machine for such a copy; for "
+        "verify, only as far as the copy leaves neither the disk nor a CPU idle for the read-back to use.",
         "",
         "| target | measured | floor | verdict |",
         "|---|---|---|---|",

@@ -19,7 +19,7 @@ from .machine_settings import FIO_HUGE_PAGES, huge_pages_free
 @dataclass
 class Case:
     name: str
-    workload: str  # W1 ... W5
+    workload: str  # W1 ... W7
     src: str
     dst: str
     size: int
@@ -194,6 +194,12 @@ def read_floor(case: Case) -> list[str]:
     return ["sh", "-c", script, "read-floor", case.src]
 
 
+def python_start_up(case: Case) -> list[str]:
+    """The Python that runs volcopy, starting and exiting with nothing to do: what any command written in
+    it costs at least (W7)."""
+    return [sys.executable, "-c", "pass"]
+
+
 TOOLS: dict[str, Callable[[Case], list[str] | None]] = {
     "volcopy": volcopy,
     "dd": dd,
@@ -206,4 +212,6 @@ LIMIT = "fio limit"  # not a copy: its output is not checked, and it is the yard
 WRITE_FLOOR = "floor: dd zeros to dst"  # not copies either: the W4 floors
 READ_FLOOR = "floor: dd reads src"
 DISK_READ_FLOOR = "floor: fio reads src"  # on the disk: the one more read that verify adds
-YARDSTICKS = (LIMIT, WRITE_FLOOR, READ_FLOOR, DISK_READ_FLOOR)
+PYTHON_FLOOR = "floor: Python starts and exits"  # W7
+YARDSTICKS = (LIMIT, WRITE_FLOOR, READ_FLOOR, DISK_READ_FLOOR, PYTHON_FLOOR)
+W7_MORE_ROUNDS = 4  # W7 runs --rounds times this: its runs last milliseconds, and vary by milliseconds

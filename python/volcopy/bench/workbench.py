@@ -258,6 +258,10 @@ def make_cases(bench: Workbench, only: set[str], tmpfs: Path) -> list[Case]:
         dense, _ = bench.source("w6-dense.img", allocated)
         name = f"W6-dense {format_size(allocated)} file to file, W6's data without its holes"
         cases.append(build_case(name, "W6-dense", dense, str(w / "w6-dense-dst.img"), allocated, allocated))
+    if "W7" in only:  # a command's fixed cost: its start-up and exit around a copy of 1 MiB (not scaled)
+        src, _ = bench.source("w7-src.img", MiB)
+        name = "W7 a command's fixed cost: 1.0 MiB file to file"
+        cases.append(build_case(name, "W7", src, str(w / "w7-dst.img"), MiB, MiB))
     for case in cases:  # fio's I/O logs go with the workloads, and are removed with them
         case.scratch = str(w)
     return cases
