@@ -198,8 +198,9 @@ def report(results: Results, command: str, where: str, memory: str, throttle) ->
         f"include fio's own start-up, {results.fio_start_up:.3f} s (fio reading 1 MiB, median of 3). "
         "On tmpfs (W4) it runs inline on one CPU and is no limit; there are two floors instead: dd writing "
         "zeros to dst (filling dst's fresh pages, reading nothing) and a dd per CPU reading its share of src "
-        f"(writing nothing). W7 (a command's fixed cost) runs {W7_MORE_ROUNDS} times as many rounds: a "
-        "start-up varies by milliseconds from run to run.",
+        f"(writing nothing). W7 (a command's fixed cost) runs {W7_MORE_ROUNDS} times as many rounds, "
+        "since a start-up varies by milliseconds from run to run, and keeps the page cache: it times the "
+        "commands' start-up, not the disk reading their programs.",
         "",
     ]
     for name, runs in results.runs.items():

@@ -38,6 +38,14 @@ def volcopy(case: Case, *extra: str) -> list[str]:
     return args + (["--dst-is-zero"] if case.dst_zero else [])
 
 
+def volcopy_as_typed(case: Case) -> list[str]:
+    """W7: the command as its target names it and a user types it: the installed script (python -m
+    imports runpy too), printing its summary (--json imports json too)."""
+    script = Path(sys.executable).parent / "volcopy"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "volcopy.cli"]
+    return [*command, "copy", case.src, case.dst]
+
+
 def volcopy_verify(case: Case) -> list[str]:
     return volcopy(case, "--verify")
 
