@@ -4,13 +4,15 @@
 #include "internal.h"
 
 /* Data blocks almost always differ from zero in their first bytes, so look there before paying for a
- * full scan. The full scan ORs 64-byte lines together: the loop has no early exit so the compiler
- * vectorises it, and target_clones picks AVX2 where the CPU has it. */
+ * full scan. The full scan ORs words together: the loop has no early exit so the compiler vectorises
+ * it, and target_clones picks AVX2 where the CPU has it. It is one flat loop over the words: written as
+ * eight words a line, gcc gathered each line's words across vector lanes with shuffles, and scanned a
+ * cached 1 MiB at a third of the speed (22 against 66 GB/s here). */
 __attribute__((target_clones("avx2", "default"))) static bool all_zero_lines(const uint64_t *w, size_t lines)
 {
     uint64_t acc = 0;
-    for (size_t i = 0; i < lines; i++, w += 8)
-        acc |= w[0] | w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7];
+    for (size_t i = 0; i < lines * 8; i++)
+        acc |= w[i];
     return acc == 0;
 }
 
