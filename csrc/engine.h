@@ -134,7 +134,6 @@ int zero_add(struct engine *g, uint64_t off, uint64_t len);
 int zero_flush(struct engine *g);
 /* The chunk at chunk_offset has this digest; NULL: it reads as zeros. */
 void record_digest(struct engine *g, uint64_t chunk_offset, const uint8_t digest[VC_DIGEST_SIZE]);
-void digest_zeros(struct engine *g, uint64_t from, uint64_t to);
 
 /* residency.c */
 void residency_open(struct engine *g);

@@ -98,8 +98,11 @@ static int produce_chunks(struct engine *g, struct slot *s, uint64_t limit)
         return -1;
     uint64_t hole_end = ds >= limit ? limit : VC_ROUND_DOWN(ds, VC_CHUNK_SIZE);
     if (hole_end > g->pos) {
-        /* Whole chunks of hole before the next data: nothing to read, nothing to hash. */
-        digest_zeros(g, g->pos, hole_end);
+        /* Whole chunks of hole before the next data: nothing to read, nothing to hash, nothing to record.
+         * chunk_digests is zero-filled on entry, and nothing at or after pos has been recorded yet (a
+         * resumed checkpoint fills it below its watermark only), so these chunks already read as the 16
+         * zero bytes of a hole. Looking at them would fault in a page of it per 256 chunks: 32768 faults
+         * on an 8 TiB volume, on the engine's thread. */
         g->r->bytes_skipped += hole_end - g->pos;
         g->done += hole_end - g->pos;
         if (zero_add(g, g->pos, hole_end - g->pos) < 0)

@@ -108,16 +108,11 @@ void record_digest(struct engine *g, uint64_t chunk_offset, const uint8_t digest
     uint64_t len = VC_MIN((uint64_t)VC_CHUNK_SIZE, g->end - chunk_offset);
     const uint8_t *of_zeros = len == VC_CHUNK_SIZE ? g->zero_digest_chunk : g->zero_digest_tail;
 
-    if (!digest || memcmp(digest, of_zeros, VC_DIGEST_SIZE) == 0)
-        digest = zeros;
-    if (memcmp(out, digest, VC_DIGEST_SIZE) != 0) /* a hole's page stays untouched */
+    if (digest && memcmp(digest, of_zeros, VC_DIGEST_SIZE) != 0) {
+        /* Written without a look first: reading an untouched page maps the zero page, and the write
+         * after it then copies that page and flushes the TLB of every thread's CPU (4096 times for W6). */
         memcpy(out, digest, VC_DIGEST_SIZE);
-}
-
-void digest_zeros(struct engine *g, uint64_t from, uint64_t to)
-{
-    if (!g->digest)
-        return;
-    for (uint64_t c = from; c < to; c += VC_CHUNK_SIZE)
-        record_digest(g, c, NULL);
+    } else if (memcmp(out, zeros, VC_DIGEST_SIZE) != 0) { /* a hole's page stays untouched */
+        memcpy(out, zeros, VC_DIGEST_SIZE);
+    }
 }
