@@ -29,6 +29,7 @@ from .machine_settings import freed_memory_kept, huge_pages_for_fio
 from .report import Results, Run, chart, filesystem, report
 from .sweep import sweep
 from .tools import (
+    ARGPARSE_FLOOR,
     DISK_READ_FLOOR,
     LIMIT,
     PYTHON_FLOOR,
@@ -40,6 +41,7 @@ from .tools import (
     Case,
     disk_read_floor,
     fio_start_up,
+    python_parses_copy,
     python_start_up,
     read_floor,
     volcopy,
@@ -117,6 +119,7 @@ def compare(bench: Workbench, only: set[str], tmpfs: Path, rounds: int, throttle
             tools.pop(LIMIT)
             tools["volcopy"] = volcopy_as_typed
             tools[PYTHON_FLOOR] = python_start_up
+            tools[ARGPARSE_FLOOR] = python_parses_copy
         print(f"{case.name}", flush=True)
         run_case(case, tools, rounds * W7_MORE_ROUNDS if case.workload == "W7" else rounds, results, expected)
     return results, (throttle_check(bench) if throttle else None)

@@ -208,6 +208,24 @@ def python_start_up(case: Case) -> list[str]:
     return [sys.executable, "-c", "pass"]
 
 
+# A command with a subcommand, parsed by argparse the least it can be (no help texts, no options).
+_PARSE_COPY = (
+    "import argparse, sys\n"
+    "parser = argparse.ArgumentParser(prog='volcopy')\n"
+    "copy = parser.add_subparsers(dest='command', required=True).add_parser('copy')\n"
+    "copy.add_argument('src')\n"
+    "copy.add_argument('dst')\n"
+    "parser.parse_args()\n"
+)
+
+
+def python_parses_copy(case: Case) -> list[str]:
+    """The same Python parsing `copy SRC DST` with argparse, copying nothing: what a command line tool
+    written in it with the standard library's parser costs at least (W7). Importing argparse brings re,
+    enum, gettext and locale with it."""
+    return [sys.executable, "-c", _PARSE_COPY, "copy", case.src, case.dst]
+
+
 TOOLS: dict[str, Callable[[Case], list[str] | None]] = {
     "volcopy": volcopy,
     "dd": dd,
@@ -221,5 +239,6 @@ WRITE_FLOOR = "floor: dd zeros to dst"  # not copies either: the W4 floors
 READ_FLOOR = "floor: dd reads src"
 DISK_READ_FLOOR = "floor: fio reads src"  # on the disk: the one more read that verify adds
 PYTHON_FLOOR = "floor: Python starts and exits"  # W7
-YARDSTICKS = (LIMIT, WRITE_FLOOR, READ_FLOOR, DISK_READ_FLOOR, PYTHON_FLOOR)
+ARGPARSE_FLOOR = "floor: Python parses copy SRC DST with argparse"  # W7
+YARDSTICKS = (LIMIT, WRITE_FLOOR, READ_FLOOR, DISK_READ_FLOOR, PYTHON_FLOOR, ARGPARSE_FLOOR)
 W7_MORE_ROUNDS = 4  # W7 runs --rounds times this: its runs last milliseconds, and vary by milliseconds
