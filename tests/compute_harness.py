@@ -684,7 +684,7 @@ class Agent:
 
     def stop(self) -> None:
         if self.log.exists():  # shown by pytest when the test failed
-            print(f"--- compute agent log ---\n{self.log.read_text()}")
+            print(f"--- compute agent log ---\n{collapse_repeats(self.log.read_text())}")
         if self.process and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -692,6 +692,24 @@ class Agent:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def collapse_repeats(log: str) -> str:
+    """A log with each run of lines that differ only in their time stamp (a state polled for a minute)
+    shown once with its count: a failed test's output ends in the lines that say what happened."""
+    out, last, count = [], None, 0
+    for line in log.splitlines():
+        key = line[24:]  # past "YYYY-MM-DD HH:MM:SS.mmm "
+        if key == last:
+            count += 1
+            continue
+        if count:
+            out.append(f"    ... and {count} more like it")
+        out.append(line)
+        last, count = key, 0
+    if count:
+        out.append(f"    ... and {count} more like it")
+    return "\n".join(out)
 
 
 def server_entry(guest: Guest, attachment_id: str) -> dict:
