@@ -393,6 +393,20 @@ class Guest:
         self.process.kill()
         self.process.wait()
 
+    def start_other_job(self) -> None:
+        """Something else runs a block job on the disk until end_other_job(): a stream into its top image
+        (from src below it), throttled to 1 MiB/s so that it outlasts the test's wait."""
+        [top] = [
+            b["inserted"]["node-name"]
+            for b in self.monitor.cmd("query-block")
+            if b.get("qdev") == self.qdev or b.get("qdev", "").startswith(f"/machine/peripheral/{self.qdev}/")
+        ]
+        self.monitor.cmd("block-stream", **{"job-id": "other", "device": top, "speed": MiB})
+
+    def end_other_job(self) -> None:
+        self.monitor.cmd("block-job-cancel", device="other")
+        wait_for(lambda: not self.monitor.cmd("query-block-jobs"), what="the other block job to go")
+
     def snapshot_onto(self, overlay: str) -> None:
         """Something other than the agent (a backup, another snapshot) puts a qcow2 overlay on the disk."""
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", overlay, str(self.size)], check=True)
@@ -589,6 +603,15 @@ class LibvirtGuest(Guest):
     def end_export(self) -> None:
         self._live_domain().abortJob()
         wait_for(lambda: not self._live_domain().blockJobInfo(self.qdev, 0), what="the backup job to go")
+
+    def start_other_job(self) -> None:
+        """Something else runs a block job on the disk until end_other_job(): a pull into its top image
+        (from src below it), throttled to 1 MiB/s so that it outlasts the test's wait."""
+        self._live_domain().blockPull(self.qdev, 1, 0)
+
+    def end_other_job(self) -> None:
+        self._live_domain().blockJobAbort(self.qdev, 0)
+        wait_for(lambda: not self._live_domain().blockJobInfo(self.qdev, 0), what="the other block job to go")
 
     def snapshot_onto(self, overlay: str) -> None:
         """Something other than the agent (a backup, another snapshot) puts a qcow2 overlay on the disk:

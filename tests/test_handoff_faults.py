@@ -203,6 +203,29 @@ def test_dst_failing_writes_during_the_merge_is_failed_then_retried(
     finish_on(guest, dst)
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
+def test_a_merge_refused_while_another_job_runs_is_tried_again(workdir, guest, volumes, started_agent):
+    """Cancel's merge back into src is refused while another block job (a throttled pull into the
+    overlay, as a tool beside Nova might run) holds the disk: the migration stays cancelling, the agent
+    tries again, and once the other job has ended the merge is done: cancelled, src holds every write."""
+    src, _ = volumes
+    agent = started_agent()
+    agent.start()
+    compute = client(agent)
+    guest.start_writer()
+    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    time.sleep(0.3)  # writes for the merge to carry
+    guest.start_other_job()
+
+    compute.migration_cancel(SERVER, SRC_ATT, gen)
+    wait_for(lambda: "(try 1 of 3)" in agent.log.read_text(), what="the agent's first try to be refused")
+    assert compute.migration_state(SERVER, SRC_ATT)["state"] == "cancelling"
+    guest.end_other_job()
+    wait_state(compute, "cancelled")
+    assert overlay_files(workdir / "overlays") == []
+    finish_on(guest, src)
+
+
 def fence_then_stop(
     guest, compute, src, how: str = "halt", prepared_onto: str | None = None
 ) -> tuple[int, str, dict]:

@@ -46,6 +46,9 @@ from .state import Disk, StateStore, VolumeMigration, connection_json
 log = logging.getLogger(__name__)
 
 SHUTDOWN_PATIENCE = 10.0  # seconds a QEMU that announced SHUTDOWN has to exit
+# An online merge the hypervisor refused for a passing reason (libvirt still taking in the end of the
+# copy prepare started, another block job, a busy monitor) is tried again after 1, then 2 s.
+MERGE_TRIES = 3
 
 
 @dataclass
@@ -808,7 +811,7 @@ class Handoff:
         try:
             if not m.offline:
                 try:
-                    self._merge_online(m, completing)
+                    self._merge_online_tried(m, completing)
                 except HypervisorNotRunning:
                     m.offline = True
                     self.store.put_migration(m)
@@ -824,6 +827,25 @@ class Handoff:
         if completing:
             self._release_old_connection(m)
         self._set(m, State.COMPLETED if completing else State.CANCELLED)
+
+    def _merge_online_tried(self, m: VolumeMigration, completing: bool) -> None:
+        for attempt in range(1, MERGE_TRIES + 1):
+            try:
+                self._merge_online(m, completing)
+                return
+            except HypervisorNotRunning:
+                raise
+            except HypervisorError as exc:
+                if attempt == MERGE_TRIES:
+                    raise
+                log.warning(
+                    "attachment %s: merging the overlay failed (try %d of %d), trying again: %s",
+                    m.attachment_id,
+                    attempt,
+                    MERGE_TRIES,
+                    exc,
+                )
+                time.sleep(attempt)
 
     def _merge_online(self, m: VolumeMigration, completing: bool) -> None:
         disk, server = self.store.disk(m.attachment_id), self.servers[m.server_id]
