@@ -47,8 +47,11 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_PATIENCE = 10.0  # seconds a QEMU that announced SHUTDOWN has to exit
 # An online merge the hypervisor refused for a passing reason (libvirt still taking in the end of the
-# copy prepare started, another block job, a busy monitor) is tried again after 1, then 2 s.
+# copy prepare started, another block job, a busy monitor) is tried again after 1, then 2 s. A refusal
+# comes at once: a try that failed after waiting longer (a job that never became ready) is not repeated,
+# so that the attachment's lock is not held for several such waits.
 MERGE_TRIES = 3
+MERGE_REFUSAL_SECONDS = 30.0
 
 
 @dataclass
@@ -830,13 +833,14 @@ class Handoff:
 
     def _merge_online_tried(self, m: VolumeMigration, completing: bool) -> None:
         for attempt in range(1, MERGE_TRIES + 1):
+            began = time.monotonic()
             try:
                 self._merge_online(m, completing)
                 return
             except HypervisorNotRunning:
                 raise
             except HypervisorError as exc:
-                if attempt == MERGE_TRIES:
+                if attempt == MERGE_TRIES or time.monotonic() - began > MERGE_REFUSAL_SECONDS:
                     raise
                 log.warning(
                     "attachment %s: merging the overlay failed (try %d of %d), trying again: %s",
