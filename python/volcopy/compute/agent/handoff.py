@@ -842,14 +842,16 @@ class Handoff:
             except HypervisorError as exc:
                 if attempt == MERGE_TRIES or time.monotonic() - began > MERGE_REFUSAL_SECONDS:
                     raise
-                log.warning(
-                    "attachment %s: merging the overlay failed (try %d of %d), trying again: %s",
-                    m.attachment_id,
-                    attempt,
-                    MERGE_TRIES,
-                    exc,
-                )
-                time.sleep(attempt)
+                refusal = str(exc)
+            # logged outside the except block: oslo.log would add the exception to the line again
+            log.warning(
+                "attachment %s: merging the overlay failed (try %d of %d), trying again: %s",
+                m.attachment_id,
+                attempt,
+                MERGE_TRIES,
+                refusal,
+            )
+            time.sleep(attempt)
 
     def _merge_online(self, m: VolumeMigration, completing: bool) -> None:
         disk, server = self.store.disk(m.attachment_id), self.servers[m.server_id]
