@@ -226,6 +226,50 @@ def test_a_merge_refused_while_another_job_runs_is_tried_again(workdir, guest, v
     finish_on(guest, src)
 
 
+@pytest.mark.parametrize("guest", BACKENDS, indirect=True)
+def test_qemu_stopped_while_cancel_moves_the_disk_down(workdir, guest, volumes, started_agent):
+    """The agent is SIGKILLed just before cancel's merge moves the disk down onto src, and QEMU is
+    killed before the agent is back. QMP holds the disk drained until the move, so src has every write
+    whatever became of it: cancelled, the overlay gone. libvirt's pivot does not drain the disk (the
+    guest writes the overlay until it), so which of src and the overlay is newer is unknown: failed,
+    nothing merged or deleted, complete refused, cancel failing the same way again. The kept overlay,
+    committed by hand, gives src every write."""
+    src, dst = volumes
+    agent = started_agent()
+    agent.start(env=dict(os.environ, VOLCOPY_FAILPOINT="agent-before-switch"))
+    compute = client(agent)
+    guest.start_writer()
+    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    time.sleep(0.5)  # writes for the merge to carry
+    guest.stop_writer()
+    assert guest.errors == []
+    guest.flush()
+    (overlay,) = overlay_files(workdir / "overlays")
+    compute.migration_cancel(SERVER, SRC_ATT, gen)
+    agent.process.wait(timeout=60)
+    guest.destroy()
+    guest.wait_stopped(timeout=30)
+    agent.start()
+    compute = client(agent)
+
+    if isinstance(guest, LibvirtGuest):
+        failed = wait_state(compute, "failed")
+        assert f"QEMU stopped while the disk moved down from overlay {overlay} onto {src}" in failed["reason"]
+        unknown = f"src {src} or overlay {overlay} over it, whichever QEMU wrote last"
+        unknown += " (the instance is stopped)"
+        assert failed["data_location"] == unknown
+        with pytest.raises(ComputeConflict, match="whether it moved is unknown.*the operator must decide"):
+            compute.migration_complete(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
+        compute.migration_cancel(SERVER, SRC_ATT, gen)
+        assert wait_state(compute, "failed")["data_location"] == unknown
+        assert overlay.exists(), "the overlay may hold the newest writes: it is never deleted on a guess"
+        subprocess.run(["qemu-img", "commit", "-q", str(overlay)], check=True)
+    else:
+        wait_state(compute, "cancelled")
+        assert overlay_files(workdir / "overlays") == []
+    assert read_all(src) == guest.model
+
+
 def fence_then_stop(
     guest, compute, src, how: str = "halt", prepared_onto: str | None = None
 ) -> tuple[int, str, dict]:

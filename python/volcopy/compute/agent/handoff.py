@@ -202,6 +202,8 @@ class Handoff:
         if overlay is None:
             return f"src {src}{stopped}"
         below = f"the new volume {m.dst_path}" if m.pivoted else f"src {src}"
+        if m.switching and m.offline:
+            return f"{below} or overlay {overlay} over it, whichever QEMU wrote last{stopped}"
         if m.merged and m.offline:  # the overlay stays until the guest's configuration is off it
             return f"{below}, into which overlay {overlay} was merged{stopped}"
         return f"overlay {overlay} over {below}{stopped}"
@@ -412,8 +414,31 @@ class Handoff:
             ) from None
 
     def _mark_merged(self, m: VolumeMigration) -> None:
-        m.merged = True
+        m.merged, m.switching = True, False
         self.store.put_migration(m)
+
+    def _before_switch(self, m: VolumeMigration) -> None:
+        """Recorded just before the disk moves down onto the merged volume: merged, if the volume then
+        holds every write whatever becomes of the switch; else switching, until the switch is seen."""
+        if self.servers[m.server_id].switch_drains_disk:
+            self._mark_merged(m)
+        else:
+            m.switching = True
+            self.store.put_migration(m)
+        failpoint("agent-before-switch")
+
+    def _merge_down(self, m: VolumeMigration, disk: Disk) -> None:
+        """The overlay merged into the volume below it and the disk moved down onto that volume, recorded
+        as merged. If the move fails with the disk still on the overlay, the record says so again."""
+        server = self.servers[m.server_id]
+        try:
+            server.merge_down(disk, m, lambda: self._before_switch(m))
+        except HypervisorError:
+            if (m.merged or m.switching) and server.chain(disk)[0] == m.overlay_path:
+                m.merged = m.switching = False
+                self.store.put_migration(m)
+            raise
+        self._mark_merged(m)
 
     def _check_can_fence(self, server: Hypervisor, disk: Disk) -> bool:
         """Whether the guest may write the disk; 409 if it cannot be fenced."""
@@ -455,7 +480,7 @@ class Handoff:
         server = self.servers[m.server_id]
         try:
             if server.chain(disk)[0] == m.overlay_path:
-                server.merge_down(disk, m, lambda: self._mark_merged(m))
+                self._merge_down(m, disk)
                 top = server.chain(disk)[0]
                 if top != disk.volume_path:
                     return f"after the merge the disk is on {top}, not on src {disk.volume_path}"
@@ -553,6 +578,8 @@ class Handoff:
                 return self._answer(m)
             if m.state in (State.CANCELLING.value, State.CANCELLED.value):
                 raise ComputeConflict(f"the migration of attachment {attachment_id} was cancelled")
+            if m.switching and not m.pivoted:  # a cancel's move back onto src, cut short by QEMU's stop
+                raise ComputeConflict(f"{m.reason}; the operator must decide what to keep")
             if m.merged and not m.pivoted:  # a cancel that failed after its merge: src holds the writes
                 raise ComputeConflict(
                     f"the overlay of attachment {attachment_id} was merged back into src: cancel again "
@@ -824,6 +851,9 @@ class Handoff:
             m.restarted = True
             self._fail(m, str(exc))
             return
+        except _SwitchUnknown as exc:
+            self._fail(m, str(exc))
+            return
         except Exception as exc:  # noqa: BLE001 - whatever it was, the data stays where the reason says
             self._fail(m, f"merging the overlay {into} failed: {exc}")
             return
@@ -859,20 +889,16 @@ class Handoff:
         if m.qemu is not None and server.identity() not in (None, m.qemu):
             raise _Restarted("QEMU was started again while fenced, on src: the overlay is not in use")
         top = server.chain(disk)[0]
-        if completing and (top == m.overlay_path or not m.merged):
+        if completing and (top == m.overlay_path or not (m.merged or m.switching)):
             self._switch(m)  # done again if a restart cut it short: it reads the chain first
             top = server.chain(disk)[0]
         if top == m.overlay_path:
             m.bytes_written = server.bytes_written(disk, m)
-            try:
-                server.merge_down(disk, m, lambda: self._mark_merged(m))
-            except HypervisorError:
-                if m.merged and server.chain(disk)[0] == m.overlay_path:
-                    m.merged = False  # the switch failed: the disk is still on the overlay
-                    self.store.put_migration(m)
-                raise
+            self._merge_down(m, disk)
             failpoint("agent-after-merge")
             top = server.chain(disk)[0]
+        elif m.switching and top == target:  # it moved down; the agent stopped before it recorded that
+            self._mark_merged(m)
         elif not m.merged:
             raise _Restarted(f"the overlay was never merged, yet the disk is on {top}: the overlay is kept")
         if top != target:
@@ -889,6 +915,12 @@ class Handoff:
         else:
             volume, volume_format = disk.volume_path, disk.volume_format
         overlay = m.overlay_path if m.overlay_path and os.path.exists(m.overlay_path) else None
+        if overlay and m.switching:
+            raise _SwitchUnknown(
+                f"QEMU stopped while the disk moved down from overlay {overlay} onto {volume}: whether it "
+                "moved is unknown, so neither is known to hold the newest writes, and neither is merged "
+                "into the other nor deleted"
+            )
         if completing and not m.pivoted:  # before the merge: from then on dst alone may hold the writes
             m.pivoted = True
             self.store.put_migration(m)
@@ -962,6 +994,10 @@ class Handoff:
                 self._set(m, State.NONE, "the agent restarted before the fence was set")
         except (HypervisorError, OSError) as exc:
             self._fail(m, f"the agent restarted while fencing: {exc}")
+
+
+class _SwitchUnknown(Exception):
+    """QEMU stopped during a move down that does not drain the disk: the operator must decide."""
 
 
 class _Restarted(Exception):

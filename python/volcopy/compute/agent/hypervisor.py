@@ -68,9 +68,9 @@ class Hypervisor(ABC):
     @abstractmethod
     def merge_down(self, disk: Disk, m: VolumeMigration, before_switch: Callable[[], None]) -> None:
         """Merges the overlay on top into the image below it and moves the disk down onto that image.
-        before_switch() is called once that image holds everything, before the disk moves: from then on
-        the guest writes below, and the overlay must never be merged again. Picks up a merge a previous
-        agent left running."""
+        before_switch() is called once that image holds everything, just before the disk moves (what a
+        stop of the hypervisor then leaves: switch_drains_disk): from then on the guest writes below, and
+        the overlay must never be merged again. Picks up a merge a previous agent left running."""
 
     @abstractmethod
     def move_onto_dst(self, disk: Disk, m: VolumeMigration) -> str:
@@ -100,6 +100,12 @@ class Hypervisor(ABC):
     def release_src(self, disk: Disk, m: VolumeMigration) -> None:
         """After move_onto_dst: lets go of src (and of an overlay that is no longer on the chain); raises
         if the hypervisor still holds src."""
+
+    # Whether the disk is drained when merge_down calls before_switch (QMP: the commit waits pending), so
+    # that the volume below holds every write whether or not the switch then happens. Otherwise (libvirt's
+    # pivot) the guest writes the overlay until the switch, and a hypervisor that stops during it leaves
+    # it unknown which of the overlay and the volume is newer.
+    switch_drains_disk = True
 
     # Whether move_read_only writes the disk's data onto dst (libvirt's block copy): dst must then hold
     # that data already, and no other guest may write dst yet.

@@ -45,6 +45,7 @@ class LibvirtServer(Hypervisor):
     """One libvirt domain, found by UUID on one libvirt connection."""
 
     read_only_move_writes_dst = True
+    switch_drains_disk = False
 
     def __init__(self, uri: str, uuid: str, on_event: EventCallback | None = None):
         steps.start_event_loop()

@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS volume_migrations (
     read_only INTEGER NOT NULL,  -- a read-only disk: fenced without an overlay
     pivoted INTEGER NOT NULL,    -- the overlay's backing is dst: there is no way back to src
     merged INTEGER NOT NULL,     -- the overlay was merged, the disk moved down: never merge it again
+    switching INTEGER NOT NULL DEFAULT 0, -- the move down onto the merged volume was asked, not yet seen
     qemu TEXT,                   -- the QEMU fenced (pid:start time): another one means a restart
     restarted INTEGER NOT NULL,  -- QEMU was started again on src while fenced
     prepared INTEGER NOT NULL DEFAULT 0, -- prepare attached dst while fenced (new_attachment_id, dst_*)
@@ -54,7 +55,9 @@ CREATE TABLE IF NOT EXISTS volume_migrations (
 
 # Columns added after the first release, with their declarations: a database an older agent made gets
 # them (CREATE TABLE IF NOT EXISTS leaves an existing table as it is).
-_ADDED_COLUMNS = {"volume_migrations": {"prepared": "INTEGER NOT NULL DEFAULT 0"}}
+_ADDED_COLUMNS = {
+    "volume_migrations": {"prepared": "INTEGER NOT NULL DEFAULT 0", "switching": "INTEGER NOT NULL DEFAULT 0"}
+}
 
 
 @dataclass
@@ -83,6 +86,7 @@ class VolumeMigration:
     read_only: bool = False
     pivoted: bool = False
     merged: bool = False
+    switching: bool = False
     qemu: str | None = None
     restarted: bool = False
     prepared: bool = False
