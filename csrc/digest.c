@@ -30,9 +30,11 @@ void DIGEST(vc_digest_chunk)(const void *buf, size_t len, uint8_t out[VC_DIGEST_
     canonical(XXH3_128bits(buf, len), out);
 }
 
-/* The digest of buf[0, len) where the holes (sorted, disjoint (offset, length) pairs within it) read as
- * zeros, whatever buf holds there: streamed, so that the holes of a chunk need no memset first. */
-void DIGEST(vc_digest_chunk_with_holes)(const uint8_t *buf, size_t len, const uint64_t (*holes)[2],
+/* The digest of a chunk of len bytes where the holes (sorted, disjoint (offset, length) pairs within it)
+ * read as zeros, whatever the buffer holds there: streamed, so that the holes of a chunk need no memset
+ * first. data holds the chunk from its byte `from` on (a buffer sized to a unit's data starts there);
+ * everything before from lies in holes. */
+void DIGEST(vc_digest_chunk_with_holes)(const uint8_t *data, size_t from, size_t len, const uint64_t (*holes)[2],
                                         unsigned n_holes, uint8_t out[VC_DIGEST_SIZE])
 {
     static const uint8_t zeros[64 << 10]; /* never written: its pages read as the zero page */
@@ -42,7 +44,8 @@ void DIGEST(vc_digest_chunk_with_holes)(const uint8_t *buf, size_t len, const ui
     XXH3_128bits_reset(&state);
     for (unsigned k = 0; k <= n_holes; k++) {
         uint64_t hole = k < n_holes ? holes[k][0] : len, hole_end = k < n_holes ? hole + holes[k][1] : len;
-        XXH3_128bits_update(&state, buf + at, (size_t)(hole - at));
+        if (hole > at)
+            XXH3_128bits_update(&state, data + (at - from), (size_t)(hole - at));
         for (uint64_t done = hole; done < hole_end;) {
             size_t n = (size_t)VC_MIN(hole_end - done, (uint64_t)sizeof(zeros));
             XXH3_128bits_update(&state, zeros, n);
@@ -99,8 +102,8 @@ void DIGEST(vc_volume_digest_recorded)(const uint8_t *chunk_digests, uint64_t le
 
 #ifdef DIGEST_PUBLIC
 void vc_digest_chunk_avx2(const void *buf, size_t len, uint8_t out[VC_DIGEST_SIZE]);
-void vc_digest_chunk_with_holes_avx2(const uint8_t *buf, size_t len, const uint64_t (*holes)[2], unsigned n_holes,
-                                     uint8_t out[VC_DIGEST_SIZE]);
+void vc_digest_chunk_with_holes_avx2(const uint8_t *data, size_t from, size_t len, const uint64_t (*holes)[2],
+                                     unsigned n_holes, uint8_t out[VC_DIGEST_SIZE]);
 void vc_digest_zeros_avx2(uint64_t len, uint8_t out[VC_DIGEST_SIZE]);
 void vc_volume_digest_recorded_avx2(const uint8_t *chunk_digests, uint64_t length, uint8_t *out);
 
@@ -114,10 +117,11 @@ void vc_digest_chunk(const void *buf, size_t len, uint8_t out[VC_DIGEST_SIZE])
     (has_avx2() ? vc_digest_chunk_avx2 : vc_digest_chunk_sse2)(buf, len, out);
 }
 
-void vc_digest_chunk_with_holes(const uint8_t *buf, size_t len, const uint64_t (*holes)[2], unsigned n_holes,
-                                uint8_t out[VC_DIGEST_SIZE])
+void vc_digest_chunk_with_holes(const uint8_t *data, size_t from, size_t len, const uint64_t (*holes)[2],
+                                unsigned n_holes, uint8_t out[VC_DIGEST_SIZE])
 {
-    (has_avx2() ? vc_digest_chunk_with_holes_avx2 : vc_digest_chunk_with_holes_sse2)(buf, len, holes, n_holes, out);
+    (has_avx2() ? vc_digest_chunk_with_holes_avx2 : vc_digest_chunk_with_holes_sse2)(data, from, len, holes, n_holes,
+                                                                                     out);
 }
 
 void vc_digest_zeros(uint64_t len, uint8_t out[VC_DIGEST_SIZE])

@@ -1,17 +1,14 @@
-/* The copy engine: vc_copy sets up a pipeline of queue_depth block-sized slots (engine.h lists the files
- * that make it up), runs it until every unit is done or something failed, and ends the copy: the last
- * zeroing, the flush, the final checkpoint, the digest.
+/* The copy engine: vc_copy sets up a pipeline of slots, with buffers from queue_depth blocks of memory
+ * (engine.h lists the files that make it up), runs it until every unit is done or something failed, and
+ * ends the copy: the last zeroing, the flush, the final checkpoint, the digest.
  *
  * With O_DIRECT, a unit whose offsets are not aligned (the tail of a volume of odd size, unaligned
  * extents) goes through the page cache on the buffered descriptors, alone (produce.c says why). */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 
 #include "engine.h"
-
-#define HUGE_PAGE_SIZE (2u << 20)
 
 static int validate(const struct vc_copy_params *p, struct vc_error *e)
 {
@@ -36,35 +33,21 @@ static int validate(const struct vc_copy_params *p, struct vc_error *e)
     return 0;
 }
 
-/* The buffers sit on huge pages where the kernel can give them. A direct request is one run of physical
- * memory per page of its buffer; past the device's limit on such runs (a loop device takes 128, the
- * virtio disk here 254) the block layer splits the request, and io_uring cannot split one without
- * blocking, so it hands every such request to a kernel worker thread and wakes it. On 4 KiB pages that
- * is every 1 MiB request; on 2 MiB pages a 1 MiB request is a handful of runs and is issued at once.
- * 16 GiB loop device to loop device, 1 MiB x 16: 1.44-1.89 s and 0.30-0.38 s of system time before,
- * 1.09-1.43 s and 0.28-0.33 s after (with cooperative completions, io_uring.c: 1.03-1.33 s, 0.12-0.15 s). */
-static int allocate_buffers(struct engine *g)
-{
-    size_t size = (size_t)g->n_slots * g->p->block_size;
-    if (posix_memalign((void **)&g->buffers, HUGE_PAGE_SIZE, size))
-        return -ENOMEM;
-    madvise(g->buffers, size, MADV_HUGEPAGE); /* a hint: where it is refused, 4 KiB pages still work */
-    return 0;
-}
-
 static int setup(struct engine *g)
 {
     const struct vc_copy_params *p = g->p;
     int rc;
 
-    /* No more slots than the copy has blocks: io_uring registers (and so faults in) every buffer, and a
-     * 1 MiB copy at 1 MiB x 32 held 32 MiB of them (51 MiB peak RSS for `volcopy copy`, 20 MiB now). */
+    /* No more blocks of buffer than the copy has blocks: io_uring registers (and so faults in) all of it,
+     * and a 1 MiB copy at 1 MiB x 32 held 32 MiB (51 MiB peak RSS for `volcopy copy`, 20 MiB now). Units
+     * with less data than a block take less of it (buffers.c), so there are more slots than blocks. */
     uint64_t blocks = (p->length + p->block_size - 1) / p->block_size;
-    g->n_slots = (unsigned)VC_MAX(1, VC_MIN(blocks, (uint64_t)p->queue_depth));
-    g->n_reqs = g->n_slots * 8;
-    if (allocate_buffers(g) < 0)
-        return vc_fail(g->e, ENOMEM, VC_SIDE_NONE, VC_OP_SETUP, 0, "cannot allocate %u buffers of %u bytes",
-                       g->n_slots, p->block_size);
+    unsigned buffer_blocks = (unsigned)VC_MAX(1, VC_MIN(blocks, (uint64_t)p->queue_depth));
+    g->n_slots = buffer_blocks * SLOTS_PER_BLOCK;
+    g->n_reqs = buffer_blocks * 8;
+    if (buffers_open(g, (size_t)buffer_blocks * p->block_size) < 0)
+        return vc_fail(g->e, ENOMEM, VC_SIDE_NONE, VC_OP_SETUP, 0, "cannot allocate %u buffer blocks of %u bytes",
+                       buffer_blocks, p->block_size);
     g->slots = calloc(g->n_slots, sizeof(*g->slots));
     g->reqs = calloc(g->n_reqs, sizeof(*g->reqs));
     g->completions = calloc(g->n_reqs, sizeof(*g->completions));
@@ -72,8 +55,7 @@ static int setup(struct engine *g)
     g->write_queue = calloc(g->n_slots, sizeof(unsigned));
     if (!g->slots || !g->reqs || !g->completions || !g->read_queue || !g->write_queue)
         return vc_fail(g->e, ENOMEM, VC_SIDE_NONE, VC_OP_SETUP, 0, "out of memory");
-    for (unsigned i = 0; i < g->n_slots; i++)
-        g->slots[i].buf = g->buffers + (size_t)i * p->block_size;
+    g->cut = NO_SLOT;
     for (unsigned i = 0; i < g->n_reqs; i++)
         g->reqs[i].next_free = i + 1 < g->n_reqs ? i + 1 : UINT32_MAX;
     g->free_req = 0;
@@ -81,8 +63,8 @@ static int setup(struct engine *g)
     struct vc_io_setup io_setup = {
         .max_inflight = g->n_reqs,
         .buffers = g->buffers,
-        .n_buffers = g->n_slots,
-        .buffer_size = p->block_size,
+        .n_buffers = 1,
+        .buffer_size = g->buffers_size,
         .fds = {p->src.fd, g->has_dst ? p->dst.fd : -1},
         .one_write_at_a_time = g->has_dst && p->dst.kind != VC_KIND_RBD && vc_in_memory(p->dst.fd),
     };
@@ -158,7 +140,7 @@ static void teardown(struct engine *g)
     free(g->completions);
     free(g->read_queue);
     free(g->write_queue);
-    free(g->buffers);
+    buffers_close(g);
     free(g->zero_buffer);
 }
 
@@ -174,7 +156,7 @@ static void run(struct engine *g)
         g->io.ops->submit(&g->io);
 
         bool in_flight = g->in_flight > 0;
-        if (!in_flight && (g->status || (g->pos >= g->end && !g->busy_slots)))
+        if (!in_flight && (g->status || (g->pos >= g->end && !g->busy_slots && g->cut == NO_SLOT)))
             break;
         /* The page-cache path completes inside queue(); its completions only need collecting. */
         if (reap(g, &g->io_buffered, 0, 0) == 0) {

@@ -4,6 +4,7 @@
  *   engine_choice.c  which I/O engine runs a copy
  *   produce.c        cutting the volume into units: data extents, holes, explicit extents
  *   pipeline.c       slots: issuing reads and writes, completions, zero scan and hash of a unit
+ *   buffers.c        the slots' buffers, each as long as its unit's data
  *   zeroing.c        making ranges of dst read as zeros
  *   progress.c       progress reports, cancellation, checkpoints and the watermark they record
  *   residency.c      which pages of src the page cache holds (read those through it)
@@ -15,15 +16,21 @@
 #include "internal.h"
 
 #define MAX_OPS 64 /* reads or writes per slot; more are merged */
+/* Slots per block of buffer: units of a quarter block of data (W6's 256 KiB extents, one per 1 MiB unit)
+ * fill the buffer as whole blocks would; smaller ones leave some of it unused. */
+#define SLOTS_PER_BLOCK 4
 
-enum slot_state { SLOT_FREE, SLOT_READING, SLOT_WRITING };
+enum slot_state { SLOT_FREE, SLOT_CUT, SLOT_READING, SLOT_WRITING }; /* cut: waiting to start (produce.c) */
+#define NO_SLOT UINT32_MAX
 
 struct extent {
     uint64_t off, len;
 };
 
 struct slot {
-    uint8_t *buf;
+    uint8_t *buf;   /* holds the unit from offset base on (buffers.c) */
+    uint64_t base;
+    unsigned granule, granules; /* where buf lies in the arena */
     uint64_t start; /* the unit */
     uint64_t len;
     int state;
@@ -68,9 +75,13 @@ struct engine {
 
     struct vc_io io, io_buffered; /* the chosen engine, and the page-cache path for unaligned units */
     struct slot *slots;
-    unsigned n_slots, busy_slots;
+    unsigned n_slots, busy_slots; /* busy: started, not yet finished */
+    unsigned cut;                 /* the slot cut and not started yet, or NO_SLOT */
     bool buffered_busy;
-    uint8_t *buffers;
+    uint8_t *buffers; /* the arena the slots' buffers come from */
+    size_t buffers_size;
+    uint64_t *granules_used;
+    unsigned n_granules;
     uint8_t *zero_buffer; /* for dst that cannot zero cheaply; allocated on first need */
 
     struct request *reqs;
@@ -123,6 +134,12 @@ uint64_t readable_end(struct engine *g);
 void produce(struct engine *g);
 void add_op(struct slot *s, uint64_t off, uint64_t len);
 int check_src_size(struct engine *g, uint64_t from); /* -1 (and the failure) when src shrank below length */
+
+/* buffers.c */
+int buffers_open(struct engine *g, size_t size);
+bool take_buffer(struct engine *g, struct slot *s); /* false: not enough free yet, produce later */
+void give_back_buffer(struct engine *g, struct slot *s);
+void buffers_close(struct engine *g);
 
 /* pipeline.c */
 void slot_start(struct engine *g, unsigned i);

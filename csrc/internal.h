@@ -34,7 +34,7 @@ struct vc_io_completion {
 
 struct vc_io_setup {
     unsigned max_inflight; /* the engine never queues more requests than this */
-    void *buffers;         /* queue_depth buffers of buffer_size bytes, one after another */
+    void *buffers;         /* n_buffers buffers of buffer_size bytes, one after another, to register */
     unsigned n_buffers;
     size_t buffer_size;
     int fds[2]; /* descriptors worth registering (-1: none) */
@@ -102,8 +102,8 @@ bool vc_zero_check(const void *buf, size_t len);
 
 void vc_digest_chunk(const void *buf, size_t len, uint8_t out[VC_DIGEST_SIZE]);
 void vc_digest_zeros(uint64_t len, uint8_t out[VC_DIGEST_SIZE]);
-void vc_digest_chunk_with_holes(const uint8_t *buf, size_t len, const uint64_t (*holes)[2], unsigned n_holes,
-                                uint8_t out[VC_DIGEST_SIZE]);
+void vc_digest_chunk_with_holes(const uint8_t *data, size_t from, size_t len, const uint64_t (*holes)[2],
+                                unsigned n_holes, uint8_t out[VC_DIGEST_SIZE]);
 
 /* ---- throttle (throttle.c): a token bucket on bytes read ---- */
 

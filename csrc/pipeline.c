@@ -37,6 +37,7 @@ static void finish_slot(struct engine *g, unsigned i)
         zero_flush(g); /* its unaligned zero ranges, while nothing else is in flight */
         g->buffered_busy = false;
     }
+    give_back_buffer(g, s);
     s->state = SLOT_FREE;
     g->busy_slots--;
 }
@@ -67,7 +68,7 @@ static int queue_request(struct engine *g, struct request *rq, unsigned tag)
         .len = rq->len,
         .offset = rq->off,
         .tag = tag,
-        .buf_index = buffered ? -1 : (int)rq->slot, /* any range inside the slot's registered buffer */
+        .buf_index = buffered ? -1 : 0, /* inside the one registered buffer, the arena */
         .cached = rq->cached,
     };
     struct vc_io *io = buffered ? &g->io_buffered : &g->io;
@@ -115,7 +116,7 @@ static bool slot_issue(struct engine *g, unsigned i)
         rq->cached = cached;
         rq->off = s->next_off;
         rq->len = (uint32_t)len;
-        rq->buf = s->buf + (s->next_off - s->start);
+        rq->buf = s->buf + (s->next_off - s->base);
         s->in_flight++;
         g->in_flight++;
         if (queue_request(g, rq, tag) < 0) {
@@ -192,7 +193,7 @@ static void zero_holes_written(struct slot *s, const struct extent *holes, unsig
             uint64_t from = VC_MAX(holes[h].off, s->ops[k].off);
             uint64_t to = VC_MIN(holes[h].off + holes[h].len, s->ops[k].off + s->ops[k].len);
             if (from < to)
-                memset(s->buf + (from - s->start), 0, to - from);
+                memset(s->buf + (from - s->base), 0, to - from);
         }
 }
 
@@ -218,11 +219,12 @@ static void hash_chunks(struct engine *g, struct slot *s, uint64_t chunk_has_dat
             in_chunk[n][0] = from - c;
             in_chunk[n++][1] = to - from;
         }
+        uint64_t held_from = VC_MAX(c, s->base); /* the buffer starts at base: before it, all is hole */
         if (n)
-            vc_digest_chunk_with_holes(s->buf + (c - s->start), (size_t)len, (const uint64_t (*)[2])in_chunk, n,
-                                       digest);
+            vc_digest_chunk_with_holes(s->buf + (held_from - s->base), (size_t)(held_from - c), (size_t)len,
+                                       (const uint64_t (*)[2])in_chunk, n, digest);
         else
-            vc_digest_chunk(s->buf + (c - s->start), (size_t)len, digest);
+            vc_digest_chunk(s->buf + (c - s->base), (size_t)len, digest);
         record_digest(g, c, digest);
     }
 }
@@ -251,7 +253,7 @@ static void process_read(struct engine *g, unsigned i)
         while (off < end) {
             uint64_t granule_end = VC_MIN(VC_ROUND_DOWN(off, VC_ALIGN) + VC_ALIGN, end);
             uint64_t n = granule_end - off;
-            if (g->sparse && vc_zero_check(s->buf + (off - s->start), n)) {
+            if (g->sparse && vc_zero_check(s->buf + (off - s->base), n)) {
                 zeros_extend(&z, off, n, true);
             } else {
                 zeros_settle(g, s, &z, true);

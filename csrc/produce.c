@@ -84,7 +84,7 @@ static unsigned free_slot(struct engine *g)
     for (unsigned i = 0; i < g->n_slots; i++)
         if (g->slots[i].state == SLOT_FREE)
             return i;
-    return UINT32_MAX;
+    return NO_SLOT;
 }
 
 /* Whole-volume mode: the next run of chunks before limit. Holes of whole chunks are settled here,
@@ -157,40 +157,52 @@ static bool unit_unaligned(const struct slot *s)
     return false;
 }
 
-/* Fills free slots, stopping before an unaligned unit until the pipeline has drained. With O_DIRECT,
- * an unaligned unit goes through the page cache alone: a buffered write to a page that a direct write
- * also touches could write back stale bytes. */
-void produce(struct engine *g)
+/* The next unit, cut into a free slot; NO_SLOT when none can be cut now, or none is left. */
+static unsigned cut_unit(struct engine *g)
 {
-    g->awaiting_writer = false;
-    while (!g->status && g->pos < g->end && !g->buffered_busy) {
+    while (!g->status && g->pos < g->end) {
         uint64_t limit = readable_end(g);
         if (g->pos >= limit) {
             g->awaiting_writer = true;
-            return;
+            return NO_SLOT;
         }
         unsigned i = free_slot(g);
-        if (i == UINT32_MAX)
-            return;
-        struct slot *s = &g->slots[i];
-        uint64_t saved_pos = g->pos;
-        int rc = g->p->extents ? produce_extent(g, s) : produce_chunks(g, s, limit);
+        if (i == NO_SLOT)
+            return NO_SLOT;
+        int rc = g->p->extents ? produce_extent(g, &g->slots[i]) : produce_chunks(g, &g->slots[i], limit);
         if (rc < 0)
+            return NO_SLOT;
+        if (rc > 0) {
+            g->slots[i].state = SLOT_CUT;
+            return i;
+        }
+    }
+    return NO_SLOT;
+}
+
+/* Starts units in free slots. A unit waits, cut, until a buffer for it is free, and an unaligned one
+ * until the pipeline has drained: with O_DIRECT, an unaligned unit goes through the page cache alone,
+ * since a buffered write to a page that a direct write also touches could write back stale bytes. */
+void produce(struct engine *g)
+{
+    g->awaiting_writer = false;
+    while (!g->status && !g->buffered_busy) {
+        if (g->cut == NO_SLOT && (g->cut = cut_unit(g)) == NO_SLOT)
             return;
-        if (rc == 0)
-            continue;
-        s->buffered = false;
-        if (g->any_direct && unit_unaligned(s)) {
-            if (g->busy_slots) { /* drain first; produce this unit again then */
-                g->pos = saved_pos;
-                return;
-            }
+        struct slot *s = &g->slots[g->cut];
+        bool unaligned = g->any_direct && unit_unaligned(s);
+        if (unaligned && g->busy_slots)
+            return;
+        if (!take_buffer(g, s)) /* until a unit in flight gives some back */
+            return;
+        s->buffered = unaligned;
+        if (unaligned) {
             /* Nothing is in flight; the zeroer's pending range may be unaligned too. */
             if (zero_flush(g) < 0)
                 return;
-            s->buffered = true;
             g->buffered_busy = true;
         }
-        slot_start(g, i);
+        slot_start(g, g->cut);
+        g->cut = NO_SLOT;
     }
 }
