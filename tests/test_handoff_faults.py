@@ -47,6 +47,16 @@ def client(agent: Agent) -> NovaCompute:
     return NovaCompute(endpoint=agent.url, token=TOKEN, retries=0)
 
 
+def fenced(guest, started_agent, failpoint: str | None = None) -> tuple[Agent, NovaCompute, int]:
+    """An agent (that SIGKILLs itself at failpoint, if given), the guest writing, its disk fenced: the
+    agent, a client of it, and the fence's generation."""
+    agent = started_agent()
+    agent.start(env=dict(os.environ, VOLCOPY_FAILPOINT=failpoint) if failpoint else None)
+    compute = client(agent)
+    guest.start_writer()
+    return agent, compute, compute.migration_start(SERVER, SRC_ATT)["generation"]
+
+
 def finish_on(guest: Guest, volume: str) -> None:
     """The common ending: the guest stops writing, reads its model, and the volume holds the model."""
     guest.stop_writer()
@@ -106,11 +116,7 @@ def test_agent_killed_while_fencing_resolves_from_the_graph(workdir, guest, volu
 )
 def test_agent_killed_while_completing_finishes_on_restart(workdir, guest, volumes, started_agent, point):
     src, dst = volumes
-    agent = started_agent()
-    agent.start(env=dict(os.environ, VOLCOPY_FAILPOINT=point))
-    compute = client(agent)
-    guest.start_writer()
-    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    agent, compute, gen = fenced(guest, started_agent, point)
     at_fence = volcopy.digest(src)
     volcopy.copy(src, dst)
     try:
@@ -141,11 +147,7 @@ def test_qemu_refusing_to_release_src_is_failed_then_retried(guest, volumes, sta
     migration stays fenced on src, the other job left alone. Once the export ends, a repeated complete
     finishes."""
     src, dst = volumes
-    agent = started_agent()
-    agent.start()
-    compute = client(agent)
-    guest.start_writer()
-    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    _, compute, gen = fenced(guest, started_agent)
     volcopy.copy(src, dst)
     guest.export_disk()
 
@@ -182,11 +184,7 @@ def test_dst_failing_writes_during_the_merge_is_failed_then_retried(
     src, _ = volumes
     dst_device = nbd_devices.faulty(size=SIZE)
     dst = dst_device.path
-    agent = started_agent()
-    agent.start()
-    compute = client(agent)
-    guest.start_writer()
-    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    _, compute, gen = fenced(guest, started_agent)
     volcopy.copy(src, dst)
     time.sleep(0.5)  # writes for the merge to carry
 
@@ -209,11 +207,7 @@ def test_a_merge_refused_while_another_job_runs_is_tried_again(workdir, guest, v
     overlay, as a tool beside Nova might run) holds the disk: the migration stays cancelling, the agent
     tries again, and once the other job has ended the merge is done: cancelled, src holds every write."""
     src, _ = volumes
-    agent = started_agent()
-    agent.start()
-    compute = client(agent)
-    guest.start_writer()
-    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    agent, compute, gen = fenced(guest, started_agent)
     time.sleep(0.3)  # writes for the merge to carry
     guest.start_other_job()
 
@@ -235,11 +229,7 @@ def test_qemu_stopped_while_cancel_moves_the_disk_down(workdir, guest, volumes, 
     nothing merged or deleted, complete refused, cancel failing the same way again. The kept overlay,
     committed by hand, gives src every write."""
     src, dst = volumes
-    agent = started_agent()
-    agent.start(env=dict(os.environ, VOLCOPY_FAILPOINT="agent-before-switch"))
-    compute = client(agent)
-    guest.start_writer()
-    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    agent, compute, gen = fenced(guest, started_agent, "agent-before-switch")
     time.sleep(0.5)  # writes for the merge to carry
     guest.stop_writer()
     assert guest.errors == []
@@ -493,11 +483,7 @@ def test_two_writers_on_a_multi_attached_volume_are_refused(workdir, volumes, ma
 @pytest.mark.parametrize("guest", BACKENDS, indirect=True)
 def test_a_stale_generation_is_refused(guest, volumes, started_agent):
     src, dst = volumes
-    agent = started_agent()
-    agent.start()
-    compute = client(agent)
-    guest.start_writer()
-    first = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    _, compute, first = fenced(guest, started_agent)
     compute.migration_cancel(SERVER, SRC_ATT, first)
     wait_state(compute, "cancelled")
     second = compute.migration_start(SERVER, SRC_ATT)["generation"]
@@ -520,11 +506,7 @@ def test_a_qcow2_new_volume_is_opened_as_qcow2(guest, volumes, started_agent, lo
     as qcow2, and the guest's writes are merged into the image."""
     src, _ = volumes
     image = loops.create(SIZE + 4 * MiB)
-    agent = started_agent()
-    agent.start()
-    compute = client(agent)
-    guest.start_writer()
-    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    _, compute, gen = fenced(guest, started_agent)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", image, str(SIZE)], check=True)
     subprocess.run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "qcow2", src, image], check=True)
     info = {"driver_volume_type": "local", "data": {"device_path": image, "format": "qcow2", "discard": True}}
@@ -671,11 +653,7 @@ def test_libvirtd_restarted_while_fenced_keeps_the_chain_and_ends(guest, volumes
     the block copy into newtop runs). The domain runs on, on its overlay; the agent reconnects, still
     reports fenced, and complete moves the guest onto dst, or cancel back onto src."""
     src, dst = volumes
-    agent = started_agent()
-    agent.start()
-    compute = client(agent)
-    guest.start_writer()
-    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    _, compute, gen = fenced(guest, started_agent)
     at_fence = volcopy.digest(src)
     if ending == "prepared complete":
         compute.migration_prepare(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
@@ -701,11 +679,7 @@ def test_agent_killed_after_prepare_completes_on_restart(workdir, guest, volumes
     the restarted agent reports the migration fenced and prepared, and complete picks up the copy the
     hypervisor kept running (libvirt) or moves at complete (QMP)."""
     src, dst = volumes
-    agent = started_agent()
-    agent.start(env=dict(os.environ, VOLCOPY_FAILPOINT="agent-after-prepare"))
-    compute = client(agent)
-    guest.start_writer()
-    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    agent, compute, gen = fenced(guest, started_agent, "agent-after-prepare")
     at_fence = volcopy.digest(src)
     with pytest.raises(ComputeError):
         compute.migration_prepare(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
@@ -734,11 +708,7 @@ def test_a_block_copy_that_stops_after_prepare_is_reported_and_complete_moves(
     (aborted from outside, through libvirt's API). GET says so, the guest stays on its overlay over
     src, and complete starts the copy again and moves the guest onto dst with every write."""
     src, dst = volumes
-    agent = started_agent()
-    agent.start()
-    compute = client(agent)
-    guest.start_writer()
-    gen = compute.migration_start(SERVER, SRC_ATT)["generation"]
+    _, compute, gen = fenced(guest, started_agent)
     at_fence = volcopy.digest(src)
     compute.migration_prepare(SERVER, SRC_ATT, DST_ATT, local(dst), gen)
     guest.domain.blockJobAbort(guest.qdev, 0)
